@@ -1,0 +1,31 @@
+//! The `Aggregate` trait: a pure decision function from (state, event) to new state and outputs.
+
+use crate::events::{AggregateKind, Envelope, Event};
+use crate::outcome::Rejection;
+use crate::output::OutputEvent;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// What an accepted event does: the whole new state and the output events to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision<A> {
+    pub state: A,
+    pub outputs: Vec<OutputEvent>,
+}
+
+/// An aggregate is a value with a pure `decide`; actors add identity, storage and supervision.
+pub trait Aggregate: Clone + Serialize + DeserializeOwned + Send + Unpin + 'static {
+    const KIND: AggregateKind;
+    type Event;
+
+    /// The part of `event` this aggregate handles, or `None` when it belongs to another kind.
+    fn select(event: &Event) -> Option<&Self::Event>;
+
+    /// Decides what `event` does to `current` (`None`: the aggregate does not exist yet).
+    /// Must not panic on any input: a rejection carries the reason instead.
+    fn decide(
+        current: Option<&Self>,
+        event: &Self::Event,
+        envelope: &Envelope,
+    ) -> Result<Decision<Self>, Rejection>;
+}

@@ -1,0 +1,261 @@
+//! Input events as the domain sees them: the CloudEvents envelope and the typed event bodies.
+//!
+//! The daemon's codec builds these from Avro; wire names (in Spanish) are noted on each variant.
+
+use crate::money::Money;
+use serde::{Deserialize, Serialize};
+
+/// The CloudEvents attributes every event carries (SPEC §3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub id: String,
+    /// CloudEvents `type`, the wire name such as `ClickRegistrado`.
+    pub event_type: String,
+    pub source: String,
+    /// Event time, milliseconds since the Unix epoch.
+    pub time_ms: i64,
+    pub subject: Option<String>,
+    pub correlation_id: Option<String>,
+    pub causation_id: Option<String>,
+    pub schema_version: String,
+}
+
+/// One decoded event ready for its aggregate, with what exactly-once needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    pub envelope: Envelope,
+    pub event: Event,
+    /// The event's `idempotency_key` where it has one, else its `id` (SPEC §5).
+    pub idempotency_key: String,
+    /// SHA-256 (hex) of the canonical event body: a reused key with another hash is a conflict.
+    pub content_hash: String,
+}
+
+impl Incoming {
+    pub fn aggregate(&self) -> AggregateKey {
+        self.event.aggregate()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AggregateKind {
+    Campaign,
+    Payment,
+}
+
+impl AggregateKind {
+    pub const ALL: [AggregateKind; 2] = [AggregateKind::Campaign, AggregateKind::Payment];
+
+    /// Stable label value for metrics and storage prefixes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AggregateKind::Campaign => "campaign",
+            AggregateKind::Payment => "payment",
+        }
+    }
+}
+
+impl std::str::FromStr for AggregateKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        AggregateKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown aggregate kind {s:?}; expected campaign or payment"))
+    }
+}
+
+/// Which aggregate instance an event belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AggregateKey {
+    pub kind: AggregateKind,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    Campaign(CampaignEvent),
+    Payment(PaymentEvent),
+}
+
+impl Event {
+    pub fn aggregate(&self) -> AggregateKey {
+        match self {
+            Event::Campaign(e) => AggregateKey {
+                kind: AggregateKind::Campaign,
+                id: e.campaign_id().to_owned(),
+            },
+            Event::Payment(e) => AggregateKey {
+                kind: AggregateKind::Payment,
+                id: e.payment_id().to_owned(),
+            },
+        }
+    }
+}
+
+/// How an affiliate's commission is computed from a conversion (`regla_comision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CommissionRule {
+    /// A share of the conversion value, in basis points (1/100 of a percent).
+    Percentage { basis_points: u32 },
+    /// A fixed amount per conversion, in the campaign's currency.
+    Fixed { amount_minor: i64 },
+}
+
+impl CommissionRule {
+    /// The commission earned on a conversion of `value_minor`, rounded half up to a minor unit.
+    pub fn apply(self, value_minor: i64) -> i64 {
+        match self {
+            CommissionRule::Percentage { basis_points } => {
+                (value_minor * i64::from(basis_points) + 5_000) / 10_000
+            }
+            CommissionRule::Fixed { amount_minor } => amount_minor,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CampaignEvent {
+    /// `CampanaCreada`
+    Created {
+        campaign_id: String,
+        name: String,
+        budget: Money,
+        cost_per_click_minor: i64,
+        cost_per_conversion_minor: i64,
+        commission: CommissionRule,
+    },
+    /// `CampanaActivada`
+    Activated { campaign_id: String },
+    /// `CampanaPausada`
+    Paused { campaign_id: String, reason: String },
+    /// `CampanaCompletada`
+    Completed { campaign_id: String },
+    /// `PresupuestoActualizado`
+    BudgetUpdated { campaign_id: String, budget: Money },
+    /// `ImpresionRegistrada`
+    ImpressionRecorded {
+        campaign_id: String,
+        affiliate_id: String,
+    },
+    /// `ClickRegistrado`
+    ClickRecorded {
+        campaign_id: String,
+        affiliate_id: String,
+    },
+    /// `ConversionRegistrada`
+    ConversionRecorded {
+        campaign_id: String,
+        affiliate_id: String,
+        value: Money,
+    },
+}
+
+impl CampaignEvent {
+    pub fn campaign_id(&self) -> &str {
+        match self {
+            CampaignEvent::Created { campaign_id, .. }
+            | CampaignEvent::Activated { campaign_id }
+            | CampaignEvent::Paused { campaign_id, .. }
+            | CampaignEvent::Completed { campaign_id }
+            | CampaignEvent::BudgetUpdated { campaign_id, .. }
+            | CampaignEvent::ImpressionRecorded { campaign_id, .. }
+            | CampaignEvent::ClickRecorded { campaign_id, .. }
+            | CampaignEvent::ConversionRecorded { campaign_id, .. } => campaign_id,
+        }
+    }
+
+    /// Tracking events commute with each other; lifecycle events are ordered.
+    pub fn is_tracking(&self) -> bool {
+        matches!(
+            self,
+            CampaignEvent::ImpressionRecorded { .. }
+                | CampaignEvent::ClickRecorded { .. }
+                | CampaignEvent::ConversionRecorded { .. }
+        )
+    }
+}
+
+/// Payment states; the rank orders them so a payment never moves backwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PaymentStatus {
+    #[serde(rename = "PENDIENTE")]
+    Pending,
+    #[serde(rename = "PROCESANDO")]
+    Processing,
+    #[serde(rename = "EXITOSO")]
+    Succeeded,
+    #[serde(rename = "FALLIDO")]
+    Failed,
+}
+
+impl PaymentStatus {
+    pub fn rank(self) -> u8 {
+        match self {
+            PaymentStatus::Pending => 0,
+            PaymentStatus::Processing => 1,
+            PaymentStatus::Succeeded | PaymentStatus::Failed => 2,
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        self.rank() == 2
+    }
+
+    pub fn wire_name(self) -> &'static str {
+        match self {
+            PaymentStatus::Pending => "PENDIENTE",
+            PaymentStatus::Processing => "PROCESANDO",
+            PaymentStatus::Succeeded => "EXITOSO",
+            PaymentStatus::Failed => "FALLIDO",
+        }
+    }
+}
+
+impl std::str::FromStr for PaymentStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            PaymentStatus::Pending,
+            PaymentStatus::Processing,
+            PaymentStatus::Succeeded,
+            PaymentStatus::Failed,
+        ]
+        .into_iter()
+        .find(|p| p.wire_name() == s)
+        .ok_or_else(|| format!("unknown payment status {s:?}"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PaymentEvent {
+    /// `PagoSolicitado`
+    Requested {
+        payment_id: String,
+        affiliate_id: String,
+        amount: Money,
+    },
+    /// `PagoProcesado`
+    Processed {
+        payment_id: String,
+        affiliate_id: String,
+        amount: Money,
+        status: PaymentStatus,
+        /// The partner's `hash_contenido`, kept for traceability.
+        declared_hash: String,
+        attempts: u32,
+    },
+}
+
+impl PaymentEvent {
+    pub fn payment_id(&self) -> &str {
+        match self {
+            PaymentEvent::Requested { payment_id, .. }
+            | PaymentEvent::Processed { payment_id, .. } => payment_id,
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! aerostream's domain logic and actors. No I/O: storage, clocks and gateways come in through ports.
+//!
+//! # Layout
+//! - [`money`]: `Dinero`, exact amounts in minor units and the supported currencies.
+//! - [`events`]: the envelope and typed input events; aggregate keys.
+//! - [`aggregate`]: the `Aggregate` trait, a pure `decide(state, event) -> Decision | Rejection`.
+//! - [`campaign`], [`payment`]: the two aggregates and their rules (SPEC §2).
+//! - [`output`]: output events (alerts, commissions, payment outcomes) with derived ids.
+//! - [`outcome`]: applied / duplicate / rejected, and the rejection reasons.
+//! - [`ports`]: the state store, observer and clock traits the daemon implements.
+//! - [`gateway`]: the payment gateway port and its simulated adapter.
+//! - [`actor`]: `AggregateActor<A>`, supervised, committing each event atomically.
+//! - [`registry`]: finds or starts actors by aggregate key and routes events to them.
+
+pub mod actor;
+pub mod aggregate;
+pub mod campaign;
+pub mod events;
+pub mod gateway;
+pub mod money;
+pub mod outcome;
+pub mod output;
+pub mod payment;
+pub mod ports;
+pub mod registry;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
+
+pub use actor::{ActorEnv, ApplyError};
+pub use aggregate::{Aggregate, Decision};
+pub use campaign::{Campaign, CampaignStatus};
+pub use events::{AggregateKey, AggregateKind, CampaignEvent, Envelope, Event, Incoming, PaymentEvent, PaymentStatus};
+pub use money::{Currency, Money};
+pub use outcome::{Outcome, RejectReason, Rejection};
+pub use output::{OutputBody, OutputEvent};
+pub use payment::Payment;
+pub use registry::Registry;

@@ -1,0 +1,73 @@
+//! Ports: what the actors need from the outside world, implemented by the daemon (`src/`).
+
+use crate::events::{AggregateKey, AggregateKind};
+use crate::output::OutputEvent;
+
+/// A failure of the state store. The event it concerned is not acked and will be retried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("state store: {0}")]
+pub struct StoreError(pub String);
+
+/// What the idempotency window remembers of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenEntry {
+    pub content_hash: String,
+    pub first_seen_ms: i64,
+}
+
+/// Everything one applied event changes, committed in one atomic step.
+#[derive(Debug, Clone, Copy)]
+pub struct Commit<'a> {
+    pub aggregate: &'a AggregateKey,
+    /// The aggregate's whole new state, serialized.
+    pub state: &'a [u8],
+    pub idempotency_key: &'a str,
+    pub content_hash: &'a str,
+    /// When the key was seen (event processing time), for the window's eviction.
+    pub seen_at_ms: i64,
+    pub outbox: &'a [OutputEvent],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitResult {
+    Committed,
+    /// The key was recorded meanwhile (by another aggregate): nothing was written.
+    AlreadySeen(SeenEntry),
+}
+
+/// Durable state: aggregate states, the idempotency window and the outbox.
+pub trait StateStore: Send + Sync + 'static {
+    fn load(&self, key: &AggregateKey) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The window's entry for `idempotency_key`, if it is inside the window.
+    fn seen(&self, idempotency_key: &str) -> Result<Option<SeenEntry>, StoreError>;
+
+    /// Writes state, idempotency record and outbox atomically, unless the key is already recorded.
+    fn commit(&self, commit: Commit<'_>) -> Result<CommitResult, StoreError>;
+}
+
+/// Life events of actors, for metrics. All methods default to doing nothing.
+pub trait ActorObserver: Send + Sync + 'static {
+    fn started(&self, _kind: AggregateKind) {}
+    fn stopped(&self, _kind: AggregateKind) {}
+    fn restarted(&self, _kind: AggregateKind) {}
+}
+
+/// An observer that ignores everything.
+pub struct NoObserver;
+impl ActorObserver for NoObserver {}
+
+/// A clock, so tests control time.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> i64;
+}
+
+pub struct SystemClock;
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,1 @@
+//! aerostream daemon library
