@@ -1,1 +1,29 @@
-//! aerostream daemon library
+//! aerostream: consumes Apache Pulsar event streams into exact, queryable state with supervised
+//! actix actors (the `aerostream_actors` crate). This crate holds all the I/O.
+//!
+//! # Layout
+//! - [`config`]: the shipped `config.toml`, overlays, validation.
+//! - [`codec`]: Avro schemas (`schemas/`) and the wire codec to and from domain events.
+//! - [`store`]: sled implementation of the actors' `StateStore` port (state, idempotency window, outbox).
+//! - [`broker`]: Pulsar client, reconnect backoff, health probe, dead letters.
+//! - [`dispatch`]: per-aggregate ordering of concurrently processed messages.
+//! - [`ingest`]: one consumer per input: decode → actor → commit → flush → ack.
+//! - [`outbox`]: publishes committed output events.
+//! - [`http`], [`views`]: the HTTP API and its JSON views.
+//! - [`telemetry`]: metric names, the Prometheus recorder, logging.
+//! - [`generator`], [`produce`]: reproducible demo/test traffic and its expected state.
+//! - [`daemon`]: wiring and orderly shutdown.
+
+pub mod broker;
+pub mod codec;
+pub mod config;
+pub mod daemon;
+pub mod dispatch;
+pub mod generator;
+pub mod http;
+pub mod ingest;
+pub mod outbox;
+pub mod produce;
+pub mod store;
+pub mod telemetry;
+pub mod views;

@@ -1,1 +1,167 @@
-fn main() {}
+//! The `aerostream` binary: parses arguments and calls into the library.
+
+use aerostream::codec::{Codec, SchemaRegistry};
+use aerostream::config::Config;
+use aerostream::{daemon, generator, produce, telemetry};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "aerostream",
+    version,
+    about = "Pulsar event streams into exact, queryable state"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Run {
+        /// Configuration file, overlaid on the shipped defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Publish a generated, reproducible event stream and write the state it must produce.
+    Produce {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Random seed: the same seed gives the same stream.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 50)]
+        campaigns: usize,
+        #[arg(long, default_value_t = 500)]
+        payments: usize,
+        /// Distinct events in all.
+        #[arg(long, default_value_t = 10_000)]
+        events: usize,
+        /// Events per second; 0 publishes as fast as the broker takes them.
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+        /// Fraction of events published twice.
+        #[arg(long, default_value_t = 0.05)]
+        duplicates: f64,
+        /// How many places an event may move from its generated position.
+        #[arg(long, default_value_t = 8)]
+        reorder_window: usize,
+        /// Where to write the expected final state (JSON).
+        #[arg(long, default_value = "expected-state.json")]
+        expected_out: PathBuf,
+    },
+    /// Work with the Avro schemas under schemas/.
+    Schemas {
+        #[command(subcommand)]
+        command: SchemasCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SchemasCommand {
+    /// Load and parse every schema in the manifest.
+    Check {
+        #[arg(long, default_value = "schemas")]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("aerostream: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    Ok(Config::load(path)?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config } => {
+            let config = load_config(config.as_deref())?;
+            telemetry::init_logging(&config.daemon);
+            let listener = std::net::TcpListener::bind(config.http.listen)
+                .with_context(|| format!("binding http.listen {}", config.http.listen))?;
+            actix_rt::System::with_tokio_rt(|| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime")
+            })
+            .block_on(daemon::run(config, listener, shutdown_signal()))
+        }
+        Command::Produce {
+            config,
+            seed,
+            campaigns,
+            payments,
+            events,
+            rate,
+            duplicates,
+            reorder_window,
+            expected_out,
+        } => {
+            let config = load_config(config.as_deref())?;
+            telemetry::init_logging(&config.daemon);
+            let codec = Codec::new(Arc::new(SchemaRegistry::shipped()));
+            let options = generator::Options {
+                seed,
+                campaigns,
+                payments,
+                events,
+                duplicate_fraction: duplicates,
+                reorder_window,
+            };
+            let report = tokio::runtime::Runtime::new()?.block_on(produce::run(
+                &config,
+                &codec,
+                &options,
+                rate,
+                &expected_out,
+            ))?;
+            println!(
+                "published {} messages ({} distinct events) in {:.1}s; expected state in {}",
+                report.published,
+                report.distinct,
+                report.elapsed.as_secs_f64(),
+                expected_out.display()
+            );
+            Ok(())
+        }
+        Command::Schemas {
+            command: SchemasCommand::Check { dir },
+        } => {
+            let registry = SchemaRegistry::load(&dir)?;
+            for subject in registry.subjects() {
+                let versions: Vec<&str> = subject.versions.iter().map(|v| v.version.as_str()).collect();
+                println!(
+                    "ok  {}  {}  [{}]",
+                    subject.name,
+                    subject.compatibility.as_str(),
+                    versions.join(", ")
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("Signal received.");
+}

@@ -81,9 +81,10 @@ impl<A: Aggregate> AggregateActor<A> {
         if self.state.is_none() {
             let stored = match self.env.store.load(&self.key)? {
                 None => None,
-                Some(bytes) => Some(serde_json::from_slice::<A>(&bytes).map_err(|e| {
-                    ApplyError::CorruptState(self.key.clone(), e.to_string())
-                })?),
+                Some(bytes) => Some(
+                    serde_json::from_slice::<A>(&bytes)
+                        .map_err(|e| ApplyError::CorruptState(self.key.clone(), e.to_string()))?,
+                ),
             };
             self.state = Some(stored);
         }
@@ -95,7 +96,11 @@ impl<A: Aggregate> AggregateActor<A> {
             return Ok(seen_outcome(incoming, &seen));
         }
         let Some(event) = A::select(&incoming.event) else {
-            unreachable!("event for {:?} routed to a {:?} actor", incoming.aggregate(), A::KIND)
+            unreachable!(
+                "event for {:?} routed to a {:?} actor",
+                incoming.aggregate(),
+                A::KIND
+            )
         };
         let decision = match A::decide(self.loaded()?, event, &incoming.envelope) {
             Ok(decision) => decision,

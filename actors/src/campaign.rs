@@ -98,7 +98,10 @@ impl Campaign {
         if !allowed {
             return Err(Rejection::new(
                 RejectReason::InvalidTransition,
-                format!("campaign {} cannot go from {:?} to {:?}", self.id, self.lifecycle, to),
+                format!(
+                    "campaign {} cannot go from {:?} to {:?}",
+                    self.id, self.lifecycle, to
+                ),
             ));
         }
         self.lifecycle = to;
@@ -207,9 +210,7 @@ fn apply_to_existing(
             state.raise_alerts(envelope, outputs);
         }
         CampaignEvent::ConversionRecorded {
-            affiliate_id,
-            value,
-            ..
+            affiliate_id, value, ..
         } => {
             same_currency(state, value)?;
             state.metrics.conversions += 1;
@@ -268,10 +269,19 @@ mod tests {
     fn lifecycle_moves_forward_and_completed_is_final() {
         let (state, _) = run(&[
             campaign_created("c1", 10_000),
-            CampaignEvent::Activated { campaign_id: "c1".into() },
-            CampaignEvent::Paused { campaign_id: "c1".into(), reason: "manual".into() },
-            CampaignEvent::Activated { campaign_id: "c1".into() },
-            CampaignEvent::Completed { campaign_id: "c1".into() },
+            CampaignEvent::Activated {
+                campaign_id: "c1".into(),
+            },
+            CampaignEvent::Paused {
+                campaign_id: "c1".into(),
+                reason: "manual".into(),
+            },
+            CampaignEvent::Activated {
+                campaign_id: "c1".into(),
+            },
+            CampaignEvent::Completed {
+                campaign_id: "c1".into(),
+            },
         ]);
         let state = state.unwrap();
         assert_eq!(state.status(), CampaignStatus::Completed);
@@ -285,7 +295,9 @@ mod tests {
         // Budget 1000, click costs 100: 8 clicks → WARNING, 10 → CRITICAL and EXHAUSTED.
         let mut events = vec![
             campaign_created("c1", 1_000),
-            CampaignEvent::Activated { campaign_id: "c1".into() },
+            CampaignEvent::Activated {
+                campaign_id: "c1".into(),
+            },
         ];
         events.extend((0..12).map(|_| click("c1")));
         let (state, outputs) = run(&events);

@@ -254,8 +254,9 @@ pub enum PaymentEvent {
 impl PaymentEvent {
     pub fn payment_id(&self) -> &str {
         match self {
-            PaymentEvent::Requested { payment_id, .. }
-            | PaymentEvent::Processed { payment_id, .. } => payment_id,
+            PaymentEvent::Requested { payment_id, .. } | PaymentEvent::Processed { payment_id, .. } => {
+                payment_id
+            }
         }
     }
 }

@@ -82,8 +82,15 @@ mod tests {
 
     #[test]
     fn extreme_rates() {
-        let never = SimulatedGateway { latency: Duration::ZERO, failure_rate: 0.0, seed: 1 };
-        let always = SimulatedGateway { failure_rate: 1.0, ..never.clone() };
+        let never = SimulatedGateway {
+            latency: Duration::ZERO,
+            failure_rate: 0.0,
+            seed: 1,
+        };
+        let always = SimulatedGateway {
+            failure_rate: 1.0,
+            ..never.clone()
+        };
         assert!((0..100).all(|i| never.charge(&request(i)).0 == ChargeResult::Approved));
         assert!((0..100).all(|i| always.charge(&request(i)).0 == ChargeResult::Declined));
     }

@@ -29,7 +29,9 @@ pub mod testkit;
 pub use actor::{ActorEnv, ApplyError};
 pub use aggregate::{Aggregate, Decision};
 pub use campaign::{Campaign, CampaignStatus};
-pub use events::{AggregateKey, AggregateKind, CampaignEvent, Envelope, Event, Incoming, PaymentEvent, PaymentStatus};
+pub use events::{
+    AggregateKey, AggregateKind, CampaignEvent, Envelope, Event, Incoming, PaymentEvent, PaymentStatus,
+};
 pub use money::{Currency, Money};
 pub use outcome::{Outcome, RejectReason, Rejection};
 pub use output::{OutputBody, OutputEvent};

@@ -70,7 +70,9 @@ impl std::fmt::Display for Rejection {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// State changed and committed together with the idempotency record and `outputs` outbox entries.
-    Applied { outputs: usize },
+    Applied {
+        outputs: usize,
+    },
     /// Seen before within the idempotency window with the same content: nothing to do.
     Duplicate,
     Rejected(Rejection),

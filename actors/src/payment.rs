@@ -145,10 +145,7 @@ impl Aggregate for Payment {
                         ),
                     ));
                 }
-                if existing.status.is_terminal()
-                    && f.status.is_terminal()
-                    && existing.status != f.status
-                {
+                if existing.status.is_terminal() && f.status.is_terminal() && existing.status != f.status {
                     return Err(Rejection::new(
                         RejectReason::PaymentAlreadyFinal,
                         format!(
@@ -162,7 +159,7 @@ impl Aggregate for Payment {
                 existing.clone()
             }
         };
-        let advances = current.is_none_or(|c| f.status.rank() > c.status.rank());
+        let advances = current.map_or(true, |c| f.status.rank() > c.status.rank());
         let mut outputs = Vec::new();
         if advances {
             state.status = f.status;
@@ -203,8 +200,12 @@ mod tests {
     fn moves_forward_and_emits_outcome_once() {
         let d1 = Payment::decide(None, &requested(), &envelope_at("a", 1)).unwrap();
         assert_eq!(d1.state.status, PaymentStatus::Pending);
-        let d2 = Payment::decide(Some(&d1.state), &processed(PaymentStatus::Succeeded), &envelope_at("b", 2))
-            .unwrap();
+        let d2 = Payment::decide(
+            Some(&d1.state),
+            &processed(PaymentStatus::Succeeded),
+            &envelope_at("b", 2),
+        )
+        .unwrap();
         assert_eq!(d2.state.status, PaymentStatus::Succeeded);
         assert_eq!(d2.outputs.len(), 1);
         assert_eq!(d2.outputs[0].body.wire_type(), "PagoExitoso");
@@ -223,12 +224,23 @@ mod tests {
     #[test]
     fn terminal_payment_is_not_reprocessed() {
         let d1 = Payment::decide(None, &processed(PaymentStatus::Succeeded), &envelope_at("a", 1)).unwrap();
-        let err = Payment::decide(Some(&d1.state), &processed(PaymentStatus::Failed), &envelope_at("b", 2))
-            .unwrap_err();
+        let err = Payment::decide(
+            Some(&d1.state),
+            &processed(PaymentStatus::Failed),
+            &envelope_at("b", 2),
+        )
+        .unwrap_err();
         assert_eq!(err.reason, RejectReason::PaymentAlreadyFinal);
-        let again = Payment::decide(Some(&d1.state), &processed(PaymentStatus::Succeeded), &envelope_at("c", 3))
-            .unwrap();
-        assert!(again.outputs.is_empty(), "a terminal payment emits its outcome once");
+        let again = Payment::decide(
+            Some(&d1.state),
+            &processed(PaymentStatus::Succeeded),
+            &envelope_at("c", 3),
+        )
+        .unwrap();
+        assert!(
+            again.outputs.is_empty(),
+            "a terminal payment emits its outcome once"
+        );
     }
 
     #[test]

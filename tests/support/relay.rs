@@ -27,14 +27,18 @@ const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 
 /// Accepts client connections on `listener` for ever, relaying each to `upstream`.
 ///
-/// `advertised_url` is the relay's own `pulsar://` URL, written into lookup answers.
-/// A client whose upstream connection fails is disconnected, and retries like against any broker.
+/// `advertised_url` is the relay's own `pulsar://` URL, written into lookup answers. A client
+/// whose upstream connection fails is disconnected at once; the `pulsar` crate takes that reset as
+/// fatal, so whoever runs the relay should close the listener while the broker is down (see
+/// `broker::Supervisor`), making clients see a refused connection, which they retry.
 pub async fn serve(listener: TcpListener, upstream: SocketAddr, advertised_url: String) {
     loop {
         let client = match listener.accept().await {
             Ok((client, _)) => client,
             Err(error) => {
                 eprintln!("relay: accept failed: {error}");
+                // Out of file descriptors, typically: back off instead of spinning.
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             }
         };
@@ -71,9 +75,7 @@ async fn pump_frames(
 ) -> io::Result<()> {
     loop {
         let frame = read_frame(&mut broker).await?;
-        client
-            .write_all(&rewrite_frame(frame, advertised_url)?)
-            .await?;
+        client.write_all(&rewrite_frame(frame, advertised_url)?).await?;
     }
 }
 
@@ -119,9 +121,7 @@ pub fn rewrite_frame(frame: Vec<u8>, advertised_url: &str) -> io::Result<Vec<u8>
             let command_size = command.encoded_len();
             fixed.extend_from_slice(&((4 + command_size + payload.len()) as u32).to_be_bytes());
             fixed.extend_from_slice(&(command_size as u32).to_be_bytes());
-            command
-                .encode(&mut fixed)
-                .map_err(|e| invalid(e.to_string()))?;
+            command.encode(&mut fixed).map_err(|e| invalid(e.to_string()))?;
             fixed.extend_from_slice(payload);
             Ok(fixed)
         }

@@ -1,0 +1,172 @@
+//! The Pulsar client: connecting with backoff, the broker health probe, and dead-letter publishing.
+
+use crate::config::BrokerConfig;
+use crate::telemetry::BROKER_UP;
+use pulsar::{Pulsar, TokioExecutor};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::sync::watch;
+
+pub type Client = Pulsar<TokioExecutor>;
+pub type Producer = pulsar::Producer<TokioExecutor>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("pulsar: {0}")]
+    Pulsar(#[from] pulsar::Error),
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Runs `attempt` until it succeeds, doubling the wait up to 10 s; gives up on shutdown.
+pub async fn with_backoff<T, F, Fut>(
+    what: &str,
+    shutdown: &mut watch::Receiver<bool>,
+    mut attempt: F,
+) -> Result<T, BrokerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, pulsar::Error>>,
+{
+    let mut wait = Duration::from_millis(100);
+    loop {
+        if *shutdown.borrow() {
+            return Err(BrokerError::ShuttingDown);
+        }
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(error) => {
+                tracing::warn!(what, error = %error, retry_in_ms = wait.as_millis() as u64, "Broker operation failed; retrying.");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => return Err(BrokerError::ShuttingDown),
+                }
+                wait = (wait * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+pub async fn connect(
+    config: &BrokerConfig,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Client, BrokerError> {
+    let url = config.url.clone();
+    with_backoff("connect", shutdown, || {
+        Pulsar::builder(url.clone(), TokioExecutor)
+            .with_operation_retry_options(pulsar::OperationRetryOptions {
+                operation_timeout: Duration::from_secs(10),
+                ..Default::default()
+            })
+            .build()
+    })
+    .await
+}
+
+/// A producer on `topic` that waits, instead of failing, when its send queue is full.
+pub async fn producer(client: &Client, topic: String) -> Result<Producer, pulsar::Error> {
+    client
+        .producer()
+        .with_topic(topic)
+        .with_options(pulsar::ProducerOptions {
+            block_queue_if_full: true,
+            ..Default::default()
+        })
+        .build()
+        .await
+}
+
+/// A consumer id used by no other consumer, in this process or another: some brokers key
+/// consumers by id across connections (SPEC §11), and a consumer whose connection broke may
+/// linger there for a while, so every subscribe takes a fresh one. Process id in the high bits,
+/// the start time and a counter below.
+pub fn unique_consumer_id() -> u64 {
+    static NEXT: OnceLock<AtomicU64> = OnceLock::new();
+    NEXT.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos() as u64);
+        AtomicU64::new(((u64::from(std::process::id()) << 40) ^ (nanos << 16)) & 0x7fff_ffff_ffff_0000)
+    })
+    .fetch_add(1, Ordering::Relaxed)
+}
+
+/// Whether the broker answered the last probe.
+#[derive(Clone, Default)]
+pub struct BrokerHealth(Arc<AtomicBool>);
+
+impl BrokerHealth {
+    pub fn is_up(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, up: bool) {
+        self.0.store(up, Ordering::Relaxed);
+        metrics::gauge!(BROKER_UP).set(if up { 1.0 } else { 0.0 });
+    }
+}
+
+/// Probes the broker (a topic lookup with a timeout) until shutdown.
+pub async fn probe(
+    client: Client,
+    config: BrokerConfig,
+    health: BrokerHealth,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let interval = Duration::from_secs(config.health_probe_interval_seconds);
+    let topic = config.topic("aerostream.health");
+    loop {
+        let answer = tokio::time::timeout(
+            interval.max(Duration::from_secs(1)),
+            client.lookup_topic(topic.clone()),
+        )
+        .await;
+        let up = matches!(answer, Ok(Ok(_)));
+        if up != health.is_up() {
+            tracing::info!(up, "Broker health changed.");
+        }
+        health.set(up);
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// A message for a dead-letter topic: the original bytes and key, with the reason as properties.
+pub struct DeadLetter<'a> {
+    pub payload: &'a [u8],
+    pub key: Option<String>,
+    pub reason: &'static str,
+    pub detail: String,
+    pub source_topic: &'a str,
+    pub properties: &'a [(String, String)],
+}
+
+/// Publishes `letter` and waits for the broker's receipt.
+pub async fn send_dead_letter(producer: &mut Producer, letter: DeadLetter<'_>) -> Result<(), pulsar::Error> {
+    let mut message = producer
+        .create_message()
+        .with_content(letter.payload.to_vec())
+        .with_property("reason", letter.reason)
+        .with_property("detail", truncate(&letter.detail, 1_000))
+        .with_property("source_topic", letter.source_topic);
+    for (key, value) in letter.properties {
+        message = message.with_property(key.clone(), value.clone());
+    }
+    if let Some(key) = letter.key {
+        message = message.with_key(key);
+    }
+    message.send_non_blocking().await?.await?;
+    Ok(())
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}

@@ -1,0 +1,283 @@
+//! Configuration: the shipped `config.toml` (embedded) overlaid by a user file and
+//! `AEROSTREAM__<TABLE>__<KEY>` environment variables. Unknown keys and bad values are errors that
+//! name the key.
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The shipped defaults, with a comment on every option.
+pub const DEFAULT_TOML: &str = include_str!("../config.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("invalid configuration:\n{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+    pub broker: BrokerConfig,
+    pub idempotency: IdempotencyConfig,
+    pub actors: ActorsConfig,
+    pub http: HttpConfig,
+    pub chaos: ChaosConfig,
+    /// Input topics by name (`campaigns`, `payments`, …).
+    pub inputs: BTreeMap<String, InputConfig>,
+    pub outputs: OutputsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Directory of the sled database.
+    pub data_dir: PathBuf,
+    /// Grace period on SIGTERM/SIGINT.
+    pub shutdown_timeout_seconds: u64,
+    pub log_format: LogFormat,
+    /// tracing filter directive.
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub url: String,
+    pub tenant: String,
+    pub namespace: String,
+    pub health_probe_interval_seconds: u64,
+}
+
+impl BrokerConfig {
+    /// `persistent://tenant/namespace/name` unless `name` is already fully qualified.
+    pub fn topic(&self, name: &str) -> String {
+        if name.contains("://") {
+            name.to_owned()
+        } else {
+            format!("persistent://{}/{}/{}", self.tenant, self.namespace, name)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    pub window_seconds: u64,
+    pub eviction_interval_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActorsConfig {
+    pub mailbox_capacity: usize,
+    pub arbiters: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Bearer token for admin routes; empty refuses them.
+    pub admin_token: Secret,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChaosConfig {
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionKind {
+    Failover,
+    Shared,
+    KeyShared,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    pub topic: String,
+    pub subscription: String,
+    pub subscription_type: SubscriptionKind,
+    /// Messages received and not yet acked, at most.
+    pub max_in_flight: usize,
+    pub max_redeliveries: usize,
+    pub dead_letter_topic: String,
+    pub nack_redelivery_delay_ms: u64,
+    /// Writer schema for messages without `ce_dataschema`; empty for none.
+    pub default_dataschema: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputsConfig {
+    pub payments_topic: String,
+    pub commissions_topic: String,
+    pub alerts_topic: String,
+}
+
+/// A secret string whose Debug output is redacted.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "\"<redacted>\""
+        })
+    }
+}
+
+impl Config {
+    /// Shipped defaults, then `path` (if given), then the environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, Env::prefixed("AEROSTREAM__").split("__"))
+    }
+
+    fn load_with_env(path: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(ConfigError::Missing(path.to_owned()));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let config: Config = figment.merge(env).extract().map_err(|errors| {
+            ConfigError::Invalid(
+                errors
+                    .into_iter()
+                    .map(|e| format!("  - {e}"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types cannot say; reports every problem at once.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut positive = |key: String, value: u64| {
+            if value == 0 {
+                problems.push(format!("  - `{key}` must be greater than 0"));
+            }
+        };
+        positive(
+            "idempotency.window_seconds".into(),
+            self.idempotency.window_seconds,
+        );
+        positive(
+            "idempotency.eviction_interval_seconds".into(),
+            self.idempotency.eviction_interval_seconds,
+        );
+        positive(
+            "actors.mailbox_capacity".into(),
+            self.actors.mailbox_capacity as u64,
+        );
+        positive("actors.arbiters".into(), self.actors.arbiters as u64);
+        positive(
+            "broker.health_probe_interval_seconds".into(),
+            self.broker.health_probe_interval_seconds,
+        );
+        for (name, input) in &self.inputs {
+            positive(format!("inputs.{name}.max_in_flight"), input.max_in_flight as u64);
+        }
+        if !self.broker.url.starts_with("pulsar://") && !self.broker.url.starts_with("pulsar+ssl://") {
+            problems.push(format!(
+                "  - `broker.url` must start with pulsar:// or pulsar+ssl://, got {:?}",
+                self.broker.url
+            ));
+        }
+        if self.inputs.is_empty() {
+            problems.push("  - `inputs` must name at least one input topic".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("\n")))
+        }
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.daemon.shutdown_timeout_seconds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load_str(toml: &str) -> Result<Config, ConfigError> {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(toml.as_bytes()).unwrap();
+        Config::load_with_env(Some(file.path()), Env::prefixed("AEROSTREAM_TEST_NONE__"))
+    }
+
+    #[test]
+    fn shipped_config_parses_and_uses_both_subscription_kinds() {
+        let config = Config::load_with_env(None, Env::prefixed("AEROSTREAM_TEST_NONE__")).unwrap();
+        let kinds: Vec<_> = config.inputs.values().map(|i| i.subscription_type).collect();
+        assert!(kinds.contains(&SubscriptionKind::Failover));
+        assert!(kinds
+            .iter()
+            .any(|k| matches!(k, SubscriptionKind::Shared | SubscriptionKind::KeyShared)));
+        assert_eq!(config.idempotency.window_seconds, 3600);
+        assert_eq!(config.broker.topic("x.v1"), "persistent://public/default/x.v1");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load_str("[http]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n").unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let err = load_str("[actors]\nmailbox_capacity = \"many\"\n").unwrap_err();
+        assert!(err.to_string().contains("mailbox_capacity"), "{err}");
+        let err = load_str("[idempotency]\nwindow_seconds = 0\n").unwrap_err();
+        assert!(err.to_string().contains("idempotency.window_seconds"), "{err}");
+    }
+
+    #[test]
+    fn secret_is_redacted_in_debug() {
+        assert_eq!(format!("{:?}", Secret::new("hunter2")), "\"<redacted>\"");
+    }
+}

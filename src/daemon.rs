@@ -1,0 +1,172 @@
+//! Wiring: opens the store, starts the actors, the HTTP listener and one consumer per input, and
+//! shuts them down in order when `shutdown` resolves.
+
+use crate::broker::{self, BrokerHealth};
+use crate::codec::{Codec, SchemaRegistry};
+use crate::config::Config;
+use crate::http::{self, HttpState, InputsUp};
+use crate::ingest::{self, Pipeline};
+use crate::store::SledStore;
+use crate::telemetry::{self, IDEMPOTENCY_EVICTED, IDEMPOTENCY_WINDOW_KEYS};
+use actix::Arbiter;
+use aerostream_actors::ports::SystemClock;
+use aerostream_actors::{ActorEnv, Registry};
+use anyhow::Context as _;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::TcpListener;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Runs the daemon until `shutdown` resolves; must be called inside an actix `System`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let clock = Arc::new(SystemClock);
+    let store = Arc::new(
+        SledStore::open(
+            &config.daemon.data_dir,
+            config.idempotency.window_seconds,
+            clock.clone(),
+        )
+        .context("opening the state store")?,
+    );
+    let codec = Arc::new(Codec::new(Arc::new(SchemaRegistry::shipped())));
+    let arbiters: Vec<Arbiter> = (0..config.actors.arbiters).map(|_| Arbiter::new()).collect();
+    let registry = Arc::new(Registry::new(
+        ActorEnv {
+            store: store.clone(),
+            observer: Arc::new(telemetry::MetricsObserver),
+            clock,
+            mailbox_capacity: config.actors.mailbox_capacity,
+        },
+        arbiters.iter().map(Arbiter::handle).collect(),
+    ));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let broker_health = BrokerHealth::default();
+    let inputs_up: InputsUp = Arc::new(
+        config
+            .inputs
+            .keys()
+            .map(|name| (name.clone(), AtomicBool::new(false)))
+            .collect::<BTreeMap<_, _>>(),
+    );
+
+    let address = listener.local_addr()?;
+    let server = http::serve(
+        listener,
+        HttpState {
+            store: store.clone(),
+            prometheus: telemetry::prometheus(),
+            broker: broker_health.clone(),
+            inputs: inputs_up.clone(),
+        },
+    )?;
+    let server_handle = server.handle();
+    let server_task = actix_rt::spawn(server);
+    tracing::info!(%address, "HTTP listening.");
+
+    let work = async {
+        let client = broker::connect(&config.broker, &mut stop_rx.clone()).await?;
+        tracing::info!(url = %config.broker.url, "Connected to the broker.");
+        let tasks = vec![
+            tokio::spawn(broker::probe(
+                client.clone(),
+                config.broker.clone(),
+                broker_health.clone(),
+                stop_rx.clone(),
+            )),
+            tokio::spawn(crate::outbox::run(
+                client.clone(),
+                config.broker.clone(),
+                config.outputs.clone(),
+                codec.clone(),
+                store.clone(),
+                stop_rx.clone(),
+            )),
+            tokio::spawn(evict(
+                store.clone(),
+                config.idempotency.eviction_interval_seconds,
+                stop_rx.clone(),
+            )),
+        ];
+        let pipeline = Arc::new(Pipeline {
+            registry,
+            codec,
+            store: store.clone(),
+        });
+        let mut consumers = Vec::new();
+        for (name, input) in &config.inputs {
+            let up = inputs_up.clone();
+            let (name, input, broker, client, pipeline, stop) = (
+                name.clone(),
+                input.clone(),
+                config.broker.clone(),
+                client.clone(),
+                pipeline.clone(),
+                stop_rx.clone(),
+            );
+            consumers.push(actix_rt::spawn(async move {
+                let result =
+                    ingest::run_input(name.clone(), input, broker, client, pipeline, &up[&name], stop).await;
+                if let Err(error) = &result {
+                    tracing::info!(input = %name, error = %error, "Input stopped.");
+                }
+            }));
+        }
+        Ok::<_, anyhow::Error>((consumers, tasks))
+    };
+
+    tokio::pin!(shutdown);
+    let started = tokio::select! {
+        started = work => Some(started?),
+        _ = &mut shutdown => None,
+    };
+    if started.is_some() {
+        (&mut shutdown).await;
+    }
+    tracing::info!("Shutting down: finishing in-flight events.");
+    let _ = stop_tx.send(true);
+    if let Some((mut consumers, tasks)) = started {
+        let drained = tokio::time::timeout(
+            config.shutdown_timeout(),
+            futures::future::join_all(consumers.iter_mut()),
+        )
+        .await;
+        if drained.is_err() {
+            tracing::warn!("Shutdown timeout reached with events still in flight; they will be redelivered.");
+            consumers.iter().for_each(|consumer| consumer.abort());
+            // Let the aborted tasks drop their broker handles while the runtime still runs.
+            futures::future::join_all(consumers).await;
+        }
+        tasks.iter().for_each(|task| task.abort());
+        futures::future::join_all(tasks).await;
+    }
+    store.flush().await.context("flushing the state store")?;
+    server_handle.stop(true).await;
+    let _ = server_task.await;
+    for arbiter in arbiters {
+        arbiter.stop();
+    }
+    tracing::info!("Stopped.");
+    Ok(())
+}
+
+async fn evict(store: Arc<SledStore>, interval_seconds: u64, mut shutdown: watch::Receiver<bool>) {
+    let interval = Duration::from_secs(interval_seconds);
+    loop {
+        match store.evict_expired() {
+            Ok(evicted) => metrics::counter!(IDEMPOTENCY_EVICTED).increment(evicted as u64),
+            Err(error) => tracing::error!(error = %error, "Idempotency eviction failed."),
+        }
+        metrics::gauge!(IDEMPOTENCY_WINDOW_KEYS).set(store.window_len() as f64);
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! A reproducible stream of campaign, tracking and payment events, with duplicates and bounded
+//! reordering, and the state it must produce.
+//!
+//! The expected state is computed by applying each distinct event once, in the order it was
+//! generated, with the domain's own `decide`: what the daemon serves must equal it whatever the
+//! broker redelivers or reorders. Reordering only swaps events that commute (different aggregates,
+//! two tracking events of one campaign, two events of one payment), as a per-key ordered
+//! subscription would deliver them.
+
+use crate::views::{CampaignView, PaymentView, StateView};
+use aerostream_actors::campaign::Campaign;
+use aerostream_actors::events::CommissionRule;
+use aerostream_actors::{
+    Aggregate, CampaignEvent, Envelope, Event, Money, Payment, PaymentEvent, PaymentStatus,
+};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, VecDeque};
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub seed: u64,
+    pub campaigns: usize,
+    pub payments: usize,
+    /// Distinct events in all; never fewer than the lifecycle events need (3 per payment, 2 to 6 per
+    /// campaign), the rest are tracking events.
+    pub events: usize,
+    /// Fraction of events sent a second time, 0.0 to 1.0.
+    pub duplicate_fraction: f64,
+    /// How far an event may move from its generated position.
+    pub reorder_window: usize,
+}
+
+/// Which input topic an event goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Input {
+    Campaigns,
+    Payments,
+}
+
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub input: Input,
+    pub envelope: Envelope,
+    pub idempotency_key: Option<String>,
+    pub event: Event,
+}
+
+pub struct Plan {
+    /// In the order to publish, duplicates included.
+    pub stream: Vec<Planned>,
+    pub distinct: usize,
+    pub expected: StateView,
+}
+
+const BASE_TIME_MS: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+
+pub fn plan(options: &Options) -> Plan {
+    let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
+    let mut queues: Vec<VecDeque<(Input, Event, Option<String>)>> = Vec::new();
+    let shapes: Vec<Lifecycle> = (0..options.campaigns)
+        .map(|_| Lifecycle::draw(&mut rng))
+        .collect();
+    let fixed = options.payments * 3 + shapes.iter().map(Lifecycle::events).sum::<usize>();
+    let tracking_total = options.events.saturating_sub(fixed);
+    let mut tracking_per_campaign = vec![0usize; options.campaigns];
+    if options.campaigns > 0 {
+        for _ in 0..tracking_total {
+            tracking_per_campaign[rng.gen_range(0..options.campaigns)] += 1;
+        }
+    }
+    for (c, (tracking, shape)) in tracking_per_campaign.into_iter().zip(shapes).enumerate() {
+        queues.push(campaign_events(&mut rng, c, tracking, shape));
+    }
+    for p in 0..options.payments {
+        queues.push(payment_events(&mut rng, p));
+    }
+
+    // Interleave the aggregates at random, each keeping its own order.
+    let mut canonical = Vec::new();
+    let mut live: Vec<usize> = (0..queues.len()).filter(|i| !queues[*i].is_empty()).collect();
+    while !live.is_empty() {
+        let pick = rng.gen_range(0..live.len());
+        let (input, event, key) = queues[live[pick]].pop_front().expect("live queues are non-empty");
+        if queues[live[pick]].is_empty() {
+            live.swap_remove(pick);
+        }
+        let index = canonical.len();
+        canonical.push(Planned {
+            input,
+            envelope: Envelope {
+                id: uuid::Uuid::from_u128(rng.gen()).to_string(),
+                event_type: crate::codec::wire_type(&event).to_owned(),
+                source: "aerostream-generator".into(),
+                time_ms: BASE_TIME_MS + index as i64,
+                subject: Some(event.aggregate().id),
+                correlation_id: None,
+                causation_id: None,
+                schema_version: "v1".into(),
+            },
+            idempotency_key: key,
+            event,
+        });
+    }
+    let expected = expected_state(&canonical);
+    let distinct = canonical.len();
+    let mut stream = canonical;
+    reorder(&mut rng, &mut stream, options.reorder_window);
+    let stream = duplicate(
+        &mut rng,
+        stream,
+        options.duplicate_fraction,
+        options.reorder_window.max(1) * 4,
+    );
+    Plan {
+        stream,
+        distinct,
+        expected,
+    }
+}
+
+/// The lifecycle events of one campaign besides creation and activation, drawn before its
+/// tracking events so that the stream has exactly the number of events asked for.
+#[derive(Debug, Clone, Copy)]
+struct Lifecycle {
+    /// Paused and activated again once.
+    pause: bool,
+    /// Budget doubled once.
+    raise_budget: bool,
+    /// Completed at the end.
+    complete: bool,
+}
+
+impl Lifecycle {
+    fn draw(rng: &mut ChaCha8Rng) -> Lifecycle {
+        Lifecycle {
+            pause: rng.gen_bool(0.2),
+            raise_budget: rng.gen_bool(0.2),
+            complete: rng.gen_bool(0.1),
+        }
+    }
+
+    /// Lifecycle events in all, creation and activation included.
+    fn events(&self) -> usize {
+        2 + 2 * usize::from(self.pause) + usize::from(self.raise_budget) + usize::from(self.complete)
+    }
+}
+
+fn campaign_events(
+    rng: &mut ChaCha8Rng,
+    c: usize,
+    tracking: usize,
+    shape: Lifecycle,
+) -> VecDeque<(Input, Event, Option<String>)> {
+    let id = format!("camp-{c:05}");
+    let cpc = rng.gen_range(5..50);
+    let cpa = rng.gen_range(100..500);
+    // Budgets around the expected spend, so some campaigns cross the alert thresholds.
+    let expected_spend = (tracking as i64) * (cpc + cpa) / 4 + 1;
+    let budget = (expected_spend as f64 * rng.gen_range(0.6..2.5)) as i64 + 100;
+    let commission = if rng.gen_bool(0.5) {
+        CommissionRule::Percentage {
+            basis_points: rng.gen_range(100..2_000),
+        }
+    } else {
+        CommissionRule::Fixed {
+            amount_minor: rng.gen_range(50..500),
+        }
+    };
+    let currency = *["USD", "EUR", "COP"].choose(rng).expect("non-empty");
+    let money = |amount| Money::positive(amount, currency).expect("generated money is valid");
+    let mut events = vec![
+        CampaignEvent::Created {
+            campaign_id: id.clone(),
+            name: format!("Campaign {c}"),
+            budget: money(budget),
+            cost_per_click_minor: cpc,
+            cost_per_conversion_minor: cpa,
+            commission,
+        },
+        CampaignEvent::Activated {
+            campaign_id: id.clone(),
+        },
+    ];
+    let pause_at = shape.pause.then(|| rng.gen_range(0..=tracking));
+    let budget_at = shape.raise_budget.then(|| rng.gen_range(0..=tracking));
+    for t in 0..=tracking {
+        if pause_at == Some(t) {
+            events.push(CampaignEvent::Paused {
+                campaign_id: id.clone(),
+                reason: "manual".into(),
+            });
+            events.push(CampaignEvent::Activated {
+                campaign_id: id.clone(),
+            });
+        }
+        if budget_at == Some(t) {
+            events.push(CampaignEvent::BudgetUpdated {
+                campaign_id: id.clone(),
+                budget: money(budget * 2),
+            });
+        }
+        if t == tracking {
+            break;
+        }
+        let affiliate_id = format!("af-{:04}", rng.gen_range(0..200));
+        events.push(match rng.gen_range(0..10) {
+            0..=5 => CampaignEvent::ImpressionRecorded {
+                campaign_id: id.clone(),
+                affiliate_id,
+            },
+            6..=8 => CampaignEvent::ClickRecorded {
+                campaign_id: id.clone(),
+                affiliate_id,
+            },
+            _ => CampaignEvent::ConversionRecorded {
+                campaign_id: id.clone(),
+                affiliate_id,
+                value: money(rng.gen_range(1_000..100_000)),
+            },
+        });
+    }
+    if shape.complete {
+        events.push(CampaignEvent::Completed {
+            campaign_id: id.clone(),
+        });
+    }
+    events
+        .into_iter()
+        .map(|e| (Input::Campaigns, Event::Campaign(e), None))
+        .collect()
+}
+
+fn payment_events(rng: &mut ChaCha8Rng, p: usize) -> VecDeque<(Input, Event, Option<String>)> {
+    let payment_id = format!("pago-{p:06}");
+    let affiliate_id = format!("af-{:04}", rng.gen_range(0..200));
+    let currency = *["USD", "EUR", "COP"].choose(rng).expect("non-empty");
+    let amount = Money::positive(rng.gen_range(100..1_000_000), currency).expect("valid");
+    let outcome = if rng.gen_bool(0.85) {
+        PaymentStatus::Succeeded
+    } else {
+        PaymentStatus::Failed
+    };
+    let processed = |status: PaymentStatus| PaymentEvent::Processed {
+        payment_id: payment_id.clone(),
+        affiliate_id: affiliate_id.clone(),
+        amount,
+        status,
+        declared_hash: String::new(),
+        attempts: 1,
+    };
+    let key =
+        |status: PaymentStatus| Some(format!("pago_{payment_id}_{}_{affiliate_id}", status.wire_name()));
+    VecDeque::from([
+        (
+            Input::Payments,
+            Event::Payment(PaymentEvent::Requested {
+                payment_id: payment_id.clone(),
+                affiliate_id: affiliate_id.clone(),
+                amount,
+            }),
+            None,
+        ),
+        (
+            Input::Payments,
+            Event::Payment(processed(PaymentStatus::Processing)),
+            key(PaymentStatus::Processing),
+        ),
+        (Input::Payments, Event::Payment(processed(outcome)), key(outcome)),
+    ])
+}
+
+/// Whether two events may be delivered in either order with the same result.
+fn commute(a: &Event, b: &Event) -> bool {
+    if a.aggregate() != b.aggregate() {
+        return true;
+    }
+    match (a, b) {
+        (Event::Campaign(a), Event::Campaign(b)) => a.is_tracking() && b.is_tracking(),
+        (Event::Payment(_), Event::Payment(_)) => true,
+        _ => false,
+    }
+}
+
+/// Moves events up to `window` places, only across events they commute with.
+fn reorder(rng: &mut ChaCha8Rng, stream: &mut [Planned], window: usize) {
+    if window == 0 || stream.len() < 2 {
+        return;
+    }
+    for i in 0..stream.len() {
+        let j = (i + rng.gen_range(1..=window)).min(stream.len() - 1);
+        let movable = (i + 1..=j).all(|k| commute(&stream[i].event, &stream[k].event))
+            && (i..j).all(|k| commute(&stream[k].event, &stream[j].event));
+        if j > i && movable {
+            stream.swap(i, j);
+        }
+    }
+}
+
+/// Re-sends a fraction of events a little later, with the same id and content.
+fn duplicate(rng: &mut ChaCha8Rng, stream: Vec<Planned>, fraction: f64, distance: usize) -> Vec<Planned> {
+    let mut due: BTreeMap<usize, Vec<Planned>> = BTreeMap::new();
+    let mut out = Vec::with_capacity(stream.len() + (stream.len() as f64 * fraction) as usize + 1);
+    for (i, planned) in stream.into_iter().enumerate() {
+        if rng.gen_bool(fraction.clamp(0.0, 1.0)) {
+            due.entry(i + rng.gen_range(1..=distance))
+                .or_default()
+                .push(planned.clone());
+        }
+        out.push(planned);
+        if let Some(copies) = due.remove(&i) {
+            out.extend(copies);
+        }
+    }
+    out.extend(due.into_values().flatten());
+    out
+}
+
+/// Applies each event once, in generated order, with the domain's rules.
+fn expected_state(canonical: &[Planned]) -> StateView {
+    let mut campaigns: BTreeMap<String, Campaign> = BTreeMap::new();
+    let mut payments: BTreeMap<String, Payment> = BTreeMap::new();
+    for planned in canonical {
+        match &planned.event {
+            Event::Campaign(e) => step(&mut campaigns, e, &planned.envelope),
+            Event::Payment(e) => step(&mut payments, e, &planned.envelope),
+        }
+    }
+    StateView {
+        campaigns: campaigns.values().map(CampaignView::from).collect(),
+        payments: payments.values().map(PaymentView::from).collect(),
+    }
+}
+
+fn step<A: Aggregate>(states: &mut BTreeMap<String, A>, event: &A::Event, envelope: &Envelope)
+where
+    A::Event: HasId,
+{
+    let id = event.id().to_owned();
+    match A::decide(states.get(&id), event, envelope) {
+        Ok(decision) => {
+            states.insert(id, decision.state);
+        }
+        Err(rejection) => panic!("the generator produced an event its own rules reject: {rejection}"),
+    }
+}
+
+trait HasId {
+    fn id(&self) -> &str;
+}
+
+impl HasId for CampaignEvent {
+    fn id(&self) -> &str {
+        self.campaign_id()
+    }
+}
+
+impl HasId for PaymentEvent {
+    fn id(&self) -> &str {
+        self.payment_id()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(seed: u64) -> Options {
+        Options {
+            seed,
+            campaigns: 10,
+            payments: 20,
+            events: 500,
+            duplicate_fraction: 0.1,
+            reorder_window: 8,
+        }
+    }
+
+    #[test]
+    fn same_seed_same_stream() {
+        let a = plan(&options(3));
+        let b = plan(&options(3));
+        let ids = |p: &Plan| p.stream.iter().map(|e| e.envelope.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&a), ids(&b));
+        assert_eq!(a.expected, b.expected);
+        assert_ne!(ids(&a), ids(&plan(&options(4))));
+    }
+
+    #[test]
+    fn counts_duplicates_and_per_campaign_order() {
+        let p = plan(&options(5));
+        assert_eq!(p.distinct, 500);
+        assert!(p.stream.len() > 520 && p.stream.len() < 600, "{}", p.stream.len());
+        // Every campaign's creation comes before any other event of it.
+        let mut created = std::collections::HashSet::new();
+        for e in &p.stream {
+            if let Event::Campaign(c) = &e.event {
+                match c {
+                    CampaignEvent::Created { campaign_id, .. } => {
+                        created.insert(campaign_id.clone());
+                    }
+                    other => assert!(created.contains(other.campaign_id())),
+                }
+            }
+        }
+        assert_eq!(p.expected.campaigns.len(), 10);
+        assert_eq!(p.expected.payments.len(), 20);
+    }
+}

@@ -1,0 +1,369 @@
+//! One consumer per input topic: receive → decode → actor (dedupe, decide, atomic commit) → flush → ack.
+//!
+//! At most `max_in_flight` messages are held at once; events of one aggregate are applied in arrival
+//! order, others concurrently (see [`crate::dispatch`]). Nothing is acked before its commit is
+//! durable; rejected and undecodable messages are acked only once their dead letter is published.
+//! Acks leave in receive order, so the subscription's acknowledged range stays contiguous and a
+//! consumer that takes over resumes from one position.
+
+use crate::broker::{self, BrokerError, Client, DeadLetter, Producer};
+use crate::codec::Codec;
+use crate::config::{BrokerConfig, InputConfig, SubscriptionKind};
+use crate::dispatch::{InOrder, KeyedQueue};
+use crate::store::SledStore;
+use crate::telemetry::*;
+use aerostream_actors::{AggregateKey, ApplyError, Incoming, Outcome, Registry};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use metrics::{counter, histogram};
+use pulsar::consumer::{DeadLetterPolicy, Message};
+use pulsar::{Consumer, ConsumerOptions, SubType, TokioExecutor};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Mutex};
+
+/// What the processing of every input shares.
+pub struct Pipeline {
+    pub registry: Arc<Registry>,
+    pub codec: Arc<Codec>,
+    pub store: Arc<SledStore>,
+}
+
+/// Whether to ack or redeliver a message once processing is over.
+enum Verdict {
+    Ack,
+    Retry,
+}
+
+struct Done {
+    /// Receive sequence number: acks are sent in this order (see [`InOrder`]).
+    seq: u64,
+    message: Message<Vec<u8>>,
+    key: Option<AggregateKey>,
+    verdict: Verdict,
+}
+
+type Work = Pin<Box<dyn Future<Output = Done>>>;
+
+/// A message ready to be applied, parked while its aggregate is busy.
+struct Ready {
+    seq: u64,
+    message: Message<Vec<u8>>,
+    incoming: Incoming,
+    received: Instant,
+}
+
+/// Consumes one input until shutdown, subscribing again when the consumer fails. `up` tells
+/// /health whether the input is subscribed.
+pub async fn run_input(
+    name: String,
+    input: InputConfig,
+    broker: BrokerConfig,
+    client: Client,
+    pipeline: Arc<Pipeline>,
+    up: &AtomicBool,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), BrokerError> {
+    let name: Arc<str> = name.into();
+    let dead_letters = {
+        let topic = broker.topic(&input.dead_letter_topic);
+        let producer = broker::with_backoff("dead-letter producer", &mut shutdown, || {
+            broker::producer(&client, topic.clone())
+        })
+        .await?;
+        Arc::new(Mutex::new(producer))
+    };
+    loop {
+        let mut consumer = broker::with_backoff("subscribe", &mut shutdown, || {
+            subscribe(&client, &broker, &input, &name, broker::unique_consumer_id())
+        })
+        .await?;
+        up.store(true, Ordering::Relaxed);
+        tracing::info!(input = %name, topic = %input.topic, subscription = %input.subscription, "Consuming.");
+        let finished = consume(
+            &name,
+            &input,
+            &mut consumer,
+            &pipeline,
+            &dead_letters,
+            &mut shutdown,
+        )
+        .await;
+        up.store(false, Ordering::Relaxed);
+        if let Err(error) = close(&mut consumer).await {
+            tracing::warn!(input = %name, error = %error, "Consumer did not close cleanly; the broker redelivers what it holds.");
+        }
+        if finished {
+            tracing::info!(input = %name, "Consumer closed.");
+            return Ok(());
+        }
+        tracing::warn!(input = %name, "Consumer stream ended; subscribing again.");
+    }
+}
+
+async fn subscribe(
+    client: &Client,
+    broker: &BrokerConfig,
+    input: &InputConfig,
+    name: &str,
+    consumer_id: u64,
+) -> Result<Consumer<Vec<u8>, TokioExecutor>, pulsar::Error> {
+    let sub_type = match input.subscription_type {
+        SubscriptionKind::Failover => SubType::Failover,
+        SubscriptionKind::Shared => SubType::Shared,
+        SubscriptionKind::KeyShared => SubType::KeyShared,
+    };
+    client
+        .consumer()
+        .with_topic(broker.topic(&input.topic))
+        .with_subscription(input.subscription.clone())
+        .with_subscription_type(sub_type)
+        .with_consumer_id(consumer_id)
+        .with_consumer_name(format!("aerostream-{name}-{consumer_id}"))
+        .with_batch_size(input.max_in_flight.min(u32::MAX as usize) as u32)
+        .with_options(ConsumerOptions::default().with_receiver_queue_size(input.max_in_flight as u32))
+        .with_dead_letter_policy(DeadLetterPolicy {
+            max_redeliver_count: input.max_redeliveries,
+            dead_letter_topic: broker.topic(&input.dead_letter_topic),
+        })
+        .with_unacked_message_resend_delay(Some(Duration::from_millis(input.nack_redelivery_delay_ms)))
+        .build()
+        .await
+}
+
+/// The receive loop. Returns true on shutdown (all in-flight work finished), false when the
+/// consumer stream ended and must be re-created.
+async fn consume(
+    name: &Arc<str>,
+    input: &InputConfig,
+    consumer: &mut Consumer<Vec<u8>, TokioExecutor>,
+    pipeline: &Arc<Pipeline>,
+    dead_letters: &Arc<Mutex<Producer>>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let mut running: FuturesUnordered<Work> = FuturesUnordered::new();
+    let mut order: KeyedQueue<AggregateKey, Ready> = KeyedQueue::default();
+    let mut acks: InOrder<(Message<Vec<u8>>, Verdict)> = InOrder::default();
+    let held = |running: &FuturesUnordered<Work>, order: &KeyedQueue<_, _>, acks: &InOrder<_>| {
+        running.len() + order.parked() + acks.waiting()
+    };
+    let mut stopping = *shutdown.borrow();
+    let mut stream_ended = false;
+    loop {
+        if (stopping || stream_ended) && held(&running, &order, &acks) == 0 {
+            return !stream_ended;
+        }
+        let can_receive = !stopping && !stream_ended && held(&running, &order, &acks) < input.max_in_flight;
+        tokio::select! {
+            _ = shutdown.changed(), if !stopping => stopping = true,
+            Some(done) = running.next(), if !running.is_empty() => {
+                for (message, verdict) in acks.finish(done.seq, (done.message, done.verdict)) {
+                    finish(name, consumer, message, verdict).await;
+                }
+                if let Some(next) = done.key.and_then(|key| order.finish(&key)) {
+                    running.push(apply(name.clone(), pipeline.clone(), dead_letters.clone(), next));
+                }
+            }
+            received = consumer.next(), if can_receive => match received {
+                Some(Ok(message)) => {
+                    counter!(EVENTS_CONSUMED, "input" => name.to_string()).increment(1);
+                    let received = Instant::now();
+                    let seq = acks.receive();
+                    let dataschema = property(&message, "ce_dataschema")
+                        .or_else(|| (!input.default_dataschema.is_empty()).then(|| input.default_dataschema.clone()));
+                    match pipeline.codec.decode(dataschema.as_deref(), &message.payload.data) {
+                        Ok(incoming) => {
+                            let ready = Ready { seq, message, incoming, received };
+                            if let Some(ready) = order.admit(&ready.incoming.aggregate(), ready) {
+                                running.push(apply(name.clone(), pipeline.clone(), dead_letters.clone(), ready));
+                            }
+                        }
+                        Err(error) => {
+                            let letter = Letter { reason: error.reason(), detail: error.to_string(), event_type: None };
+                            running.push(dead_letter(name.clone(), dead_letters.clone(), seq, message, letter));
+                        }
+                    }
+                }
+                Some(Err(error)) => tracing::warn!(input = %name, error = %error, "Receive failed."),
+                None => stream_ended = true,
+            },
+        }
+    }
+}
+
+/// How long closing a consumer may take before it is abandoned.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one close attempt waits before the receive queue is drained again.
+const CLOSE_ATTEMPT: Duration = Duration::from_millis(100);
+
+/// Closes `consumer` after the acks already given have reached the broker.
+///
+/// The `pulsar` client routes acks and the close request through its consumer engine, which
+/// stalls while the receive queue is full. Messages still queued are therefore taken and dropped
+/// unacked (the broker redelivers them to the next consumer) until the close goes through.
+async fn close(consumer: &mut Consumer<Vec<u8>, TokioExecutor>) -> Result<(), pulsar::Error> {
+    let deadline = Instant::now() + CLOSE_TIMEOUT;
+    loop {
+        while let Some(Some(_released)) = consumer.next().now_or_never() {}
+        match tokio::time::timeout(CLOSE_ATTEMPT, consumer.close()).await {
+            Ok(result) => return result,
+            Err(_) if Instant::now() < deadline => continue,
+            Err(_) => {
+                return Err(pulsar::Error::Custom(format!(
+                    "closing the consumer took more than {CLOSE_TIMEOUT:?}"
+                )))
+            }
+        }
+    }
+}
+
+fn property(message: &Message<Vec<u8>>, key: &str) -> Option<String> {
+    message
+        .payload
+        .metadata
+        .properties
+        .iter()
+        .find(|kv| kv.key == key)
+        .map(|kv| kv.value.clone())
+}
+
+async fn finish(
+    name: &str,
+    consumer: &mut Consumer<Vec<u8>, TokioExecutor>,
+    message: Message<Vec<u8>>,
+    verdict: Verdict,
+) {
+    let result = match verdict {
+        Verdict::Ack => consumer.ack(&message).await,
+        Verdict::Retry => {
+            counter!(EVENTS_RETRIED, "input" => name.to_owned()).increment(1);
+            consumer.nack(&message).await
+        }
+    };
+    if let Err(error) = result {
+        // The broker will redeliver; the idempotency window makes that harmless.
+        tracing::warn!(input = %name, error = %error, "Ack failed; the message will be redelivered.");
+    }
+}
+
+fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<Mutex<Producer>>, ready: Ready) -> Work {
+    Box::pin(async move {
+        let Ready {
+            seq,
+            message,
+            incoming,
+            received,
+        } = ready;
+        let key = Some(incoming.aggregate());
+        let event_type = incoming.envelope.event_type.clone();
+        let outcome = pipeline.registry.apply(incoming).await;
+        let verdict = match outcome {
+            Ok(Outcome::Applied { .. }) | Ok(Outcome::Duplicate) => match pipeline.store.flush().await {
+                Ok(()) => {
+                    let counter_name = match outcome {
+                        Ok(Outcome::Duplicate) => EVENTS_DEDUPLICATED,
+                        _ => EVENTS_APPLIED,
+                    };
+                    counter!(counter_name, "input" => name.to_string(), "event_type" => event_type)
+                        .increment(1);
+                    histogram!(PROCESSING_DURATION, "input" => name.to_string())
+                        .record(received.elapsed().as_secs_f64());
+                    Verdict::Ack
+                }
+                Err(error) => {
+                    tracing::error!(input = %name, error = %error, "Flush failed; not acking.");
+                    Verdict::Retry
+                }
+            },
+            Ok(Outcome::Rejected(rejection)) => {
+                counter!(EVENTS_REJECTED, "input" => name.to_string(), "reason" => rejection.reason.as_str())
+                    .increment(1);
+                let letter = Letter {
+                    reason: rejection.reason.as_str(),
+                    detail: rejection.detail,
+                    event_type: Some(event_type),
+                };
+                return dead_letter(name, dead_letters, seq, message, letter)
+                    .await
+                    .with_key(key);
+            }
+            Err(ApplyError::Crashed(_)) | Err(ApplyError::MailboxClosed) => Verdict::Retry,
+            Err(error) => {
+                tracing::error!(input = %name, error = %error, "Event not applied; it will be redelivered.");
+                Verdict::Retry
+            }
+        };
+        Done {
+            seq,
+            message,
+            key,
+            verdict,
+        }
+    })
+}
+
+impl Done {
+    fn with_key(mut self, key: Option<AggregateKey>) -> Done {
+        self.key = key;
+        self
+    }
+}
+
+struct Letter {
+    reason: &'static str,
+    detail: String,
+    event_type: Option<String>,
+}
+
+fn dead_letter(
+    name: Arc<str>,
+    producer: Arc<Mutex<Producer>>,
+    seq: u64,
+    message: Message<Vec<u8>>,
+    letter: Letter,
+) -> Work {
+    Box::pin(async move {
+        tracing::warn!(input = %name, reason = letter.reason, detail = %letter.detail, "Dead-lettering message.");
+        let properties: Vec<(String, String)> = message
+            .payload
+            .metadata
+            .properties
+            .iter()
+            .map(|kv| (kv.key.clone(), kv.value.clone()))
+            .filter(|(k, _)| k != "reason" && k != "detail")
+            .chain(letter.event_type.map(|t| ("event_type".to_owned(), t)))
+            .collect();
+        let sent = broker::send_dead_letter(
+            &mut *producer.lock().await,
+            DeadLetter {
+                payload: &message.payload.data,
+                key: message.key(),
+                reason: letter.reason,
+                detail: letter.detail,
+                source_topic: &message.topic,
+                properties: &properties,
+            },
+        )
+        .await;
+        let verdict = match sent {
+            Ok(()) => {
+                counter!(EVENTS_DEAD_LETTERED, "input" => name.to_string(), "reason" => letter.reason)
+                    .increment(1);
+                Verdict::Ack
+            }
+            Err(error) => {
+                tracing::error!(input = %name, error = %error, "Dead-letter publish failed; not acking.");
+                Verdict::Retry
+            }
+        };
+        Done {
+            seq,
+            message,
+            key: None,
+            verdict,
+        }
+    })
+}

@@ -1,0 +1,300 @@
+//! The sled store: aggregate states, the idempotency window and the outbox, written atomically.
+//!
+//! Trees:
+//! - `state`:   `<kind>/<id>` → aggregate state (JSON)
+//! - `seen`:    idempotency key → first-seen ms (8 bytes BE) ‖ SHA-256 of the content (32 bytes)
+//! - `seen_by_time`: first-seen ms (8 bytes BE) ‖ key → (), the index that eviction walks
+//! - `outbox`:  sequence (8 bytes BE) → output event (JSON), deleted once published
+
+use aerostream_actors::events::AggregateKey;
+use aerostream_actors::output::OutputEvent;
+use aerostream_actors::ports::{Commit, CommitResult, SeenEntry, StateStore, StoreError};
+use aerostream_actors::AggregateKind;
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub struct SledStore {
+    db: sled::Db,
+    state: sled::Tree,
+    seen: sled::Tree,
+    seen_by_time: sled::Tree,
+    outbox: sled::Tree,
+    window_ms: i64,
+    clock: std::sync::Arc<dyn aerostream_actors::ports::Clock>,
+    /// Group commit: writes made so far, writes known durable, and the one flush in progress.
+    writes: AtomicU64,
+    durable: AtomicU64,
+    flushing: tokio::sync::Mutex<()>,
+    outbox_pending: AtomicU64,
+}
+
+fn store_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+fn state_key(key: &AggregateKey) -> Vec<u8> {
+    format!("{}/{}", key.kind.as_str(), key.id).into_bytes()
+}
+
+fn encode_seen(first_seen_ms: i64, content_hash: &str) -> Vec<u8> {
+    let mut value = first_seen_ms.to_be_bytes().to_vec();
+    match hex::decode(content_hash) {
+        Ok(raw) => value.extend_from_slice(&raw),
+        Err(_) => value.extend_from_slice(content_hash.as_bytes()),
+    }
+    value
+}
+
+fn decode_seen(value: &[u8]) -> SeenEntry {
+    let (time, hash) = value.split_at(8.min(value.len()));
+    SeenEntry {
+        first_seen_ms: i64::from_be_bytes(time.try_into().unwrap_or([0; 8])),
+        content_hash: hex::encode(hash),
+    }
+}
+
+fn time_index_key(first_seen_ms: i64, key: &str) -> Vec<u8> {
+    let mut index = first_seen_ms.to_be_bytes().to_vec();
+    index.extend_from_slice(key.as_bytes());
+    index
+}
+
+impl SledStore {
+    pub fn open(
+        dir: &Path,
+        window_seconds: u64,
+        clock: std::sync::Arc<dyn aerostream_actors::ports::Clock>,
+    ) -> Result<SledStore, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| StoreError(format!("cannot open sled database at {}: {e}", dir.display())))?;
+        let tree = |name: &str| db.open_tree(name).map_err(store_error);
+        let outbox = tree("outbox")?;
+        Ok(SledStore {
+            state: tree("state")?,
+            seen: tree("seen")?,
+            seen_by_time: tree("seen_by_time")?,
+            db,
+            window_ms: (window_seconds as i64).saturating_mul(1_000),
+            clock,
+            writes: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            flushing: tokio::sync::Mutex::new(()),
+            outbox_pending: AtomicU64::new(outbox.len() as u64),
+            outbox,
+        })
+    }
+
+    /// Makes every commit so far durable. The ack of an event waits for this.
+    ///
+    /// Group commit: one flush runs at a time and covers every write made before it started, so
+    /// callers that arrive during a flush share the next one. (Concurrent `flush_async` calls can
+    /// also exhaust sled's I/O pool and deadlock it.)
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let wanted = self.writes.load(Ordering::Acquire);
+        let _flushing = self.flushing.lock().await;
+        if self.durable.load(Ordering::Acquire) >= wanted {
+            return Ok(());
+        }
+        let covered = self.writes.load(Ordering::Acquire);
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(store_error)?
+            .map_err(store_error)?;
+        self.durable.fetch_max(covered, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn wrote(&self) {
+        self.writes.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Evicts idempotency keys first seen before the window; returns how many.
+    pub fn evict_expired(&self) -> Result<usize, StoreError> {
+        let horizon = self.clock.now_ms() - self.window_ms;
+        let mut evicted = 0;
+        for entry in self.seen_by_time.range(..horizon.to_be_bytes().to_vec()) {
+            let (index, _) = entry.map_err(store_error)?;
+            let key = &index[8..];
+            // Remove the key only if it still belongs to this index entry.
+            if let Some(value) = self.seen.get(key).map_err(store_error)? {
+                if value[..8] == index[..8] {
+                    self.seen.remove(key).map_err(store_error)?;
+                }
+            }
+            self.seen_by_time.remove(index).map_err(store_error)?;
+            evicted += 1;
+        }
+        if evicted > 0 {
+            self.wrote();
+        }
+        Ok(evicted)
+    }
+
+    /// Idempotency keys currently remembered.
+    pub fn window_len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Output events committed and not yet published (kept as a counter: `Tree::len` is a scan).
+    pub fn outbox_len(&self) -> usize {
+        self.outbox_pending.load(Ordering::Acquire) as usize
+    }
+
+    /// The oldest `limit` outbox entries, with their sequence keys.
+    pub fn outbox_batch(&self, limit: usize) -> Result<Vec<(sled::IVec, OutputEvent)>, StoreError> {
+        self.outbox
+            .iter()
+            .take(limit)
+            .map(|entry| {
+                let (seq, value) = entry.map_err(store_error)?;
+                let event = serde_json::from_slice(&value).map_err(store_error)?;
+                Ok((seq, event))
+            })
+            .collect()
+    }
+
+    pub fn outbox_remove(&self, seq: &[u8]) -> Result<(), StoreError> {
+        if self.outbox.remove(seq).map_err(store_error)?.is_some() {
+            self.outbox_pending.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.wrote();
+        Ok(())
+    }
+
+    /// The stored state of every aggregate of `kind`, as raw JSON.
+    pub fn states(&self, kind: AggregateKind) -> impl Iterator<Item = Result<Vec<u8>, StoreError>> {
+        self.state
+            .scan_prefix(format!("{}/", kind.as_str()))
+            .values()
+            .map(|v| v.map(|v| v.to_vec()).map_err(store_error))
+    }
+
+    /// Checks the database answers reads; for /health.
+    pub fn healthy(&self) -> bool {
+        self.db.get(b"__health").is_ok()
+    }
+}
+
+impl StateStore for SledStore {
+    fn load(&self, key: &AggregateKey) -> Result<Option<Vec<u8>>, StoreError> {
+        self.state
+            .get(state_key(key))
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(store_error)
+    }
+
+    fn seen(&self, idempotency_key: &str) -> Result<Option<SeenEntry>, StoreError> {
+        let Some(value) = self.seen.get(idempotency_key).map_err(store_error)? else {
+            return Ok(None);
+        };
+        let entry = decode_seen(&value);
+        // Eviction runs periodically; a key past the window is already forgotten.
+        Ok((entry.first_seen_ms > self.clock.now_ms() - self.window_ms).then_some(entry))
+    }
+
+    fn commit(&self, commit: Commit<'_>) -> Result<CommitResult, StoreError> {
+        let state_key = state_key(commit.aggregate);
+        let seen_value = encode_seen(commit.seen_at_ms, commit.content_hash);
+        let index_key = time_index_key(commit.seen_at_ms, commit.idempotency_key);
+        let horizon = self.clock.now_ms() - self.window_ms;
+        let outbox: Vec<(u64, Vec<u8>)> = commit
+            .outbox
+            .iter()
+            .map(|event| {
+                let id = self.db.generate_id().map_err(store_error)?;
+                Ok((id, serde_json::to_vec(event).map_err(store_error)?))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let result = (&self.state, &self.seen, &self.seen_by_time, &self.outbox).transaction(
+            |(state, seen, by_time, out)| {
+                if let Some(existing) = seen.get(commit.idempotency_key)? {
+                    let entry = decode_seen(&existing);
+                    if entry.first_seen_ms > horizon {
+                        return Err(ConflictableTransactionError::Abort(entry));
+                    }
+                }
+                state.insert(state_key.as_slice(), commit.state)?;
+                seen.insert(commit.idempotency_key.as_bytes(), seen_value.as_slice())?;
+                by_time.insert(index_key.as_slice(), &[])?;
+                for (seq, value) in &outbox {
+                    out.insert(&seq.to_be_bytes(), value.as_slice())?;
+                }
+                Ok(())
+            },
+        );
+        match result {
+            Ok(()) => {
+                self.wrote();
+                self.outbox_pending
+                    .fetch_add(outbox.len() as u64, Ordering::AcqRel);
+                Ok(CommitResult::Committed)
+            }
+            Err(TransactionError::Abort(entry)) => Ok(CommitResult::AlreadySeen(entry)),
+            Err(TransactionError::Storage(e)) => Err(store_error(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aerostream_actors::ports::Clock;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::sync::Arc;
+
+    struct TestClock(AtomicI64);
+    impl Clock for TestClock {
+        fn now_ms(&self) -> i64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    fn key(id: &str) -> AggregateKey {
+        AggregateKey {
+            kind: AggregateKind::Campaign,
+            id: id.into(),
+        }
+    }
+
+    fn commit<'a>(agg: &'a AggregateKey, idem: &'a str, hash: &'a str, at: i64) -> Commit<'a> {
+        Commit {
+            aggregate: agg,
+            state: b"{}",
+            idempotency_key: idem,
+            content_hash: hash,
+            seen_at_ms: at,
+            outbox: &[],
+        }
+    }
+
+    #[test]
+    fn commit_is_refused_for_a_key_in_the_window_and_eviction_forgets_old_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TestClock(AtomicI64::new(1_000_000)));
+        let store = SledStore::open(dir.path(), 10, clock.clone()).unwrap();
+        let agg = key("c1");
+        let hash = hex::encode([7u8; 32]);
+        assert_eq!(
+            store.commit(commit(&agg, "k1", &hash, 1_000_000)).unwrap(),
+            CommitResult::Committed
+        );
+        assert!(matches!(
+            store.commit(commit(&agg, "k1", &hash, 1_000_001)).unwrap(),
+            CommitResult::AlreadySeen(e) if e.content_hash == hash
+        ));
+        assert_eq!(store.seen("k1").unwrap().unwrap().content_hash, hash);
+
+        clock.0.store(1_000_000 + 10_001, Ordering::SeqCst);
+        assert_eq!(store.seen("k1").unwrap(), None, "past the window");
+        assert_eq!(store.evict_expired().unwrap(), 1);
+        assert_eq!(store.window_len(), 0);
+        assert_eq!(
+            store.commit(commit(&agg, "k1", &hash, 1_010_001)).unwrap(),
+            CommitResult::Committed
+        );
+    }
+}

@@ -1,0 +1,76 @@
+//! Metric names (SPEC §10), the Prometheus recorder, the actor observer and log set-up.
+//!
+//! Labels are bounded: input name, event type, aggregate kind, outcome, reason — never an id.
+
+use crate::config::{DaemonConfig, LogFormat};
+use aerostream_actors::ports::ActorObserver;
+use aerostream_actors::AggregateKind;
+use metrics::{counter, gauge};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+pub const EVENTS_CONSUMED: &str = "aerostream_events_consumed_total";
+pub const EVENTS_APPLIED: &str = "aerostream_events_applied_total";
+pub const EVENTS_DEDUPLICATED: &str = "aerostream_events_deduplicated_total";
+pub const EVENTS_REJECTED: &str = "aerostream_events_rejected_total";
+pub const EVENTS_DEAD_LETTERED: &str = "aerostream_events_dead_lettered_total";
+pub const EVENTS_RETRIED: &str = "aerostream_events_retried_total";
+pub const PROCESSING_DURATION: &str = "aerostream_processing_duration_seconds";
+pub const ACTORS_ACTIVE: &str = "aerostream_actors_active";
+pub const ACTOR_RESTARTS: &str = "aerostream_actor_restarts_total";
+pub const IDEMPOTENCY_WINDOW_KEYS: &str = "aerostream_idempotency_window_keys";
+pub const IDEMPOTENCY_EVICTED: &str = "aerostream_idempotency_evicted_total";
+pub const OUTBOX_BACKLOG: &str = "aerostream_outbox_backlog_events";
+pub const OUTBOX_PUBLISHED: &str = "aerostream_outbox_published_total";
+pub const BROKER_UP: &str = "aerostream_broker_up";
+pub const HTTP_REQUESTS: &str = "aerostream_http_requests_total";
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process and returns its handle.
+pub fn prometheus() -> PrometheusHandle {
+    PROMETHEUS
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(PROCESSING_DURATION.into()),
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    ],
+                )
+                .expect("static buckets are valid")
+                .install_recorder()
+                .expect("the Prometheus recorder is installed once")
+        })
+        .clone()
+}
+
+/// Counts actor starts, stops and restarts.
+pub struct MetricsObserver;
+
+impl ActorObserver for MetricsObserver {
+    fn started(&self, kind: AggregateKind) {
+        gauge!(ACTORS_ACTIVE, "kind" => kind.as_str()).increment(1.0);
+    }
+
+    fn stopped(&self, kind: AggregateKind) {
+        gauge!(ACTORS_ACTIVE, "kind" => kind.as_str()).decrement(1.0);
+    }
+
+    fn restarted(&self, kind: AggregateKind) {
+        counter!(ACTOR_RESTARTS, "kind" => kind.as_str()).increment(1);
+    }
+}
+
+/// Initialises `tracing` as configured; `RUST_LOG` overrides the configured level.
+pub fn init_logging(config: &DaemonConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log_format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

@@ -1,0 +1,474 @@
+//! Black-box tests of the local broker harness: the `pulsar` crate against real pulsar-lite through
+//! the relay (`tests/support`), one broker per test on free ports, plus relay unit tests on
+//! synthetic frames.
+
+mod support;
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use futures::TryStreamExt as _;
+use prost::Message as _;
+use pulsar::consumer::{DeadLetterPolicy, InitialPosition, Message};
+use pulsar::message::proto::{
+    base_command, command_lookup_topic_response, command_subscribe::SubType, BaseCommand,
+    CommandLookupTopicResponse, CommandMessage, MessageIdData, MessageMetadata,
+};
+use pulsar::{Consumer, ConsumerOptions, ProducerOptions, Pulsar, TokioExecutor};
+use support::relay::rewrite_frame;
+use support::{unique_consumer_id, LocalBroker};
+use tokio::time::Instant;
+
+/// Upper bound for any one wait on the broker; tests normally finish in well under a second.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+type StringConsumer = Consumer<String, TokioExecutor>;
+
+async fn client(broker: &LocalBroker) -> Pulsar<TokioExecutor> {
+    Pulsar::builder(broker.url(), TokioExecutor)
+        .build()
+        .await
+        .expect("client connects through the relay")
+}
+
+/// A consumer reading from the start of `topic`, with a unique consumer id and a receiver queue
+/// of `queue` messages.
+async fn consumer(
+    pulsar: &Pulsar<TokioExecutor>,
+    topic: &str,
+    subscription: &str,
+    sub_type: SubType,
+    queue: u32,
+) -> StringConsumer {
+    pulsar
+        .consumer()
+        .with_topic(topic)
+        .with_subscription(subscription)
+        .with_subscription_type(sub_type)
+        .with_consumer_id(unique_consumer_id())
+        .with_batch_size(queue)
+        .with_options(ConsumerOptions::default().with_initial_position(InitialPosition::Earliest))
+        .build()
+        .await
+        .expect("consumer subscribes")
+}
+
+/// Sends `(key, payload)` pairs and waits for every receipt.
+async fn produce(
+    pulsar: &Pulsar<TokioExecutor>,
+    topic: &str,
+    messages: impl IntoIterator<Item = (Option<String>, String)>,
+) {
+    let mut producer = pulsar
+        .producer()
+        .with_topic(topic)
+        .with_options(ProducerOptions {
+            // Otherwise a burst beyond the 100-frame outbound queue fails with SlowDown.
+            block_queue_if_full: true,
+            ..Default::default()
+        })
+        .build()
+        .await
+        .expect("producer registers");
+    let mut receipts = Vec::new();
+    for (key, payload) in messages {
+        let mut message = producer.create_message().with_content(payload);
+        if let Some(key) = key {
+            message = message.with_key(key);
+        }
+        receipts.push(message.send_non_blocking().await.expect("message queued"));
+    }
+    for receipt in receipts {
+        receipt.await.expect("message persisted");
+    }
+}
+
+fn numbered(prefix: &str, count: usize) -> Vec<(Option<String>, String)> {
+    (0..count).map(|i| (None, format!("{prefix}-{i}"))).collect()
+}
+
+fn text(message: &Message<String>) -> String {
+    String::from_utf8(message.payload.data.clone()).expect("UTF-8 payload")
+}
+
+/// The next message from `consumer`; panics once `until` has passed.
+async fn next(consumer: &mut StringConsumer, until: Instant) -> Message<String> {
+    tokio::time::timeout_at(until, consumer.try_next())
+        .await
+        .expect("a message before the deadline")
+        .expect("stream healthy")
+        .expect("stream open")
+}
+
+/// The next message from either consumer, tagged 0 or 1, or `None` once `until` has passed.
+async fn next_of_two(
+    first: &mut StringConsumer,
+    second: &mut StringConsumer,
+    until: Instant,
+) -> Option<(usize, Message<String>)> {
+    let next = async {
+        tokio::select! {
+            message = first.try_next() => (0, message),
+            message = second.try_next() => (1, message),
+        }
+    };
+    match tokio::time::timeout_at(until, next).await {
+        Ok((index, Ok(Some(message)))) => Some((index, message)),
+        Ok((index, other)) => panic!("consumer {index} stream ended: {other:?}"),
+        Err(_) => None,
+    }
+}
+
+/// Reads and acks from both consumers until `expected` distinct payloads were seen; returns each
+/// consumer's payloads.
+async fn drain_two(
+    first: &mut StringConsumer,
+    second: &mut StringConsumer,
+    expected: usize,
+) -> [Vec<String>; 2] {
+    let until = Instant::now() + DEADLINE;
+    let mut seen = [Vec::new(), Vec::new()];
+    let mut distinct = BTreeSet::new();
+    while distinct.len() < expected {
+        let Some((index, message)) = next_of_two(first, second, until).await else {
+            panic!(
+                "only {} of {expected} messages before the deadline",
+                distinct.len()
+            );
+        };
+        let consumer = if index == 0 { &mut *first } else { &mut *second };
+        consumer.ack(&message).await.expect("ack");
+        distinct.insert(text(&message));
+        seen[index].push(text(&message));
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produces_and_consumes_a_thousand_messages_through_the_relay() {
+    let broker = LocalBroker::start().expect("broker starts");
+    let pulsar = client(&broker).await;
+    let topic = "persistent://public/default/thousand";
+    let sent = numbered("m", 1000);
+    produce(&pulsar, topic, sent.clone()).await;
+
+    let mut consumer = consumer(&pulsar, topic, "all", SubType::Exclusive, 1000).await;
+    let until = Instant::now() + DEADLINE;
+    let mut received = Vec::new();
+    while received.len() < sent.len() {
+        let message = tokio::time::timeout_at(until, consumer.try_next())
+            .await
+            .expect("all messages before the deadline")
+            .expect("stream healthy")
+            .expect("stream open");
+        consumer.ack(&message).await.expect("ack");
+        received.push(text(&message));
+    }
+
+    let expected: BTreeSet<String> = sent.into_iter().map(|(_, payload)| payload).collect();
+    assert_eq!(received.len(), expected.len(), "no duplicates");
+    assert_eq!(received.into_iter().collect::<BTreeSet<_>>(), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_standby_receives_everything_the_active_consumer_did_not_ack() {
+    let broker = LocalBroker::start().expect("broker starts");
+    let pulsar = client(&broker).await;
+    let topic = "persistent://public/default/failover";
+    let mut consumers = [
+        consumer(&pulsar, topic, "fo", SubType::Failover, 1000).await,
+        consumer(&pulsar, topic, "fo", SubType::Failover, 1000).await,
+    ];
+    produce(&pulsar, topic, numbered("f", 200)).await;
+
+    // The active consumer gets every message; ack the first 50 of them.
+    let until = Instant::now() + DEADLINE;
+    let mut acked = BTreeSet::new();
+    let mut active = None;
+    while acked.len() < 50 {
+        let [first, second] = &mut consumers;
+        let (index, message) = next_of_two(first, second, until)
+            .await
+            .expect("the active consumer receives before the deadline");
+        assert_eq!(*active.get_or_insert(index), index, "one active consumer");
+        consumers[index].ack(&message).await.expect("ack");
+        acked.insert(text(&message));
+    }
+    let active = active.expect("an active consumer");
+
+    // Drop it (its remaining deliveries stay unacked); the standby takes over.
+    let [first, second] = consumers;
+    let (closed, mut standby) = if active == 0 {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    drop(closed);
+    let all: BTreeSet<String> = numbered("f", 200).into_iter().map(|(_, p)| p).collect();
+    let not_acked: BTreeSet<String> = all.difference(&acked).cloned().collect();
+    let mut redelivered = BTreeSet::new();
+    let until = Instant::now() + DEADLINE;
+    while !not_acked.is_subset(&redelivered) {
+        let message = tokio::time::timeout_at(until, standby.try_next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "standby got {} of the {} messages not acked before the failover",
+                    redelivered.intersection(&not_acked).count(),
+                    not_acked.len()
+                )
+            })
+            .expect("stream healthy")
+            .expect("stream open");
+        standby.ack(&message).await.expect("ack");
+        redelivered.insert(text(&message));
+    }
+
+    assert_eq!(acked.union(&redelivered).cloned().collect::<BTreeSet<_>>(), all);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscription_spreads_messages_over_both_consumers() {
+    let broker = LocalBroker::start().expect("broker starts");
+    let pulsar = client(&broker).await;
+    let topic = "persistent://public/default/shared";
+    let mut first = consumer(&pulsar, topic, "sh", SubType::Shared, 10).await;
+    let mut second = consumer(&pulsar, topic, "sh", SubType::Shared, 10).await;
+    produce(&pulsar, topic, numbered("s", 200)).await;
+
+    let [by_first, by_second] = drain_two(&mut first, &mut second, 200).await;
+
+    assert!(
+        !by_first.is_empty() && !by_second.is_empty(),
+        "both consumers get work: {} / {}",
+        by_first.len(),
+        by_second.len()
+    );
+    let union: BTreeSet<String> = by_first.iter().chain(&by_second).cloned().collect();
+    let all: BTreeSet<String> = numbered("s", 200).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(union, all);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_shared_subscription_delivers_each_key_to_one_consumer() {
+    let broker = LocalBroker::start().expect("broker starts");
+    let pulsar = client(&broker).await;
+    let topic = "persistent://public/default/key-shared";
+    let mut first = consumer(&pulsar, topic, "ks", SubType::KeyShared, 10).await;
+    let mut second = consumer(&pulsar, topic, "ks", SubType::KeyShared, 10).await;
+    let sent: Vec<(Option<String>, String)> = (0..200)
+        .map(|i| (Some(format!("key-{}", i % 16)), format!("key-{}/{i}", i % 16)))
+        .collect();
+    produce(&pulsar, topic, sent.clone()).await;
+
+    let seen = drain_two(&mut first, &mut second, sent.len()).await;
+
+    let mut owner: HashMap<String, usize> = HashMap::new();
+    for (index, payloads) in seen.iter().enumerate() {
+        for payload in payloads {
+            let key = payload.split('/').next().expect("key prefix").to_owned();
+            assert_eq!(*owner.entry(key.clone()).or_insert(index), index, "{key} split");
+        }
+    }
+    assert_eq!(owner.len(), 16, "every key delivered");
+    let union: BTreeSet<&String> = seen.iter().flatten().collect();
+    assert_eq!(union.len(), sent.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_resume_after_a_broker_restart_and_lose_nothing() {
+    let broker = LocalBroker::start().expect("broker starts");
+    let pulsar = client(&broker).await;
+    let topic = "persistent://public/default/restart";
+    let mut producer = pulsar
+        .producer()
+        .with_topic(topic)
+        .build()
+        .await
+        .expect("producer registers");
+    produce(&pulsar, topic, numbered("before", 100)).await;
+    let mut consumer = consumer(&pulsar, topic, "restart", SubType::Exclusive, 1000).await;
+    let mut received = BTreeSet::new();
+    let until = Instant::now() + DEADLINE;
+    while received.len() < 30 {
+        let message = next(&mut consumer, until).await;
+        consumer.ack(&message).await.expect("ack");
+        received.insert(text(&message));
+    }
+
+    broker.stop_broker().expect("broker stops");
+    broker.start_broker().expect("broker restarts");
+
+    // The same producer and consumer reconnect on their own (an ack may race the restart and
+    // be lost, so redeliveries are allowed).
+    for i in 0..10 {
+        let receipt = producer
+            .send_non_blocking(format!("after-{i}"))
+            .await
+            .expect("queued after the restart");
+        receipt.await.expect("persisted after the restart");
+    }
+    let mut all: BTreeSet<String> = numbered("before", 100).into_iter().map(|(_, p)| p).collect();
+    all.extend(numbered("after", 10).into_iter().map(|(_, p)| p));
+    let until = Instant::now() + DEADLINE;
+    while !all.is_subset(&received) {
+        let message = next(&mut consumer, until).await;
+        // Acks of messages delivered before the restart may fail; they come back instead.
+        let _ = consumer.ack(&message).await;
+        received.insert(text(&message));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nacked_messages_are_redelivered_then_dead_lettered() {
+    let broker = LocalBroker::start().expect("broker starts");
+    let pulsar = client(&broker).await;
+    let topic = "persistent://public/default/poison";
+    let dead_letter_topic = "persistent://public/default/poison-DLQ";
+    let mut dead_letters = consumer(&pulsar, dead_letter_topic, "dlq", SubType::Exclusive, 10).await;
+    let mut consumer: StringConsumer = pulsar
+        .consumer()
+        .with_topic(topic)
+        .with_subscription("poison")
+        .with_subscription_type(SubType::Shared)
+        .with_consumer_id(unique_consumer_id())
+        .with_options(ConsumerOptions::default().with_initial_position(InitialPosition::Earliest))
+        .with_dead_letter_policy(DeadLetterPolicy {
+            max_redeliver_count: 2,
+            dead_letter_topic: dead_letter_topic.into(),
+        })
+        .build()
+        .await
+        .expect("consumer subscribes");
+    produce(&pulsar, topic, numbered("poison", 1)).await;
+
+    // Delivered with redelivery counts 0 and 1; the third delivery goes to the DLQ instead.
+    let until = Instant::now() + DEADLINE;
+    for _ in 0..2 {
+        let message = next(&mut consumer, until).await;
+        assert_eq!(text(&message), "poison-0");
+        consumer.nack(&message).await.expect("nack");
+    }
+    let dead = next(&mut dead_letters, until).await;
+    assert_eq!(text(&dead), "poison-0");
+    dead_letters.ack(&dead).await.expect("ack");
+}
+
+// ---- Relay unit tests on synthetic frames -------------------------------------------------
+
+const RELAY_URL: &str = "pulsar://127.0.0.1:7777";
+
+fn message_command() -> BaseCommand {
+    BaseCommand {
+        r#type: base_command::Type::Message as i32,
+        message: Some(CommandMessage {
+            consumer_id: 7,
+            message_id: MessageIdData {
+                ledger_id: 1,
+                entry_id: 2,
+                ..Default::default()
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// `[totalSize][commandSize][command]` followed by `rest`.
+fn frame(command: &BaseCommand, rest: &[u8]) -> Vec<u8> {
+    let command = command.encode_to_vec();
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&((4 + command.len() + rest.len()) as u32).to_be_bytes());
+    frame.extend_from_slice(&(command.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&command);
+    frame.extend_from_slice(rest);
+    frame
+}
+
+/// `[metadataSize][metadata][payload]`, the part a checksum covers.
+fn metadata_and_payload() -> Vec<u8> {
+    let metadata = MessageMetadata {
+        producer_name: "p".into(),
+        sequence_id: 3,
+        publish_time: 1_700_000_000_000,
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut bytes = (metadata.len() as u32).to_be_bytes().to_vec();
+    bytes.extend_from_slice(&metadata);
+    bytes.extend_from_slice(b"hello");
+    bytes
+}
+
+#[test]
+fn crc32c_crate_is_castagnoli() {
+    assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
+}
+
+#[test]
+fn relay_adds_magic_and_checksum_to_a_bare_message_frame() {
+    let covered = metadata_and_payload();
+    let bare = frame(&message_command(), &covered);
+
+    let fixed = rewrite_frame(bare.clone(), RELAY_URL).expect("valid frame");
+
+    let mut expected_rest = vec![0x0e, 0x01];
+    expected_rest.extend_from_slice(&crc32c::crc32c(&covered).to_be_bytes());
+    expected_rest.extend_from_slice(&covered);
+    assert_eq!(fixed, frame(&message_command(), &expected_rest));
+    assert_eq!(fixed.len(), bare.len() + 6);
+}
+
+#[test]
+fn relay_passes_a_checksummed_message_frame_through_unchanged() {
+    let covered = metadata_and_payload();
+    let mut rest = vec![0x0e, 0x01];
+    rest.extend_from_slice(&crc32c::crc32c(&covered).to_be_bytes());
+    rest.extend_from_slice(&covered);
+    let checksummed = frame(&message_command(), &rest);
+
+    assert_eq!(
+        rewrite_frame(checksummed.clone(), RELAY_URL).unwrap(),
+        checksummed
+    );
+}
+
+#[test]
+fn relay_passes_other_commands_through_unchanged() {
+    let ping = frame(
+        &BaseCommand {
+            r#type: base_command::Type::Ping as i32,
+            ping: Some(Default::default()),
+            ..Default::default()
+        },
+        &[],
+    );
+    assert_eq!(rewrite_frame(ping.clone(), RELAY_URL).unwrap(), ping);
+}
+
+#[test]
+fn relay_points_lookup_answers_at_itself() {
+    let lookup = |url: &str| BaseCommand {
+        r#type: base_command::Type::LookupResponse as i32,
+        lookup_topic_response: Some(CommandLookupTopicResponse {
+            broker_service_url: Some(url.into()),
+            response: Some(command_lookup_topic_response::LookupType::Connect as i32),
+            request_id: 42,
+            authoritative: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    let rewritten =
+        rewrite_frame(frame(&lookup("pulsar://127.0.0.1:6650"), &[]), RELAY_URL).expect("valid frame");
+
+    assert_eq!(rewritten, frame(&lookup(RELAY_URL), &[]));
+}
+
+#[test]
+fn relay_rejects_a_truncated_frame() {
+    let mut bare = frame(&message_command(), &[]);
+    bare.truncate(bare.len() - 1);
+    assert!(rewrite_frame(bare, RELAY_URL).is_err());
+}

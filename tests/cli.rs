@@ -1,0 +1,62 @@
+//! The binary's edges: config errors name the key; the shipped config and schemas load.
+
+use std::process::Command;
+
+fn aerostream(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_aerostream"))
+        .args(args)
+        .output()
+        .expect("runs")
+}
+
+fn run_with_config(body: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, body).unwrap();
+    let out = aerostream(&["run", "--config", path.to_str().unwrap()]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn unknown_key_refuses_to_start_and_names_it() {
+    let (ok, stderr) = run_with_config("[http]\nlisten = \"127.0.0.1:0\"\nadmin_tokn = \"x\"\n");
+    assert!(!ok);
+    assert!(stderr.contains("admin_tokn"), "{stderr}");
+}
+
+#[test]
+fn bad_value_refuses_to_start_and_names_it() {
+    let (ok, stderr) = run_with_config("[inputs.payments]\nsubscription_type = \"round_robin\"\n");
+    assert!(!ok);
+    assert!(stderr.contains("subscription_type"), "{stderr}");
+    let (ok, stderr) = run_with_config("[http]\nlisten = \"not an address\"\n");
+    assert!(!ok);
+    assert!(stderr.contains("listen"), "{stderr}");
+}
+
+#[test]
+fn missing_config_file_is_an_error() {
+    let out = aerostream(&["run", "--config", "/nonexistent/aerostream.toml"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}
+
+#[test]
+fn shipped_schemas_check_passes() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas");
+    let out = aerostream(&["schemas", "check", "--dir", dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("com.aeropartners.idempotencia.PagoProcesado"));
+}
+
+#[test]
+fn shipped_config_parses() {
+    aerostream::config::Config::load(Some(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config.toml"
+    ))))
+    .expect("the shipped config.toml is valid");
+}

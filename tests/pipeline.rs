@@ -1,0 +1,203 @@
+//! End to end against the real broker: generated traffic with duplicates and reordering must
+//! produce exactly the generator's expected state; a backlog is consumed with bounded memory; a
+//! SIGTERM mid-stream exits cleanly and a restart applies the rest exactly.
+
+mod support;
+
+use aerostream::views::{CampaignView, PaymentView, StateView};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use support::daemon::{self, wait_for, Daemon};
+use support::{free_port, LocalBroker};
+
+/// Reads the daemon's state for the aggregates in `expected`.
+fn served_state(daemon: &Daemon, expected: &StateView) -> anyhow::Result<StateView> {
+    let mut campaigns: Vec<CampaignView> = daemon.get("/api/campaigns")?;
+    campaigns.sort_by(|a, b| a.id.cmp(&b.id));
+    let payments = expected
+        .payments
+        .iter()
+        .map(|p| daemon.get::<PaymentView>(&format!("/api/payments/{}", p.id)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(StateView { campaigns, payments })
+}
+
+fn read_expected(path: &Path) -> StateView {
+    serde_json::from_slice(&std::fs::read(path).expect("expected state written")).expect("valid JSON")
+}
+
+/// Waits until the daemon serves exactly `expected`.
+fn wait_for_state(daemon: &Daemon, expected: &StateView, timeout: Duration) {
+    wait_for("the exact expected state", timeout, || {
+        let served = served_state(daemon, expected).ok()?;
+        (served == *expected).then_some(())
+    })
+    .map_err(|e| {
+        let served = served_state(daemon, expected).map(|s| first_difference(&s, expected));
+        anyhow::anyhow!("{e}: {served:?}\n{}", daemon.log_tail())
+    })
+    .unwrap();
+}
+
+/// The first aggregate whose served state differs from the expected one, for failure messages.
+fn first_difference(served: &StateView, expected: &StateView) -> String {
+    let campaigns = served
+        .campaigns
+        .iter()
+        .zip(&expected.campaigns)
+        .find(|(s, e)| s != e)
+        .map(|(s, e)| format!("served {s:?}\nexpected {e:?}"));
+    let payments = served
+        .payments
+        .iter()
+        .zip(&expected.payments)
+        .find(|(s, e)| s != e)
+        .map(|(s, e)| format!("served {s:?}\nexpected {e:?}"));
+    campaigns.or(payments).unwrap_or_else(|| {
+        format!(
+            "{} campaigns served, {} expected",
+            served.campaigns.len(),
+            expected.campaigns.len()
+        )
+    })
+}
+
+/// "published N messages (D distinct events) ...": (N, D).
+fn produced_counts(stdout: &str) -> (f64, f64) {
+    let words: Vec<&str> = stdout.split_whitespace().collect();
+    let number = |i: usize| {
+        words
+            .get(i)
+            .and_then(|w| w.trim_start_matches('(').parse().ok())
+            .expect("produce reports its counts")
+    };
+    (number(1), number(3))
+}
+
+#[test]
+fn generated_stream_with_duplicates_and_reordering_gives_the_exact_expected_state() {
+    let broker = LocalBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    let config = daemon::write_config(dir.path(), &broker.url(), port, "").unwrap();
+    let daemon = Daemon::start(&config, port).unwrap();
+    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+
+    let expected_path = dir.path().join("expected.json");
+    let started = Instant::now();
+    let stdout = daemon::produce(
+        &config,
+        &[
+            "--seed",
+            "11",
+            "--campaigns",
+            "50",
+            "--payments",
+            "500",
+            "--events",
+            "10000",
+            "--duplicates",
+            "0.05",
+            "--reorder-window",
+            "8",
+            "--expected-out",
+            expected_path.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let (published, distinct) = produced_counts(&stdout);
+    assert!(published >= distinct * 1.04, "5 % duplicates: {stdout}");
+    let expected = read_expected(&expected_path);
+    assert_eq!(expected.campaigns.len(), 50);
+    assert_eq!(expected.payments.len(), 500);
+    wait_for_state(&daemon, &expected, Duration::from_secs(180));
+    let elapsed = started.elapsed();
+    println!(
+        "applied {distinct} events ({published} messages) in {:.1}s: {:.0} events/s end to end",
+        elapsed.as_secs_f64(),
+        distinct / elapsed.as_secs_f64()
+    );
+
+    // Every distinct event applied once; every duplicate (and broker redelivery) skipped.
+    assert_eq!(
+        daemon.metric("aerostream_events_applied_total", &[]).unwrap(),
+        distinct
+    );
+    let deduplicated = daemon
+        .metric("aerostream_events_deduplicated_total", &[])
+        .unwrap();
+    assert!(
+        deduplicated >= published - distinct,
+        "every duplicate is skipped: {deduplicated}"
+    );
+    assert_eq!(
+        daemon
+            .metric("aerostream_events_dead_lettered_total", &[])
+            .unwrap(),
+        0.0
+    );
+}
+
+/// Peak RSS allowed while 50 000 events wait in the backlog (measured: about 75 MiB).
+const BACKLOG_RSS_BOUND_BYTES: u64 = 160 * 1024 * 1024;
+
+#[test]
+fn backlog_is_consumed_in_bounded_memory_and_sigterm_mid_stream_loses_nothing() {
+    let broker = LocalBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    let config = daemon::write_config(dir.path(), &broker.url(), port, "").unwrap();
+    let expected_path = dir.path().join("expected.json");
+
+    // Subscribe first (so the backlog is retained for the subscription), then stop the daemon.
+    let mut first = Daemon::start(&config, port).unwrap();
+    first.wait_healthy(Duration::from_secs(30)).unwrap();
+    assert!(first.terminate(Duration::from_secs(30)).unwrap().success());
+
+    let stdout = daemon::produce(
+        &config,
+        &[
+            "--seed",
+            "23",
+            "--campaigns",
+            "200",
+            "--payments",
+            "2000",
+            "--events",
+            "50000",
+            "--duplicates",
+            "0.02",
+            "--reorder-window",
+            "4",
+            "--expected-out",
+            expected_path.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let (published, distinct) = produced_counts(&stdout);
+
+    let mut second = Daemon::start(&config, port).unwrap();
+    wait_for("consumption to be under way", Duration::from_secs(120), || {
+        (second.metric("aerostream_events_applied_total", &[]).ok()? > 5_000.0).then_some(())
+    })
+    .unwrap();
+    let peak = second.peak_rss_bytes().unwrap();
+    let applied = second.metric("aerostream_events_applied_total", &[]).unwrap();
+    assert!(
+        applied < distinct,
+        "SIGTERM must come mid-stream: {applied} of {distinct} applied"
+    );
+    let status = second.terminate(Duration::from_secs(60)).unwrap();
+    assert!(
+        status.success(),
+        "SIGTERM exits 0: {status:?}\n{}",
+        second.log_tail()
+    );
+
+    let third = Daemon::start(&config, port).unwrap();
+    let expected = read_expected(&expected_path);
+    wait_for_state(&third, &expected, Duration::from_secs(300));
+    let peak = peak.max(third.peak_rss_bytes().unwrap());
+    println!("published {published} messages ({distinct} distinct events); peak RSS while draining the backlog: {} MiB", peak / (1024 * 1024));
+    assert!(peak < BACKLOG_RSS_BOUND_BYTES, "peak RSS {peak} bytes");
+}

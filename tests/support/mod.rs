@@ -1,0 +1,19 @@
+//! Test support: a local pulsar-lite broker behind a relay, shared by the black-box tests under
+//! `tests/` and the `devbroker` example (`#[path = "../tests/support/mod.rs"] mod support;`).
+//!
+//! # Layout
+//! - `broker`: [`LocalBroker`] starts, stops and restarts pulsar-lite and owns the relay.
+//! - `relay`: the TCP relay that adds checksums to MESSAGE frames and rewrites lookup answers.
+//! - `daemon`: runs the built `aerostream` binary against a broker (integration tests only: it
+//!   needs `CARGO_BIN_EXE_aerostream`, which examples do not get).
+
+// Each test binary compiles this module and uses only part of it.
+#![allow(dead_code, unused_imports)]
+
+pub mod broker;
+// Drives the built binary: only test targets have CARGO_BIN_EXE_aerostream.
+#[cfg(test)]
+pub mod daemon;
+pub mod relay;
+
+pub use broker::{free_port, pulsar_lite_binary, unique_consumer_id, BrokerOptions, LocalBroker};
