@@ -1,11 +1,13 @@
 //! A reproducible stream of campaign, tracking and payment events, with duplicates and bounded
 //! reordering, and the state it must produce.
 //!
-//! The expected state is computed by applying each distinct event once, in the order it was
-//! generated, with the domain's own `decide`: what the daemon serves must equal it whatever the
-//! broker redelivers or reorders. Reordering only swaps events that commute (different aggregates,
-//! two tracking events of one campaign, two events of one payment), as a per-key ordered
-//! subscription would deliver them.
+//! The expected state and output events are computed by applying each distinct event once, in
+//! publish order, with the domain's own `decide`: what the daemon serves must equal it whatever
+//! the broker redelivers. Reordering only swaps events that commute (different aggregates, two
+//! tracking events of one campaign, two events of one payment), so the state does not depend on
+//! it; which event crosses a budget threshold does, and a campaign's events are applied in publish
+//! order. Conflicts (a reused idempotency key with other content) are a separate list, published
+//! after the stream.
 
 use crate::views::{CampaignView, PaymentView, StateView};
 use aerostream_actors::campaign::Campaign;
@@ -16,7 +18,7 @@ use aerostream_actors::{
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -30,6 +32,9 @@ pub struct Options {
     pub duplicate_fraction: f64,
     /// How far an event may move from its generated position.
     pub reorder_window: usize,
+    /// Fraction of keyed payment events whose idempotency key is reused later by another event
+    /// with other content (a conflict the daemon must dead-letter), 0.0 to 1.0.
+    pub conflict_fraction: f64,
 }
 
 /// Which input topic an event goes to.
@@ -52,6 +57,21 @@ pub struct Plan {
     pub stream: Vec<Planned>,
     pub distinct: usize,
     pub expected: StateView,
+    /// Ids of the output events the stream must cause, each exactly once after dedupe by id.
+    pub expected_outputs: BTreeSet<String>,
+    /// Events reusing an idempotency key of `stream` with other content, to publish after it:
+    /// each must be dead-lettered with reason `idempotency_key_reused` and change nothing.
+    pub conflicts: Vec<Planned>,
+}
+
+impl Plan {
+    /// The idempotency keys that `conflicts` reuse.
+    pub fn reused_keys(&self) -> BTreeSet<String> {
+        self.conflicts
+            .iter()
+            .filter_map(|c| c.idempotency_key.clone())
+            .collect()
+    }
 }
 
 const BASE_TIME_MS: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
@@ -103,10 +123,13 @@ pub fn plan(options: &Options) -> Plan {
             event,
         });
     }
-    let expected = expected_state(&canonical);
     let distinct = canonical.len();
+    let conflicts = conflicts(&mut rng, &canonical, options.conflict_fraction);
     let mut stream = canonical;
     reorder(&mut rng, &mut stream, options.reorder_window);
+    // Per aggregate, the daemon applies events in publish order; which event crosses a budget
+    // threshold (and so the id of the alert it causes) depends on that order.
+    let (expected, expected_outputs) = expected_state(&stream);
     let stream = duplicate(
         &mut rng,
         stream,
@@ -117,7 +140,29 @@ pub fn plan(options: &Options) -> Plan {
         stream,
         distinct,
         expected,
+        expected_outputs,
+        conflicts,
     }
+}
+
+/// For a fraction of the keyed events, another event with the same idempotency key and other
+/// content (the partner's `hash_contenido` differs), under a new event id.
+fn conflicts(rng: &mut ChaCha8Rng, canonical: &[Planned], fraction: f64) -> Vec<Planned> {
+    let mut conflicts = Vec::new();
+    for original in canonical
+        .iter()
+        .filter(|planned| planned.idempotency_key.is_some())
+    {
+        if rng.gen_bool(fraction.clamp(0.0, 1.0)) {
+            let mut conflict = original.clone();
+            conflict.envelope.id = uuid::Uuid::from_u128(rng.gen()).to_string();
+            if let Event::Payment(PaymentEvent::Processed { declared_hash, .. }) = &mut conflict.event {
+                *declared_hash = format!("{:016x}", rng.gen::<u64>());
+            }
+            conflicts.push(conflict);
+        }
+    }
+    conflicts
 }
 
 /// The lifecycle events of one campaign besides creation and activation, drawn before its
@@ -317,30 +362,39 @@ fn duplicate(rng: &mut ChaCha8Rng, stream: Vec<Planned>, fraction: f64, distance
     out
 }
 
-/// Applies each event once, in generated order, with the domain's rules.
-fn expected_state(canonical: &[Planned]) -> StateView {
+/// Applies each distinct event once, in `stream` order, with the domain's rules: the state and
+/// the ids of the output events.
+fn expected_state(stream: &[Planned]) -> (StateView, BTreeSet<String>) {
     let mut campaigns: BTreeMap<String, Campaign> = BTreeMap::new();
     let mut payments: BTreeMap<String, Payment> = BTreeMap::new();
-    for planned in canonical {
+    let mut outputs = BTreeSet::new();
+    let mut seen = HashSet::new();
+    for planned in stream.iter().filter(|p| seen.insert(p.envelope.id.as_str())) {
         match &planned.event {
-            Event::Campaign(e) => step(&mut campaigns, e, &planned.envelope),
-            Event::Payment(e) => step(&mut payments, e, &planned.envelope),
+            Event::Campaign(e) => step(&mut campaigns, e, &planned.envelope, &mut outputs),
+            Event::Payment(e) => step(&mut payments, e, &planned.envelope, &mut outputs),
         }
     }
-    StateView {
+    let state = StateView {
         campaigns: campaigns.values().map(CampaignView::from).collect(),
         payments: payments.values().map(PaymentView::from).collect(),
-    }
+    };
+    (state, outputs)
 }
 
-fn step<A: Aggregate>(states: &mut BTreeMap<String, A>, event: &A::Event, envelope: &Envelope)
-where
+fn step<A: Aggregate>(
+    states: &mut BTreeMap<String, A>,
+    event: &A::Event,
+    envelope: &Envelope,
+    outputs: &mut BTreeSet<String>,
+) where
     A::Event: HasId,
 {
     let id = event.id().to_owned();
     match A::decide(states.get(&id), event, envelope) {
         Ok(decision) => {
             states.insert(id, decision.state);
+            outputs.extend(decision.outputs.into_iter().map(|output| output.id));
         }
         Err(rejection) => panic!("the generator produced an event its own rules reject: {rejection}"),
     }
@@ -374,6 +428,7 @@ mod tests {
             events: 500,
             duplicate_fraction: 0.1,
             reorder_window: 8,
+            conflict_fraction: 0.1,
         }
     }
 
@@ -406,5 +461,24 @@ mod tests {
         }
         assert_eq!(p.expected.campaigns.len(), 10);
         assert_eq!(p.expected.payments.len(), 20);
+    }
+
+    #[test]
+    fn conflicts_reuse_keys_with_other_content_and_outputs_are_predicted() {
+        let p = plan(&options(6));
+        assert!(!p.conflicts.is_empty());
+        for conflict in &p.conflicts {
+            let original = p
+                .stream
+                .iter()
+                .find(|e| e.idempotency_key == conflict.idempotency_key)
+                .expect("a conflict reuses a key of the stream");
+            assert_ne!(original.envelope.id, conflict.envelope.id);
+            assert_ne!(original.event, conflict.event, "other content");
+        }
+        assert_eq!(p.reused_keys().len(), p.conflicts.len());
+        // Every payment reaches a final state and announces it once.
+        assert!(p.expected_outputs.len() >= 20, "{}", p.expected_outputs.len());
+        assert_eq!(p.expected_outputs, plan(&options(6)).expected_outputs);
     }
 }

@@ -50,6 +50,9 @@ enum Command {
         /// How many places an event may move from its generated position.
         #[arg(long, default_value_t = 8)]
         reorder_window: usize,
+        /// Fraction of keyed payment events whose key is reused afterwards with other content.
+        #[arg(long, default_value_t = 0.0)]
+        conflicts: f64,
         /// Where to write the expected final state (JSON).
         #[arg(long, default_value = "expected-state.json")]
         expected_out: PathBuf,
@@ -108,6 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rate,
             duplicates,
             reorder_window,
+            conflicts,
             expected_out,
         } => {
             let config = load_config(config.as_deref())?;
@@ -120,6 +124,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 events,
                 duplicate_fraction: duplicates,
                 reorder_window,
+                conflict_fraction: conflicts,
             };
             let report = tokio::runtime::Runtime::new()?.block_on(produce::run(
                 &config,
@@ -129,9 +134,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &expected_out,
             ))?;
             println!(
-                "published {} messages ({} distinct events) in {:.1}s; expected state in {}",
+                "published {} messages ({} distinct events, {} conflicts) in {:.1}s; expected state in {}",
                 report.published,
                 report.distinct,
+                report.conflicts,
                 report.elapsed.as_secs_f64(),
                 expected_out.display()
             );

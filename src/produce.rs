@@ -4,7 +4,7 @@
 use crate::broker::{self, BrokerError};
 use crate::codec::Codec;
 use crate::config::Config;
-use crate::generator::{self, Input, Plan};
+use crate::generator::{self, Input, Planned};
 use futures::StreamExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -27,15 +27,24 @@ pub enum ProduceError {
 /// What `produce` reports when done.
 #[derive(Debug, Clone, Copy)]
 pub struct Report {
+    /// Messages published, duplicates and conflicts included.
     pub published: usize,
+    /// Distinct events of the stream (conflicts not counted).
     pub distinct: usize,
+    pub conflicts: usize,
     pub elapsed: Duration,
 }
 
 const MAX_OUTSTANDING: usize = 1_000;
 
-/// Publishes `plan` at up to `rate` events/s (0: as fast as possible).
-pub async fn publish(config: &Config, codec: &Codec, plan: &Plan, rate: u32) -> Result<Report, ProduceError> {
+/// Publishes `events` in order at up to `rate` events/s (0: as fast as possible) and waits for
+/// the broker's receipts.
+pub async fn publish(
+    config: &Config,
+    codec: &Codec,
+    events: &[Planned],
+    rate: u32,
+) -> Result<(), ProduceError> {
     let (_never, mut shutdown) = watch::channel(false);
     let client = broker::connect(&config.broker, &mut shutdown).await?;
     let topic = |name: &'static str| {
@@ -49,7 +58,7 @@ pub async fn publish(config: &Config, codec: &Codec, plan: &Plan, rate: u32) -> 
     let mut payments = broker::producer(&client, topic("payments")?).await?;
     let started = Instant::now();
     let mut receipts = futures::stream::FuturesUnordered::new();
-    for (i, planned) in plan.stream.iter().enumerate() {
+    for (i, planned) in events.iter().enumerate() {
         if rate > 0 {
             let due = started + Duration::from_secs_f64(i as f64 / f64::from(rate));
             tokio::time::sleep_until(due.into()).await;
@@ -85,14 +94,11 @@ pub async fn publish(config: &Config, codec: &Codec, plan: &Plan, rate: u32) -> 
     while let Some(receipt) = receipts.next().await {
         receipt?;
     }
-    Ok(Report {
-        published: plan.stream.len(),
-        distinct: plan.distinct,
-        elapsed: started.elapsed(),
-    })
+    Ok(())
 }
 
-/// Generates, publishes and writes the expectation to `expected_out`.
+/// Generates, writes the expected state to `expected_out`, publishes the stream and then the
+/// conflicts (reused idempotency keys), which the daemon must dead-letter.
 pub async fn run(
     config: &Config,
     codec: &Codec,
@@ -103,5 +109,13 @@ pub async fn run(
     let plan = generator::plan(options);
     let json = serde_json::to_vec_pretty(&plan.expected).expect("views serialize");
     std::fs::write(expected_out, json).map_err(|e| ProduceError::Write(expected_out.clone(), e))?;
-    publish(config, codec, &plan, rate).await
+    let started = Instant::now();
+    publish(config, codec, &plan.stream, rate).await?;
+    publish(config, codec, &plan.conflicts, rate).await?;
+    Ok(Report {
+        published: plan.stream.len() + plan.conflicts.len(),
+        distinct: plan.distinct,
+        conflicts: plan.conflicts.len(),
+        elapsed: started.elapsed(),
+    })
 }

@@ -4,63 +4,10 @@
 
 mod support;
 
-use aerostream::views::{CampaignView, PaymentView, StateView};
-use std::path::Path;
 use std::time::{Duration, Instant};
 use support::daemon::{self, wait_for, Daemon};
+use support::state::{read_expected, wait_for_state};
 use support::{free_port, LocalBroker};
-
-/// Reads the daemon's state for the aggregates in `expected`.
-fn served_state(daemon: &Daemon, expected: &StateView) -> anyhow::Result<StateView> {
-    let mut campaigns: Vec<CampaignView> = daemon.get("/api/campaigns")?;
-    campaigns.sort_by(|a, b| a.id.cmp(&b.id));
-    let payments = expected
-        .payments
-        .iter()
-        .map(|p| daemon.get::<PaymentView>(&format!("/api/payments/{}", p.id)))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(StateView { campaigns, payments })
-}
-
-fn read_expected(path: &Path) -> StateView {
-    serde_json::from_slice(&std::fs::read(path).expect("expected state written")).expect("valid JSON")
-}
-
-/// Waits until the daemon serves exactly `expected`.
-fn wait_for_state(daemon: &Daemon, expected: &StateView, timeout: Duration) {
-    wait_for("the exact expected state", timeout, || {
-        let served = served_state(daemon, expected).ok()?;
-        (served == *expected).then_some(())
-    })
-    .map_err(|e| {
-        let served = served_state(daemon, expected).map(|s| first_difference(&s, expected));
-        anyhow::anyhow!("{e}: {served:?}\n{}", daemon.log_tail())
-    })
-    .unwrap();
-}
-
-/// The first aggregate whose served state differs from the expected one, for failure messages.
-fn first_difference(served: &StateView, expected: &StateView) -> String {
-    let campaigns = served
-        .campaigns
-        .iter()
-        .zip(&expected.campaigns)
-        .find(|(s, e)| s != e)
-        .map(|(s, e)| format!("served {s:?}\nexpected {e:?}"));
-    let payments = served
-        .payments
-        .iter()
-        .zip(&expected.payments)
-        .find(|(s, e)| s != e)
-        .map(|(s, e)| format!("served {s:?}\nexpected {e:?}"));
-    campaigns.or(payments).unwrap_or_else(|| {
-        format!(
-            "{} campaigns served, {} expected",
-            served.campaigns.len(),
-            expected.campaigns.len()
-        )
-    })
-}
 
 /// "published N messages (D distinct events) ...": (N, D).
 fn produced_counts(stdout: &str) -> (f64, f64) {

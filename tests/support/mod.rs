@@ -6,6 +6,8 @@
 //! - `relay`: the TCP relay that adds checksums to MESSAGE frames and rewrites lookup answers.
 //! - `daemon`: runs the built `aerostream` binary against a broker (integration tests only: it
 //!   needs `CARGO_BIN_EXE_aerostream`, which examples do not get).
+//! - `state`: the daemon's served state against a generator's expected state.
+//! - `topic`: reads what landed on a topic (outputs, dead letters).
 
 // Each test binary compiles this module and uses only part of it.
 #![allow(dead_code, unused_imports)]
@@ -15,5 +17,8 @@ pub mod broker;
 #[cfg(test)]
 pub mod daemon;
 pub mod relay;
+#[cfg(test)]
+pub mod state;
+pub mod topic;
 
 pub use broker::{free_port, pulsar_lite_binary, unique_consumer_id, BrokerOptions, LocalBroker};
