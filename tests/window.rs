@@ -1,0 +1,100 @@
+//! The idempotency window (SPEC §5) against the real broker, with a 2-second window: a repeat
+//! inside the window is skipped; keys older than the window are evicted, so the window shrinks;
+//! a repeat after eviction is applied again (documented behaviour: the window bounds memory, not
+//! history).
+
+mod support;
+
+use aerostream::codec::Codec;
+use aerostream::config::Config;
+use aerostream::generator::{Input, Planned};
+use aerostream::produce;
+use aerostream::views::PaymentView;
+use aerostream_actors::{Envelope, Event, Money, PaymentEvent};
+use std::time::Duration;
+use support::daemon::{self, wait_for, Daemon};
+use support::{free_port, LocalBroker};
+
+const WINDOW: &str = "[idempotency]\nwindow_seconds = 2\neviction_interval_seconds = 1\n";
+
+fn requested(payment_id: &str) -> Planned {
+    Planned {
+        input: Input::Payments,
+        envelope: Envelope {
+            id: format!("evt-{payment_id}"),
+            event_type: "PagoSolicitado".into(),
+            source: "test".into(),
+            time_ms: 1_767_225_600_000,
+            subject: Some(payment_id.into()),
+            correlation_id: None,
+            causation_id: None,
+            schema_version: "v1".into(),
+        },
+        idempotency_key: None,
+        event: Event::Payment(PaymentEvent::Requested {
+            payment_id: payment_id.into(),
+            affiliate_id: "af-1".into(),
+            amount: Money::positive(1_000, "EUR").unwrap(),
+        }),
+    }
+}
+
+fn version(daemon: &Daemon, payment_id: &str) -> Option<u64> {
+    daemon
+        .get::<PaymentView>(&format!("/api/payments/{payment_id}"))
+        .ok()
+        .map(|p| p.version)
+}
+
+#[test]
+fn repeats_are_skipped_inside_the_window_and_applied_again_after_eviction() {
+    let broker = LocalBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    let config_path = daemon::write_config(dir.path(), &broker.url(), port, WINDOW).unwrap();
+    let config = Config::load(Some(&config_path)).unwrap();
+    let daemon = Daemon::start(&config_path, port).unwrap();
+    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let event = [requested("pago-w")];
+    let publish = || {
+        runtime
+            .block_on(produce::publish(&config, &Codec::shipped(), &event, 0))
+            .unwrap()
+    };
+    let metric = |name: &str| daemon.metric(name, &[]).unwrap();
+
+    publish();
+    wait_for("the first delivery applied", Duration::from_secs(30), || {
+        (version(&daemon, "pago-w") == Some(1)).then_some(())
+    })
+    .unwrap();
+
+    publish();
+    wait_for("the repeat skipped", Duration::from_secs(30), || {
+        (metric("aerostream_events_deduplicated_total") == 1.0).then_some(())
+    })
+    .unwrap();
+    assert_eq!(
+        version(&daemon, "pago-w"),
+        Some(1),
+        "a repeat inside the window changes nothing"
+    );
+
+    wait_for("the key evicted", Duration::from_secs(30), || {
+        (metric("aerostream_idempotency_evicted_total") >= 1.0
+            && metric("aerostream_idempotency_window_keys") == 0.0)
+            .then_some(())
+    })
+    .unwrap();
+
+    publish();
+    wait_for(
+        "the repeat after the window applied",
+        Duration::from_secs(30),
+        || (version(&daemon, "pago-w") == Some(2)).then_some(()),
+    )
+    .unwrap();
+    assert_eq!(metric("aerostream_events_applied_total"), 2.0);
+    assert_eq!(metric("aerostream_events_deduplicated_total"), 1.0);
+}
