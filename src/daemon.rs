@@ -61,9 +61,12 @@ pub async fn run(
         listener,
         HttpState {
             store: store.clone(),
+            registry: registry.clone(),
             prometheus: telemetry::prometheus(),
             broker: broker_health.clone(),
             inputs: inputs_up.clone(),
+            admin_token: config.http.admin_token.clone(),
+            chaos_enabled: config.chaos.enabled,
         },
     )?;
     let server_handle = server.handle();

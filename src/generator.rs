@@ -9,12 +9,13 @@
 //! order. Conflicts (a reused idempotency key with other content) are a separate list, published
 //! after the stream.
 
-use crate::views::{CampaignView, PaymentView, StateView};
+use crate::views::{CampaignView, LedgerView, PaymentView, StateView};
 use aerostream_actors::campaign::Campaign;
 use aerostream_actors::events::CommissionRule;
 use aerostream_actors::{
     Aggregate, CampaignEvent, Envelope, Event, Money, Payment, PaymentEvent, PaymentStatus,
 };
+use aerostream_actors::{CommissionLedger, OutputEvent};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -367,7 +368,7 @@ fn duplicate(rng: &mut ChaCha8Rng, stream: Vec<Planned>, fraction: f64, distance
 fn expected_state(stream: &[Planned]) -> (StateView, BTreeSet<String>) {
     let mut campaigns: BTreeMap<String, Campaign> = BTreeMap::new();
     let mut payments: BTreeMap<String, Payment> = BTreeMap::new();
-    let mut outputs = BTreeSet::new();
+    let mut outputs = Vec::new();
     let mut seen = HashSet::new();
     for planned in stream.iter().filter(|p| seen.insert(p.envelope.id.as_str())) {
         match &planned.event {
@@ -375,18 +376,28 @@ fn expected_state(stream: &[Planned]) -> (StateView, BTreeSet<String>) {
             Event::Payment(e) => step(&mut payments, e, &planned.envelope, &mut outputs),
         }
     }
+    let mut ledgers: BTreeMap<String, CommissionLedger> = BTreeMap::new();
+    for output in &outputs {
+        if let Some(affiliate) = CommissionLedger::affiliate_of(&output.body) {
+            ledgers
+                .entry(affiliate.to_owned())
+                .or_insert_with(|| CommissionLedger::new(affiliate))
+                .record(&output.body);
+        }
+    }
     let state = StateView {
         campaigns: campaigns.values().map(CampaignView::from).collect(),
         payments: payments.values().map(PaymentView::from).collect(),
+        affiliates: ledgers.values().map(LedgerView::from).collect(),
     };
-    (state, outputs)
+    (state, outputs.into_iter().map(|output| output.id).collect())
 }
 
 fn step<A: Aggregate>(
     states: &mut BTreeMap<String, A>,
     event: &A::Event,
     envelope: &Envelope,
-    outputs: &mut BTreeSet<String>,
+    outputs: &mut Vec<OutputEvent>,
 ) where
     A::Event: HasId,
 {
@@ -394,7 +405,7 @@ fn step<A: Aggregate>(
     match A::decide(states.get(&id), event, envelope) {
         Ok(decision) => {
             states.insert(id, decision.state);
-            outputs.extend(decision.outputs.into_iter().map(|output| output.id));
+            outputs.extend(decision.outputs);
         }
         Err(rejection) => panic!("the generator produced an event its own rules reject: {rejection}"),
     }
@@ -461,6 +472,10 @@ mod tests {
         }
         assert_eq!(p.expected.campaigns.len(), 10);
         assert_eq!(p.expected.payments.len(), 20);
+        assert!(
+            !p.expected.affiliates.is_empty(),
+            "conversions and payments move ledgers"
+        );
     }
 
     #[test]

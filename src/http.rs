@@ -1,19 +1,21 @@
 //! The HTTP listener: health, metrics and the read API (SPEC §8). Reads come from the store.
 
 use crate::broker::BrokerHealth;
+use crate::config::Secret;
 use crate::store::SledStore;
 use crate::telemetry::HTTP_REQUESTS;
-use crate::views::{CampaignView, PaymentView};
+use crate::views::{CampaignView, LedgerView, PaymentView};
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::StatusCode;
+use actix_web::http::{header, StatusCode};
 use actix_web::middleware::{from_fn, Next};
-use actix_web::{web, App, HttpResponse, HttpServer};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use aerostream_actors::events::AggregateKey;
 use aerostream_actors::ports::StateStore;
-use aerostream_actors::{AggregateKind, Campaign, Payment};
+use aerostream_actors::{AggregateKind, Campaign, Payment, Registry};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -26,9 +28,14 @@ pub type InputsUp = Arc<BTreeMap<String, AtomicBool>>;
 #[derive(Clone)]
 pub struct HttpState {
     pub store: Arc<SledStore>,
+    pub registry: Arc<Registry>,
     pub prometheus: PrometheusHandle,
     pub broker: BrokerHealth,
     pub inputs: InputsUp,
+    /// Bearer token of the admin routes; empty refuses them.
+    pub admin_token: Secret,
+    /// Whether POST /admin/chaos/kill-actor is allowed.
+    pub chaos_enabled: bool,
 }
 
 fn error(status: StatusCode, error: &str, detail: impl Into<String>) -> HttpResponse {
@@ -70,6 +77,12 @@ enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Store(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("admin routes need the header `Authorization: Bearer <http.admin_token>`")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(&'static str),
 }
 
 impl actix_web::ResponseError for ApiError {
@@ -77,6 +90,9 @@ impl actix_web::ResponseError for ApiError {
         match self {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -84,6 +100,9 @@ impl actix_web::ResponseError for ApiError {
         let code = match self {
             ApiError::NotFound(_) => "not_found",
             ApiError::Store(_) => "store",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
         };
         error(self.status_code(), code, self.to_string())
     }
@@ -121,6 +140,65 @@ async fn payment(state: web::Data<HttpState>, id: web::Path<String>) -> Result<H
     Ok(HttpResponse::Ok().json(PaymentView::from(&payment)))
 }
 
+async fn commissions(state: web::Data<HttpState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let ledger = state
+        .store
+        .ledger(&id)
+        .map_err(store_error)?
+        .ok_or_else(|| ApiError::NotFound(format!("no commissions for affiliate {id}")))?;
+    Ok(HttpResponse::Ok().json(LedgerView::from(&ledger)))
+}
+
+/// Admits a request to an admin route: a token must be configured and presented.
+fn authorize(state: &HttpState, request: &HttpRequest) -> Result<(), ApiError> {
+    if state.admin_token.is_empty() {
+        return Err(ApiError::Forbidden(
+            "admin routes are disabled: http.admin_token is not set",
+        ));
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if state.admin_token.matches(token) => Ok(()),
+        _ => Err(ApiError::Unauthorized),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KillActor {
+    kind: String,
+    id: String,
+}
+
+/// Chaos: makes the named actor panic now; its supervisor restarts it from its committed state.
+async fn kill_actor(
+    state: web::Data<HttpState>,
+    request: HttpRequest,
+    body: web::Json<KillActor>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&state, &request)?;
+    if !state.chaos_enabled {
+        return Err(ApiError::Forbidden(
+            "chaos routes are disabled: set chaos.enabled = true",
+        ));
+    }
+    let kind: AggregateKind = body.kind.parse().map_err(ApiError::BadRequest)?;
+    if !state.registry.crash(kind, &body.id).await {
+        return Err(ApiError::NotFound(format!(
+            "no running {} actor {}",
+            kind.as_str(),
+            body.id
+        )));
+    }
+    tracing::warn!(kind = kind.as_str(), id = %body.id, "Chaos: actor killed.");
+    Ok(HttpResponse::Accepted().json(json!({ "killed": { "kind": kind.as_str(), "id": body.id } })))
+}
+
 async fn not_found() -> HttpResponse {
     error(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
@@ -152,6 +230,8 @@ pub fn serve(listener: TcpListener, state: HttpState) -> std::io::Result<actix_w
             .route("/api/campaigns", web::get().to(campaigns))
             .route("/api/campaigns/{id}", web::get().to(campaign))
             .route("/api/payments/{id}", web::get().to(payment))
+            .route("/api/affiliates/{id}/commissions", web::get().to(commissions))
+            .route("/admin/chaos/kill-actor", web::post().to(kill_actor))
             .default_service(web::to(not_found))
     })
     .workers(1)

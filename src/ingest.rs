@@ -249,6 +249,25 @@ async fn finish(
     }
 }
 
+/// Attempts at an event whose actor crashed while handling it, before it goes back to the broker.
+const CRASH_ATTEMPTS: u32 = 5;
+
+/// Applies `incoming`, retrying in place while its actor crashes: the supervisor restarts the
+/// actor from its committed state, and retrying here (rather than nacking) keeps the aggregate's
+/// later events behind this one, in order.
+async fn apply_retrying_crashes(registry: &Registry, incoming: Incoming) -> Result<Outcome, ApplyError> {
+    let mut attempt = 1;
+    loop {
+        match registry.apply(incoming.clone()).await {
+            Err(ApplyError::Crashed(_) | ApplyError::MailboxClosed) if attempt < CRASH_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<Mutex<Producer>>, ready: Ready) -> Work {
     Box::pin(async move {
         let Ready {
@@ -259,7 +278,7 @@ fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<Mutex<Produc
         } = ready;
         let key = Some(incoming.aggregate());
         let event_type = incoming.envelope.event_type.clone();
-        let outcome = pipeline.registry.apply(incoming).await;
+        let outcome = apply_retrying_crashes(&pipeline.registry, incoming).await;
         let verdict = match outcome {
             Ok(Outcome::Applied { .. }) | Ok(Outcome::Duplicate) => match pipeline.store.flush().await {
                 Ok(()) => {

@@ -5,11 +5,12 @@
 //! - `seen`:    idempotency key → first-seen ms (8 bytes BE) ‖ SHA-256 of the content (32 bytes)
 //! - `seen_by_time`: first-seen ms (8 bytes BE) ‖ key → (), the index that eviction walks
 //! - `outbox`:  sequence (8 bytes BE) → output event (JSON), deleted once published
+//! - `ledgers`: affiliate id → commission ledger (JSON), moved by the output events of each commit
 
 use aerostream_actors::events::AggregateKey;
 use aerostream_actors::output::OutputEvent;
 use aerostream_actors::ports::{Commit, CommitResult, SeenEntry, StateStore, StoreError};
-use aerostream_actors::AggregateKind;
+use aerostream_actors::{AggregateKind, CommissionLedger};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +21,7 @@ pub struct SledStore {
     seen: sled::Tree,
     seen_by_time: sled::Tree,
     outbox: sled::Tree,
+    ledgers: sled::Tree,
     window_ms: i64,
     clock: std::sync::Arc<dyn aerostream_actors::ports::Clock>,
     /// Group commit: writes made so far, writes known durable, and the one flush in progress.
@@ -31,6 +33,12 @@ pub struct SledStore {
 
 fn store_error(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
+}
+
+/// A stored value that no longer parses: surfaced as a storage error, so the event is retried
+/// rather than applied on top of garbage.
+fn corrupt(e: serde_json::Error) -> sled::Error {
+    sled::Error::Unsupported(format!("corrupt ledger: {e}"))
 }
 
 fn state_key(key: &AggregateKey) -> Vec<u8> {
@@ -76,6 +84,7 @@ impl SledStore {
             state: tree("state")?,
             seen: tree("seen")?,
             seen_by_time: tree("seen_by_time")?,
+            ledgers: tree("ledgers")?,
             db,
             window_ms: (window_seconds as i64).saturating_mul(1_000),
             clock,
@@ -173,6 +182,15 @@ impl SledStore {
             .map(|v| v.map(|v| v.to_vec()).map_err(store_error))
     }
 
+    /// The commission ledger of `affiliate_id`, if it has earned or been paid anything.
+    pub fn ledger(&self, affiliate_id: &str) -> Result<Option<CommissionLedger>, StoreError> {
+        self.ledgers
+            .get(affiliate_id)
+            .map_err(store_error)?
+            .map(|bytes| serde_json::from_slice(&bytes).map_err(store_error))
+            .transpose()
+    }
+
     /// Checks the database answers reads; for /health.
     pub fn healthy(&self) -> bool {
         self.db.get(b"__health").is_ok()
@@ -209,23 +227,41 @@ impl StateStore for SledStore {
                 Ok((id, serde_json::to_vec(event).map_err(store_error)?))
             })
             .collect::<Result<_, StoreError>>()?;
-        let result = (&self.state, &self.seen, &self.seen_by_time, &self.outbox).transaction(
-            |(state, seen, by_time, out)| {
-                if let Some(existing) = seen.get(commit.idempotency_key)? {
-                    let entry = decode_seen(&existing);
-                    if entry.first_seen_ms > horizon {
-                        return Err(ConflictableTransactionError::Abort(entry));
-                    }
-                }
-                state.insert(state_key.as_slice(), commit.state)?;
-                seen.insert(commit.idempotency_key.as_bytes(), seen_value.as_slice())?;
-                by_time.insert(index_key.as_slice(), &[])?;
-                for (seq, value) in &outbox {
-                    out.insert(&seq.to_be_bytes(), value.as_slice())?;
-                }
-                Ok(())
-            },
+        let trees = (
+            &self.state,
+            &self.seen,
+            &self.seen_by_time,
+            &self.outbox,
+            &self.ledgers,
         );
+        let result = trees.transaction(|(state, seen, by_time, out, ledgers)| {
+            if let Some(existing) = seen.get(commit.idempotency_key)? {
+                let entry = decode_seen(&existing);
+                if entry.first_seen_ms > horizon {
+                    return Err(ConflictableTransactionError::Abort(entry));
+                }
+            }
+            state.insert(state_key.as_slice(), commit.state)?;
+            seen.insert(commit.idempotency_key.as_bytes(), seen_value.as_slice())?;
+            by_time.insert(index_key.as_slice(), &[])?;
+            for (seq, value) in &outbox {
+                out.insert(&seq.to_be_bytes(), value.as_slice())?;
+            }
+            for output in commit.outbox {
+                let Some(affiliate) = CommissionLedger::affiliate_of(&output.body) else {
+                    continue;
+                };
+                let mut ledger = match ledgers.get(affiliate)? {
+                    Some(bytes) => serde_json::from_slice(&bytes)
+                        .map_err(|e| ConflictableTransactionError::Storage(corrupt(e)))?,
+                    None => CommissionLedger::new(affiliate),
+                };
+                ledger.record(&output.body);
+                let bytes = serde_json::to_vec(&ledger).expect("ledgers serialize");
+                ledgers.insert(affiliate.as_bytes(), bytes)?;
+            }
+            Ok(())
+        });
         match result {
             Ok(()) => {
                 self.wrote();

@@ -1,6 +1,7 @@
 //! JSON views of aggregates, as the HTTP API serves them and the generator predicts them.
 
 use aerostream_actors::campaign::{Campaign, CampaignStatus, Metrics};
+use aerostream_actors::ledger::{Amounts, CommissionLedger};
 use aerostream_actors::payment::{HistoryEntry, Payment};
 use aerostream_actors::{Money, PaymentStatus};
 use serde::{Deserialize, Serialize};
@@ -62,9 +63,30 @@ impl From<&Payment> for PaymentView {
     }
 }
 
+/// An affiliate's commission ledger, with what is still outstanding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerView {
+    #[serde(flatten)]
+    pub ledger: CommissionLedger,
+    /// Earned minus paid, per currency.
+    pub outstanding: Amounts,
+}
+
+impl From<&CommissionLedger> for LedgerView {
+    fn from(ledger: &CommissionLedger) -> Self {
+        LedgerView {
+            ledger: ledger.clone(),
+            outstanding: ledger.outstanding(),
+        }
+    }
+}
+
 /// The whole queryable state; what `aerostream produce` writes as its expectation.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateView {
     pub campaigns: Vec<CampaignView>,
     pub payments: Vec<PaymentView>,
+    /// Commission ledgers of every affiliate that earned or was paid anything.
+    #[serde(default)]
+    pub affiliates: Vec<LedgerView>,
 }

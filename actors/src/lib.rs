@@ -6,6 +6,7 @@
 //! - [`aggregate`]: the `Aggregate` trait, a pure `decide(state, event) -> Decision | Rejection`.
 //! - [`campaign`], [`payment`]: the two aggregates and their rules (SPEC §2).
 //! - [`output`]: output events (alerts, commissions, payment outcomes) with derived ids.
+//! - [`ledger`]: an affiliate's commission ledger, a projection of output events.
 //! - [`outcome`]: applied / duplicate / rejected, and the rejection reasons.
 //! - [`ports`]: the state store, observer and clock traits the daemon implements.
 //! - [`gateway`]: the payment gateway port and its simulated adapter.
@@ -17,6 +18,7 @@ pub mod aggregate;
 pub mod campaign;
 pub mod events;
 pub mod gateway;
+pub mod ledger;
 pub mod money;
 pub mod outcome;
 pub mod output;
@@ -32,6 +34,7 @@ pub use campaign::{Campaign, CampaignStatus};
 pub use events::{
     AggregateKey, AggregateKind, CampaignEvent, Envelope, Event, Incoming, PaymentEvent, PaymentStatus,
 };
+pub use ledger::CommissionLedger;
 pub use money::{Currency, Money};
 pub use outcome::{Outcome, RejectReason, Rejection};
 pub use output::{OutputBody, OutputEvent};

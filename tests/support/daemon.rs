@@ -102,6 +102,15 @@ impl Daemon {
         Ok(response.json()?)
     }
 
+    /// POSTs `body` as JSON, with `Authorization: Bearer <token>` when given; returns the status.
+    pub fn post(&self, path: &str, token: Option<&str>, body: &serde_json::Value) -> anyhow::Result<u16> {
+        let mut request = self.http.post(format!("{}{path}", self.base_url)).json(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        Ok(request.send()?.status().as_u16())
+    }
+
     pub fn status(&self, path: &str) -> anyhow::Result<u16> {
         Ok(self
             .http

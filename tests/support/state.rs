@@ -1,7 +1,7 @@
 //! The daemon's served state compared with a generator's expected state.
 
 use super::daemon::{wait_for, Daemon};
-use aerostream::views::{CampaignView, PaymentView, StateView};
+use aerostream::views::{CampaignView, LedgerView, PaymentView, StateView};
 use std::path::Path;
 use std::time::Duration;
 
@@ -14,7 +14,16 @@ pub fn served_state(daemon: &Daemon, expected: &StateView) -> anyhow::Result<Sta
         .iter()
         .map(|p| daemon.get::<PaymentView>(&format!("/api/payments/{}", p.id)))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(StateView { campaigns, payments })
+    let affiliates = expected
+        .affiliates
+        .iter()
+        .map(|l| daemon.get::<LedgerView>(&format!("/api/affiliates/{}/commissions", l.ledger.affiliate_id)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(StateView {
+        campaigns,
+        payments,
+        affiliates,
+    })
 }
 
 pub fn read_expected(path: &Path) -> StateView {
@@ -48,7 +57,13 @@ pub fn first_difference(served: &StateView, expected: &StateView) -> String {
         .zip(&expected.payments)
         .find(|(s, e)| s != e)
         .map(|(s, e)| format!("served {s:?}\nexpected {e:?}"));
-    campaigns.or(payments).unwrap_or_else(|| {
+    let affiliates = served
+        .affiliates
+        .iter()
+        .zip(&expected.affiliates)
+        .find(|(s, e)| s != e)
+        .map(|(s, e)| format!("served {s:?}\nexpected {e:?}"));
+    campaigns.or(payments).or(affiliates).unwrap_or_else(|| {
         format!(
             "{} campaigns served, {} expected",
             served.campaigns.len(),

@@ -1,0 +1,120 @@
+//! Supervision under chaos (SPEC §6, §8): campaign actors killed through the admin chaos route
+//! while events stream are restarted by their supervisors from committed state, and the final
+//! state is exact. The route refuses callers without the admin token and daemons without chaos.
+
+mod support;
+
+use aerostream::codec::Codec;
+use aerostream::config::Config;
+use aerostream::generator::{self, Options};
+use aerostream::produce;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+use std::time::Duration;
+use support::daemon::{self, wait_for, Daemon};
+use support::state::wait_for_state;
+use support::{free_port, LocalBroker};
+
+const TOKEN: &str = "chaos-test-token";
+const KILL: &str = "/admin/chaos/kill-actor";
+
+/// Config lines appended after the `[http]` table of the test config.
+fn admin(token: &str, chaos: bool) -> String {
+    format!("admin_token = {token:?}\n\n[chaos]\nenabled = {chaos}\n")
+}
+
+fn restarts(daemon: &Daemon) -> f64 {
+    daemon
+        .metric("aerostream_actor_restarts_total", &["kind=\"campaign\""])
+        .unwrap()
+}
+
+#[test]
+fn killed_campaign_actors_restart_and_the_state_stays_exact() {
+    let broker = LocalBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    let config_path = daemon::write_config(dir.path(), &broker.url(), port, &admin(TOKEN, true)).unwrap();
+    let config = Config::load(Some(&config_path)).unwrap();
+    let daemon = Daemon::start(&config_path, port).unwrap();
+    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let plan = generator::plan(&Options {
+        seed: 41,
+        campaigns: 10,
+        payments: 20,
+        events: 8_000,
+        duplicate_fraction: 0.05,
+        reorder_window: 4,
+        conflict_fraction: 0.0,
+    });
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let publisher = {
+        let (config, events) = (config.clone(), plan.stream.clone());
+        runtime.spawn(async move { produce::publish(&config, &Codec::shipped(), &events, 1_500).await })
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(41);
+    let mut killed = 0;
+    while killed < 10 && !publisher.is_finished() {
+        let applied = daemon.metric("aerostream_events_applied_total", &[]).unwrap();
+        wait_for("more events applied", Duration::from_secs(60), || {
+            let now = daemon.metric("aerostream_events_applied_total", &[]).ok()?;
+            (now >= applied + 300.0 || publisher.is_finished()).then_some(())
+        })
+        .unwrap();
+        let id = format!("camp-{:05}", rng.gen_range(0..10));
+        match daemon
+            .post(KILL, Some(TOKEN), &json!({ "kind": "campaign", "id": id }))
+            .unwrap()
+        {
+            202 => killed += 1,
+            404 => {} // not started yet
+            status => panic!("kill-actor answered {status}"),
+        }
+    }
+    runtime.block_on(publisher).unwrap().unwrap();
+    assert!(killed >= 5, "only {killed} kills landed mid-stream");
+    wait_for_state(&daemon, &plan.expected, Duration::from_secs(120));
+    assert_eq!(restarts(&daemon), f64::from(killed), "one restart per kill");
+    println!("{killed} campaign actors killed mid-stream; state exact");
+}
+
+#[test]
+fn chaos_route_needs_the_admin_token_and_chaos_enabled() {
+    let broker = LocalBroker::start().unwrap();
+    let body = json!({ "kind": "campaign", "id": "camp-00000" });
+    let start = |extra: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port().unwrap();
+        let config_path = daemon::write_config(dir.path(), &broker.url(), port, extra).unwrap();
+        (Daemon::start(&config_path, port).unwrap(), dir)
+    };
+
+    let (disabled, _dir) = start(&admin(TOKEN, false));
+    assert_eq!(disabled.post(KILL, None, &body).unwrap(), 401, "no token");
+    assert_eq!(
+        disabled.post(KILL, Some("wrong"), &body).unwrap(),
+        401,
+        "wrong token"
+    );
+    assert_eq!(
+        disabled.post(KILL, Some(TOKEN), &body).unwrap(),
+        403,
+        "chaos disabled"
+    );
+
+    let (no_token, _dir) = start("[chaos]\nenabled = true\n");
+    assert_eq!(
+        no_token.post(KILL, Some(""), &body).unwrap(),
+        403,
+        "no admin token configured"
+    );
+    assert_eq!(no_token.post(KILL, None, &body).unwrap(), 403);
+
+    assert_eq!(
+        restarts(&disabled) + restarts(&no_token),
+        0.0,
+        "nothing was killed"
+    );
+}
