@@ -44,7 +44,7 @@ impl Chaos {
             campaigns: var("AEROSTREAM_CHAOS_CAMPAIGNS", 40) as usize,
             payments: var("AEROSTREAM_CHAOS_PAYMENTS", 1_500) as usize,
             kills: var("AEROSTREAM_CHAOS_KILLS", 2) as usize,
-            rate: var("AEROSTREAM_CHAOS_RATE", 2_000) as u32,
+            rate: var("AEROSTREAM_CHAOS_RATE", 1_500) as u32,
         }
     }
 }
@@ -114,7 +114,7 @@ fn sigkill_mid_stream_loses_nothing_and_applies_nothing_twice() {
     let mut rng = ChaCha8Rng::seed_from_u64(chaos.seed);
     let per_life = plan.distinct as f64 / (chaos.kills + 1) as f64;
     for kill in 1..=chaos.kills {
-        let at = rng.gen_range(0.3..0.9) * per_life;
+        let at = rng.gen_range(0.2..0.6) * per_life;
         wait_for("the kill point", Duration::from_secs(120), || {
             (all_applied(&daemon) >= at).then_some(())
         })

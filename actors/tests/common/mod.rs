@@ -4,31 +4,16 @@
 #![allow(dead_code)]
 
 use aerostream_actors::events::CommissionRule;
-use aerostream_actors::{CampaignEvent, Envelope, Event, Incoming, Money, PaymentEvent, PaymentStatus};
+use aerostream_actors::{CampaignEvent, Event, Incoming, PaymentEvent, PaymentStatus};
 use sha2::{Digest, Sha256};
+
+pub use aerostream_actors::testkit::{envelope_at, usd};
 
 pub const AFFILIATE: &str = "af-1";
 /// Cost of one click in the test campaigns, minor units.
 pub const CLICK_COST: i64 = 100;
 /// Cost of one conversion in the test campaigns, minor units.
 pub const CONVERSION_COST: i64 = 500;
-
-pub fn usd(amount_minor: i64) -> Money {
-    Money::positive(amount_minor, "USD").expect("valid test money")
-}
-
-pub fn envelope_at(id: &str, time_ms: i64) -> Envelope {
-    Envelope {
-        id: id.into(),
-        event_type: "test".into(),
-        source: "test".into(),
-        time_ms,
-        subject: None,
-        correlation_id: None,
-        causation_id: None,
-        schema_version: "v1".into(),
-    }
-}
 
 /// SHA-256 (hex) of the event's JSON, standing in for the codec's canonical body hash.
 pub fn content_hash(event: &Event) -> String {
