@@ -2,6 +2,7 @@
 //! `AEROSTREAM__<TABLE>__<KEY>` environment variables. Unknown keys and bad values are errors that
 //! name the key.
 
+use aerostream_actors::gateway::{RetryPolicy, SimulatedGateway};
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::Deserialize;
@@ -31,6 +32,7 @@ pub struct Config {
     pub actors: ActorsConfig,
     pub http: HttpConfig,
     pub chaos: ChaosConfig,
+    pub gateway: GatewayConfig,
     /// Input topics by name (`campaigns`, `payments`, …).
     pub inputs: BTreeMap<String, InputConfig>,
     pub outputs: OutputsConfig,
@@ -101,6 +103,45 @@ pub struct HttpConfig {
 #[serde(deny_unknown_fields)]
 pub struct ChaosConfig {
     pub enabled: bool,
+}
+
+/// The payment gateway that charges payments requested with `PagoSolicitado` (simulated).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// How long one call takes.
+    pub latency_ms: u64,
+    /// Fraction of calls that fail as unavailable and are retried, 0.0 to 1.0.
+    pub failure_rate: f64,
+    /// Fraction of payments declined (FALLIDO), 0.0 to 1.0.
+    pub decline_rate: f64,
+    /// Seed of the simulated answers: the same seed gives the same outcomes.
+    pub seed: u64,
+    /// Calls per payment before it is declared FALLIDO for an unavailable gateway.
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// Payments charged at once.
+    pub concurrency: usize,
+}
+
+impl GatewayConfig {
+    pub fn simulated(&self) -> SimulatedGateway {
+        SimulatedGateway {
+            latency: Duration::from_millis(self.latency_ms),
+            failure_rate: self.failure_rate,
+            decline_rate: self.decline_rate,
+            seed: self.seed,
+        }
+    }
+
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            initial_backoff: Duration::from_millis(self.initial_backoff_ms),
+            max_backoff: Duration::from_millis(self.max_backoff_ms),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -218,6 +259,11 @@ impl Config {
         );
         positive("actors.arbiters".into(), self.actors.arbiters as u64);
         positive(
+            "gateway.max_attempts".into(),
+            u64::from(self.gateway.max_attempts),
+        );
+        positive("gateway.concurrency".into(), self.gateway.concurrency as u64);
+        positive(
             "broker.health_probe_interval_seconds".into(),
             self.broker.health_probe_interval_seconds,
         );
@@ -229,6 +275,14 @@ impl Config {
                 "  - `broker.url` must start with pulsar:// or pulsar+ssl://, got {:?}",
                 self.broker.url
             ));
+        }
+        for (key, rate) in [
+            ("gateway.failure_rate", self.gateway.failure_rate),
+            ("gateway.decline_rate", self.gateway.decline_rate),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                problems.push(format!("  - `{key}` must be between 0.0 and 1.0, got {rate}"));
+            }
         }
         if self.inputs.is_empty() {
             problems.push("  - `inputs` must name at least one input topic".into());

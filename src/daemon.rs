@@ -91,6 +91,16 @@ pub async fn run(
                 store.clone(),
                 stop_rx.clone(),
             )),
+            tokio::spawn(
+                crate::charges::Worker {
+                    store: store.clone(),
+                    registry: registry.clone(),
+                    gateway: Arc::new(config.gateway.simulated()),
+                    policy: config.gateway.retry_policy(),
+                    concurrency: config.gateway.concurrency,
+                }
+                .run(stop_rx.clone()),
+            ),
             tokio::spawn(evict(
                 store.clone(),
                 config.idempotency.eviction_interval_seconds,

@@ -11,7 +11,9 @@
 
 use crate::views::{CampaignView, LedgerView, PaymentView, StateView};
 use aerostream_actors::campaign::Campaign;
+use aerostream_actors::events::processed_idempotency_key;
 use aerostream_actors::events::CommissionRule;
+use aerostream_actors::gateway::{Charge, RetryPolicy, SimulatedGateway};
 use aerostream_actors::{
     Aggregate, CampaignEvent, Envelope, Event, Money, Payment, PaymentEvent, PaymentStatus,
 };
@@ -36,6 +38,28 @@ pub struct Options {
     /// Fraction of keyed payment events whose idempotency key is reused later by another event
     /// with other content (a conflict the daemon must dead-letter), 0.0 to 1.0.
     pub conflict_fraction: f64,
+    /// The daemon's gateway (`[gateway]` in its config): half the payments are only requested
+    /// (PagoSolicitado) and charged by the daemon, whose outcome this predicts; the other half are
+    /// processed by partners, who report PagoProcesado events.
+    pub gateway: SimulatedGateway,
+    pub retry: RetryPolicy,
+}
+
+impl Options {
+    /// Options whose gateway is the one `config` gives the daemon.
+    pub fn for_daemon(config: &crate::config::Config) -> Options {
+        Options {
+            seed: 1,
+            campaigns: 50,
+            payments: 500,
+            events: 10_000,
+            duplicate_fraction: 0.05,
+            reorder_window: 8,
+            conflict_fraction: 0.0,
+            gateway: config.gateway.simulated(),
+            retry: config.gateway.retry_policy(),
+        }
+    }
 }
 
 /// Which input topic an event goes to.
@@ -83,7 +107,9 @@ pub fn plan(options: &Options) -> Plan {
     let shapes: Vec<Lifecycle> = (0..options.campaigns)
         .map(|_| Lifecycle::draw(&mut rng))
         .collect();
-    let fixed = options.payments * 3 + shapes.iter().map(Lifecycle::events).sum::<usize>();
+    let via_gateway: Vec<bool> = (0..options.payments).map(|_| rng.gen_bool(0.5)).collect();
+    let payment_events_total: usize = via_gateway.iter().map(|g| if *g { 1 } else { 2 }).sum();
+    let fixed = payment_events_total + shapes.iter().map(Lifecycle::events).sum::<usize>();
     let tracking_total = options.events.saturating_sub(fixed);
     let mut tracking_per_campaign = vec![0usize; options.campaigns];
     if options.campaigns > 0 {
@@ -94,8 +120,8 @@ pub fn plan(options: &Options) -> Plan {
     for (c, (tracking, shape)) in tracking_per_campaign.into_iter().zip(shapes).enumerate() {
         queues.push(campaign_events(&mut rng, c, tracking, shape));
     }
-    for p in 0..options.payments {
-        queues.push(payment_events(&mut rng, p));
+    for (p, via_gateway) in via_gateway.into_iter().enumerate() {
+        queues.push(payment_events(&mut rng, p, via_gateway));
     }
 
     // Interleave the aggregates at random, each keeping its own order.
@@ -130,7 +156,7 @@ pub fn plan(options: &Options) -> Plan {
     reorder(&mut rng, &mut stream, options.reorder_window);
     // Per aggregate, the daemon applies events in publish order; which event crosses a budget
     // threshold (and so the id of the alert it causes) depends on that order.
-    let (expected, expected_outputs) = expected_state(&stream);
+    let (expected, expected_outputs) = expected_state(&stream, options);
     let stream = duplicate(
         &mut rng,
         stream,
@@ -278,43 +304,43 @@ fn campaign_events(
         .collect()
 }
 
-fn payment_events(rng: &mut ChaCha8Rng, p: usize) -> VecDeque<(Input, Event, Option<String>)> {
+/// A payment requested from aerostream (charged by its gateway), or one processed by a partner,
+/// who reports PROCESANDO and then the outcome.
+fn payment_events(
+    rng: &mut ChaCha8Rng,
+    p: usize,
+    via_gateway: bool,
+) -> VecDeque<(Input, Event, Option<String>)> {
     let payment_id = format!("pago-{p:06}");
     let affiliate_id = format!("af-{:04}", rng.gen_range(0..200));
     let currency = *["USD", "EUR", "COP"].choose(rng).expect("non-empty");
     let amount = Money::positive(rng.gen_range(100..1_000_000), currency).expect("valid");
+    if via_gateway {
+        let requested = PaymentEvent::Requested {
+            payment_id,
+            affiliate_id,
+            amount,
+        };
+        return VecDeque::from([(Input::Payments, Event::Payment(requested), None)]);
+    }
     let outcome = if rng.gen_bool(0.85) {
         PaymentStatus::Succeeded
     } else {
         PaymentStatus::Failed
     };
-    let processed = |status: PaymentStatus| PaymentEvent::Processed {
-        payment_id: payment_id.clone(),
-        affiliate_id: affiliate_id.clone(),
-        amount,
-        status,
-        declared_hash: String::new(),
-        attempts: 1,
+    let processed = |status: PaymentStatus| {
+        let event = PaymentEvent::Processed {
+            payment_id: payment_id.clone(),
+            affiliate_id: affiliate_id.clone(),
+            amount,
+            status,
+            declared_hash: String::new(),
+            attempts: 1,
+        };
+        let key = processed_idempotency_key(&payment_id, status, &affiliate_id);
+        (Input::Payments, Event::Payment(event), Some(key))
     };
-    let key =
-        |status: PaymentStatus| Some(format!("pago_{payment_id}_{}_{affiliate_id}", status.wire_name()));
-    VecDeque::from([
-        (
-            Input::Payments,
-            Event::Payment(PaymentEvent::Requested {
-                payment_id: payment_id.clone(),
-                affiliate_id: affiliate_id.clone(),
-                amount,
-            }),
-            None,
-        ),
-        (
-            Input::Payments,
-            Event::Payment(processed(PaymentStatus::Processing)),
-            key(PaymentStatus::Processing),
-        ),
-        (Input::Payments, Event::Payment(processed(outcome)), key(outcome)),
-    ])
+    VecDeque::from([processed(PaymentStatus::Processing), processed(outcome)])
 }
 
 /// Whether two events may be delivered in either order with the same result.
@@ -365,15 +391,27 @@ fn duplicate(rng: &mut ChaCha8Rng, stream: Vec<Planned>, fraction: f64, distance
 
 /// Applies each distinct event once, in `stream` order, with the domain's rules: the state and
 /// the ids of the output events.
-fn expected_state(stream: &[Planned]) -> (StateView, BTreeSet<String>) {
+fn expected_state(stream: &[Planned], options: &Options) -> (StateView, BTreeSet<String>) {
     let mut campaigns: BTreeMap<String, Campaign> = BTreeMap::new();
     let mut payments: BTreeMap<String, Payment> = BTreeMap::new();
     let mut outputs = Vec::new();
     let mut seen = HashSet::new();
     for planned in stream.iter().filter(|p| seen.insert(p.envelope.id.as_str())) {
         match &planned.event {
-            Event::Campaign(e) => step(&mut campaigns, e, &planned.envelope, &mut outputs),
-            Event::Payment(e) => step(&mut payments, e, &planned.envelope, &mut outputs),
+            Event::Campaign(e) => {
+                step(&mut campaigns, e, &planned.envelope, &mut outputs);
+            }
+            Event::Payment(e) => {
+                // The daemon charges what a request asks for and applies the result.
+                for charge in step(&mut payments, e, &planned.envelope, &mut outputs) {
+                    let charged = options.gateway.predict(&charge.payment_id, &options.retry);
+                    let (envelope, _key, processed) = charge.processed(charged);
+                    let Event::Payment(processed) = processed else {
+                        unreachable!("a charge reports a payment event")
+                    };
+                    step(&mut payments, &processed, &envelope, &mut outputs);
+                }
+            }
         }
     }
     let mut ledgers: BTreeMap<String, CommissionLedger> = BTreeMap::new();
@@ -398,7 +436,8 @@ fn step<A: Aggregate>(
     event: &A::Event,
     envelope: &Envelope,
     outputs: &mut Vec<OutputEvent>,
-) where
+) -> Vec<Charge>
+where
     A::Event: HasId,
 {
     let id = event.id().to_owned();
@@ -406,6 +445,7 @@ fn step<A: Aggregate>(
         Ok(decision) => {
             states.insert(id, decision.state);
             outputs.extend(decision.outputs);
+            decision.charges
         }
         Err(rejection) => panic!("the generator produced an event its own rules reject: {rejection}"),
     }
@@ -440,6 +480,17 @@ mod tests {
             duplicate_fraction: 0.1,
             reorder_window: 8,
             conflict_fraction: 0.1,
+            gateway: SimulatedGateway {
+                latency: std::time::Duration::ZERO,
+                failure_rate: 0.3,
+                decline_rate: 0.1,
+                seed: 1,
+            },
+            retry: RetryPolicy {
+                max_attempts: 3,
+                initial_backoff: std::time::Duration::ZERO,
+                max_backoff: std::time::Duration::ZERO,
+            },
         }
     }
 

@@ -6,6 +6,7 @@
 //! - [`codec`]: Avro schemas (`schemas/`) and the wire codec to and from domain events.
 //! - [`store`]: sled implementation of the actors' `StateStore` port (state, idempotency window, outbox).
 //! - [`broker`]: Pulsar client, reconnect backoff, health probe, dead letters.
+//! - [`charges`]: the gateway worker, charging requested payments exactly once.
 //! - [`dispatch`]: per-aggregate ordering of concurrently processed messages.
 //! - [`ingest`]: one consumer per input: decode → actor → commit → flush → ack.
 //! - [`outbox`]: publishes committed output events.
@@ -15,6 +16,7 @@
 //! - [`daemon`]: wiring and orderly shutdown.
 
 pub mod broker;
+pub mod charges;
 pub mod codec;
 pub mod config;
 pub mod daemon;

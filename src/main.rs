@@ -125,6 +125,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 duplicate_fraction: duplicates,
                 reorder_window,
                 conflict_fraction: conflicts,
+                ..generator::Options::for_daemon(&config)
             };
             let report = tokio::runtime::Runtime::new()?.block_on(produce::run(
                 &config,

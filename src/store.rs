@@ -6,8 +6,10 @@
 //! - `seen_by_time`: first-seen ms (8 bytes BE) ‖ key → (), the index that eviction walks
 //! - `outbox`:  sequence (8 bytes BE) → output event (JSON), deleted once published
 //! - `ledgers`: affiliate id → commission ledger (JSON), moved by the output events of each commit
+//! - `charges`: payment id → payment to charge through the gateway (JSON), deleted once reported
 
 use aerostream_actors::events::AggregateKey;
+use aerostream_actors::gateway::Charge;
 use aerostream_actors::output::OutputEvent;
 use aerostream_actors::ports::{Commit, CommitResult, SeenEntry, StateStore, StoreError};
 use aerostream_actors::{AggregateKind, CommissionLedger};
@@ -22,6 +24,7 @@ pub struct SledStore {
     seen_by_time: sled::Tree,
     outbox: sled::Tree,
     ledgers: sled::Tree,
+    charges: sled::Tree,
     window_ms: i64,
     clock: std::sync::Arc<dyn aerostream_actors::ports::Clock>,
     /// Group commit: writes made so far, writes known durable, and the one flush in progress.
@@ -29,6 +32,8 @@ pub struct SledStore {
     durable: AtomicU64,
     flushing: tokio::sync::Mutex<()>,
     outbox_pending: AtomicU64,
+    /// Keys in the `seen` tree (kept as a counter: `Tree::len` is a scan).
+    window_keys: AtomicU64,
 }
 
 fn store_error(e: impl std::fmt::Display) -> StoreError {
@@ -80,11 +85,12 @@ impl SledStore {
             .map_err(|e| StoreError(format!("cannot open sled database at {}: {e}", dir.display())))?;
         let tree = |name: &str| db.open_tree(name).map_err(store_error);
         let outbox = tree("outbox")?;
+        let seen = tree("seen")?;
         Ok(SledStore {
             state: tree("state")?,
-            seen: tree("seen")?,
             seen_by_time: tree("seen_by_time")?,
             ledgers: tree("ledgers")?,
+            charges: tree("charges")?,
             db,
             window_ms: (window_seconds as i64).saturating_mul(1_000),
             clock,
@@ -93,6 +99,8 @@ impl SledStore {
             flushing: tokio::sync::Mutex::new(()),
             outbox_pending: AtomicU64::new(outbox.len() as u64),
             outbox,
+            window_keys: AtomicU64::new(seen.len() as u64),
+            seen,
         })
     }
 
@@ -128,10 +136,17 @@ impl SledStore {
         for entry in self.seen_by_time.range(..horizon.to_be_bytes().to_vec()) {
             let (index, _) = entry.map_err(store_error)?;
             let key = &index[8..];
-            // Remove the key only if it still belongs to this index entry.
+            // Remove the key only if it still belongs to this index entry: a commit may have
+            // recorded it afresh since (compare-and-swap, so that race cannot be lost).
             if let Some(value) = self.seen.get(key).map_err(store_error)? {
                 if value[..8] == index[..8] {
-                    self.seen.remove(key).map_err(store_error)?;
+                    let removed = self
+                        .seen
+                        .compare_and_swap(key, Some(&value), None as Option<&[u8]>)
+                        .map_err(store_error)?;
+                    if removed.is_ok() {
+                        self.window_keys.fetch_sub(1, Ordering::AcqRel);
+                    }
                 }
             }
             self.seen_by_time.remove(index).map_err(store_error)?;
@@ -145,7 +160,12 @@ impl SledStore {
 
     /// Idempotency keys currently remembered.
     pub fn window_len(&self) -> usize {
-        self.seen.len()
+        self.window_keys.load(Ordering::Acquire) as usize
+    }
+
+    /// Bytes the database takes on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.db.size_on_disk().map_err(store_error)
     }
 
     /// Output events committed and not yet published (kept as a counter: `Tree::len` is a scan).
@@ -191,6 +211,28 @@ impl SledStore {
             .transpose()
     }
 
+    /// Up to `limit` payments waiting to be charged, in payment id order.
+    pub fn pending_charges(&self, limit: usize) -> Result<Vec<Charge>, StoreError> {
+        self.charges
+            .iter()
+            .values()
+            .take(limit)
+            .map(|value| serde_json::from_slice(&value.map_err(store_error)?).map_err(store_error))
+            .collect()
+    }
+
+    /// The charge of `payment_id` is reported (its `PagoProcesado` is committed).
+    pub fn charge_done(&self, payment_id: &str) -> Result<(), StoreError> {
+        self.charges.remove(payment_id).map_err(store_error)?;
+        self.wrote();
+        Ok(())
+    }
+
+    /// Payments waiting to be charged (a scan: for metrics at a low rate).
+    pub fn charges_len(&self) -> usize {
+        self.charges.len()
+    }
+
     /// Checks the database answers reads; for /health.
     pub fn healthy(&self) -> bool {
         self.db.get(b"__health").is_ok()
@@ -227,20 +269,35 @@ impl StateStore for SledStore {
                 Ok((id, serde_json::to_vec(event).map_err(store_error)?))
             })
             .collect::<Result<_, StoreError>>()?;
+        let charges: Vec<(&str, Vec<u8>)> = commit
+            .charges
+            .iter()
+            .map(|charge| {
+                (
+                    charge.payment_id.as_str(),
+                    serde_json::to_vec(charge).expect("charges serialize"),
+                )
+            })
+            .collect();
         let trees = (
             &self.state,
             &self.seen,
             &self.seen_by_time,
             &self.outbox,
             &self.ledgers,
+            &self.charges,
         );
-        let result = trees.transaction(|(state, seen, by_time, out, ledgers)| {
-            if let Some(existing) = seen.get(commit.idempotency_key)? {
-                let entry = decode_seen(&existing);
-                if entry.first_seen_ms > horizon {
-                    return Err(ConflictableTransactionError::Abort(entry));
+        let result = trees.transaction(|(state, seen, by_time, out, ledgers, pending_charges)| {
+            let expired = match seen.get(commit.idempotency_key)? {
+                Some(existing) => {
+                    let entry = decode_seen(&existing);
+                    if entry.first_seen_ms > horizon {
+                        return Err(ConflictableTransactionError::Abort(entry));
+                    }
+                    true
                 }
-            }
+                None => false,
+            };
             state.insert(state_key.as_slice(), commit.state)?;
             seen.insert(commit.idempotency_key.as_bytes(), seen_value.as_slice())?;
             by_time.insert(index_key.as_slice(), &[])?;
@@ -260,11 +317,17 @@ impl StateStore for SledStore {
                 let bytes = serde_json::to_vec(&ledger).expect("ledgers serialize");
                 ledgers.insert(affiliate.as_bytes(), bytes)?;
             }
-            Ok(())
+            for (payment_id, charge) in &charges {
+                pending_charges.insert(payment_id.as_bytes(), charge.as_slice())?;
+            }
+            Ok(expired)
         });
         match result {
-            Ok(()) => {
+            Ok(replaced_expired_key) => {
                 self.wrote();
+                if !replaced_expired_key {
+                    self.window_keys.fetch_add(1, Ordering::AcqRel);
+                }
                 self.outbox_pending
                     .fetch_add(outbox.len() as u64, Ordering::AcqRel);
                 Ok(CommitResult::Committed)
@@ -304,6 +367,7 @@ mod tests {
             content_hash: hash,
             seen_at_ms: at,
             outbox: &[],
+            charges: &[],
         }
     }
 
@@ -332,5 +396,34 @@ mod tests {
             store.commit(commit(&agg, "k1", &hash, 1_010_001)).unwrap(),
             CommitResult::Committed
         );
+    }
+
+    #[test]
+    fn a_charge_is_committed_with_its_request_and_removed_once_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 10, Arc::new(TestClock(AtomicI64::new(0)))).unwrap();
+        let charge = Charge {
+            payment_id: "p1".into(),
+            affiliate_id: "af".into(),
+            amount: aerostream_actors::Money::positive(100, "USD").unwrap(),
+            request_id: "r1".into(),
+            request_time_ms: 5,
+            correlation_id: None,
+        };
+        let agg = AggregateKey {
+            kind: AggregateKind::Payment,
+            id: "p1".into(),
+        };
+        let hash = hex::encode([1u8; 32]);
+        let charges = [charge.clone()];
+        let with_charge = Commit {
+            charges: &charges,
+            ..commit(&agg, "r1", &hash, 0)
+        };
+        assert_eq!(store.commit(with_charge).unwrap(), CommitResult::Committed);
+        assert_eq!(store.pending_charges(10).unwrap(), vec![charge]);
+        store.charge_done("p1").unwrap();
+        assert!(store.pending_charges(10).unwrap().is_empty());
+        assert_eq!(store.window_len(), 1);
     }
 }

@@ -24,6 +24,8 @@ pub const OUTBOX_BACKLOG: &str = "aerostream_outbox_backlog_events";
 pub const OUTBOX_PUBLISHED: &str = "aerostream_outbox_published_total";
 pub const BROKER_UP: &str = "aerostream_broker_up";
 pub const HTTP_REQUESTS: &str = "aerostream_http_requests_total";
+pub const GATEWAY_CALLS: &str = "aerostream_gateway_calls_total";
+pub const GATEWAY_PENDING_CHARGES: &str = "aerostream_gateway_pending_charges";
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 

@@ -47,6 +47,7 @@ fn killed_campaign_actors_restart_and_the_state_stays_exact() {
         duplicate_fraction: 0.05,
         reorder_window: 4,
         conflict_fraction: 0.0,
+        ..Options::for_daemon(&config)
     });
 
     let runtime = tokio::runtime::Runtime::new().unwrap();

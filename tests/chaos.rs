@@ -72,6 +72,7 @@ fn sigkill_mid_stream_loses_nothing_and_applies_nothing_twice() {
         duplicate_fraction: 0.12,
         reorder_window: 8,
         conflict_fraction: 0.05,
+        ..Options::for_daemon(&config)
     });
     let duplicates = plan.stream.len() - plan.distinct;
     assert!(duplicates * 10 >= plan.distinct, "at least 10 % duplicates");

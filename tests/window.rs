@@ -10,19 +10,21 @@ use aerostream::config::Config;
 use aerostream::generator::{Input, Planned};
 use aerostream::produce;
 use aerostream::views::PaymentView;
-use aerostream_actors::{Envelope, Event, Money, PaymentEvent};
+use aerostream_actors::events::processed_idempotency_key;
+use aerostream_actors::{Envelope, Event, Money, PaymentEvent, PaymentStatus};
 use std::time::Duration;
 use support::daemon::{self, wait_for, Daemon};
 use support::{free_port, LocalBroker};
 
 const WINDOW: &str = "[idempotency]\nwindow_seconds = 2\neviction_interval_seconds = 1\n";
 
-fn requested(payment_id: &str) -> Planned {
+/// A partner's PagoProcesado (PROCESANDO), keyed: it changes the payment and asks for no charge.
+fn processing(payment_id: &str) -> Planned {
     Planned {
         input: Input::Payments,
         envelope: Envelope {
             id: format!("evt-{payment_id}"),
-            event_type: "PagoSolicitado".into(),
+            event_type: "PagoProcesado".into(),
             source: "test".into(),
             time_ms: 1_767_225_600_000,
             subject: Some(payment_id.into()),
@@ -30,11 +32,18 @@ fn requested(payment_id: &str) -> Planned {
             causation_id: None,
             schema_version: "v1".into(),
         },
-        idempotency_key: None,
-        event: Event::Payment(PaymentEvent::Requested {
+        idempotency_key: Some(processed_idempotency_key(
+            payment_id,
+            PaymentStatus::Processing,
+            "af-1",
+        )),
+        event: Event::Payment(PaymentEvent::Processed {
             payment_id: payment_id.into(),
             affiliate_id: "af-1".into(),
             amount: Money::positive(1_000, "EUR").unwrap(),
+            status: PaymentStatus::Processing,
+            declared_hash: String::new(),
+            attempts: 1,
         }),
     }
 }
@@ -56,7 +65,7 @@ fn repeats_are_skipped_inside_the_window_and_applied_again_after_eviction() {
     let daemon = Daemon::start(&config_path, port).unwrap();
     daemon.wait_healthy(Duration::from_secs(30)).unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let event = [requested("pago-w")];
+    let event = [processing("pago-w")];
     let publish = || {
         runtime
             .block_on(produce::publish(&config, &Codec::shipped(), &event, 0))

@@ -115,6 +115,7 @@ impl<A: Aggregate> AggregateActor<A> {
             content_hash: &incoming.content_hash,
             seen_at_ms: self.env.clock.now_ms(),
             outbox: &decision.outputs,
+            charges: &decision.charges,
         };
         match self.env.store.commit(commit)? {
             CommitResult::Committed => {

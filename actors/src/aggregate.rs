@@ -1,16 +1,19 @@
 //! The `Aggregate` trait: a pure decision function from (state, event) to new state and outputs.
 
 use crate::events::{AggregateKind, Envelope, Event};
+use crate::gateway::Charge;
 use crate::outcome::Rejection;
 use crate::output::OutputEvent;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// What an accepted event does: the whole new state and the output events to publish.
+/// What an accepted event does: the whole new state, the output events to publish, and the
+/// payments to charge through the gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision<A> {
     pub state: A,
     pub outputs: Vec<OutputEvent>,
+    pub charges: Vec<Charge>,
 }
 
 /// An aggregate is a value with a pure `decide`; actors add identity, storage and supervision.

@@ -178,7 +178,11 @@ impl Aggregate for Campaign {
             }
         };
         state.version += 1;
-        Ok(Decision { state, outputs })
+        Ok(Decision {
+            state,
+            outputs,
+            charges: Vec::new(),
+        })
     }
 }
 

@@ -251,6 +251,11 @@ pub enum PaymentEvent {
     },
 }
 
+/// The idempotency key of a `PagoProcesado` (seed 000: `pago_<id>_<status>_<affiliate>`).
+pub fn processed_idempotency_key(payment_id: &str, status: PaymentStatus, affiliate_id: &str) -> String {
+    format!("pago_{payment_id}_{}_{affiliate_id}", status.wire_name())
+}
+
 impl PaymentEvent {
     pub fn payment_id(&self) -> &str {
         match self {

@@ -1,11 +1,14 @@
 //! The payment aggregate (`Pago`): PENDIENTE → PROCESANDO → EXITOSO | FALLIDO, never backwards.
 //!
 //! A late lower-rank event is recorded in the history but does not move the state back; a terminal
-//! payment is never reprocessed, and a second, different terminal outcome is rejected. The history
+//! payment is never reprocessed, and a second, different terminal outcome is rejected. A
+//! `PagoSolicitado` that creates the payment asks for a charge through the gateway (see
+//! [`crate::gateway`]); its result comes back as a `PagoProcesado`. The history
 //! is kept sorted by (event time, event id) so it does not depend on arrival order.
 
 use crate::aggregate::{Aggregate, Decision};
 use crate::events::{AggregateKind, Envelope, Event, PaymentEvent, PaymentStatus};
+use crate::gateway::Charge;
 use crate::money::Money;
 use crate::outcome::{RejectReason, Rejection};
 use crate::output::{OutputBody, OutputEvent};
@@ -168,7 +171,17 @@ impl Aggregate for Payment {
         }
         state.record(f.status, envelope);
         state.version += 1;
-        Ok(Decision { state, outputs })
+        // A request that creates the payment asks aerostream to charge it; a payment first seen
+        // through PagoProcesado is processed elsewhere.
+        let charges = match (current, event) {
+            (None, PaymentEvent::Requested { .. }) => vec![Charge::requested_by(&state, envelope)],
+            _ => Vec::new(),
+        };
+        Ok(Decision {
+            state,
+            outputs,
+            charges,
+        })
     }
 }
 

@@ -1,6 +1,7 @@
 //! Ports: what the actors need from the outside world, implemented by the daemon (`src/`).
 
 use crate::events::{AggregateKey, AggregateKind};
+use crate::gateway::Charge;
 use crate::output::OutputEvent;
 
 /// A failure of the state store. The event it concerned is not acked and will be retried.
@@ -26,6 +27,8 @@ pub struct Commit<'a> {
     /// When the key was seen (event processing time), for the window's eviction.
     pub seen_at_ms: i64,
     pub outbox: &'a [OutputEvent],
+    /// Payments to charge through the gateway.
+    pub charges: &'a [Charge],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

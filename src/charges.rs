@@ -1,0 +1,117 @@
+//! The gateway worker: charges the payments that a `PagoSolicitado` asked for, through the
+//! `PaymentGateway` port, and applies each result as a `PagoProcesado` through the actors — the
+//! same exactly-once path as a consumed event (idempotency key, atomic commit, outbox).
+//!
+//! A charge is recorded in the same commit as the request. It is deleted only after its
+//! `PagoProcesado` is durable, so a crash in between charges again: the gateway answers a repeated
+//! charge of a payment with its first answer (never charging twice), and the repeated
+//! `PagoProcesado` is recognised by its idempotency key.
+
+use crate::codec::decode::content_hash;
+use crate::store::SledStore;
+use crate::telemetry::{GATEWAY_CALLS, GATEWAY_PENDING_CHARGES};
+use aerostream_actors::gateway::{Charge, ChargeResult, Charged, GatewayError, PaymentGateway, RetryPolicy};
+use aerostream_actors::{Incoming, Outcome, Registry};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How often the worker looks for new charges when there are none.
+const IDLE_POLL: Duration = Duration::from_millis(20);
+
+/// What the worker needs.
+pub struct Worker {
+    pub store: Arc<SledStore>,
+    pub registry: Arc<Registry>,
+    pub gateway: Arc<dyn PaymentGateway>,
+    pub policy: RetryPolicy,
+    /// Payments charged at once.
+    pub concurrency: usize,
+}
+
+impl Worker {
+    /// Charges pending payments until shutdown.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let batch = match self.store.pending_charges(self.concurrency) {
+                Ok(batch) => batch,
+                Err(error) => {
+                    tracing::error!(error = %error, "Cannot read pending charges.");
+                    Vec::new()
+                }
+            };
+            metrics::gauge!(GATEWAY_PENDING_CHARGES).set(batch.len() as f64);
+            let work = async {
+                if batch.is_empty() {
+                    tokio::time::sleep(IDLE_POLL).await;
+                } else {
+                    futures::future::join_all(batch.iter().map(|charge| self.settle(charge))).await;
+                }
+            };
+            tokio::select! {
+                _ = work => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Charges one payment and applies the result; on failure the charge stays pending.
+    async fn settle(&self, charge: &Charge) {
+        let charged = self.charge(charge).await;
+        let (envelope, idempotency_key, event) = charge.processed(charged);
+        let incoming = Incoming {
+            content_hash: content_hash(&event),
+            idempotency_key,
+            envelope,
+            event,
+        };
+        let applied = match self.registry.apply(incoming).await {
+            Ok(Outcome::Applied { .. } | Outcome::Duplicate) => true,
+            Ok(Outcome::Rejected(rejection)) => {
+                // The payment was settled otherwise meanwhile (a partner's PagoProcesado).
+                tracing::warn!(payment = %charge.payment_id, reason = rejection.reason.as_str(), detail = %rejection.detail, "Charge result not applied.");
+                true
+            }
+            Err(error) => {
+                tracing::warn!(payment = %charge.payment_id, error = %error, "Charge result not applied; retrying.");
+                false
+            }
+        };
+        if !applied {
+            return;
+        }
+        let done = async {
+            self.store.flush().await?;
+            self.store.charge_done(&charge.payment_id)
+        };
+        if let Err(error) = done.await {
+            tracing::error!(payment = %charge.payment_id, error = %error, "Cannot settle the charge; retrying.");
+        }
+    }
+
+    /// Calls the gateway until it answers or the attempts run out.
+    async fn charge(&self, charge: &Charge) -> Charged {
+        let mut attempt = 1;
+        loop {
+            tokio::time::sleep(self.gateway.latency()).await;
+            let answer = self.gateway.charge(&charge.request(attempt));
+            let label = match answer {
+                Ok(ChargeResult::Approved) => "approved",
+                Ok(ChargeResult::Declined) => "declined",
+                Err(GatewayError::Unavailable) => "unavailable",
+            };
+            metrics::counter!(GATEWAY_CALLS, "result" => label).increment(1);
+            match answer {
+                Ok(result) => return Charged::from_attempts(attempt, Some(result)),
+                Err(_) if attempt >= self.policy.max_attempts => {
+                    tracing::warn!(payment = %charge.payment_id, attempts = attempt, "Gateway unavailable; payment failed.");
+                    return Charged::from_attempts(attempt, None);
+                }
+                Err(_) => {
+                    tokio::time::sleep(self.policy.backoff(attempt)).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+}
