@@ -28,6 +28,7 @@ fn main() {
         .find(|a| !a.starts_with('-'))
         .and_then(|a| a.parse().ok())
         .unwrap_or(1_000_000);
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let dir = tempfile::tempdir().expect("temporary directory");
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let store = SledStore::open(dir.path(), 3_600, clock.clone()).expect("store opens");
@@ -54,7 +55,7 @@ fn main() {
     }
     let insert_elapsed = started.elapsed();
     let flush_started = Instant::now();
-    futures::executor::block_on(store.flush()).expect("flush");
+    runtime.block_on(store.flush()).expect("flush");
     let flush_elapsed = flush_started.elapsed();
 
     // Lookups: hits spread over the whole key space, plus misses.
@@ -80,7 +81,7 @@ fn main() {
     latencies.sort_unstable();
 
     // Settle sled's log before measuring the disk.
-    futures::executor::block_on(store.flush()).expect("flush");
+    runtime.block_on(store.flush()).expect("flush");
     let disk = store.size_on_disk().expect("size");
     let raw_key_bytes: usize =
         (0..keys.min(1_000)).map(|i| key(i).len()).sum::<usize>() / keys.min(1_000) as usize;

@@ -89,6 +89,9 @@ pub struct IdempotencyConfig {
 pub struct ActorsConfig {
     pub mailbox_capacity: usize,
     pub arbiters: usize,
+    /// An actor with nothing to do for this long is stopped; its next event restarts it from
+    /// the stored state.
+    pub idle_seconds: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -258,6 +261,7 @@ impl Config {
             self.actors.mailbox_capacity as u64,
         );
         positive("actors.arbiters".into(), self.actors.arbiters as u64);
+        positive("actors.idle_seconds".into(), self.actors.idle_seconds);
         positive(
             "gateway.max_attempts".into(),
             u64::from(self.gateway.max_attempts),

@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::http::{self, HttpState, InputsUp};
 use crate::ingest::{self, Pipeline};
 use crate::store::SledStore;
-use crate::telemetry::{self, IDEMPOTENCY_EVICTED, IDEMPOTENCY_WINDOW_KEYS};
+use crate::telemetry::{self, ACTORS_PASSIVATED, IDEMPOTENCY_EVICTED, IDEMPOTENCY_WINDOW_KEYS};
 use actix::Arbiter;
 use aerostream_actors::ports::SystemClock;
 use aerostream_actors::{ActorEnv, Registry};
@@ -101,6 +101,11 @@ pub async fn run(
                 }
                 .run(stop_rx.clone()),
             ),
+            tokio::spawn(passivate(
+                registry.clone(),
+                config.actors.idle_seconds,
+                stop_rx.clone(),
+            )),
             tokio::spawn(evict(
                 store.clone(),
                 config.idempotency.eviction_interval_seconds,
@@ -167,6 +172,23 @@ pub async fn run(
     }
     tracing::info!("Stopped.");
     Ok(())
+}
+
+/// Stops idle actors, checking four times per idle period.
+async fn passivate(registry: Arc<Registry>, idle_seconds: u64, mut shutdown: watch::Receiver<bool>) {
+    let idle_ms = (idle_seconds as i64).saturating_mul(1_000);
+    let every = Duration::from_millis((idle_seconds * 250).max(250));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let stopped = registry.passivate_idle(idle_ms);
+        if stopped > 0 {
+            metrics::counter!(ACTORS_PASSIVATED).increment(stopped as u64);
+            tracing::debug!(stopped, "Passivated idle actors.");
+        }
+    }
 }
 
 async fn evict(store: Arc<SledStore>, interval_seconds: u64, mut shutdown: watch::Receiver<bool>) {

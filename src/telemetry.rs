@@ -18,6 +18,7 @@ pub const EVENTS_RETRIED: &str = "aerostream_events_retried_total";
 pub const PROCESSING_DURATION: &str = "aerostream_processing_duration_seconds";
 pub const ACTORS_ACTIVE: &str = "aerostream_actors_active";
 pub const ACTOR_RESTARTS: &str = "aerostream_actor_restarts_total";
+pub const ACTORS_PASSIVATED: &str = "aerostream_actors_passivated_total";
 pub const IDEMPOTENCY_WINDOW_KEYS: &str = "aerostream_idempotency_window_keys";
 pub const IDEMPOTENCY_EVICTED: &str = "aerostream_idempotency_evicted_total";
 pub const OUTBOX_BACKLOG: &str = "aerostream_outbox_backlog_events";

@@ -56,6 +56,11 @@ impl<A: Aggregate> Message for GetState<A> {
     type Result = Result<Option<A>, ApplyError>;
 }
 
+/// Stop for good: the registry has dropped this actor (passivation).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Passivate;
+
 /// Chaos: make the actor panic now, as a bug in a handler would.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -201,6 +206,14 @@ impl<A: Aggregate> Handler<GetState<A>> for AggregateActor<A> {
 
     fn handle(&mut self, _msg: GetState<A>, ctx: &mut Context<Self>) -> Self::Result {
         self.guarded(ctx, |actor| Ok(actor.loaded()?.cloned()))
+    }
+}
+
+impl<A: Aggregate> Handler<Passivate> for AggregateActor<A> {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Passivate, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }
 

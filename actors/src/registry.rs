@@ -5,13 +5,19 @@
 //! further callers wait in `apply`: that is the backpressure that keeps memory flat. (`Addr::send`
 //! alone does not bound anything here: every `Addr` clone has its own guaranteed mailbox slot, and
 //! each call sends through a fresh clone.)
+//!
+//! Passivation: [`Registry::passivate_idle`] stops actors with nothing in flight for a while. It
+//! decides under the same lock that admits applies, and removes the actor from the registry before
+//! stopping it, so an apply either keeps the actor alive or finds no actor and starts a fresh one
+//! from the stored state — never two live actors for one aggregate.
 
-use crate::actor::{ActorEnv, AggregateActor, Apply, ApplyError, Crash, GetState};
+use crate::actor::{ActorEnv, AggregateActor, Apply, ApplyError, Crash, GetState, Passivate};
 use crate::aggregate::Aggregate;
 use crate::campaign::Campaign;
 use crate::events::{AggregateKind, Incoming};
 use crate::outcome::Outcome;
 use crate::payment::Payment;
+use crate::ports::Clock;
 use actix::prelude::*;
 use dashmap::DashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -35,28 +41,35 @@ impl<A: Aggregate> Kind<A> {
 /// Counts the applies in flight to one actor and parks callers beyond `limit`.
 struct InFlight {
     limit: usize,
-    /// Applies in flight, and the callers waiting for one of them to finish.
-    state: Mutex<(usize, Vec<Waker>)>,
+    /// Applies in flight, the callers waiting for one of them to finish, and when the last one
+    /// finished (ms, the registry's clock).
+    state: Mutex<Slots>,
+}
+
+struct Slots {
+    in_flight: usize,
+    waiting: Vec<Waker>,
+    last_used_ms: i64,
 }
 
 /// One apply's place in flight, given back on drop (also when the caller gives up waiting).
-struct Permit(Arc<InFlight>);
+struct Permit(Arc<InFlight>, Arc<dyn Clock>);
 
 impl InFlight {
-    async fn acquire(self: Arc<Self>) -> Permit {
+    async fn acquire(self: Arc<Self>, clock: Arc<dyn Clock>) -> Permit {
         futures::future::poll_fn(|cx| {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if state.0 < self.limit {
-                state.0 += 1;
+            if state.in_flight < self.limit {
+                state.in_flight += 1;
                 return Poll::Ready(());
             }
-            if !state.1.iter().any(|w| w.will_wake(cx.waker())) {
-                state.1.push(cx.waker().clone());
+            if !state.waiting.iter().any(|w| w.will_wake(cx.waker())) {
+                state.waiting.push(cx.waker().clone());
             }
             Poll::Pending
         })
         .await;
-        Permit(self)
+        Permit(self, clock)
     }
 }
 
@@ -64,8 +77,9 @@ impl Drop for Permit {
     fn drop(&mut self) {
         let waiting = {
             let mut state = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.0 -= 1;
-            std::mem::take(&mut state.1)
+            state.in_flight -= 1;
+            state.last_used_ms = self.1.now_ms();
+            std::mem::take(&mut state.waiting)
         };
         // Wake every waiter: one gets the place, the others park again. No wake-up is lost when a
         // woken caller is dropped before it polls.
@@ -139,11 +153,15 @@ impl Registry {
             .or_insert_with(|| {
                 Arc::new(InFlight {
                     limit: self.env.mailbox_capacity.max(1),
-                    state: Mutex::new((0, Vec::new())),
+                    state: Mutex::new(Slots {
+                        in_flight: 0,
+                        waiting: Vec::new(),
+                        last_used_ms: self.env.clock.now_ms(),
+                    }),
                 })
             })
             .clone();
-        let _permit = in_flight.acquire().await;
+        let _permit = in_flight.acquire(self.env.clock.clone()).await;
         let sent = self.addr(kind, id).send(Apply(incoming)).await;
         // A closed mailbox means the actor went away mid-message: the event was not committed.
         sent.unwrap_or(Err(ApplyError::MailboxClosed))
@@ -178,6 +196,12 @@ impl Registry {
         sent.is_ok()
     }
 
+    /// Stops the actors that have had nothing in flight for `idle_ms`; returns how many.
+    pub fn passivate_idle(&self, idle_ms: i64) -> usize {
+        let now = self.env.clock.now_ms();
+        passivate(&self.campaigns, now, idle_ms) + passivate(&self.payments, now, idle_ms)
+    }
+
     /// Number of actors of `kind` currently registered.
     pub fn active(&self, kind: AggregateKind) -> usize {
         match kind {
@@ -185,6 +209,27 @@ impl Registry {
             AggregateKind::Payment => self.payments.actors.len(),
         }
     }
+}
+
+fn passivate<A: Aggregate>(kind: &Kind<A>, now_ms: i64, idle_ms: i64) -> usize
+where
+    AggregateActor<A>: Actor<Context = Context<AggregateActor<A>>>,
+{
+    let mut stopped = 0;
+    kind.in_flight.retain(|id, in_flight| {
+        // Holding the lock that admits applies: none can start while the actor is removed.
+        let slots = in_flight.state.lock().unwrap_or_else(|e| e.into_inner());
+        if slots.in_flight > 0 || now_ms - slots.last_used_ms < idle_ms {
+            return true;
+        }
+        if let Some((_, addr)) = kind.actors.remove(id) {
+            // With the registry's address gone, the supervisor does not restart it.
+            addr.do_send(Passivate);
+            stopped += 1;
+        }
+        false
+    });
+    stopped
 }
 
 fn start<A: Aggregate>(arbiter: &ArbiterHandle, id: &str, env: &ActorEnv) -> Addr<AggregateActor<A>>

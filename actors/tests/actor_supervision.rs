@@ -570,6 +570,42 @@ async fn two_campaigns_on_two_arbiters() {
     h.stop();
 }
 
+/// An actor with nothing in flight is passivated: removed from the registry and stopped for good
+/// (its supervisor does not restart it); the next event starts a fresh actor from the stored state.
+#[actix_rt::test]
+async fn idle_actors_are_passivated_and_come_back_from_the_store() {
+    let h = Harness::new(1, 4);
+    assert_eq!(
+        h.apply(&campaign_event("e-created", created("c-1", 100_000)))
+            .await,
+        APPLIED
+    );
+    assert_eq!(h.apply(&campaign_event("e-click-1", click("c-1"))).await, APPLIED);
+    assert_eq!(h.registry.active(AggregateKind::Campaign), 1);
+
+    assert_eq!(
+        h.registry.passivate_idle(1),
+        0,
+        "the fixed clock has not moved: not idle yet"
+    );
+    assert_eq!(h.registry.passivate_idle(0), 1);
+    assert_eq!(h.registry.active(AggregateKind::Campaign), 0);
+    eventually("the actor to stop", || h.observer.stopped.load(SeqCst) == 1).await;
+    assert_eq!(h.restarts(), 0, "a passivated actor is not restarted");
+
+    assert_eq!(h.apply(&campaign_event("e-click-2", click("c-1"))).await, APPLIED);
+    assert_eq!(
+        h.apply(&campaign_event("e-click-1", click("c-1"))).await,
+        Ok(Outcome::Duplicate),
+        "the idempotency window outlives the actor"
+    );
+    let state = h.campaign("c-1").await;
+    assert_eq!((state.metrics.clicks, state.version), (2, 3));
+    assert_eq!(h.observer.started.load(SeqCst), 2);
+    assert_eq!(h.registry.active(AggregateKind::Campaign), 1);
+    h.stop();
+}
+
 /// The daemon may run `apply` on a multi-threaded runtime: its future must stay `Send`.
 #[allow(dead_code)]
 fn apply_future_is_send(registry: &Registry, incoming: Incoming) {

@@ -1,0 +1,92 @@
+//! Passivation (SPEC §6) against the real broker: with a 1-second idle time, every actor stops
+//! once the stream is applied (the active-actors gauge falls to 0), and a later event re-activates
+//! its campaign from the stored state, exactly.
+
+mod support;
+
+use aerostream::codec::Codec;
+use aerostream::config::Config;
+use aerostream::generator::{self, Input, Options, Planned};
+use aerostream::produce;
+use aerostream::views::CampaignView;
+use aerostream_actors::{CampaignEvent, CampaignStatus, Envelope, Event};
+use std::time::Duration;
+use support::daemon::{self, wait_for, Daemon};
+use support::state::wait_for_state;
+use support::{free_port, LocalBroker};
+
+fn active(daemon: &Daemon) -> f64 {
+    daemon.metric("aerostream_actors_active", &[]).unwrap()
+}
+
+#[test]
+fn idle_actors_passivate_and_come_back_with_exact_state() {
+    let broker = LocalBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    let config_path =
+        daemon::write_config(dir.path(), &broker.url(), port, "[actors]\nidle_seconds = 1\n").unwrap();
+    let config = Config::load(Some(&config_path)).unwrap();
+    let daemon = Daemon::start(&config_path, port).unwrap();
+    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let plan = generator::plan(&Options {
+        seed: 51,
+        campaigns: 6,
+        payments: 10,
+        events: 600,
+        duplicate_fraction: 0.0,
+        reorder_window: 0,
+        conflict_fraction: 0.0,
+        ..Options::for_daemon(&config)
+    });
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let publish = |events: &[Planned]| {
+        runtime
+            .block_on(produce::publish(&config, &Codec::shipped(), events, 0))
+            .unwrap()
+    };
+
+    publish(&plan.stream);
+    wait_for_state(&daemon, &plan.expected, Duration::from_secs(60));
+    wait_for("every actor passivated", Duration::from_secs(30), || {
+        (active(&daemon) == 0.0).then_some(())
+    })
+    .unwrap();
+    assert!(daemon.metric("aerostream_actors_passivated_total", &[]).unwrap() >= 16.0);
+
+    // One more impression for a campaign still running: its actor starts again from the store.
+    let before = plan
+        .expected
+        .campaigns
+        .iter()
+        .find(|c| c.status != CampaignStatus::Completed)
+        .expect("a campaign still running")
+        .clone();
+    let impression = Planned {
+        input: Input::Campaigns,
+        envelope: Envelope {
+            id: "late-impression".into(),
+            event_type: "ImpresionRegistrada".into(),
+            source: "test".into(),
+            time_ms: 1_767_225_700_000,
+            subject: Some(before.id.clone()),
+            correlation_id: None,
+            causation_id: None,
+            schema_version: "v1".into(),
+        },
+        idempotency_key: None,
+        event: Event::Campaign(CampaignEvent::ImpressionRecorded {
+            campaign_id: before.id.clone(),
+            affiliate_id: "af-0001".into(),
+        }),
+    };
+    publish(&[impression]);
+    let mut expected = before.clone();
+    expected.metrics.impressions += 1;
+    expected.version += 1;
+    wait_for("the re-activated campaign", Duration::from_secs(30), || {
+        let served: CampaignView = daemon.get(&format!("/api/campaigns/{}", before.id)).ok()?;
+        (served == expected).then_some(())
+    })
+    .unwrap();
+}
