@@ -218,12 +218,23 @@ async fn count_requests(
     Ok(response)
 }
 
+/// Largest JSON request body accepted.
+const MAX_JSON_BYTES: usize = 64 * 1024;
+
 /// Starts the listener on `listener` (bound by the caller, so tests can use port 0).
 pub fn serve(listener: TcpListener, state: HttpState) -> std::io::Result<actix_web::dev::Server> {
     let data = web::Data::new(state);
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            .app_data(
+                web::JsonConfig::default()
+                    .limit(MAX_JSON_BYTES)
+                    .error_handler(|error, _| {
+                        // Malformed bodies answer in the API's error shape, like every other error.
+                        ApiError::BadRequest(error.to_string()).into()
+                    }),
+            )
             .wrap(from_fn(count_requests))
             .route("/health", web::get().to(health))
             .route("/metrics", web::get().to(metrics))

@@ -195,21 +195,16 @@ fn bad_payloads_are_dead_lettered_with_their_reason_and_consumption_goes_on() {
         daemon.get::<serde_json::Value>("/api/payments/pago-ok").ok()
     })
     .unwrap();
-    assert_eq!(
-        daemon
-            .metric("aerostream_events_dead_lettered_total", &[])
-            .unwrap(),
-        cases.len() as f64
-    );
-    assert_eq!(
-        daemon
-            .metric(
-                "aerostream_events_dead_lettered_total",
-                &["reason=\"invalid_avro\""]
-            )
-            .unwrap(),
-        2.0
-    );
+    daemon
+        .wait_metric("aerostream_events_dead_lettered_total", &[], cases.len() as f64)
+        .unwrap();
+    daemon
+        .wait_metric(
+            "aerostream_events_dead_lettered_total",
+            &["reason=\"invalid_avro\""],
+            2.0,
+        )
+        .unwrap();
     assert_eq!(
         daemon.status("/api/payments/neg-1").unwrap(),
         404,

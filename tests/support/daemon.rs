@@ -136,6 +136,15 @@ impl Daemon {
             .sum())
     }
 
+    /// Waits until metric `name` (summed over samples matching `labels`) equals `value`: counters
+    /// move once an event's commit is durable, a moment after its state becomes readable.
+    pub fn wait_metric(&self, name: &str, labels: &[&str], value: f64) -> anyhow::Result<()> {
+        wait_for(&format!("{name} = {value}"), Duration::from_secs(30), || {
+            (self.metric(name, labels).ok()? == value).then_some(())
+        })
+        .with_context(|| format!("{name} is {:?}", self.metric(name, labels)))
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
         signal(self.child.id(), "TERM")?;
