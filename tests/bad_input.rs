@@ -5,16 +5,18 @@ mod support;
 
 use aerostream::codec::{Codec, SchemaRegistry};
 use aerostream_actors::{Envelope, Event, Money, PaymentEvent};
-use futures::StreamExt;
-use pulsar::{Pulsar, SubType, TokioExecutor};
+use pulsar::{Pulsar, TokioExecutor};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use support::daemon::{self, wait_for, Daemon};
-use support::{free_port, unique_consumer_id, LocalBroker};
+use support::topic::{send_raw, TopicReader};
+use support::{free_port, LocalBroker};
 
 const PAYMENTS: &str = "persistent://public/default/idempotencia.pagos.procesado.v1";
 const PAYMENTS_DLQ: &str = "persistent://public/default/idempotencia.pagos.procesado.v1-DLQ";
+const CAMPAIGNS: &str = "persistent://public/default/marketing.campanas.eventos.v1";
+const CAMPAIGNS_DLQ: &str = "persistent://public/default/marketing.campanas.eventos.v1-DLQ";
 const REQUESTED: &str = "com.aeropartners.idempotencia.PagoSolicitado/v1";
 
 fn envelope(id: &str, event_type: &str) -> Envelope {
@@ -119,75 +121,43 @@ fn bad_payloads_are_dead_lettered_with_their_reason_and_consumption_goes_on() {
         .unwrap();
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let reasons: BTreeMap<String, String> = runtime.block_on(async {
-        let client: Pulsar<TokioExecutor> = Pulsar::builder(broker.url(), TokioExecutor)
-            .build()
-            .await
+    let client = runtime
+        .block_on(Pulsar::builder(broker.url(), TokioExecutor).build())
+        .unwrap();
+    let mut dlq = runtime
+        .block_on(TopicReader::subscribe(&client, PAYMENTS_DLQ))
+        .unwrap();
+    for (name, payload, dataschema, _) in &cases {
+        let properties = [("ce_id", *name), ("ce_dataschema", *dataschema)];
+        runtime
+            .block_on(send_raw(&client, PAYMENTS, name, &properties, payload.clone()))
             .unwrap();
-        let mut dlq = client
-            .consumer()
-            .with_topic(PAYMENTS_DLQ)
-            .with_subscription("test-dlq")
-            .with_subscription_type(SubType::Exclusive)
-            .with_consumer_id(unique_consumer_id())
-            .build::<Vec<u8>>()
-            .await
-            .unwrap();
-        let mut producer = client.producer().with_topic(PAYMENTS).build().await.unwrap();
-        for (name, payload, dataschema, _) in &cases {
-            producer
-                .create_message()
-                .with_content(payload.clone())
-                .with_key(*name)
-                .with_property("ce_id", *name)
-                .with_property("ce_dataschema", *dataschema)
-                .send_non_blocking()
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
-        producer
-            .create_message()
-            .with_content(valid.payload.clone())
-            .with_key(valid.key.clone())
-            .with_property("ce_dataschema", valid.dataschema.clone())
-            .send_non_blocking()
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-
-        let mut reasons = BTreeMap::new();
-        while reasons.len() < cases.len() {
-            let message = tokio::time::timeout(Duration::from_secs(60), dlq.next())
-                .await
-                .expect("dead letters arrive")
-                .unwrap()
-                .unwrap();
-            let property = |key: &str| {
-                message
-                    .payload
-                    .metadata
-                    .properties
-                    .iter()
-                    .find(|kv| kv.key == key)
-                    .map(|kv| kv.value.clone())
-            };
-            reasons.insert(
-                property("ce_id").unwrap_or_default(),
-                property("reason").unwrap_or_default(),
-            );
-            dlq.ack(&message).await.unwrap();
-        }
-        reasons
-    });
+    }
+    let properties = [("ce_dataschema", valid.dataschema.as_str())];
+    runtime
+        .block_on(send_raw(
+            &client,
+            PAYMENTS,
+            &valid.key,
+            &properties,
+            valid.payload.clone(),
+        ))
+        .unwrap();
+    runtime
+        .block_on(dlq.collect_until(Duration::from_secs(60), |received| received.len() >= cases.len()))
+        .unwrap();
+    let reasons: BTreeMap<&str, &str> = dlq
+        .received
+        .iter()
+        .map(|m| {
+            (
+                m.property("ce_id").unwrap_or_default(),
+                m.property("reason").unwrap_or_default(),
+            )
+        })
+        .collect();
     for (name, _, _, reason) in &cases {
-        assert_eq!(
-            reasons.get(*name).map(String::as_str),
-            Some(*reason),
-            "case {name}: {reasons:?}"
-        );
+        assert_eq!(reasons.get(*name), Some(reason), "case {name}: {reasons:?}");
     }
 
     // Later valid events are applied, and the counters moved.
@@ -233,50 +203,27 @@ fn business_rule_violations_are_rejected_with_reason_and_state_unchanged() {
         )
         .unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let reason = runtime.block_on(async {
-        let client: Pulsar<TokioExecutor> = Pulsar::builder(broker.url(), TokioExecutor)
-            .build()
-            .await
-            .unwrap();
-        let mut dlq = client
-            .consumer()
-            .with_topic("persistent://public/default/marketing.campanas.eventos.v1-DLQ")
-            .with_subscription("test-dlq")
-            .with_subscription_type(SubType::Exclusive)
-            .with_consumer_id(unique_consumer_id())
-            .build::<Vec<u8>>()
-            .await
-            .unwrap();
-        let mut producer = client
-            .producer()
-            .with_topic("persistent://public/default/marketing.campanas.eventos.v1")
-            .build()
-            .await
-            .unwrap();
-        producer
-            .create_message()
-            .with_content(click.payload.clone())
-            .with_key(click.key.clone())
-            .with_property("ce_dataschema", click.dataschema.clone())
-            .send_non_blocking()
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        let message = tokio::time::timeout(Duration::from_secs(60), dlq.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        message
-            .payload
-            .metadata
-            .properties
-            .iter()
-            .find(|kv| kv.key == "reason")
-            .map(|kv| kv.value.clone())
-    });
-    assert_eq!(reason.as_deref(), Some("unknown_campaign"));
+    let client = runtime
+        .block_on(Pulsar::builder(broker.url(), TokioExecutor).build())
+        .unwrap();
+    let mut dlq = runtime
+        .block_on(TopicReader::subscribe(&client, CAMPAIGNS_DLQ))
+        .unwrap();
+    let properties = [("ce_dataschema", click.dataschema.as_str())];
+    runtime
+        .block_on(send_raw(
+            &client,
+            CAMPAIGNS,
+            &click.key,
+            &properties,
+            click.payload.clone(),
+        ))
+        .unwrap();
+    runtime
+        .block_on(dlq.collect_until(Duration::from_secs(60), |received| !received.is_empty()))
+        .unwrap();
+    let reason = dlq.received[0].property("reason");
+    assert_eq!(reason, Some("unknown_campaign"));
     assert_eq!(
         daemon
             .metric(

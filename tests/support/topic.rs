@@ -8,6 +8,23 @@ use std::time::{Duration, Instant};
 
 use super::unique_consumer_id;
 
+/// Publishes `payload` to `topic` as is (bad payloads included) and waits for the receipt.
+pub async fn send_raw(
+    client: &Pulsar<TokioExecutor>,
+    topic: &str,
+    key: &str,
+    properties: &[(&str, &str)],
+    payload: Vec<u8>,
+) -> anyhow::Result<()> {
+    let mut producer = client.producer().with_topic(topic).build().await?;
+    let mut message = producer.create_message().with_content(payload).with_key(key);
+    for (name, value) in properties {
+        message = message.with_property(*name, *value);
+    }
+    message.send_non_blocking().await?.await?;
+    Ok(())
+}
+
 /// One message as a test cares about it: its properties and payload.
 #[derive(Debug, Clone)]
 pub struct Received {
