@@ -50,6 +50,10 @@ fn main() {
             seen_at_ms: clock.now_ms(),
             outbox: &[],
             charges: &[],
+            journal: None,
+            snapshot: None,
+            drop_snapshots: &[],
+            truncate_journal: None,
         };
         assert_eq!(store.commit(commit).expect("commit"), CommitResult::Committed);
     }

@@ -3,6 +3,7 @@
 //! name the key.
 
 use aerostream_actors::gateway::{RetryPolicy, SimulatedGateway};
+use aerostream_actors::snapshot::SnapshotPolicy;
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::Deserialize;
@@ -33,6 +34,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub chaos: ChaosConfig,
     pub gateway: GatewayConfig,
+    pub snapshot: SnapshotConfig,
     /// Input topics by name (`campaigns`, `payments`, …).
     pub inputs: BTreeMap<String, InputConfig>,
     pub outputs: OutputsConfig,
@@ -106,6 +108,25 @@ pub struct HttpConfig {
 #[serde(deny_unknown_fields)]
 pub struct ChaosConfig {
     pub enabled: bool,
+}
+
+/// Campaign snapshots (`CampanaEstadoCompleto`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// A snapshot every this many events of a campaign (and whenever it is paused or completed).
+    pub every_events: u64,
+    /// Snapshots kept per campaign; the journal is kept back to the oldest.
+    pub keep: usize,
+}
+
+impl SnapshotConfig {
+    pub fn policy(&self) -> SnapshotPolicy {
+        SnapshotPolicy {
+            every_events: self.every_events,
+            keep: self.keep,
+        }
+    }
 }
 
 /// The payment gateway that charges payments requested with `PagoSolicitado` (simulated).
@@ -267,6 +288,8 @@ impl Config {
             u64::from(self.gateway.max_attempts),
         );
         positive("gateway.concurrency".into(), self.gateway.concurrency as u64);
+        positive("snapshot.every_events".into(), self.snapshot.every_events);
+        positive("snapshot.keep".into(), self.snapshot.keep as u64);
         positive(
             "broker.health_probe_interval_seconds".into(),
             self.broker.health_probe_interval_seconds,

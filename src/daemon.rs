@@ -43,6 +43,7 @@ pub async fn run(
             observer: Arc::new(telemetry::MetricsObserver),
             clock,
             mailbox_capacity: config.actors.mailbox_capacity,
+            snapshots: config.snapshot.policy(),
         },
         arbiters.iter().map(Arbiter::handle).collect(),
     ));

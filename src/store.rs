@@ -7,6 +7,8 @@
 //! - `outbox`:  sequence (8 bytes BE) → output event (JSON), deleted once published
 //! - `ledgers`: affiliate id → commission ledger (JSON), moved by the output events of each commit
 //! - `charges`: payment id → payment to charge through the gateway (JSON), deleted once reported
+//! - `journal`: `<kind>/<id>/<version, 20 digits>` → applied event (JSON), for kinds with snapshots
+//! - `snapshots`: same keys → full-state snapshot with checksum (JSON), the last few kept
 
 use aerostream_actors::events::AggregateKey;
 use aerostream_actors::gateway::Charge;
@@ -25,6 +27,8 @@ pub struct SledStore {
     outbox: sled::Tree,
     ledgers: sled::Tree,
     charges: sled::Tree,
+    journal: sled::Tree,
+    snapshots: sled::Tree,
     window_ms: i64,
     clock: std::sync::Arc<dyn aerostream_actors::ports::Clock>,
     /// Group commit: writes made so far, writes known durable, and the one flush in progress.
@@ -44,6 +48,23 @@ fn store_error(e: impl std::fmt::Display) -> StoreError {
 /// rather than applied on top of garbage.
 fn corrupt(e: serde_json::Error) -> sled::Error {
     sled::Error::Unsupported(format!("corrupt ledger: {e}"))
+}
+
+/// Key of a journal entry or snapshot: versions sort numerically under the aggregate's prefix.
+fn versioned_key(key: &AggregateKey, version: u64) -> Vec<u8> {
+    format!("{}/{}/{version:020}", key.kind.as_str(), key.id).into_bytes()
+}
+
+fn versioned_prefix(key: &AggregateKey) -> Vec<u8> {
+    format!("{}/{}/", key.kind.as_str(), key.id).into_bytes()
+}
+
+/// Reads the version back from a [`versioned_key`].
+fn version_of(stored_key: &[u8]) -> Result<u64, StoreError> {
+    std::str::from_utf8(&stored_key[stored_key.len().saturating_sub(20)..])
+        .ok()
+        .and_then(|digits| digits.parse().ok())
+        .ok_or_else(|| StoreError(format!("malformed versioned key {stored_key:?}")))
 }
 
 fn state_key(key: &AggregateKey) -> Vec<u8> {
@@ -91,6 +112,8 @@ impl SledStore {
             seen_by_time: tree("seen_by_time")?,
             ledgers: tree("ledgers")?,
             charges: tree("charges")?,
+            journal: tree("journal")?,
+            snapshots: tree("snapshots")?,
             db,
             window_ms: (window_seconds as i64).saturating_mul(1_000),
             clock,
@@ -240,6 +263,30 @@ impl SledStore {
 }
 
 impl StateStore for SledStore {
+    fn snapshots(&self, key: &AggregateKey) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.snapshots
+            .scan_prefix(versioned_prefix(key))
+            .rev()
+            .map(|entry| {
+                let (stored_key, value) = entry.map_err(store_error)?;
+                Ok((version_of(&stored_key)?, value.to_vec()))
+            })
+            .collect()
+    }
+
+    fn journal(&self, key: &AggregateKey, after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let start = versioned_key(key, after.saturating_add(1));
+        let prefix = versioned_prefix(key);
+        self.journal
+            .range(start..)
+            .take_while(|entry| entry.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
+            .map(|entry| {
+                let (stored_key, value) = entry.map_err(store_error)?;
+                Ok((version_of(&stored_key)?, value.to_vec()))
+            })
+            .collect()
+    }
+
     fn load(&self, key: &AggregateKey) -> Result<Option<Vec<u8>>, StoreError> {
         self.state
             .get(state_key(key))
@@ -279,6 +326,21 @@ impl StateStore for SledStore {
                 )
             })
             .collect();
+        let journal_key = commit
+            .journal
+            .map(|(version, _)| versioned_key(commit.aggregate, version));
+        let snapshot_key = commit
+            .snapshot
+            .map(|(version, _)| versioned_key(commit.aggregate, version));
+        let dropped: Vec<Vec<u8>> = commit
+            .drop_snapshots
+            .iter()
+            .map(|version| versioned_key(commit.aggregate, *version))
+            .collect();
+        let truncated: Vec<Vec<u8>> = commit
+            .truncate_journal
+            .map(|(from, to)| (from..=to).map(|v| versioned_key(commit.aggregate, v)).collect())
+            .unwrap_or_default();
         let trees = (
             &self.state,
             &self.seen,
@@ -286,42 +348,58 @@ impl StateStore for SledStore {
             &self.outbox,
             &self.ledgers,
             &self.charges,
+            &self.journal,
+            &self.snapshots,
         );
-        let result = trees.transaction(|(state, seen, by_time, out, ledgers, pending_charges)| {
-            let expired = match seen.get(commit.idempotency_key)? {
-                Some(existing) => {
-                    let entry = decode_seen(&existing);
-                    if entry.first_seen_ms > horizon {
-                        return Err(ConflictableTransactionError::Abort(entry));
+        let result = trees.transaction(
+            |(state, seen, by_time, out, ledgers, pending_charges, journal, snapshots)| {
+                let expired = match seen.get(commit.idempotency_key)? {
+                    Some(existing) => {
+                        let entry = decode_seen(&existing);
+                        if entry.first_seen_ms > horizon {
+                            return Err(ConflictableTransactionError::Abort(entry));
+                        }
+                        true
                     }
-                    true
+                    None => false,
+                };
+                state.insert(state_key.as_slice(), commit.state)?;
+                seen.insert(commit.idempotency_key.as_bytes(), seen_value.as_slice())?;
+                by_time.insert(index_key.as_slice(), &[])?;
+                for (seq, value) in &outbox {
+                    out.insert(&seq.to_be_bytes(), value.as_slice())?;
                 }
-                None => false,
-            };
-            state.insert(state_key.as_slice(), commit.state)?;
-            seen.insert(commit.idempotency_key.as_bytes(), seen_value.as_slice())?;
-            by_time.insert(index_key.as_slice(), &[])?;
-            for (seq, value) in &outbox {
-                out.insert(&seq.to_be_bytes(), value.as_slice())?;
-            }
-            for output in commit.outbox {
-                let Some(affiliate) = CommissionLedger::affiliate_of(&output.body) else {
-                    continue;
-                };
-                let mut ledger = match ledgers.get(affiliate)? {
-                    Some(bytes) => serde_json::from_slice(&bytes)
-                        .map_err(|e| ConflictableTransactionError::Storage(corrupt(e)))?,
-                    None => CommissionLedger::new(affiliate),
-                };
-                ledger.record(&output.body);
-                let bytes = serde_json::to_vec(&ledger).expect("ledgers serialize");
-                ledgers.insert(affiliate.as_bytes(), bytes)?;
-            }
-            for (payment_id, charge) in &charges {
-                pending_charges.insert(payment_id.as_bytes(), charge.as_slice())?;
-            }
-            Ok(expired)
-        });
+                for output in commit.outbox {
+                    let Some(affiliate) = CommissionLedger::affiliate_of(&output.body) else {
+                        continue;
+                    };
+                    let mut ledger = match ledgers.get(affiliate)? {
+                        Some(bytes) => serde_json::from_slice(&bytes)
+                            .map_err(|e| ConflictableTransactionError::Storage(corrupt(e)))?,
+                        None => CommissionLedger::new(affiliate),
+                    };
+                    ledger.record(&output.body);
+                    let bytes = serde_json::to_vec(&ledger).expect("ledgers serialize");
+                    ledgers.insert(affiliate.as_bytes(), bytes)?;
+                }
+                for (payment_id, charge) in &charges {
+                    pending_charges.insert(payment_id.as_bytes(), charge.as_slice())?;
+                }
+                if let (Some(key), Some((_, entry))) = (&journal_key, commit.journal) {
+                    journal.insert(key.as_slice(), entry)?;
+                }
+                if let (Some(key), Some((_, snapshot))) = (&snapshot_key, commit.snapshot) {
+                    snapshots.insert(key.as_slice(), snapshot)?;
+                }
+                for key in &dropped {
+                    snapshots.remove(key.as_slice())?;
+                }
+                for key in &truncated {
+                    journal.remove(key.as_slice())?;
+                }
+                Ok(expired)
+            },
+        );
         match result {
             Ok(replaced_expired_key) => {
                 self.wrote();
@@ -368,6 +446,10 @@ mod tests {
             seen_at_ms: at,
             outbox: &[],
             charges: &[],
+            journal: None,
+            snapshot: None,
+            drop_snapshots: &[],
+            truncate_journal: None,
         }
     }
 

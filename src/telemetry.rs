@@ -19,6 +19,10 @@ pub const PROCESSING_DURATION: &str = "aerostream_processing_duration_seconds";
 pub const ACTORS_ACTIVE: &str = "aerostream_actors_active";
 pub const ACTOR_RESTARTS: &str = "aerostream_actor_restarts_total";
 pub const ACTORS_PASSIVATED: &str = "aerostream_actors_passivated_total";
+pub const SNAPSHOTS_WRITTEN: &str = "aerostream_snapshots_written_total";
+pub const SNAPSHOT_RESTORES: &str = "aerostream_snapshot_restores_total";
+pub const SNAPSHOT_CHECKSUM_FAILURES: &str = "aerostream_snapshot_checksum_failures_total";
+pub const SNAPSHOT_REPLAYED: &str = "aerostream_snapshot_replayed_events_total";
 pub const IDEMPOTENCY_WINDOW_KEYS: &str = "aerostream_idempotency_window_keys";
 pub const IDEMPOTENCY_EVICTED: &str = "aerostream_idempotency_evicted_total";
 pub const OUTBOX_BACKLOG: &str = "aerostream_outbox_backlog_events";
@@ -62,6 +66,19 @@ impl ActorObserver for MetricsObserver {
 
     fn restarted(&self, kind: AggregateKind) {
         counter!(ACTOR_RESTARTS, "kind" => kind.as_str()).increment(1);
+    }
+
+    fn snapshot_written(&self, kind: AggregateKind) {
+        counter!(SNAPSHOTS_WRITTEN, "kind" => kind.as_str()).increment(1);
+    }
+
+    fn snapshot_rejected(&self, kind: AggregateKind) {
+        counter!(SNAPSHOT_CHECKSUM_FAILURES, "kind" => kind.as_str()).increment(1);
+    }
+
+    fn restored(&self, kind: AggregateKind, replayed: usize) {
+        counter!(SNAPSHOT_RESTORES, "kind" => kind.as_str()).increment(1);
+        counter!(SNAPSHOT_REPLAYED, "kind" => kind.as_str()).increment(replayed as u64);
     }
 }
 

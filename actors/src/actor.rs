@@ -5,10 +5,13 @@
 //! with its state reloaded from the store; the caller gets `ApplyError::Crashed` and must not ack.
 
 use crate::aggregate::Aggregate;
+use crate::events::Envelope;
 use crate::events::{AggregateKey, Incoming};
 use crate::outcome::{Outcome, RejectReason, Rejection};
 use crate::ports::{ActorObserver, Clock, Commit, CommitResult, SeenEntry, StateStore, StoreError};
+use crate::snapshot::{JournalEntry, Snapshot, SnapshotPlan, SnapshotPolicy};
 use actix::prelude::*;
+use serde::Serialize;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
@@ -32,6 +35,8 @@ pub struct ActorEnv {
     pub observer: Arc<dyn ActorObserver>,
     pub clock: Arc<dyn Clock>,
     pub mailbox_capacity: usize,
+    /// Snapshot cadence and retention, for kinds that keep snapshots.
+    pub snapshots: SnapshotPolicy,
 }
 
 /// Apply one event to the actor's aggregate.
@@ -56,11 +61,6 @@ impl<A: Aggregate> Message for GetState<A> {
     type Result = Result<Option<A>, ApplyError>;
 }
 
-/// Stop for good: the registry has dropped this actor (passivation).
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Passivate;
-
 /// Chaos: make the actor panic now, as a bug in a handler would.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -71,6 +71,15 @@ pub struct AggregateActor<A: Aggregate> {
     env: ActorEnv,
     /// `None` until loaded from the store; reset on restart.
     state: Option<Option<A>>,
+    /// Versions of the retained snapshots, oldest first (kinds that keep snapshots).
+    retained: Vec<u64>,
+}
+
+/// A journal entry as written, borrowing the event being applied.
+#[derive(Serialize)]
+struct JournalRef<'a, E> {
+    envelope: &'a Envelope,
+    event: &'a E,
 }
 
 impl<A: Aggregate> AggregateActor<A> {
@@ -79,21 +88,77 @@ impl<A: Aggregate> AggregateActor<A> {
             key: AggregateKey { kind: A::KIND, id },
             env,
             state: None,
+            retained: Vec::new(),
         }
+    }
+
+    fn corrupt(&self, detail: impl std::fmt::Display) -> ApplyError {
+        ApplyError::CorruptState(self.key.clone(), detail.to_string())
     }
 
     fn loaded(&mut self) -> Result<Option<&A>, ApplyError> {
         if self.state.is_none() {
-            let stored = match self.env.store.load(&self.key)? {
-                None => None,
-                Some(bytes) => Some(
-                    serde_json::from_slice::<A>(&bytes)
-                        .map_err(|e| ApplyError::CorruptState(self.key.clone(), e.to_string()))?,
-                ),
+            let stored = if A::SNAPSHOTS {
+                self.restore()?
+            } else {
+                self.latest()?
             };
             self.state = Some(stored);
         }
         Ok(self.state.as_ref().and_then(Option::as_ref))
+    }
+
+    /// The latest stored state.
+    fn latest(&self) -> Result<Option<A>, ApplyError> {
+        match self.env.store.load(&self.key)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| self.corrupt(e)),
+        }
+    }
+
+    /// Rebuilds the state from the newest snapshot that passes its checksum and the journal after
+    /// it. Falls back to the latest stored state when the journal cannot bridge the gap.
+    fn restore(&mut self) -> Result<Option<A>, ApplyError> {
+        let stored = self.env.store.snapshots(&self.key)?;
+        self.retained = stored.iter().rev().map(|(version, _)| *version).collect();
+        let mut base = None;
+        for (version, bytes) in &stored {
+            match Snapshot::<A>::verified(bytes) {
+                Some(snapshot) => {
+                    base = Some(snapshot.state);
+                    break;
+                }
+                None => {
+                    self.env.observer.snapshot_rejected(A::KIND);
+                    tracing::warn!(kind = A::KIND.as_str(), id = %self.key.id, version, "Snapshot failed its checksum; trying an older one.");
+                }
+            }
+        }
+        let from = base.as_ref().map_or(0, A::version);
+        let journal = self.env.store.journal(&self.key, from)?;
+        let contiguous = journal
+            .iter()
+            .zip(from + 1..)
+            .all(|((version, _), expected)| *version == expected);
+        if !contiguous {
+            tracing::error!(kind = A::KIND.as_str(), id = %self.key.id, from, "Journal does not continue the usable snapshot; using the latest stored state.");
+            return self.latest();
+        }
+        if base.is_none() && journal.is_empty() {
+            return self.latest();
+        }
+        let mut state = base;
+        for (version, bytes) in &journal {
+            let entry: JournalEntry<A::Event> = serde_json::from_slice(bytes).map_err(|e| self.corrupt(e))?;
+            let decision = A::decide(state.as_ref(), &entry.event, &entry.envelope).map_err(|rejection| {
+                self.corrupt(format!("journal entry {version} does not apply: {rejection}"))
+            })?;
+            state = Some(decision.state);
+        }
+        self.env.observer.restored(A::KIND, journal.len());
+        Ok(state)
     }
 
     fn apply(&mut self, incoming: &Incoming) -> Result<Outcome, ApplyError> {
@@ -107,12 +172,31 @@ impl<A: Aggregate> AggregateActor<A> {
                 A::KIND
             )
         };
-        let decision = match A::decide(self.loaded()?, event, &incoming.envelope) {
+        let current = self.loaded()?;
+        let decision = match A::decide(current, event, &incoming.envelope) {
             Ok(decision) => decision,
             Err(rejection) => return Ok(Outcome::Rejected(rejection)),
         };
-        let state = serde_json::to_vec(&decision.state)
-            .map_err(|e| ApplyError::CorruptState(self.key.clone(), e.to_string()))?;
+        let forced = A::snapshot_now(current, &decision.state);
+        let state = serde_json::to_vec(&decision.state).map_err(|e| self.corrupt(e))?;
+        let version = decision.state.version();
+        let (journal, plan, snapshot) = if A::SNAPSHOTS {
+            let entry = JournalRef {
+                envelope: &incoming.envelope,
+                event,
+            };
+            let journal = serde_json::to_vec(&entry).map_err(|e| self.corrupt(e))?;
+            let plan = self.env.snapshots.plan(&self.retained, version, forced);
+            let snapshot = match plan.snapshot_at {
+                Some(_) => {
+                    Some(serde_json::to_vec(&Snapshot::of(&decision.state)).map_err(|e| self.corrupt(e))?)
+                }
+                None => None,
+            };
+            (Some(journal), plan, snapshot)
+        } else {
+            (None, SnapshotPlan::default(), None)
+        };
         let commit = Commit {
             aggregate: &self.key,
             state: &state,
@@ -121,9 +205,19 @@ impl<A: Aggregate> AggregateActor<A> {
             seen_at_ms: self.env.clock.now_ms(),
             outbox: &decision.outputs,
             charges: &decision.charges,
+            journal: journal.as_deref().map(|entry| (version, entry)),
+            snapshot: snapshot.as_deref().map(|snapshot| (version, snapshot)),
+            drop_snapshots: &plan.drop_snapshots,
+            truncate_journal: plan.truncate_journal,
         };
         match self.env.store.commit(commit)? {
             CommitResult::Committed => {
+                if A::SNAPSHOTS {
+                    if snapshot.is_some() {
+                        self.env.observer.snapshot_written(A::KIND);
+                    }
+                    self.retained = plan.retained;
+                }
                 let outputs = decision.outputs.len();
                 self.state = Some(Some(decision.state));
                 Ok(Outcome::Applied { outputs })
@@ -189,6 +283,7 @@ impl<A: Aggregate> Supervised for AggregateActor<A> {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         // Whatever was in memory may be half-updated: come back from the committed state.
         self.state = None;
+        self.retained.clear();
         self.env.observer.restarted(A::KIND);
     }
 }
@@ -206,14 +301,6 @@ impl<A: Aggregate> Handler<GetState<A>> for AggregateActor<A> {
 
     fn handle(&mut self, _msg: GetState<A>, ctx: &mut Context<Self>) -> Self::Result {
         self.guarded(ctx, |actor| Ok(actor.loaded()?.cloned()))
-    }
-}
-
-impl<A: Aggregate> Handler<Passivate> for AggregateActor<A> {
-    type Result = ();
-
-    fn handle(&mut self, _msg: Passivate, ctx: &mut Context<Self>) {
-        ctx.stop();
     }
 }
 

@@ -19,10 +19,22 @@ pub struct Decision<A> {
 /// An aggregate is a value with a pure `decide`; actors add identity, storage and supervision.
 pub trait Aggregate: Clone + Serialize + DeserializeOwned + Send + Unpin + 'static {
     const KIND: AggregateKind;
-    type Event;
+    /// Whether this kind journals its events and keeps full-state snapshots (see
+    /// [`crate::snapshot`]); otherwise its latest state alone is stored.
+    const SNAPSHOTS: bool = false;
+    type Event: Serialize + DeserializeOwned;
 
     /// The part of `event` this aggregate handles, or `None` when it belongs to another kind.
     fn select(event: &Event) -> Option<&Self::Event>;
+
+    /// Events applied so far: the aggregate's journal position.
+    fn version(&self) -> u64;
+
+    /// Whether the change from `before` to `after` calls for a snapshot now, besides the regular
+    /// ones (a campaign paused or completed).
+    fn snapshot_now(_before: Option<&Self>, _after: &Self) -> bool {
+        false
+    }
 
     /// Decides what `event` does to `current` (`None`: the aggregate does not exist yet).
     /// Must not panic on any input: a rejection carries the reason instead.

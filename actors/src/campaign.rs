@@ -148,7 +148,18 @@ fn create(event: &CampaignEvent) -> Result<Campaign, Rejection> {
 
 impl Aggregate for Campaign {
     const KIND: AggregateKind = AggregateKind::Campaign;
+    const SNAPSHOTS: bool = true;
     type Event = CampaignEvent;
+
+    fn version(&self) -> u64 {
+        self.version
+    }
+
+    fn snapshot_now(before: Option<&Campaign>, after: &Campaign) -> bool {
+        let status = |c: Option<&Campaign>| c.map(Campaign::status);
+        let (was, is) = (status(before), after.status());
+        was != Some(is) && matches!(is, CampaignStatus::Paused | CampaignStatus::Completed)
+    }
 
     fn select(event: &Event) -> Option<&CampaignEvent> {
         match event {

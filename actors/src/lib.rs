@@ -12,6 +12,7 @@
 //! - [`gateway`]: the payment gateway port and its simulated adapter.
 //! - [`actor`]: `AggregateActor<A>`, supervised, committing each event atomically.
 //! - [`registry`]: finds or starts actors by aggregate key and routes events to them.
+//! - [`snapshot`]: full-state snapshots with checksums, the journal behind them, retention.
 
 pub mod actor;
 pub mod aggregate;
@@ -25,6 +26,7 @@ pub mod output;
 pub mod payment;
 pub mod ports;
 pub mod registry;
+pub mod snapshot;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 

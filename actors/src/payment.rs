@@ -109,6 +109,10 @@ impl Aggregate for Payment {
     const KIND: AggregateKind = AggregateKind::Payment;
     type Event = PaymentEvent;
 
+    fn version(&self) -> u64 {
+        self.version
+    }
+
     fn select(event: &Event) -> Option<&PaymentEvent> {
         match event {
             Event::Payment(e) => Some(e),

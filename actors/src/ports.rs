@@ -29,6 +29,14 @@ pub struct Commit<'a> {
     pub outbox: &'a [OutputEvent],
     /// Payments to charge through the gateway.
     pub charges: &'a [Charge],
+    /// Snapshot kinds: the journal entry of this event, at the aggregate's new version.
+    pub journal: Option<(u64, &'a [u8])>,
+    /// A full-state snapshot to write at this version (see [`crate::snapshot`]).
+    pub snapshot: Option<(u64, &'a [u8])>,
+    /// Snapshot versions to delete.
+    pub drop_snapshots: &'a [u64],
+    /// Journal versions to delete, inclusive.
+    pub truncate_journal: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +55,16 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Writes state, idempotency record and outbox atomically, unless the key is already recorded.
     fn commit(&self, commit: Commit<'_>) -> Result<CommitResult, StoreError>;
+
+    /// The stored snapshots of `key`, newest first, as (version, bytes).
+    fn snapshots(&self, _key: &AggregateKey) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// The journal of `key` after version `after`, oldest first, as (version, bytes).
+    fn journal(&self, _key: &AggregateKey, _after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Life events of actors, for metrics. All methods default to doing nothing.
@@ -54,6 +72,11 @@ pub trait ActorObserver: Send + Sync + 'static {
     fn started(&self, _kind: AggregateKind) {}
     fn stopped(&self, _kind: AggregateKind) {}
     fn restarted(&self, _kind: AggregateKind) {}
+    fn snapshot_written(&self, _kind: AggregateKind) {}
+    /// A snapshot failed its checksum (or did not parse) and was passed over.
+    fn snapshot_rejected(&self, _kind: AggregateKind) {}
+    /// An actor rebuilt its state from a snapshot and `replayed` journal entries.
+    fn restored(&self, _kind: AggregateKind, _replayed: usize) {}
 }
 
 /// An observer that ignores everything.

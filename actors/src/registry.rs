@@ -6,12 +6,12 @@
 //! alone does not bound anything here: every `Addr` clone has its own guaranteed mailbox slot, and
 //! each call sends through a fresh clone.)
 //!
-//! Passivation: [`Registry::passivate_idle`] stops actors with nothing in flight for a while. It
-//! decides under the same lock that admits applies, and removes the actor from the registry before
-//! stopping it, so an apply either keeps the actor alive or finds no actor and starts a fresh one
-//! from the stored state — never two live actors for one aggregate.
+//! Passivation: [`Registry::passivate_idle`] drops the registry's address of actors with nothing
+//! in flight for a while; an actor stops once its last address is gone. It decides under the same
+//! lock that admits applies, so an apply either keeps the actor alive or finds no actor and starts
+//! a fresh one from the stored state.
 
-use crate::actor::{ActorEnv, AggregateActor, Apply, ApplyError, Crash, GetState, Passivate};
+use crate::actor::{ActorEnv, AggregateActor, Apply, ApplyError, Crash, GetState};
 use crate::aggregate::Aggregate;
 use crate::campaign::Campaign;
 use crate::events::{AggregateKind, Incoming};
@@ -222,9 +222,9 @@ where
         if slots.in_flight > 0 || now_ms - slots.last_used_ms < idle_ms {
             return true;
         }
-        if let Some((_, addr)) = kind.actors.remove(id) {
-            // With the registry's address gone, the supervisor does not restart it.
-            addr.do_send(Passivate);
+        // An actor stops once its last address is gone, and its supervisor does not restart an
+        // actor nobody can reach: dropping the registry's address is the whole passivation.
+        if kind.actors.remove(id).is_some() {
             stopped += 1;
         }
         false

@@ -10,6 +10,7 @@ use actix::Arbiter;
 use aerostream_actors::ports::{
     ActorObserver, Clock, Commit, CommitResult, SeenEntry, StateStore, StoreError,
 };
+use aerostream_actors::snapshot::SnapshotPolicy;
 use aerostream_actors::{
     ActorEnv, AggregateKey, AggregateKind, ApplyError, Campaign, Event, Incoming, Outcome, OutputEvent,
     PaymentStatus, Registry, RejectReason,
@@ -237,6 +238,10 @@ impl Harness {
             observer: observer.clone(),
             clock: Arc::new(FixedClock),
             mailbox_capacity,
+            snapshots: SnapshotPolicy {
+                every_events: 3,
+                keep: 2,
+            },
         };
         let arbiters: Vec<Arbiter> = (0..arbiters).map(|_| Arbiter::new()).collect();
         let registry = Registry::new(env, arbiters.iter().map(Arbiter::handle).collect());

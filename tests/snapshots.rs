@@ -1,0 +1,127 @@
+//! Snapshots (SPEC §6): a campaign's newest snapshot is corrupted on disk while the daemon is
+//! stopped; after a restart the campaign's actor rejects it (counted), falls back to the previous
+//! snapshot plus the journal, and the campaign's state is exact.
+
+mod support;
+
+use aerostream::codec::Codec;
+use aerostream::config::Config;
+use aerostream::generator::{self, Input, Options, Planned};
+use aerostream::produce;
+use aerostream::views::CampaignView;
+use aerostream_actors::{CampaignEvent, CampaignStatus, Envelope, Event};
+use std::time::Duration;
+use support::daemon::{self, wait_for, Daemon};
+use support::state::wait_for_state;
+use support::{free_port, LocalBroker};
+
+const SNAPSHOTS: &str = "[snapshot]\nevery_events = 10\nkeep = 2\n";
+
+fn impression(campaign_id: &str) -> Planned {
+    Planned {
+        input: Input::Campaigns,
+        envelope: Envelope {
+            id: format!("late-impression-{campaign_id}"),
+            event_type: "ImpresionRegistrada".into(),
+            source: "test".into(),
+            time_ms: 1_767_225_700_000,
+            subject: Some(campaign_id.into()),
+            correlation_id: None,
+            causation_id: None,
+            schema_version: "v1".into(),
+        },
+        idempotency_key: None,
+        event: Event::Campaign(CampaignEvent::ImpressionRecorded {
+            campaign_id: campaign_id.into(),
+            affiliate_id: "af-0001".into(),
+        }),
+    }
+}
+
+/// Changes the state inside the newest snapshot of `campaign_id`, keeping its checksum, as a
+/// flipped bit on disk would. Returns the version of the corrupted snapshot.
+fn corrupt_newest_snapshot(data_dir: &std::path::Path, campaign_id: &str) -> u64 {
+    let db = sled::open(data_dir).unwrap();
+    let snapshots = db.open_tree("snapshots").unwrap();
+    let (key, value) = snapshots
+        .scan_prefix(format!("campaign/{campaign_id}/"))
+        .last()
+        .expect("the campaign has snapshots")
+        .unwrap();
+    let mut snapshot: serde_json::Value = serde_json::from_slice(&value).unwrap();
+    let impressions = &mut snapshot["state"]["metrics"]["impressions"];
+    *impressions = (impressions.as_u64().unwrap() + 1_000).into();
+    snapshots
+        .insert(&key, serde_json::to_vec(&snapshot).unwrap())
+        .unwrap();
+    db.flush().unwrap();
+    snapshot["watermark"].as_u64().unwrap()
+}
+
+#[test]
+fn a_corrupt_snapshot_is_detected_and_recovery_falls_back_exactly() {
+    let broker = LocalBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    let config_path = daemon::write_config(dir.path(), &broker.url(), port, SNAPSHOTS).unwrap();
+    let config = Config::load(Some(&config_path)).unwrap();
+    let plan = generator::plan(&Options {
+        seed: 71,
+        campaigns: 3,
+        payments: 5,
+        events: 400,
+        duplicate_fraction: 0.0,
+        reorder_window: 0,
+        ..Options::for_daemon(&config)
+    });
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let publish = |events: &[Planned]| {
+        runtime
+            .block_on(produce::publish(&config, &Codec::shipped(), events, 0))
+            .unwrap()
+    };
+
+    let mut first = Daemon::start(&config_path, port).unwrap();
+    first.wait_healthy(Duration::from_secs(30)).unwrap();
+    publish(&plan.stream);
+    wait_for_state(&first, &plan.expected, Duration::from_secs(60));
+    assert!(first.metric("aerostream_snapshots_written_total", &[]).unwrap() >= 6.0);
+    assert!(first.terminate(Duration::from_secs(30)).unwrap().success());
+
+    let before = plan
+        .expected
+        .campaigns
+        .iter()
+        .find(|c| c.status != CampaignStatus::Completed && c.version >= 30)
+        .expect("a running campaign with at least two snapshots")
+        .clone();
+    let corrupted = corrupt_newest_snapshot(&dir.path().join("data"), &before.id);
+    assert!(corrupted >= 20, "snapshot at version {corrupted}");
+
+    let second = Daemon::start(&config_path, port).unwrap();
+    second.wait_healthy(Duration::from_secs(30)).unwrap();
+    publish(&[impression(&before.id)]);
+    let mut expected = before.clone();
+    expected.metrics.impressions += 1;
+    expected.version += 1;
+    wait_for(
+        "the campaign rebuilt and updated",
+        Duration::from_secs(30),
+        || {
+            let served: CampaignView = second.get(&format!("/api/campaigns/{}", before.id)).ok()?;
+            (served == expected).then_some(())
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        second
+            .metric("aerostream_snapshot_checksum_failures_total", &[])
+            .unwrap(),
+        1.0,
+        "the corrupt snapshot is counted once"
+    );
+    assert_eq!(
+        second.metric("aerostream_snapshot_restores_total", &[]).unwrap(),
+        1.0
+    );
+}
