@@ -194,6 +194,8 @@ pub struct InputConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputsConfig {
+    /// Campaign full-state snapshots (CampanaEstadoCompleto), keyed by campaign id.
+    pub state_topic: String,
     pub payments_topic: String,
     pub commissions_topic: String,
     pub alerts_topic: String,

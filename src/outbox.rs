@@ -22,6 +22,7 @@ fn topic_of<'a>(outputs: &'a OutputsConfig, body: &OutputBody) -> &'a str {
         OutputBody::BudgetAlert { .. } => &outputs.alerts_topic,
         OutputBody::CommissionCalculated { .. } => &outputs.commissions_topic,
         OutputBody::PaymentSucceeded { .. } | OutputBody::PaymentFailed { .. } => &outputs.payments_topic,
+        OutputBody::CampaignState { .. } => &outputs.state_topic,
     }
 }
 

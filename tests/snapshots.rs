@@ -1,10 +1,11 @@
 //! Snapshots (SPEC §6): a campaign's newest snapshot is corrupted on disk while the daemon is
 //! stopped; after a restart the campaign's actor rejects it (counted), falls back to the previous
-//! snapshot plus the journal, and the campaign's state is exact.
+//! snapshot plus the journal, and the campaign's state is exact. Every snapshot is also published
+//! to the state topic.
 
 mod support;
 
-use aerostream::codec::Codec;
+use aerostream::codec::{Codec, SchemaRegistry};
 use aerostream::config::Config;
 use aerostream::generator::{self, Input, Options, Planned};
 use aerostream::produce;
@@ -13,6 +14,7 @@ use aerostream_actors::{CampaignEvent, CampaignStatus, Envelope, Event};
 use std::time::Duration;
 use support::daemon::{self, wait_for, Daemon};
 use support::state::wait_for_state;
+use support::topic::TopicReader;
 use support::{free_port, LocalBroker};
 
 const SNAPSHOTS: &str = "[snapshot]\nevery_events = 10\nkeep = 2\n";
@@ -58,6 +60,15 @@ fn corrupt_newest_snapshot(data_dir: &std::path::Path, campaign_id: &str) -> u64
     snapshot["watermark"].as_u64().unwrap()
 }
 
+fn field<'a>(value: &'a apache_avro::types::Value, name: &str) -> &'a apache_avro::types::Value {
+    match value {
+        apache_avro::types::Value::Record(fields) => {
+            &fields.iter().find(|(n, _)| n == name).expect("field present").1
+        }
+        other => panic!("not a record: {other:?}"),
+    }
+}
+
 #[test]
 fn a_corrupt_snapshot_is_detected_and_recovery_falls_back_exactly() {
     let broker = LocalBroker::start().unwrap();
@@ -81,11 +92,38 @@ fn a_corrupt_snapshot_is_detected_and_recovery_falls_back_exactly() {
             .unwrap()
     };
 
+    let client = runtime
+        .block_on(pulsar::Pulsar::builder(broker.url(), pulsar::TokioExecutor).build())
+        .unwrap();
+    let state_topic = config.broker.topic(&config.outputs.state_topic);
+    let mut states = runtime
+        .block_on(TopicReader::subscribe(&client, &state_topic))
+        .unwrap();
+
     let mut first = Daemon::start(&config_path, port).unwrap();
     first.wait_healthy(Duration::from_secs(30)).unwrap();
     publish(&plan.stream);
     wait_for_state(&first, &plan.expected, Duration::from_secs(60));
-    assert!(first.metric("aerostream_snapshots_written_total", &[]).unwrap() >= 6.0);
+    let written = first.metric("aerostream_snapshots_written_total", &[]).unwrap();
+    assert!(written >= 6.0, "{written} snapshots");
+
+    // Every snapshot is also published to the state topic, as CampanaEstadoCompleto.
+    runtime
+        .block_on(states.collect_until(Duration::from_secs(30), |received| {
+            received.len() as f64 >= written
+        }))
+        .unwrap();
+    let registry = SchemaRegistry::shipped();
+    for message in &states.received {
+        assert_eq!(message.property("ce_type"), Some("CampanaEstadoCompleto"));
+        let dataschema = message.property("ce_dataschema").unwrap();
+        let schema = registry.writer(dataschema).unwrap();
+        let value = apache_avro::from_avro_datum(schema, &mut message.payload.as_slice(), None).unwrap();
+        let data = field(&value, "data");
+        let checksum = field(data, "checksum_datos");
+        assert!(matches!(checksum, apache_avro::types::Value::String(s) if s.len() == 64));
+        assert!(matches!(field(data, "watermark"), apache_avro::types::Value::Long(w) if *w > 0));
+    }
     assert!(first.terminate(Duration::from_secs(30)).unwrap().success());
 
     let before = plan

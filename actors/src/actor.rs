@@ -173,7 +173,7 @@ impl<A: Aggregate> AggregateActor<A> {
             )
         };
         let current = self.loaded()?;
-        let decision = match A::decide(current, event, &incoming.envelope) {
+        let mut decision = match A::decide(current, event, &incoming.envelope) {
             Ok(decision) => decision,
             Err(rejection) => return Ok(Outcome::Rejected(rejection)),
         };
@@ -189,7 +189,11 @@ impl<A: Aggregate> AggregateActor<A> {
             let plan = self.env.snapshots.plan(&self.retained, version, forced);
             let snapshot = match plan.snapshot_at {
                 Some(_) => {
-                    Some(serde_json::to_vec(&Snapshot::of(&decision.state)).map_err(|e| self.corrupt(e))?)
+                    let snapshot = Snapshot::of(&decision.state);
+                    decision
+                        .outputs
+                        .extend(A::snapshot_output(&snapshot, &incoming.envelope));
+                    Some(serde_json::to_vec(&snapshot).map_err(|e| self.corrupt(e))?)
                 }
                 None => None,
             };

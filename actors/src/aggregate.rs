@@ -4,6 +4,7 @@ use crate::events::{AggregateKind, Envelope, Event};
 use crate::gateway::Charge;
 use crate::outcome::Rejection;
 use crate::output::OutputEvent;
+use crate::snapshot::Snapshot;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -34,6 +35,11 @@ pub trait Aggregate: Clone + Serialize + DeserializeOwned + Send + Unpin + 'stat
     /// ones (a campaign paused or completed).
     fn snapshot_now(_before: Option<&Self>, _after: &Self) -> bool {
         false
+    }
+
+    /// The output event announcing a snapshot (published to the state topic), if the kind has one.
+    fn snapshot_output(_snapshot: &Snapshot<Self>, _cause: &Envelope) -> Option<OutputEvent> {
+        None
     }
 
     /// Decides what `event` does to `current` (`None`: the aggregate does not exist yet).

@@ -13,6 +13,7 @@ use crate::events::{AggregateKind, CampaignEvent, CommissionRule, Envelope, Even
 use crate::money::Money;
 use crate::outcome::{RejectReason, Rejection};
 use crate::output::{AlertLevel, OutputBody, OutputEvent};
+use crate::snapshot::Snapshot;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -26,6 +27,17 @@ pub enum CampaignStatus {
     Paused,
     #[serde(rename = "COMPLETED")]
     Completed,
+}
+
+impl CampaignStatus {
+    pub fn wire_name(self) -> &'static str {
+        match self {
+            CampaignStatus::Created => "CREATED",
+            CampaignStatus::Active => "ACTIVE",
+            CampaignStatus::Paused => "PAUSED",
+            CampaignStatus::Completed => "COMPLETED",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +165,13 @@ impl Aggregate for Campaign {
 
     fn version(&self) -> u64 {
         self.version
+    }
+
+    fn snapshot_output(snapshot: &Snapshot<Campaign>, cause: &Envelope) -> Option<OutputEvent> {
+        let body = OutputBody::CampaignState {
+            snapshot: Box::new(snapshot.clone()),
+        };
+        Some(OutputEvent::derived(cause, "state", body))
     }
 
     fn snapshot_now(before: Option<&Campaign>, after: &Campaign) -> bool {

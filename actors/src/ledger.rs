@@ -42,7 +42,9 @@ impl CommissionLedger {
         match body {
             OutputBody::CommissionCalculated { affiliate_id, .. }
             | OutputBody::PaymentSucceeded { affiliate_id, .. } => Some(affiliate_id),
-            OutputBody::PaymentFailed { .. } | OutputBody::BudgetAlert { .. } => None,
+            OutputBody::PaymentFailed { .. }
+            | OutputBody::BudgetAlert { .. }
+            | OutputBody::CampaignState { .. } => None,
         }
     }
 
@@ -70,7 +72,9 @@ impl CommissionLedger {
                 *self.paid.entry(amount.currency).or_default() += amount.amount_minor;
                 self.payments += 1;
             }
-            OutputBody::PaymentFailed { .. } | OutputBody::BudgetAlert { .. } => {}
+            OutputBody::PaymentFailed { .. }
+            | OutputBody::BudgetAlert { .. }
+            | OutputBody::CampaignState { .. } => {}
         }
     }
 

@@ -1,6 +1,8 @@
 //! Output (integration) events an aggregate emits; they leave through the outbox.
 
+use crate::campaign::Campaign;
 use crate::money::Money;
+use crate::snapshot::Snapshot;
 use serde::{Deserialize, Serialize};
 
 /// Budget consumption thresholds: each is emitted once per campaign.
@@ -71,6 +73,8 @@ pub enum OutputBody {
         affiliate_id: String,
         amount: Money,
     },
+    /// `CampanaEstadoCompleto`: a campaign's full-state snapshot, for the state topic.
+    CampaignState { snapshot: Box<Snapshot<Campaign>> },
 }
 
 impl OutputBody {
@@ -80,6 +84,7 @@ impl OutputBody {
             OutputBody::CommissionCalculated { .. } => "ComisionCalculada",
             OutputBody::PaymentSucceeded { .. } => "PagoExitoso",
             OutputBody::PaymentFailed { .. } => "PagoFallido",
+            OutputBody::CampaignState { .. } => "CampanaEstadoCompleto",
         }
     }
 
@@ -90,6 +95,7 @@ impl OutputBody {
             OutputBody::CommissionCalculated { affiliate_id, .. } => affiliate_id,
             OutputBody::PaymentSucceeded { payment_id, .. }
             | OutputBody::PaymentFailed { payment_id, .. } => payment_id,
+            OutputBody::CampaignState { snapshot } => &snapshot.state.id,
         }
     }
 }

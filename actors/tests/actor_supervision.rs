@@ -239,7 +239,7 @@ impl Harness {
             clock: Arc::new(FixedClock),
             mailbox_capacity,
             snapshots: SnapshotPolicy {
-                every_events: 3,
+                every_events: 1_000_000,
                 keep: 2,
             },
         };

@@ -255,7 +255,8 @@ fn input_event(wire: WireType, data: &Fields) -> Result<Event, DecodeError> {
         WireType::PagoExitoso
         | WireType::PagoFallido
         | WireType::ComisionCalculada
-        | WireType::BudgetAlert => Err(DecodeError::UnknownEventType {
+        | WireType::BudgetAlert
+        | WireType::CampanaEstadoCompleto => Err(DecodeError::UnknownEventType {
             event_type: wire.name().into(),
             detail: "an output event: aerostream publishes it and does not consume it".into(),
         }),
@@ -286,6 +287,10 @@ fn output_body(wire: WireType, data: &Fields) -> Result<OutputBody, DecodeError>
             level: alert_level(data)?,
             budget: data.money("presupuesto")?,
             spend_minor: data.minor_units("gasto_centavos")?,
+        }),
+        WireType::CampanaEstadoCompleto => Err(DecodeError::UnknownEventType {
+            event_type: wire.name().into(),
+            detail: "full-state events are read back by a standby (not implemented yet)".into(),
         }),
         input => Err(DecodeError::UnknownEventType {
             event_type: input.name().into(),

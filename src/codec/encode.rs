@@ -5,6 +5,8 @@
 
 use super::{Codec, WireType};
 use aerostream_actors::events::CommissionRule;
+use aerostream_actors::snapshot::Snapshot;
+use aerostream_actors::Campaign;
 use aerostream_actors::{CampaignEvent, Envelope, Event, Money, OutputBody, OutputEvent, PaymentEvent};
 use apache_avro::types::Value;
 
@@ -280,7 +282,51 @@ fn output_data(body: &OutputBody) -> Value {
             ("presupuesto", money(budget)),
             ("gasto_centavos", Value::Long(*spend_minor)),
         ]),
+        OutputBody::CampaignState { snapshot } => campaign_state(snapshot),
     }
+}
+
+/// The body of CampanaEstadoCompleto: the campaign's full state and the snapshot's checksum.
+fn campaign_state(snapshot: &Snapshot<Campaign>) -> Value {
+    let campaign = &snapshot.state;
+    let alerts = campaign
+        .alerts_emitted
+        .iter()
+        .map(|level| string(level.wire_name()))
+        .collect();
+    record(vec![
+        ("id_campana", string(&campaign.id)),
+        ("nombre", string(&campaign.name)),
+        ("estado", string(campaign.status().wire_name())),
+        ("presupuesto", money(&campaign.budget)),
+        ("gasto_centavos", Value::Long(campaign.spend_minor)),
+        (
+            "costo_por_click_centavos",
+            Value::Long(campaign.cost_per_click_minor),
+        ),
+        (
+            "costo_por_conversion_centavos",
+            Value::Long(campaign.cost_per_conversion_minor),
+        ),
+        ("regla_comision", commission_rule(&campaign.commission)),
+        (
+            "metricas",
+            record(vec![
+                ("impresiones", Value::Long(campaign.metrics.impressions as i64)),
+                ("clicks", Value::Long(campaign.metrics.clicks as i64)),
+                ("conversiones", Value::Long(campaign.metrics.conversions as i64)),
+                (
+                    "valor_conversiones_centavos",
+                    Value::Long(campaign.metrics.conversion_value_minor),
+                ),
+            ]),
+        ),
+        ("alertas_emitidas", Value::Array(alerts)),
+        ("version", Value::Long(campaign.version as i64)),
+        ("version_esquema", string(&snapshot.version_esquema)),
+        ("checksum_datos", string(&snapshot.checksum_datos)),
+        ("watermark", Value::Long(snapshot.watermark as i64)),
+    ])
 }
 
 /// `{id_pago, id_afiliado, monto}`: the body of PagoSolicitado, PagoExitoso and PagoFallido.

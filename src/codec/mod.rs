@@ -67,10 +67,11 @@ pub enum WireType {
     PagoFallido,
     ComisionCalculada,
     BudgetAlert,
+    CampanaEstadoCompleto,
 }
 
 impl WireType {
-    pub const ALL: [WireType; 14] = [
+    pub const ALL: [WireType; 15] = [
         WireType::CampanaCreada,
         WireType::CampanaActivada,
         WireType::CampanaPausada,
@@ -85,6 +86,7 @@ impl WireType {
         WireType::PagoFallido,
         WireType::ComisionCalculada,
         WireType::BudgetAlert,
+        WireType::CampanaEstadoCompleto,
     ];
 
     /// The subject: the full name of the top-level Avro record.
@@ -104,6 +106,7 @@ impl WireType {
             WireType::PagoFallido => "com.aeropartners.integracion.PagoFallido",
             WireType::ComisionCalculada => "com.aeropartners.integracion.ComisionCalculada",
             WireType::BudgetAlert => "com.aeropartners.integracion.BudgetAlert",
+            WireType::CampanaEstadoCompleto => "com.aeropartners.confiabilidad.CampanaEstadoCompleto",
         }
     }
 
@@ -121,6 +124,7 @@ impl WireType {
                 | WireType::PagoFallido
                 | WireType::ComisionCalculada
                 | WireType::BudgetAlert
+                | WireType::CampanaEstadoCompleto
         )
     }
 
@@ -157,6 +161,7 @@ impl WireType {
             OutputBody::CommissionCalculated { .. } => WireType::ComisionCalculada,
             OutputBody::PaymentSucceeded { .. } => WireType::PagoExitoso,
             OutputBody::PaymentFailed { .. } => WireType::PagoFallido,
+            OutputBody::CampaignState { .. } => WireType::CampanaEstadoCompleto,
         }
     }
 }

@@ -33,7 +33,7 @@ pub const ENVELOPE_FIELDS: [&str; 11] = [
 const SHIPPED_MANIFEST: &str = include_str!("../../schemas/manifest.toml");
 
 /// The shipped `schemas/` directory, file by file. A test checks it matches the directory.
-const SHIPPED_FILES: [(&str, &str); 14] = [
+const SHIPPED_FILES: [(&str, &str); 15] = [
     (
         "BudgetAlert.v1.avsc",
         include_str!("../../schemas/BudgetAlert.v1.avsc"),
@@ -49,6 +49,10 @@ const SHIPPED_FILES: [(&str, &str); 14] = [
     (
         "CampanaCreada.v1.avsc",
         include_str!("../../schemas/CampanaCreada.v1.avsc"),
+    ),
+    (
+        "CampanaEstadoCompleto.v1.avsc",
+        include_str!("../../schemas/CampanaEstadoCompleto.v1.avsc"),
     ),
     (
         "CampanaPausada.v1.avsc",

@@ -272,9 +272,14 @@ fn every_wire_type_has_a_shipped_subject_and_back() {
 
 #[test]
 fn shipped_compatibility_modes_follow_the_seed_rule() {
-    // No full-state subject ships yet: everything is BACKWARD.
+    // Seed 000: full-state events FULL; idempotency, report and every other event BACKWARD.
     for subject in codec().registry().subjects() {
-        assert_eq!(subject.compatibility, Compatibility::Backward, "{}", subject.name);
+        let expected = if subject.name.ends_with("EstadoCompleto") {
+            Compatibility::Full
+        } else {
+            Compatibility::Backward
+        };
+        assert_eq!(subject.compatibility, expected, "{}", subject.name);
     }
 }
 
