@@ -11,6 +11,7 @@ COPY schemas schemas
 COPY src src
 COPY tests tests
 COPY examples examples
+COPY benches benches
 RUN cargo build --release --locked --bin aerostream
 
 FROM debian:bookworm-slim

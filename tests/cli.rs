@@ -60,3 +60,39 @@ fn shipped_config_parses() {
     ))))
     .expect("the shipped config.toml is valid");
 }
+
+/// The Dockerfile copies everything the manifest's targets need (cargo refuses a manifest whose
+/// targets are missing), and every file it copies exists.
+#[test]
+fn dockerfile_copies_what_the_build_needs() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let copied: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|line| line.strip_prefix("COPY "))
+        .filter(|args| !args.starts_with("--from"))
+        .flat_map(|args| {
+            let parts: Vec<&str> = args.split_whitespace().collect();
+            parts[..parts.len() - 1].to_vec()
+        })
+        .collect();
+    for source in &copied {
+        assert!(
+            root.join(source).exists(),
+            "Dockerfile copies {source}, which does not exist"
+        );
+    }
+    for needed in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "config.toml",
+        "src",
+        "actors",
+        "schemas",
+        "tests",
+        "examples",
+        "benches",
+    ] {
+        assert!(copied.contains(&needed), "the Dockerfile does not copy {needed}");
+    }
+}
