@@ -35,7 +35,18 @@ pub async fn run(
         )
         .context("opening the state store")?,
     );
-    let codec = Arc::new(Codec::new(Arc::new(SchemaRegistry::shipped())));
+    let registry = SchemaRegistry::shipped();
+    let incompatible: Vec<String> = registry
+        .subjects()
+        .flat_map(crate::codec::compat::check)
+        .map(|problem| problem.to_string())
+        .collect();
+    anyhow::ensure!(
+        incompatible.is_empty(),
+        "broken schemas:\n{}",
+        incompatible.join("\n")
+    );
+    let codec = Arc::new(Codec::new(Arc::new(registry)));
     let arbiters: Vec<Arbiter> = (0..config.actors.arbiters).map(|_| Arbiter::new()).collect();
     let registry = Arc::new(Registry::new(
         ActorEnv {

@@ -1,6 +1,6 @@
 //! The `aerostream` binary: parses arguments and calls into the library.
 
-use aerostream::codec::{Codec, SchemaRegistry};
+use aerostream::codec::{compat, Codec, SchemaRegistry};
 use aerostream::config::Config;
 use aerostream::{daemon, generator, produce, telemetry};
 use anyhow::Context;
@@ -148,15 +148,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             command: SchemasCommand::Check { dir },
         } => {
             let registry = SchemaRegistry::load(&dir)?;
+            let mut broken = 0;
             for subject in registry.subjects() {
                 let versions: Vec<&str> = subject.versions.iter().map(|v| v.version.as_str()).collect();
+                let problems = compat::check(subject);
+                let verdict = if problems.is_empty() { "ok  " } else { "FAIL" };
                 println!(
-                    "ok  {}  {}  [{}]",
+                    "{verdict}  {}  {}  [{}]",
                     subject.name,
                     subject.compatibility.as_str(),
                     versions.join(", ")
                 );
+                for problem in &problems {
+                    eprintln!("aerostream: {problem}");
+                }
+                broken += problems.len();
             }
+            anyhow::ensure!(broken == 0, "{broken} incompatible schema version pair(s)");
             Ok(())
         }
     }

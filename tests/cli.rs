@@ -96,3 +96,33 @@ fn dockerfile_copies_what_the_build_needs() {
         assert!(copied.contains(&needed), "the Dockerfile does not copy {needed}");
     }
 }
+
+/// Editing a shipped schema incompatibly (on a copy) makes `schemas check` fail, naming the
+/// subject, the versions and the field.
+#[test]
+fn an_incompatible_schema_edit_fails_the_check_with_a_clear_message() {
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&shipped).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    // v2's new field loses its default: a v2 reader can no longer read v1 data (BACKWARD).
+    let v2 = dir.path().join("PagoProcesado.v2.avsc");
+    let text = std::fs::read_to_string(&v2).unwrap();
+    let edited = text.replace(r#""default": "desconocida","#, "");
+    assert_ne!(text, edited, "the edit applies");
+    std::fs::write(&v2, edited).unwrap();
+
+    let out = aerostream(&["schemas", "check", "--dir", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "com.aeropartners.idempotencia.PagoProcesado",
+        "v1 → v2",
+        "BACKWARD",
+        "`data.pasarela`",
+    ] {
+        assert!(stderr.contains(expected), "missing {expected:?} in: {stderr}");
+    }
+}

@@ -1,6 +1,7 @@
 //! Encoding: a domain event or output event → the Avro payload, `ce_dataschema`, type and key.
 //!
-//! Always writes with the subject's latest schema version. Encoding does not validate business
+//! Writes with the schema version the envelope's `schema_version` names (a v1 producer writes v1),
+//! or the subject's latest when it names none or one the subject lacks. Encoding does not validate business
 //! rules (a test or the generator may deliberately produce a negative amount); decoding does.
 
 use super::{Codec, WireType};
@@ -120,7 +121,11 @@ impl Codec {
             .ok_or(EncodeError::UnknownSubject {
                 subject: wire.subject(),
             })?;
-        let latest = subject.latest();
+        // The writer version: the one the envelope names when the subject has it, else the latest.
+        let writer = head
+            .schema_version
+            .and_then(|version| subject.version(version))
+            .unwrap_or_else(|| subject.latest());
         let value = record(vec![
             ("id", string(head.id)),
             ("type", string(wire.name())),
@@ -130,22 +135,19 @@ impl Codec {
             ("subject", optional(head.subject)),
             ("correlationid", optional(head.correlation_id)),
             ("causationid", optional(head.causation_id)),
-            (
-                "schema_version",
-                string(head.schema_version.unwrap_or(&latest.version)),
-            ),
+            ("schema_version", string(&writer.version)),
             ("idempotency_key", optional(head.idempotency_key)),
             ("data", data),
         ]);
-        let dataschema = subject.dataschema(latest);
+        let dataschema = subject.dataschema(writer);
         let avro_error = |source| EncodeError::Avro {
             dataschema: dataschema.clone(),
             source,
         };
         // apache-avro's encoder does not fill in defaults; resolving does. So a newer schema that
         // adds fields with defaults (unknown to this code) can still be written.
-        let value = value.resolve(&latest.schema).map_err(avro_error)?;
-        let payload = apache_avro::to_avro_datum(&latest.schema, value).map_err(avro_error)?;
+        let value = value.resolve(&writer.schema).map_err(avro_error)?;
+        let payload = apache_avro::to_avro_datum(&writer.schema, value).map_err(avro_error)?;
         Ok(Encoded {
             payload,
             dataschema,

@@ -9,11 +9,14 @@
 //! # Layout
 //! - [`registry`]: [`SchemaRegistry`], the subjects of `schemas/manifest.toml` and their parsed
 //!   versions, loaded from a directory or embedded at compile time.
+//! - [`compat`]: compatibility of a subject's versions under its mode (BACKWARD, FORWARD, FULL,
+//!   transitive or not).
 //! - [`decode`]: payload → [`Incoming`](aerostream_actors::Incoming) / [`OutputEvent`], and
 //!   [`DecodeError`] with its dead-letter reason.
 //! - [`encode`]: domain event / output event → [`Encoded`] payload.
 //! - this file: [`Codec`], [`WireType`] (the table of event types and their subjects).
 
+pub mod compat;
 pub mod decode;
 pub mod encode;
 pub mod registry;

@@ -33,7 +33,7 @@ pub const ENVELOPE_FIELDS: [&str; 11] = [
 const SHIPPED_MANIFEST: &str = include_str!("../../schemas/manifest.toml");
 
 /// The shipped `schemas/` directory, file by file. A test checks it matches the directory.
-const SHIPPED_FILES: [(&str, &str); 15] = [
+const SHIPPED_FILES: [(&str, &str); 16] = [
     (
         "BudgetAlert.v1.avsc",
         include_str!("../../schemas/BudgetAlert.v1.avsc"),
@@ -85,6 +85,10 @@ const SHIPPED_FILES: [(&str, &str); 15] = [
     (
         "PagoProcesado.v1.avsc",
         include_str!("../../schemas/PagoProcesado.v1.avsc"),
+    ),
+    (
+        "PagoProcesado.v2.avsc",
+        include_str!("../../schemas/PagoProcesado.v2.avsc"),
     ),
     (
         "PagoSolicitado.v1.avsc",

@@ -172,7 +172,8 @@ fn envelope(event_type: &'static str) -> impl Strategy<Value = Envelope> {
         proptest::option::of(".*"),
         proptest::option::of(".*"),
         proptest::option::of(".*"),
-        "v[0-9]{1,2}",
+        // The writer version: every subject has a v1.
+        Just("v1".to_owned()),
     )
         .prop_map(
             move |(id, source, time_ms, subject, correlation_id, causation_id, schema_version)| Envelope {
@@ -263,7 +264,9 @@ fn every_wire_type_has_a_shipped_subject_and_back() {
         let subject = registry
             .subject(wire.subject())
             .unwrap_or_else(|| panic!("{} has no schema", wire.subject()));
-        assert_eq!(subject.latest().file, format!("{}.v1.avsc", wire.name()));
+        for version in &subject.versions {
+            assert_eq!(version.file, format!("{}.{}.avsc", wire.name(), version.version));
+        }
         assert_eq!(subject_of(wire.name()), Some(wire.subject()));
     }
     assert_eq!(registry.subjects().count(), WireType::ALL.len());
@@ -683,70 +686,89 @@ fn content_hash_depends_on_the_event_only() {
 
 // ---- schema evolution -------------------------------------------------------------------------
 
-/// The shipped schemas plus a PagoProcesado v2 whose body gains `extra_field`.
-fn registry_with_v2(extra_field: serde_json::Value) -> tempfile::TempDir {
+/// A copy of the shipped schemas whose manifest line for PagoProcesado's versions is `versions`,
+/// with `extra` files written beside them.
+fn registry_variant(versions: &str, extra: &[(&str, String)]) -> tempfile::TempDir {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
     let dir = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(&shipped).unwrap() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
     }
-    let v1 = std::fs::read_to_string(shipped.join("PagoProcesado.v1.avsc")).unwrap();
-    let mut v2: serde_json::Value = serde_json::from_str(&v1).unwrap();
-    let data = v2["fields"]
+    for (file, text) in extra {
+        std::fs::write(dir.path().join(file), text).unwrap();
+    }
+    let manifest = std::fs::read_to_string(shipped.join("manifest.toml")).unwrap();
+    let start = manifest.find("PagoProcesado.v1.avsc").unwrap();
+    let open = manifest[..start].rfind("versions = [").unwrap();
+    let close = open + manifest[open..].find("\n]").map(|i| i + 2).unwrap();
+    let manifest = format!("{}{versions}{}", &manifest[..open], &manifest[close..]);
+    std::fs::write(dir.path().join("manifest.toml"), manifest).unwrap();
+    dir
+}
+
+/// The shipped schemas plus a PagoProcesado v3: v2 whose body gains `extra_field`.
+fn registry_with_v3(extra_field: serde_json::Value) -> tempfile::TempDir {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+    let v2 = std::fs::read_to_string(shipped.join("PagoProcesado.v2.avsc")).unwrap();
+    let mut v3: serde_json::Value = serde_json::from_str(&v2).unwrap();
+    let data = v3["fields"]
         .as_array_mut()
         .unwrap()
         .iter_mut()
         .find(|f| f["name"] == "data")
         .unwrap();
     data["type"]["fields"].as_array_mut().unwrap().push(extra_field);
-    std::fs::write(
-        dir.path().join("PagoProcesado.v2.avsc"),
-        serde_json::to_string_pretty(&v2).unwrap(),
+    registry_variant(
+        r#"versions = [{ version = "v1", file = "PagoProcesado.v1.avsc" }, { version = "v2", file = "PagoProcesado.v2.avsc" }, { version = "v3", file = "PagoProcesado.v3.avsc" }]"#,
+        &[(
+            "PagoProcesado.v3.avsc",
+            serde_json::to_string_pretty(&v3).unwrap(),
+        )],
     )
-    .unwrap();
-    let manifest = std::fs::read_to_string(shipped.join("manifest.toml"))
-        .unwrap()
-        .replace(
-            r#"versions = [{ version = "v1", file = "PagoProcesado.v1.avsc" }]"#,
-            r#"versions = [{ version = "v1", file = "PagoProcesado.v1.avsc" }, { version = "v2", file = "PagoProcesado.v2.avsc" }]"#,
-        );
-    std::fs::write(dir.path().join("manifest.toml"), manifest).unwrap();
-    dir
+}
+
+fn with_version(mut envelope: Envelope, version: &str) -> Envelope {
+    envelope.schema_version = version.into();
+    envelope
 }
 
 #[test]
-fn v1_writer_is_read_by_a_v2_reader() {
-    let dir = registry_with_v2(serde_json::json!(
-        {"name": "motivo_fallo", "type": ["null", "string"], "default": null}
-    ));
-    let v2 = Codec::new(Arc::new(SchemaRegistry::load(dir.path()).unwrap()));
+fn v1_and_v2_writers_are_read_by_the_v2_reader() {
+    let codec = codec();
     let event = processed(PaymentStatus::Failed);
-    let v1_payload = encode(&event);
-    let from_v1 = v2
-        .decode(Some(&v1_payload.dataschema), &v1_payload.payload)
+    let v1 = codec
+        .encode_input(&with_version(envelope_for(&event), "v1"), None, &event)
         .unwrap();
-    let v2_payload = v2.encode_input(&envelope_for(&event), None, &event).unwrap();
-    assert_eq!(
-        v2_payload.dataschema,
-        "com.aeropartners.idempotencia.PagoProcesado/v2"
-    );
-    let from_v2 = v2
-        .decode(Some(&v2_payload.dataschema), &v2_payload.payload)
+    let v2 = codec
+        .encode_input(&with_version(envelope_for(&event), "v2"), None, &event)
         .unwrap();
+    assert_eq!(v1.dataschema, "com.aeropartners.idempotencia.PagoProcesado/v1");
+    assert_eq!(v2.dataschema, "com.aeropartners.idempotencia.PagoProcesado/v2");
+    assert_ne!(v1.payload, v2.payload, "v2 writes the new field");
+    let from_v1 = codec.decode(Some(&v1.dataschema), &v1.payload).unwrap();
+    let from_v2 = codec.decode(Some(&v2.dataschema), &v2.payload).unwrap();
     assert_eq!(from_v1.event, event);
+    assert_eq!(from_v2.event, event);
     assert_eq!(from_v1.content_hash, from_v2.content_hash);
-    // The v1-only daemon does not know v2.
-    let error = decode_err(Some(&v2_payload.dataschema), &v2_payload.payload);
+
+    // A daemon that only knows v1 dead-letters v2 payloads as an unknown schema.
+    let dir = registry_variant(
+        r#"versions = [{ version = "v1", file = "PagoProcesado.v1.avsc" }]"#,
+        &[],
+    );
+    std::fs::remove_file(dir.path().join("PagoProcesado.v2.avsc")).unwrap();
+    let v1_only = Codec::new(Arc::new(SchemaRegistry::load(dir.path()).unwrap()));
+    let error = v1_only.decode(Some(&v2.dataschema), &v2.payload).unwrap_err();
     assert_eq!(error.reason(), "unknown_schema");
 }
 
 #[test]
 fn a_new_required_field_is_missing_from_old_payloads() {
-    let dir = registry_with_v2(serde_json::json!({"name": "canal", "type": "string"}));
-    let v2 = Codec::new(Arc::new(SchemaRegistry::load(dir.path()).unwrap()));
+    let dir = registry_with_v3(serde_json::json!({"name": "canal", "type": "string"}));
+    let v3 = Codec::new(Arc::new(SchemaRegistry::load(dir.path()).unwrap()));
     let v1_payload = encode(&processed(PaymentStatus::Failed));
-    let error = v2
+    let error = v3
         .decode(Some(&v1_payload.dataschema), &v1_payload.payload)
         .unwrap_err();
     assert_eq!(error.reason(), "missing_field");
