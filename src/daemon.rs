@@ -35,6 +35,8 @@ pub async fn run(
         )
         .context("opening the state store")?,
     );
+    let prometheus = telemetry::prometheus();
+    telemetry::zero_counters(config.inputs.keys().map(String::as_str));
     let registry = SchemaRegistry::shipped();
     let incompatible: Vec<String> = registry
         .subjects()
@@ -74,7 +76,7 @@ pub async fn run(
         HttpState {
             store: store.clone(),
             registry: registry.clone(),
-            prometheus: telemetry::prometheus(),
+            prometheus,
             broker: broker_health.clone(),
             inputs: inputs_up.clone(),
             admin_token: config.http.admin_token.clone(),

@@ -52,6 +52,32 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
+/// Registers the counters whose label values are known up front at zero, so dashboards and alert
+/// rules see 0 rather than no data before the first event of a kind.
+pub fn zero_counters<'a>(inputs: impl IntoIterator<Item = &'a str>) {
+    for input in inputs {
+        counter!(EVENTS_CONSUMED, "input" => input.to_owned()).increment(0);
+        counter!(EVENTS_RETRIED, "input" => input.to_owned()).increment(0);
+    }
+    for kind in AggregateKind::ALL {
+        counter!(ACTOR_RESTARTS, "kind" => kind.as_str()).increment(0);
+        gauge!(ACTORS_ACTIVE, "kind" => kind.as_str()).increment(0.0);
+    }
+    for name in [
+        SNAPSHOTS_WRITTEN,
+        SNAPSHOT_RESTORES,
+        SNAPSHOT_CHECKSUM_FAILURES,
+        SNAPSHOT_REPLAYED,
+    ] {
+        counter!(name, "kind" => AggregateKind::Campaign.as_str()).increment(0);
+    }
+    for result in ["approved", "declined", "unavailable"] {
+        counter!(GATEWAY_CALLS, "result" => result).increment(0);
+    }
+    counter!(ACTORS_PASSIVATED).increment(0);
+    counter!(IDEMPOTENCY_EVICTED).increment(0);
+}
+
 /// Counts actor starts, stops and restarts.
 pub struct MetricsObserver;
 

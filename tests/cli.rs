@@ -126,3 +126,49 @@ fn an_incompatible_schema_edit_fails_the_check_with_a_clear_message() {
         assert!(stderr.contains(expected), "missing {expected:?} in: {stderr}");
     }
 }
+
+/// docker-compose.yml cannot run here (no Docker engine): check its structure, that every file it
+/// mounts exists, and that its services have what an operator relies on.
+#[test]
+fn docker_compose_is_well_formed_and_its_files_exist() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let compose: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(root.join("docker-compose.yml")).unwrap()).unwrap();
+    let services = compose["services"].as_mapping().expect("services");
+    for name in ["pulsar", "aerostream", "prometheus", "grafana"] {
+        assert!(services.contains_key(name), "service {name}");
+    }
+    assert!(
+        compose["services"]["pulsar"]["healthcheck"].is_mapping(),
+        "pulsar has a health check"
+    );
+    assert_eq!(
+        compose["services"]["aerostream"]["build"].as_str(),
+        Some("."),
+        "aerostream is built from the Dockerfile"
+    );
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    assert!(
+        dockerfile.contains("HEALTHCHECK") && dockerfile.contains("/health"),
+        "aerostream has a health check"
+    );
+    for (name, service) in services {
+        for volume in service["volumes"].as_sequence().into_iter().flatten() {
+            let host = volume.as_str().unwrap().split(':').next().unwrap();
+            if host.starts_with("./") {
+                assert!(
+                    root.join(host).exists(),
+                    "{name:?} mounts {host}, which does not exist"
+                );
+            } else {
+                let declared = compose["volumes"]
+                    .as_mapping()
+                    .expect("named volumes are declared");
+                assert!(
+                    declared.contains_key(host),
+                    "{name:?} uses volume {host}, which is not declared"
+                );
+            }
+        }
+    }
+}

@@ -120,6 +120,15 @@ impl Daemon {
             .as_u16())
     }
 
+    /// The Prometheus exposition text of /metrics.
+    pub fn metrics_text(&self) -> anyhow::Result<String> {
+        Ok(self
+            .http
+            .get(format!("{}/metrics", self.base_url))
+            .send()?
+            .text()?)
+    }
+
     /// Sum of every sample of metric `name` whose labels contain all of `labels` (`k="v"` pairs).
     pub fn metric(&self, name: &str, labels: &[&str]) -> anyhow::Result<f64> {
         let text = self

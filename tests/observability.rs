@@ -1,0 +1,264 @@
+//! Observability (SPEC §10) against a real Prometheus (Debian package `prometheus`): it scrapes a
+//! daemon under generated traffic with duplicates, conflicts, a bad payload and an actor kill;
+//! every query of the Grafana dashboards returns data, every alert rule evaluates, `promtool`
+//! accepts the configuration and the rules, and every metric of the README's table is emitted.
+
+mod support;
+
+use aerostream::codec::Codec;
+use aerostream::config::Config;
+use aerostream::generator::{self, Input, Options, Planned};
+use aerostream::produce;
+use aerostream_actors::{CampaignEvent, Envelope, Event};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use support::daemon::{self, wait_for, Daemon};
+use support::state::wait_for_state;
+use support::topic::send_raw;
+use support::{free_port, LocalBroker};
+
+const TOKEN: &str = "observability-token";
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// A Prometheus process, killed on drop.
+struct Prometheus {
+    child: Child,
+    url: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    fn start(dir: &Path, target_port: u16) -> Prometheus {
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {:?}\n\
+                 scrape_configs:\n  - job_name: aerostream\n    static_configs:\n      - targets: [\"127.0.0.1:{target_port}\"]\n",
+                repo("deploy/alerts.yml").display().to_string()
+            ),
+        )
+        .unwrap();
+        let port = free_port().unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .spawn()
+            .expect("prometheus is installed (scripts/prereqs installs it)");
+        Prometheus {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            http: reqwest::blocking::Client::new(),
+        }
+    }
+
+    /// Runs an instant query; `None` when Prometheus is not answering yet.
+    fn query(&self, expr: &str) -> Option<Value> {
+        let response = self
+            .http
+            .get(format!("{}/api/v1/query", self.url))
+            .query(&[("query", expr)])
+            .send()
+            .ok()?;
+        response.json().ok()
+    }
+
+    fn results(&self, expr: &str) -> usize {
+        self.query(expr)
+            .and_then(|answer| answer["data"]["result"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    }
+}
+
+/// Every `expr` of every panel of every dashboard under grafana/dashboards.
+fn dashboard_queries() -> Vec<String> {
+    let mut queries = Vec::new();
+    for entry in std::fs::read_dir(repo("grafana/dashboards")).unwrap() {
+        let dashboard: Value =
+            serde_json::from_slice(&std::fs::read(entry.unwrap().path()).unwrap()).unwrap();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                queries.push(target["expr"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    queries
+}
+
+/// Every alert `expr` of deploy/alerts.yml (one per `expr:` line).
+fn alert_queries() -> Vec<String> {
+    std::fs::read_to_string(repo("deploy/alerts.yml"))
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("expr: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The metric names of the README's metrics table.
+fn documented_metrics() -> Vec<String> {
+    std::fs::read_to_string(repo("README.md"))
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `aerostream_"))
+        .map(|rest| format!("aerostream_{}", rest.split('`').next().unwrap()))
+        .collect()
+}
+
+/// A fresh impression for `campaign_id` (a new event id each call).
+fn impression(campaign_id: &str) -> Planned {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Planned {
+        input: Input::Campaigns,
+        envelope: Envelope {
+            id: format!("wake-{campaign_id}-{n}"),
+            event_type: "ImpresionRegistrada".into(),
+            source: "test".into(),
+            time_ms: 1_767_225_700_000,
+            subject: Some(campaign_id.into()),
+            correlation_id: None,
+            causation_id: None,
+            schema_version: "v1".into(),
+        },
+        idempotency_key: None,
+        event: Event::Campaign(CampaignEvent::ImpressionRecorded {
+            campaign_id: campaign_id.into(),
+            affiliate_id: "af-0001".into(),
+        }),
+    }
+}
+
+fn promtool(args: &[&str]) {
+    let out = Command::new("promtool")
+        .args(args)
+        .output()
+        .expect("promtool is installed");
+    assert!(
+        out.status.success(),
+        "promtool {args:?}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn dashboards_and_alerts_run_against_a_real_prometheus() {
+    promtool(&["check", "config", repo("deploy/prometheus.yml").to_str().unwrap()]);
+    promtool(&["check", "rules", repo("deploy/alerts.yml").to_str().unwrap()]);
+
+    let broker = LocalBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    let extra = format!(
+        "admin_token = {TOKEN:?}\n\n[chaos]\nenabled = true\n\n[actors]\nidle_seconds = 1\n\n[snapshot]\nevery_events = 5\nkeep = 2\n"
+    );
+    let config_path = daemon::write_config(dir.path(), &broker.url(), port, &extra).unwrap();
+    let config = Config::load(Some(&config_path)).unwrap();
+    let daemon = Daemon::start(&config_path, port).unwrap();
+    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let prometheus = Prometheus::start(dir.path(), port);
+
+    // Traffic that moves every metric: duplicates, conflicts, a bad payload, an actor kill.
+    let plan = generator::plan(&Options {
+        seed: 81,
+        campaigns: 5,
+        payments: 40,
+        events: 1_500,
+        duplicate_fraction: 0.1,
+        reorder_window: 4,
+        conflict_fraction: 0.2,
+        ..Options::for_daemon(&config)
+    });
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime
+        .block_on(produce::publish(&config, &Codec::shipped(), &plan.stream, 0))
+        .unwrap();
+    wait_for_state(&daemon, &plan.expected, Duration::from_secs(60));
+    runtime
+        .block_on(produce::publish(&config, &Codec::shipped(), &plan.conflicts, 0))
+        .unwrap();
+    let client = runtime
+        .block_on(pulsar::Pulsar::builder(broker.url(), pulsar::TokioExecutor).build())
+        .unwrap();
+    let payments = config.broker.topic(&config.inputs["payments"].topic);
+    let properties = [("ce_dataschema", "com.aeropartners.idempotencia.PagoSolicitado/v1")];
+    runtime
+        .block_on(send_raw(
+            &client,
+            &payments,
+            "bad",
+            &properties,
+            vec![0xff, 0x00, 0x13],
+        ))
+        .unwrap();
+    let kill = json!({ "kind": "campaign", "id": "camp-00000" });
+    wait_for("a campaign actor to kill", Duration::from_secs(30), || {
+        if daemon.post("/admin/chaos/kill-actor", Some(TOKEN), &kill).ok()? == 202 {
+            return Some(());
+        }
+        // Passivated already: an event brings the actor back.
+        let wake = [impression("camp-00000")];
+        let _ = runtime.block_on(produce::publish(&config, &Codec::shipped(), &wake, 0));
+        None
+    })
+    .unwrap();
+    daemon
+        .wait_metric(
+            "aerostream_events_dead_lettered_total",
+            &["reason=\"invalid_avro\""],
+            1.0,
+        )
+        .unwrap();
+
+    // Prometheus has scraped the daemon long enough for rates over a window.
+    wait_for("Prometheus to scrape the daemon", Duration::from_secs(60), || {
+        (prometheus.results(r#"up{job="aerostream"} == 1"#) == 1).then_some(())
+    })
+    .unwrap();
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 20, "{} dashboard queries", queries.len());
+    wait_for(
+        "every dashboard query to return data",
+        Duration::from_secs(60),
+        || {
+            queries
+                .iter()
+                .all(|expr| prometheus.results(expr) > 0)
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| {
+        let empty: Vec<&String> = queries
+            .iter()
+            .filter(|expr| prometheus.results(expr) == 0)
+            .collect();
+        panic!("{e}: no data for {empty:#?}")
+    });
+    for expr in alert_queries() {
+        let answer = prometheus.query(&expr).expect("Prometheus answers");
+        assert_eq!(answer["status"], "success", "alert expression {expr}: {answer}");
+    }
+
+    let exposition = daemon.metrics_text().unwrap();
+    for metric in documented_metrics() {
+        assert!(
+            exposition.lines().any(|line| line.starts_with(&metric)),
+            "{metric} is documented but not emitted"
+        );
+    }
+}
