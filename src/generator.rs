@@ -124,15 +124,17 @@ pub fn plan(options: &Options) -> Plan {
         queues.push(payment_events(&mut rng, p, via_gateway));
     }
 
-    // Interleave the aggregates at random, each keeping its own order.
-    let mut canonical = Vec::new();
-    let mut live: Vec<usize> = (0..queues.len()).filter(|i| !queues[*i].is_empty()).collect();
-    while !live.is_empty() {
-        let pick = rng.gen_range(0..live.len());
-        let (input, event, key) = queues[live[pick]].pop_front().expect("live queues are non-empty");
-        if queues[live[pick]].is_empty() {
-            live.swap_remove(pick);
-        }
+    // Interleave the aggregates at random, each keeping its own order: every remaining event is
+    // equally likely next, so a long campaign's events spread over the whole stream.
+    let mut order: Vec<usize> = queues
+        .iter()
+        .enumerate()
+        .flat_map(|(i, queue)| std::iter::repeat(i).take(queue.len()))
+        .collect();
+    order.shuffle(&mut rng);
+    let mut canonical = Vec::with_capacity(order.len());
+    for next in order {
+        let (input, event, key) = queues[next].pop_front().expect("one slot per queued event");
         let index = canonical.len();
         canonical.push(Planned {
             input,
