@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use support::daemon::{self, wait_for, Daemon};
+use support::events;
 use support::topic::{send_raw, TopicReader};
 use support::{free_port, LocalBroker};
 
@@ -20,16 +21,7 @@ const CAMPAIGNS_DLQ: &str = "persistent://public/default/marketing.campanas.even
 const REQUESTED: &str = "com.aeropartners.idempotencia.PagoSolicitado/v1";
 
 fn envelope(id: &str, event_type: &str) -> Envelope {
-    Envelope {
-        id: id.into(),
-        event_type: event_type.into(),
-        source: "test".into(),
-        time_ms: 1_767_225_600_000,
-        subject: None,
-        correlation_id: None,
-        causation_id: None,
-        schema_version: "v1".into(),
-    }
+    events::envelope(id, event_type, 1_767_225_600_000, None)
 }
 
 fn requested(payment_id: &str, amount_minor: i64) -> Event {

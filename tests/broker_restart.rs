@@ -4,12 +4,11 @@
 
 mod support;
 
-use aerostream::codec::Codec;
 use aerostream::config::Config;
 use aerostream::generator::{self, Options};
-use aerostream::produce;
 use std::time::Duration;
 use support::daemon::{self, wait_for, Daemon};
+use support::events;
 use support::state::wait_for_state;
 use support::{free_port, BrokerOptions, LocalBroker};
 
@@ -35,11 +34,7 @@ fn health_follows_the_broker_and_nothing_is_lost_across_a_restart() {
     });
     let (first, second) = plan.stream.split_at(plan.stream.len() / 2);
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let publish = |events: &[generator::Planned]| {
-        runtime
-            .block_on(produce::publish(&config, &Codec::shipped(), events, 0))
-            .unwrap()
-    };
+    let publish = |planned: &[generator::Planned]| events::publish(&runtime, &config, planned);
 
     publish(first);
     broker.stop_broker().unwrap();

@@ -5,16 +5,14 @@
 
 mod support;
 
-use aerostream::codec::Codec;
 use aerostream::config::Config;
-use aerostream::generator::{self, Input, Options, Planned};
-use aerostream::produce;
-use aerostream_actors::{CampaignEvent, Envelope, Event};
+use aerostream::generator::{self, Options};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use support::daemon::{self, wait_for, Daemon};
+use support::events;
 use support::state::wait_for_state;
 use support::topic::send_raw;
 use support::{free_port, LocalBroker};
@@ -120,30 +118,6 @@ fn documented_metrics() -> Vec<String> {
         .collect()
 }
 
-/// A fresh impression for `campaign_id` (a new event id each call).
-fn impression(campaign_id: &str) -> Planned {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Planned {
-        input: Input::Campaigns,
-        envelope: Envelope {
-            id: format!("wake-{campaign_id}-{n}"),
-            event_type: "ImpresionRegistrada".into(),
-            source: "test".into(),
-            time_ms: 1_767_225_700_000,
-            subject: Some(campaign_id.into()),
-            correlation_id: None,
-            causation_id: None,
-            schema_version: "v1".into(),
-        },
-        idempotency_key: None,
-        event: Event::Campaign(CampaignEvent::ImpressionRecorded {
-            campaign_id: campaign_id.into(),
-            affiliate_id: "af-0001".into(),
-        }),
-    }
-}
-
 fn promtool(args: &[&str]) {
     let out = Command::new("promtool")
         .args(args)
@@ -185,13 +159,9 @@ fn dashboards_and_alerts_run_against_a_real_prometheus() {
         ..Options::for_daemon(&config)
     });
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime
-        .block_on(produce::publish(&config, &Codec::shipped(), &plan.stream, 0))
-        .unwrap();
+    events::publish(&runtime, &config, &plan.stream);
     wait_for_state(&daemon, &plan.expected, Duration::from_secs(60));
-    runtime
-        .block_on(produce::publish(&config, &Codec::shipped(), &plan.conflicts, 0))
-        .unwrap();
+    events::publish(&runtime, &config, &plan.conflicts);
     let client = runtime
         .block_on(pulsar::Pulsar::builder(broker.url(), pulsar::TokioExecutor).build())
         .unwrap();
@@ -207,13 +177,18 @@ fn dashboards_and_alerts_run_against_a_real_prometheus() {
         ))
         .unwrap();
     let kill = json!({ "kind": "campaign", "id": "camp-00000" });
+    let mut wakes = 0;
     wait_for("a campaign actor to kill", Duration::from_secs(30), || {
         if daemon.post("/admin/chaos/kill-actor", Some(TOKEN), &kill).ok()? == 202 {
             return Some(());
         }
         // Passivated already: an event brings the actor back.
-        let wake = [impression("camp-00000")];
-        let _ = runtime.block_on(produce::publish(&config, &Codec::shipped(), &wake, 0));
+        wakes += 1;
+        events::publish(
+            &runtime,
+            &config,
+            &[events::impression("camp-00000", &format!("wake-{wakes}"))],
+        );
         None
     })
     .unwrap();

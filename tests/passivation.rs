@@ -4,14 +4,13 @@
 
 mod support;
 
-use aerostream::codec::Codec;
 use aerostream::config::Config;
-use aerostream::generator::{self, Input, Options, Planned};
-use aerostream::produce;
+use aerostream::generator::{self, Options, Planned};
 use aerostream::views::CampaignView;
-use aerostream_actors::{CampaignEvent, CampaignStatus, Envelope, Event};
+use aerostream_actors::CampaignStatus;
 use std::time::Duration;
 use support::daemon::{self, wait_for, Daemon};
+use support::events;
 use support::state::wait_for_state;
 use support::{free_port, LocalBroker};
 
@@ -40,11 +39,7 @@ fn idle_actors_passivate_and_come_back_with_exact_state() {
         ..Options::for_daemon(&config)
     });
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let publish = |events: &[Planned]| {
-        runtime
-            .block_on(produce::publish(&config, &Codec::shipped(), events, 0))
-            .unwrap()
-    };
+    let publish = |events: &[Planned]| events::publish(&runtime, &config, events);
 
     publish(&plan.stream);
     wait_for_state(&daemon, &plan.expected, Duration::from_secs(60));
@@ -62,25 +57,7 @@ fn idle_actors_passivate_and_come_back_with_exact_state() {
         .find(|c| c.status != CampaignStatus::Completed)
         .expect("a campaign still running")
         .clone();
-    let impression = Planned {
-        input: Input::Campaigns,
-        envelope: Envelope {
-            id: "late-impression".into(),
-            event_type: "ImpresionRegistrada".into(),
-            source: "test".into(),
-            time_ms: 1_767_225_700_000,
-            subject: Some(before.id.clone()),
-            correlation_id: None,
-            causation_id: None,
-            schema_version: "v1".into(),
-        },
-        idempotency_key: None,
-        event: Event::Campaign(CampaignEvent::ImpressionRecorded {
-            campaign_id: before.id.clone(),
-            affiliate_id: "af-0001".into(),
-        }),
-    };
-    publish(&[impression]);
+    publish(&[events::impression(&before.id, "late-impression")]);
     let mut expected = before.clone();
     expected.metrics.impressions += 1;
     expected.version += 1;

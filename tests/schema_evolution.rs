@@ -7,26 +7,26 @@ mod support;
 use aerostream::codec::Codec;
 use aerostream::config::Config;
 use aerostream::generator::{Input, Planned};
-use aerostream::produce;
 use aerostream::views::PaymentView;
 use aerostream_actors::events::processed_idempotency_key;
 use aerostream_actors::{Envelope, Event, Money, PaymentEvent, PaymentStatus};
 use std::time::Duration;
 use support::daemon::{self, wait_for, Daemon};
+use support::events;
 use support::{free_port, LocalBroker};
 
 fn processed(payment_id: &str, status: PaymentStatus, schema_version: &str, at: i64) -> Planned {
     Planned {
         input: Input::Payments,
         envelope: Envelope {
-            id: format!("{payment_id}-{}", status.wire_name()),
-            event_type: "PagoProcesado".into(),
             source: format!("partner-{schema_version}"),
-            time_ms: 1_767_225_600_000 + at,
-            subject: Some(payment_id.into()),
-            correlation_id: None,
-            causation_id: None,
             schema_version: schema_version.into(),
+            ..events::envelope(
+                &format!("{payment_id}-{}", status.wire_name()),
+                "PagoProcesado",
+                1_767_225_600_000 + at,
+                Some(payment_id),
+            )
         },
         idempotency_key: Some(processed_idempotency_key(payment_id, status, "af-7")),
         event: Event::Payment(PaymentEvent::Processed {
@@ -50,14 +50,14 @@ fn v1_and_v2_producers_on_one_topic_are_both_applied() {
     let daemon = Daemon::start(&config_path, port).unwrap();
     daemon.wait_healthy(Duration::from_secs(30)).unwrap();
 
-    let events = [
+    let planned = [
         processed("pago-v1", PaymentStatus::Processing, "v1", 1),
         processed("pago-v2", PaymentStatus::Processing, "v2", 2),
         processed("pago-v1", PaymentStatus::Succeeded, "v2", 3),
         processed("pago-v2", PaymentStatus::Failed, "v1", 4),
     ];
     let codec = Codec::shipped();
-    let dataschemas: Vec<String> = events
+    let dataschemas: Vec<String> = planned
         .iter()
         .map(|e| {
             codec
@@ -70,10 +70,7 @@ fn v1_and_v2_producers_on_one_topic_are_both_applied() {
         dataschemas[0].ends_with("/v1") && dataschemas[1].ends_with("/v2"),
         "{dataschemas:?}"
     );
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(produce::publish(&config, &codec, &events, 0))
-        .unwrap();
+    events::publish(&tokio::runtime::Runtime::new().unwrap(), &config, &planned);
 
     for (payment, status) in [
         ("pago-v1", PaymentStatus::Succeeded),

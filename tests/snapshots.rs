@@ -5,40 +5,19 @@
 
 mod support;
 
-use aerostream::codec::{Codec, SchemaRegistry};
+use aerostream::codec::SchemaRegistry;
 use aerostream::config::Config;
-use aerostream::generator::{self, Input, Options, Planned};
-use aerostream::produce;
+use aerostream::generator::{self, Options, Planned};
 use aerostream::views::CampaignView;
-use aerostream_actors::{CampaignEvent, CampaignStatus, Envelope, Event};
+use aerostream_actors::CampaignStatus;
 use std::time::Duration;
 use support::daemon::{self, wait_for, Daemon};
+use support::events;
 use support::state::wait_for_state;
 use support::topic::TopicReader;
 use support::{free_port, LocalBroker};
 
 const SNAPSHOTS: &str = "[snapshot]\nevery_events = 10\nkeep = 2\n";
-
-fn impression(campaign_id: &str) -> Planned {
-    Planned {
-        input: Input::Campaigns,
-        envelope: Envelope {
-            id: format!("late-impression-{campaign_id}"),
-            event_type: "ImpresionRegistrada".into(),
-            source: "test".into(),
-            time_ms: 1_767_225_700_000,
-            subject: Some(campaign_id.into()),
-            correlation_id: None,
-            causation_id: None,
-            schema_version: "v1".into(),
-        },
-        idempotency_key: None,
-        event: Event::Campaign(CampaignEvent::ImpressionRecorded {
-            campaign_id: campaign_id.into(),
-            affiliate_id: "af-0001".into(),
-        }),
-    }
-}
 
 /// Changes the state inside the newest snapshot of `campaign_id`, keeping its checksum, as a
 /// flipped bit on disk would. Returns the version of the corrupted snapshot.
@@ -86,11 +65,7 @@ fn a_corrupt_snapshot_is_detected_and_recovery_falls_back_exactly() {
         ..Options::for_daemon(&config)
     });
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let publish = |events: &[Planned]| {
-        runtime
-            .block_on(produce::publish(&config, &Codec::shipped(), events, 0))
-            .unwrap()
-    };
+    let publish = |events: &[Planned]| events::publish(&runtime, &config, events);
 
     let client = runtime
         .block_on(pulsar::Pulsar::builder(broker.url(), pulsar::TokioExecutor).build())
@@ -138,7 +113,7 @@ fn a_corrupt_snapshot_is_detected_and_recovery_falls_back_exactly() {
 
     let second = Daemon::start(&config_path, port).unwrap();
     second.wait_healthy(Duration::from_secs(30)).unwrap();
-    publish(&[impression(&before.id)]);
+    publish(&[events::impression(&before.id, "late-impression")]);
     let mut expected = before.clone();
     expected.metrics.impressions += 1;
     expected.version += 1;

@@ -5,15 +5,14 @@
 
 mod support;
 
-use aerostream::codec::Codec;
 use aerostream::config::Config;
 use aerostream::generator::{Input, Planned};
-use aerostream::produce;
 use aerostream::views::PaymentView;
 use aerostream_actors::events::processed_idempotency_key;
-use aerostream_actors::{Envelope, Event, Money, PaymentEvent, PaymentStatus};
+use aerostream_actors::{Event, Money, PaymentEvent, PaymentStatus};
 use std::time::Duration;
 use support::daemon::{self, wait_for, Daemon};
+use support::events;
 use support::{free_port, LocalBroker};
 
 const WINDOW: &str = "[idempotency]\nwindow_seconds = 2\neviction_interval_seconds = 1\n";
@@ -22,16 +21,12 @@ const WINDOW: &str = "[idempotency]\nwindow_seconds = 2\neviction_interval_secon
 fn processing(payment_id: &str) -> Planned {
     Planned {
         input: Input::Payments,
-        envelope: Envelope {
-            id: format!("evt-{payment_id}"),
-            event_type: "PagoProcesado".into(),
-            source: "test".into(),
-            time_ms: 1_767_225_600_000,
-            subject: Some(payment_id.into()),
-            correlation_id: None,
-            causation_id: None,
-            schema_version: "v1".into(),
-        },
+        envelope: events::envelope(
+            &format!("evt-{payment_id}"),
+            "PagoProcesado",
+            1_767_225_600_000,
+            Some(payment_id),
+        ),
         idempotency_key: Some(processed_idempotency_key(
             payment_id,
             PaymentStatus::Processing,
@@ -66,11 +61,7 @@ fn repeats_are_skipped_inside_the_window_and_applied_again_after_eviction() {
     daemon.wait_healthy(Duration::from_secs(30)).unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let event = [processing("pago-w")];
-    let publish = || {
-        runtime
-            .block_on(produce::publish(&config, &Codec::shipped(), &event, 0))
-            .unwrap()
-    };
+    let publish = || events::publish(&runtime, &config, &event);
     let metric = |name: &str| daemon.metric(name, &[]).unwrap();
 
     publish();

@@ -6,6 +6,7 @@
 //! - `relay`: the TCP relay that adds checksums to MESSAGE frames and rewrites lookup answers.
 //! - `daemon`: runs the built `aerostream` binary against a broker (integration tests only: it
 //!   needs `CARGO_BIN_EXE_aerostream`, which examples do not get).
+//! - `events`: events the tests publish by hand, and publishing them.
 //! - `state`: the daemon's served state against a generator's expected state.
 //! - `topic`: reads what landed on a topic (outputs, dead letters).
 
@@ -16,6 +17,7 @@ pub mod broker;
 // Drives the built binary: only test targets have CARGO_BIN_EXE_aerostream.
 #[cfg(test)]
 pub mod daemon;
+pub mod events;
 pub mod relay;
 #[cfg(test)]
 pub mod state;
