@@ -65,7 +65,7 @@ impl Worker {
             envelope,
             event,
         };
-        let applied = match self.registry.apply(incoming).await {
+        let applied = match self.registry.apply(Arc::new(incoming)).await {
             Ok(Outcome::Applied { .. } | Outcome::Duplicate) => true,
             Ok(Outcome::Rejected(rejection)) => {
                 // The payment was settled otherwise meanwhile (a partner's PagoProcesado).

@@ -256,6 +256,7 @@ const CRASH_ATTEMPTS: u32 = 5;
 /// actor from its committed state, and retrying here (rather than nacking) keeps the aggregate's
 /// later events behind this one, in order.
 async fn apply_retrying_crashes(registry: &Registry, incoming: Incoming) -> Result<Outcome, ApplyError> {
+    let incoming = Arc::new(incoming);
     let mut attempt = 1;
     loop {
         match registry.apply(incoming.clone()).await {

@@ -251,11 +251,6 @@ impl SledStore {
         Ok(())
     }
 
-    /// Payments waiting to be charged (a scan: for metrics at a low rate).
-    pub fn charges_len(&self) -> usize {
-        self.charges.len()
-    }
-
     /// Checks the database answers reads; for /health.
     pub fn healthy(&self) -> bool {
         self.db.get(b"__health").is_ok()

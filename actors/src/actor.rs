@@ -41,7 +41,7 @@ pub struct ActorEnv {
 
 /// Apply one event to the actor's aggregate.
 #[derive(Debug)]
-pub struct Apply(pub Incoming);
+pub struct Apply(pub Arc<Incoming>);
 
 impl Message for Apply {
     type Result = Result<Outcome, ApplyError>;

@@ -130,7 +130,8 @@ impl Registry {
     }
 
     /// Applies `incoming` on its aggregate's actor, waiting while the actor's mailbox is full.
-    pub async fn apply(&self, incoming: Incoming) -> Result<Outcome, ApplyError> {
+    /// Shared, so that a caller retrying after a crash does not copy the event.
+    pub async fn apply(&self, incoming: Arc<Incoming>) -> Result<Outcome, ApplyError> {
         let key = incoming.aggregate();
         match key.kind {
             AggregateKind::Campaign => self.send_apply(&self.campaigns, &key.id, incoming).await,
@@ -142,7 +143,7 @@ impl Registry {
         &self,
         kind: &Kind<A>,
         id: &str,
-        incoming: Incoming,
+        incoming: Arc<Incoming>,
     ) -> Result<Outcome, ApplyError>
     where
         AggregateActor<A>: Actor<Context = Context<AggregateActor<A>>>,

@@ -255,7 +255,7 @@ impl Harness {
     }
 
     async fn apply(&self, incoming: &Incoming) -> Result<Outcome, ApplyError> {
-        self.registry.apply(incoming.clone()).await
+        self.registry.apply(Arc::new(incoming.clone())).await
     }
 
     async fn campaign(&self, id: &str) -> Campaign {
@@ -495,7 +495,7 @@ async fn a_busy_actor_accepts_a_bounded_number_of_messages() {
         let event = campaign_event(&format!("e-click-{i}"), click("c-1"));
         applies.push(actix_rt::spawn(async move {
             polled.set(polled.get() + 1);
-            registry.apply(event).await
+            registry.apply(Arc::new(event)).await
         }));
         if i == 0 {
             // The first click is now inside its commit, holding the actor.
@@ -544,12 +544,11 @@ async fn a_busy_actor_accepts_a_bounded_number_of_messages() {
 #[actix_rt::test]
 async fn two_campaigns_on_two_arbiters() {
     let h = Harness::new(2, 16);
-    let (a, b) = futures::join!(
-        h.registry
-            .apply(campaign_event("e-created-a", created("c-a", 100_000))),
-        h.registry
-            .apply(campaign_event("e-created-b", created("c-b", 100_000))),
+    let (created_a, created_b) = (
+        campaign_event("e-created-a", created("c-a", 100_000)),
+        campaign_event("e-created-b", created("c-b", 100_000)),
     );
+    let (a, b) = futures::join!(h.apply(&created_a), h.apply(&created_b),);
     assert_eq!((a, b), (APPLIED, APPLIED));
     let clicks: Vec<Incoming> = (0..10)
         .map(|i| {
@@ -615,5 +614,5 @@ async fn idle_actors_are_passivated_and_come_back_from_the_store() {
 #[allow(dead_code)]
 fn apply_future_is_send(registry: &Registry, incoming: Incoming) {
     fn is_send<T: Send>(_: T) {}
-    is_send(registry.apply(incoming));
+    is_send(registry.apply(Arc::new(incoming)));
 }
