@@ -54,6 +54,7 @@ fn main() {
             snapshot: None,
             drop_snapshots: &[],
             truncate_journal: None,
+            read_model: &[],
         };
         assert_eq!(store.commit(commit).expect("commit"), CommitResult::Committed);
     }

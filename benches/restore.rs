@@ -95,6 +95,7 @@ fn prepare(store: &SledStore, replay: u64) {
                 snapshot: snapshot.as_deref().map(|s| (version, s)),
                 drop_snapshots: &[],
                 truncate_journal: None,
+                read_model: &[],
             })
             .expect("commit");
         state = Some(decision.state);

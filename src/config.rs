@@ -38,6 +38,20 @@ pub struct Config {
     /// Input topics by name (`campaigns`, `payments`, …).
     pub inputs: BTreeMap<String, InputConfig>,
     pub outputs: OutputsConfig,
+    pub collector: CollectorConfig,
+}
+
+/// `POST /event-collector/events`: which input's topic each kind of event is published to, and
+/// the request limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorConfig {
+    pub campaign_input: String,
+    pub payment_input: String,
+    pub report_input: String,
+    pub max_body_bytes: usize,
+    pub rate_per_second: u32,
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -199,6 +213,8 @@ pub struct OutputsConfig {
     pub payments_topic: String,
     pub commissions_topic: String,
     pub alerts_topic: String,
+    /// Answers to report requests (ReporteGenerado), keyed by request id.
+    pub reports_topic: String,
 }
 
 /// A secret string whose Debug output is redacted.
@@ -299,6 +315,13 @@ impl Config {
         for (name, input) in &self.inputs {
             positive(format!("inputs.{name}.max_in_flight"), input.max_in_flight as u64);
         }
+        let collector = &self.collector;
+        positive("collector.max_body_bytes".into(), collector.max_body_bytes as u64);
+        positive(
+            "collector.rate_per_second".into(),
+            u64::from(collector.rate_per_second),
+        );
+        positive("collector.burst".into(), u64::from(collector.burst));
         if !self.broker.url.starts_with("pulsar://") && !self.broker.url.starts_with("pulsar+ssl://") {
             problems.push(format!(
                 "  - `broker.url` must start with pulsar:// or pulsar+ssl://, got {:?}",
@@ -315,6 +338,15 @@ impl Config {
         }
         if self.inputs.is_empty() {
             problems.push("  - `inputs` must name at least one input topic".into());
+        }
+        for (key, input) in [
+            ("campaign_input", &collector.campaign_input),
+            ("payment_input", &collector.payment_input),
+            ("report_input", &collector.report_input),
+        ] {
+            if !self.inputs.contains_key(input) {
+                problems.push(format!("  - `collector.{key}` names no input: {input:?}"));
+            }
         }
         if problems.is_empty() {
             Ok(())

@@ -70,6 +70,13 @@ pub async fn run(
             .collect::<BTreeMap<_, _>>(),
     );
 
+    let collector = Arc::new(crate::collector::Collector::new(&config, codec.clone()));
+    let service = registry
+        .report_service()
+        .await
+        .context("loading the report service")?;
+    tracing::info!(version = %service.active, "Report service answering.");
+
     let address = listener.local_addr()?;
     let server = http::serve(
         listener,
@@ -81,6 +88,7 @@ pub async fn run(
             inputs: inputs_up.clone(),
             admin_token: config.http.admin_token.clone(),
             chaos_enabled: config.chaos.enabled,
+            collector: collector.clone(),
         },
     )?;
     let server_handle = server.handle();
@@ -90,6 +98,7 @@ pub async fn run(
     let work = async {
         let client = broker::connect(&config.broker, &mut stop_rx.clone()).await?;
         tracing::info!(url = %config.broker.url, "Connected to the broker.");
+        collector.connected(client.clone());
         let tasks = vec![
             tokio::spawn(broker::probe(
                 client.clone(),

@@ -1,18 +1,27 @@
-//! The HTTP listener: health, metrics and the read API (SPEC §8). Reads come from the store.
+//! The HTTP listener: health, metrics, the read API, reports, the event collector and admin routes
+//! (SPEC §8). Aggregate reads come from the store; reports and version switches go through the
+//! report service's actor.
 
 use crate::broker::BrokerHealth;
+use crate::codec::decode::content_hash;
+use crate::collector::{CollectError, Collector};
 use crate::config::Secret;
 use crate::store::SledStore;
 use crate::telemetry::HTTP_REQUESTS;
 use crate::views::{CampaignView, LedgerView, PaymentView};
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::error::JsonPayloadError;
 use actix_web::http::{header, StatusCode};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use aerostream_actors::events::AggregateKey;
 use aerostream_actors::ports::StateStore;
-use aerostream_actors::{AggregateKind, Campaign, Payment, Registry};
+use aerostream_actors::ports::{Clock, SystemClock};
+use aerostream_actors::{
+    AggregateKind, Campaign, Envelope, Event, Incoming, Payment, Registry, ReportEvent, ReportVersion,
+};
+use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -36,6 +45,7 @@ pub struct HttpState {
     pub admin_token: Secret,
     /// Whether POST /admin/chaos/kill-actor is allowed.
     pub chaos_enabled: bool,
+    pub collector: Arc<Collector>,
 }
 
 fn error(status: StatusCode, error: &str, detail: impl Into<String>) -> HttpResponse {
@@ -83,6 +93,10 @@ enum ApiError {
     Unauthorized,
     #[error("{0}")]
     Forbidden(&'static str),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error(transparent)]
+    Collect(#[from] CollectError),
 }
 
 impl actix_web::ResponseError for ApiError {
@@ -93,6 +107,10 @@ impl actix_web::ResponseError for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Collect(CollectError::RateLimited { .. }) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Collect(CollectError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Collect(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -103,8 +121,17 @@ impl actix_web::ResponseError for ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
+            ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::Collect(collect) => collect.code(),
         };
-        error(self.status_code(), code, self.to_string())
+        let mut response = error(self.status_code(), code, self.to_string());
+        if let ApiError::Collect(CollectError::RateLimited { retry_after, .. }) = self {
+            let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(value) = header::HeaderValue::from_str(&seconds.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        response
     }
 }
 
@@ -199,6 +226,89 @@ async fn kill_actor(
     Ok(HttpResponse::Accepted().json(json!({ "killed": { "kind": kind.as_str(), "id": body.id } })))
 }
 
+/// The report in the active version.
+async fn report(state: web::Data<HttpState>) -> Result<HttpResponse, ApiError> {
+    let report = state.registry.report().await.map_err(store_error)?;
+    Ok(HttpResponse::Ok().json(report))
+}
+
+async fn report_version(state: web::Data<HttpState>) -> Result<HttpResponse, ApiError> {
+    let service = state.registry.report_service().await.map_err(store_error)?;
+    Ok(HttpResponse::Ok().json(json!({
+        "version": service.active,
+        "switches": service.switches,
+        "allowed": ReportVersion::ALL,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetVersion {
+    version: String,
+}
+
+/// Switches the report version: the switch is applied like a control-topic event, through the
+/// report actor, and is durable before the answer.
+async fn set_report_version(
+    state: web::Data<HttpState>,
+    request: HttpRequest,
+    body: web::Json<SetVersion>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&state, &request)?;
+    let version: ReportVersion = body.version.parse().map_err(ApiError::BadRequest)?;
+    let event = Event::Report(ReportEvent::VersionChanged { version });
+    let id = uuid::Uuid::new_v4().to_string();
+    let incoming = Incoming {
+        envelope: Envelope {
+            id: id.clone(),
+            event_type: crate::codec::wire_type(&event).to_owned(),
+            source: "aerostream/http".into(),
+            time_ms: SystemClock.now_ms(),
+            subject: None,
+            correlation_id: None,
+            causation_id: None,
+            schema_version: "v1".into(),
+        },
+        idempotency_key: id,
+        content_hash: content_hash(&event),
+        event,
+    };
+    state
+        .registry
+        .apply(Arc::new(incoming))
+        .await
+        .map_err(store_error)?;
+    state.store.flush().await.map_err(store_error)?;
+    report_version(state).await
+}
+
+/// Reads the body up to `limit` bytes.
+async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::TooLarge(format!(
+                "the body exceeds collector.max_body_bytes = {limit}"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The event collector: CloudEvents JSON in, Avro published, 202 with the ids.
+async fn collect(state: web::Data<HttpState>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, state.collector.max_body_bytes).await?;
+    let prepared = state.collector.prepare(&body)?;
+    let ids = state.collector.publish(prepared).await?;
+    let mut answer = json!({ "accepted": ids.len(), "ids": ids });
+    if let [id] = ids.as_slice() {
+        answer["id"] = json!(id);
+    }
+    Ok(HttpResponse::Accepted().json(answer))
+}
+
 async fn not_found() -> HttpResponse {
     error(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
@@ -232,7 +342,13 @@ pub fn serve(listener: TcpListener, state: HttpState) -> std::io::Result<actix_w
                     .limit(MAX_JSON_BYTES)
                     .error_handler(|error, _| {
                         // Malformed bodies answer in the API's error shape, like every other error.
-                        ApiError::BadRequest(error.to_string()).into()
+                        match error {
+                            JsonPayloadError::Overflow { .. }
+                            | JsonPayloadError::OverflowKnownLength { .. } => {
+                                ApiError::TooLarge(error.to_string()).into()
+                            }
+                            other => ApiError::BadRequest(other.to_string()).into(),
+                        }
                     }),
             )
             .wrap(from_fn(count_requests))
@@ -242,6 +358,10 @@ pub fn serve(listener: TcpListener, state: HttpState) -> std::io::Result<actix_w
             .route("/api/campaigns/{id}", web::get().to(campaign))
             .route("/api/payments/{id}", web::get().to(payment))
             .route("/api/affiliates/{id}/commissions", web::get().to(commissions))
+            .route("/api/reports/payments", web::get().to(report))
+            .route("/api/reports/version", web::get().to(report_version))
+            .route("/api/reports/version", web::put().to(set_report_version))
+            .route("/event-collector/events", web::post().to(collect))
             .route("/admin/chaos/kill-actor", web::post().to(kill_actor))
             .default_service(web::to(not_found))
     })

@@ -18,6 +18,7 @@ use futures::{FutureExt, StreamExt};
 use metrics::{counter, histogram};
 use pulsar::consumer::{DeadLetterPolicy, Message};
 use pulsar::{Consumer, ConsumerOptions, SubType, TokioExecutor};
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -147,6 +148,8 @@ async fn consume(
     let mut running: FuturesUnordered<Work> = FuturesUnordered::new();
     let mut order: KeyedQueue<AggregateKey, Ready> = KeyedQueue::default();
     let mut acks: InOrder<(Message<Vec<u8>>, Verdict)> = InOrder::default();
+    // Messages this consumer nacked: when one comes back, that is a redelivery.
+    let mut nacked: HashSet<MessagePosition> = HashSet::new();
     let held = |running: &FuturesUnordered<Work>, order: &KeyedQueue<_, _>, acks: &InOrder<_>| {
         running.len() + order.parked() + acks.waiting()
     };
@@ -161,6 +164,9 @@ async fn consume(
             _ = shutdown.changed(), if !stopping => stopping = true,
             Some(done) = running.next(), if !running.is_empty() => {
                 for (message, verdict) in acks.finish(done.seq, (done.message, done.verdict)) {
+                    if matches!(verdict, Verdict::Retry) {
+                        nacked.insert(position(&message));
+                    }
                     finish(name, consumer, message, verdict).await;
                 }
                 if let Some(next) = done.key.and_then(|key| order.finish(&key)) {
@@ -170,6 +176,9 @@ async fn consume(
             received = consumer.next(), if can_receive => match received {
                 Some(Ok(message)) => {
                     counter!(EVENTS_CONSUMED, "input" => name.to_string()).increment(1);
+                    if nacked.remove(&position(&message)) {
+                        counter!(CONSUMER_REDELIVERIES, "input" => name.to_string()).increment(1);
+                    }
                     let received = Instant::now();
                     let seq = acks.receive();
                     let dataschema = property(&message, "ce_dataschema")
@@ -228,6 +237,14 @@ fn property(message: &Message<Vec<u8>>, key: &str) -> Option<String> {
         .iter()
         .find(|kv| kv.key == key)
         .map(|kv| kv.value.clone())
+}
+
+/// Where a message sits on its topic: ledger, entry, partition and batch index.
+type MessagePosition = (u64, u64, Option<i32>, Option<i32>);
+
+fn position(message: &Message<Vec<u8>>) -> MessagePosition {
+    let id = message.message_id();
+    (id.ledger_id, id.entry_id, id.partition, id.batch_index)
 }
 
 async fn finish(

@@ -18,6 +18,7 @@
 pub mod broker;
 pub mod charges;
 pub mod codec;
+pub mod collector;
 pub mod config;
 pub mod daemon;
 pub mod dispatch;

@@ -23,6 +23,7 @@ fn topic_of<'a>(outputs: &'a OutputsConfig, body: &OutputBody) -> &'a str {
         OutputBody::CommissionCalculated { .. } => &outputs.commissions_topic,
         OutputBody::PaymentSucceeded { .. } | OutputBody::PaymentFailed { .. } => &outputs.payments_topic,
         OutputBody::CampaignState { .. } => &outputs.state_topic,
+        OutputBody::ReportGenerated { .. } => &outputs.reports_topic,
     }
 }
 

@@ -9,13 +9,17 @@
 //! - `charges`: payment id → payment to charge through the gateway (JSON), deleted once reported
 //! - `journal`: `<kind>/<id>/<version, 20 digits>` → applied event (JSON), for kinds with snapshots
 //! - `snapshots`: same keys → full-state snapshot with checksum (JSON), the last few kept
+//! - `report`:  read-model group (`summary`, `affiliate/<id>`, `campaign/<id>`) → its counters
+//!   (JSON), moved by each commit (see `aerostream_actors::readmodel`)
 
 use aerostream_actors::events::AggregateKey;
 use aerostream_actors::gateway::Charge;
 use aerostream_actors::output::OutputEvent;
 use aerostream_actors::ports::{Commit, CommitResult, SeenEntry, StateStore, StoreError};
+use aerostream_actors::readmodel::{apply_changes, Change, Counters, ReadModel};
 use aerostream_actors::{AggregateKind, CommissionLedger};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -29,6 +33,7 @@ pub struct SledStore {
     charges: sled::Tree,
     journal: sled::Tree,
     snapshots: sled::Tree,
+    report: sled::Tree,
     window_ms: i64,
     clock: std::sync::Arc<dyn aerostream_actors::ports::Clock>,
     /// Group commit: writes made so far, writes known durable, and the one flush in progress.
@@ -46,8 +51,8 @@ fn store_error(e: impl std::fmt::Display) -> StoreError {
 
 /// A stored value that no longer parses: surfaced as a storage error, so the event is retried
 /// rather than applied on top of garbage.
-fn corrupt(e: serde_json::Error) -> sled::Error {
-    sled::Error::Unsupported(format!("corrupt ledger: {e}"))
+fn corrupt(what: &str, e: serde_json::Error) -> sled::Error {
+    sled::Error::Unsupported(format!("corrupt {what}: {e}"))
 }
 
 /// Key of a journal entry or snapshot: versions sort numerically under the aggregate's prefix.
@@ -114,6 +119,7 @@ impl SledStore {
             charges: tree("charges")?,
             journal: tree("journal")?,
             snapshots: tree("snapshots")?,
+            report: tree("report")?,
             db,
             window_ms: (window_seconds as i64).saturating_mul(1_000),
             clock,
@@ -258,6 +264,18 @@ impl SledStore {
 }
 
 impl StateStore for SledStore {
+    fn read_model(&self) -> Result<ReadModel, StoreError> {
+        let mut model = ReadModel::default();
+        for entry in self.report.iter() {
+            let (group, bytes) = entry.map_err(store_error)?;
+            let group = String::from_utf8_lossy(&group);
+            let counters =
+                serde_json::from_slice(&bytes).map_err(|e| store_error(corrupt("read model", e)))?;
+            model.insert(&group, counters);
+        }
+        Ok(model)
+    }
+
     fn snapshots(&self, key: &AggregateKey) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         self.snapshots
             .scan_prefix(versioned_prefix(key))
@@ -336,7 +354,12 @@ impl StateStore for SledStore {
             .truncate_journal
             .map(|(from, to)| (from..=to).map(|v| versioned_key(commit.aggregate, v)).collect())
             .unwrap_or_default();
+        let mut read_model: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
+        for change in commit.read_model {
+            read_model.entry(change.group.as_str()).or_default().push(change);
+        }
         let trees = (
+            &self.report,
             &self.state,
             &self.seen,
             &self.seen_by_time,
@@ -347,7 +370,7 @@ impl StateStore for SledStore {
             &self.snapshots,
         );
         let result = trees.transaction(
-            |(state, seen, by_time, out, ledgers, pending_charges, journal, snapshots)| {
+            |(report, state, seen, by_time, out, ledgers, pending_charges, journal, snapshots)| {
                 let expired = match seen.get(commit.idempotency_key)? {
                     Some(existing) => {
                         let entry = decode_seen(&existing);
@@ -370,7 +393,7 @@ impl StateStore for SledStore {
                     };
                     let mut ledger = match ledgers.get(affiliate)? {
                         Some(bytes) => serde_json::from_slice(&bytes)
-                            .map_err(|e| ConflictableTransactionError::Storage(corrupt(e)))?,
+                            .map_err(|e| ConflictableTransactionError::Storage(corrupt("ledger", e)))?,
                         None => CommissionLedger::new(affiliate),
                     };
                     ledger.record(&output.body);
@@ -391,6 +414,20 @@ impl StateStore for SledStore {
                 }
                 for key in &truncated {
                     journal.remove(key.as_slice())?;
+                }
+                for (group, changes) in &read_model {
+                    let mut counters: Counters = match report.get(group)? {
+                        Some(bytes) => serde_json::from_slice(&bytes)
+                            .map_err(|e| ConflictableTransactionError::Storage(corrupt("read model", e)))?,
+                        None => Counters::new(),
+                    };
+                    apply_changes(&mut counters, changes.iter().copied());
+                    if counters.is_empty() {
+                        report.remove(group.as_bytes())?;
+                    } else {
+                        let bytes = serde_json::to_vec(&counters).expect("counters serialize");
+                        report.insert(group.as_bytes(), bytes)?;
+                    }
                 }
                 Ok(expired)
             },
@@ -445,6 +482,7 @@ mod tests {
             snapshot: None,
             drop_snapshots: &[],
             truncate_journal: None,
+            read_model: &[],
         }
     }
 

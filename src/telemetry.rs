@@ -4,7 +4,7 @@
 
 use crate::config::{DaemonConfig, LogFormat};
 use aerostream_actors::ports::ActorObserver;
-use aerostream_actors::AggregateKind;
+use aerostream_actors::{AggregateKind, ReportVersion};
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
@@ -15,6 +15,7 @@ pub const EVENTS_DEDUPLICATED: &str = "aerostream_events_deduplicated_total";
 pub const EVENTS_REJECTED: &str = "aerostream_events_rejected_total";
 pub const EVENTS_DEAD_LETTERED: &str = "aerostream_events_dead_lettered_total";
 pub const EVENTS_RETRIED: &str = "aerostream_events_retried_total";
+pub const CONSUMER_REDELIVERIES: &str = "aerostream_consumer_redeliveries_total";
 pub const PROCESSING_DURATION: &str = "aerostream_processing_duration_seconds";
 pub const ACTORS_ACTIVE: &str = "aerostream_actors_active";
 pub const ACTOR_RESTARTS: &str = "aerostream_actor_restarts_total";
@@ -31,6 +32,9 @@ pub const BROKER_UP: &str = "aerostream_broker_up";
 pub const HTTP_REQUESTS: &str = "aerostream_http_requests_total";
 pub const GATEWAY_CALLS: &str = "aerostream_gateway_calls_total";
 pub const GATEWAY_PENDING_CHARGES: &str = "aerostream_gateway_pending_charges";
+pub const REPORT_VERSION: &str = "aerostream_report_version";
+pub const REPORT_SWITCHES: &str = "aerostream_report_switches_total";
+pub const COLLECTOR_EVENTS: &str = "aerostream_collector_events_total";
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -58,6 +62,7 @@ pub fn zero_counters<'a>(inputs: impl IntoIterator<Item = &'a str>) {
     for input in inputs {
         counter!(EVENTS_CONSUMED, "input" => input.to_owned()).increment(0);
         counter!(EVENTS_RETRIED, "input" => input.to_owned()).increment(0);
+        counter!(CONSUMER_REDELIVERIES, "input" => input.to_owned()).increment(0);
     }
     for kind in AggregateKind::ALL {
         counter!(ACTOR_RESTARTS, "kind" => kind.as_str()).increment(0);
@@ -74,6 +79,10 @@ pub fn zero_counters<'a>(inputs: impl IntoIterator<Item = &'a str>) {
     for result in ["approved", "declined", "unavailable"] {
         counter!(GATEWAY_CALLS, "result" => result).increment(0);
     }
+    for outcome in ["accepted", "invalid", "rate_limited"] {
+        counter!(COLLECTOR_EVENTS, "outcome" => outcome).increment(0);
+    }
+    counter!(REPORT_SWITCHES).increment(0);
     counter!(ACTORS_PASSIVATED).increment(0);
     counter!(IDEMPOTENCY_EVICTED).increment(0);
 }
@@ -105,6 +114,17 @@ impl ActorObserver for MetricsObserver {
     fn restored(&self, kind: AggregateKind, replayed: usize) {
         counter!(SNAPSHOT_RESTORES, "kind" => kind.as_str()).increment(1);
         counter!(SNAPSHOT_REPLAYED, "kind" => kind.as_str()).increment(replayed as u64);
+    }
+
+    fn report_version(&self, active: ReportVersion) {
+        for version in ReportVersion::ALL {
+            let value = if version == active { 1.0 } else { 0.0 };
+            gauge!(REPORT_VERSION, "version" => version.as_str()).set(value);
+        }
+    }
+
+    fn report_switched(&self, _from: ReportVersion, _to: ReportVersion) {
+        counter!(REPORT_SWITCHES).increment(1);
     }
 }
 

@@ -178,6 +178,7 @@ impl<A: Aggregate> AggregateActor<A> {
             Err(rejection) => return Ok(Outcome::Rejected(rejection)),
         };
         let forced = A::snapshot_now(current, &decision.state);
+        let read_model = A::read_model_changes(current, &decision.state);
         let state = serde_json::to_vec(&decision.state).map_err(|e| self.corrupt(e))?;
         let version = decision.state.version();
         let (journal, plan, snapshot) = if A::SNAPSHOTS {
@@ -213,6 +214,7 @@ impl<A: Aggregate> AggregateActor<A> {
             snapshot: snapshot.as_deref().map(|snapshot| (version, snapshot)),
             drop_snapshots: &plan.drop_snapshots,
             truncate_journal: plan.truncate_journal,
+            read_model: &read_model,
         };
         match self.env.store.commit(commit)? {
             CommitResult::Committed => {
@@ -236,19 +238,30 @@ impl<A: Aggregate> AggregateActor<A> {
         ctx: &mut Context<Self>,
         f: impl FnOnce(&mut Self) -> Result<R, ApplyError>,
     ) -> Result<R, ApplyError> {
-        match catch_unwind(AssertUnwindSafe(|| f(self))) {
-            Ok(result) => result,
-            Err(panic) => {
-                let message = panic_message(&panic);
-                tracing::error!(kind = self.key.kind.as_str(), id = %self.key.id, panic = %message, "Actor panicked; restarting it.");
-                ctx.stop();
-                Err(ApplyError::Crashed(self.key.clone()))
-            }
+        let key = self.key.clone();
+        guarded(&key, ctx, || f(self))
+    }
+}
+
+/// Runs `f` for the actor of `key`, turning a panic into a restart of the actor: it stops, its
+/// supervisor restarts it, and the caller gets [`ApplyError::Crashed`].
+pub(crate) fn guarded<R>(
+    key: &AggregateKey,
+    ctx: &mut impl ActorContext,
+    f: impl FnOnce() -> Result<R, ApplyError>,
+) -> Result<R, ApplyError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic_message(&panic);
+            tracing::error!(kind = key.kind.as_str(), id = %key.id, panic = %message, "Actor panicked; restarting it.");
+            ctx.stop();
+            Err(ApplyError::Crashed(key.clone()))
         }
     }
 }
 
-fn seen_outcome(incoming: &Incoming, seen: &SeenEntry) -> Outcome {
+pub(crate) fn seen_outcome(incoming: &Incoming, seen: &SeenEntry) -> Outcome {
     if seen.content_hash == incoming.content_hash {
         Outcome::Duplicate
     } else {

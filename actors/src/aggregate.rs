@@ -4,6 +4,7 @@ use crate::events::{AggregateKind, Envelope, Event};
 use crate::gateway::Charge;
 use crate::outcome::Rejection;
 use crate::output::OutputEvent;
+use crate::readmodel::Change;
 use crate::snapshot::Snapshot;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -40,6 +41,12 @@ pub trait Aggregate: Clone + Serialize + DeserializeOwned + Send + Unpin + 'stat
     /// The output event announcing a snapshot (published to the state topic), if the kind has one.
     fn snapshot_output(_snapshot: &Snapshot<Self>, _cause: &Envelope) -> Option<OutputEvent> {
         None
+    }
+
+    /// The report read-model counters the change from `before` to `after` moves (see
+    /// [`crate::readmodel`]).
+    fn read_model_changes(_before: Option<&Self>, _after: &Self) -> Vec<Change> {
+        Vec::new()
     }
 
     /// Decides what `event` does to `current` (`None`: the aggregate does not exist yet).

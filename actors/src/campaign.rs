@@ -183,8 +183,12 @@ impl Aggregate for Campaign {
     fn select(event: &Event) -> Option<&CampaignEvent> {
         match event {
             Event::Campaign(e) => Some(e),
-            Event::Payment(_) => None,
+            Event::Payment(_) | Event::Report(_) => None,
         }
+    }
+
+    fn read_model_changes(before: Option<&Self>, after: &Self) -> Vec<crate::readmodel::Change> {
+        crate::readmodel::changes(before, after)
     }
 
     fn decide(

@@ -42,16 +42,26 @@ impl Incoming {
 pub enum AggregateKind {
     Campaign,
     Payment,
+    /// The report service: one instance, [`REPORT_SERVICE_ID`].
+    Report,
 }
 
+/// The id of the one report aggregate.
+pub const REPORT_SERVICE_ID: &str = "service";
+
 impl AggregateKind {
-    pub const ALL: [AggregateKind; 2] = [AggregateKind::Campaign, AggregateKind::Payment];
+    pub const ALL: [AggregateKind; 3] = [
+        AggregateKind::Campaign,
+        AggregateKind::Payment,
+        AggregateKind::Report,
+    ];
 
     /// Stable label value for metrics and storage prefixes.
     pub fn as_str(self) -> &'static str {
         match self {
             AggregateKind::Campaign => "campaign",
             AggregateKind::Payment => "payment",
+            AggregateKind::Report => "report",
         }
     }
 }
@@ -63,7 +73,7 @@ impl std::str::FromStr for AggregateKind {
         AggregateKind::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| format!("unknown aggregate kind {s:?}; expected campaign or payment"))
+            .ok_or_else(|| format!("unknown aggregate kind {s:?}; expected campaign, payment or report"))
     }
 }
 
@@ -78,6 +88,7 @@ pub struct AggregateKey {
 pub enum Event {
     Campaign(CampaignEvent),
     Payment(PaymentEvent),
+    Report(ReportEvent),
 }
 
 impl Event {
@@ -90,6 +101,10 @@ impl Event {
             Event::Payment(e) => AggregateKey {
                 kind: AggregateKind::Payment,
                 id: e.payment_id().to_owned(),
+            },
+            Event::Report(_) => AggregateKey {
+                kind: AggregateKind::Report,
+                id: REPORT_SERVICE_ID.to_owned(),
             },
         }
     }
@@ -264,4 +279,57 @@ impl PaymentEvent {
             }
         }
     }
+}
+
+/// The report versions the report service answers in (SPEC §7).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ReportVersion {
+    /// Totals: count and amount per payment status and currency, campaigns per status.
+    #[default]
+    #[serde(rename = "v1")]
+    V1,
+    /// Every v1 field with the same values, plus breakdowns, success rate and processing times.
+    #[serde(rename = "v2")]
+    V2,
+}
+
+impl ReportVersion {
+    pub const ALL: [ReportVersion; 2] = [ReportVersion::V1, ReportVersion::V2];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportVersion::V1 => "v1",
+            ReportVersion::V2 => "v2",
+        }
+    }
+}
+
+impl std::fmt::Display for ReportVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ReportVersion {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ReportVersion::ALL
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| format!("unknown report version {s:?}; allowed: v1, v2"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReportEvent {
+    /// `ReporteSolicitado`: answered with a `ReporteGenerado` output event.
+    Requested {
+        request_id: String,
+        /// `None` ("latest" on the wire): the version active when the request is handled.
+        version: Option<ReportVersion>,
+        parameters: std::collections::BTreeMap<String, String>,
+    },
+    /// `VersionReporteCambiada` (control topic) or `PUT /api/reports/version`.
+    VersionChanged { version: ReportVersion },
 }

@@ -44,7 +44,8 @@ impl CommissionLedger {
             | OutputBody::PaymentSucceeded { affiliate_id, .. } => Some(affiliate_id),
             OutputBody::PaymentFailed { .. }
             | OutputBody::BudgetAlert { .. }
-            | OutputBody::CampaignState { .. } => None,
+            | OutputBody::CampaignState { .. }
+            | OutputBody::ReportGenerated { .. } => None,
         }
     }
 
@@ -74,7 +75,8 @@ impl CommissionLedger {
             }
             OutputBody::PaymentFailed { .. }
             | OutputBody::BudgetAlert { .. }
-            | OutputBody::CampaignState { .. } => {}
+            | OutputBody::CampaignState { .. }
+            | OutputBody::ReportGenerated { .. } => {}
         }
     }
 

@@ -13,6 +13,9 @@
 //! - [`actor`]: `AggregateActor<A>`, supervised, committing each event atomically.
 //! - [`registry`]: finds or starts actors by aggregate key and routes events to them.
 //! - [`snapshot`]: full-state snapshots with checksums, the journal behind them, retention.
+//! - [`readmodel`]: the report read model, counters moved by each commit.
+//! - [`report`]: report documents v1 and v2 built from the read model.
+//! - [`report_actor`]: the report service's actor: active version, switches, report requests.
 
 pub mod actor;
 pub mod aggregate;
@@ -25,7 +28,10 @@ pub mod outcome;
 pub mod output;
 pub mod payment;
 pub mod ports;
+pub mod readmodel;
 pub mod registry;
+pub mod report;
+pub mod report_actor;
 pub mod snapshot;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
@@ -35,6 +41,7 @@ pub use aggregate::{Aggregate, Decision};
 pub use campaign::{Campaign, CampaignStatus};
 pub use events::{
     AggregateKey, AggregateKind, CampaignEvent, Envelope, Event, Incoming, PaymentEvent, PaymentStatus,
+    ReportEvent, ReportVersion,
 };
 pub use ledger::CommissionLedger;
 pub use money::{Currency, Money};

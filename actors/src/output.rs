@@ -1,6 +1,7 @@
 //! Output (integration) events an aggregate emits; they leave through the outbox.
 
 use crate::campaign::Campaign;
+use crate::events::ReportVersion;
 use crate::money::Money;
 use crate::snapshot::Snapshot;
 use serde::{Deserialize, Serialize};
@@ -75,6 +76,12 @@ pub enum OutputBody {
     },
     /// `CampanaEstadoCompleto`: a campaign's full-state snapshot, for the state topic.
     CampaignState { snapshot: Box<Snapshot<Campaign>> },
+    /// `ReporteGenerado`: the answer to a `ReporteSolicitado`, the report as JSON.
+    ReportGenerated {
+        request_id: String,
+        version: ReportVersion,
+        report_json: String,
+    },
 }
 
 impl OutputBody {
@@ -85,6 +92,7 @@ impl OutputBody {
             OutputBody::PaymentSucceeded { .. } => "PagoExitoso",
             OutputBody::PaymentFailed { .. } => "PagoFallido",
             OutputBody::CampaignState { .. } => "CampanaEstadoCompleto",
+            OutputBody::ReportGenerated { .. } => "ReporteGenerado",
         }
     }
 
@@ -96,6 +104,7 @@ impl OutputBody {
             OutputBody::PaymentSucceeded { payment_id, .. }
             | OutputBody::PaymentFailed { payment_id, .. } => payment_id,
             OutputBody::CampaignState { snapshot } => &snapshot.state.id,
+            OutputBody::ReportGenerated { request_id, .. } => request_id,
         }
     }
 }

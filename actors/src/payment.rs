@@ -116,8 +116,12 @@ impl Aggregate for Payment {
     fn select(event: &Event) -> Option<&PaymentEvent> {
         match event {
             Event::Payment(e) => Some(e),
-            Event::Campaign(_) => None,
+            Event::Campaign(_) | Event::Report(_) => None,
         }
+    }
+
+    fn read_model_changes(before: Option<&Self>, after: &Self) -> Vec<crate::readmodel::Change> {
+        crate::readmodel::changes(before, after)
     }
 
     fn decide(

@@ -1,8 +1,9 @@
 //! Ports: what the actors need from the outside world, implemented by the daemon (`src/`).
 
-use crate::events::{AggregateKey, AggregateKind};
+use crate::events::{AggregateKey, AggregateKind, Incoming, ReportVersion};
 use crate::gateway::Charge;
 use crate::output::OutputEvent;
+use crate::readmodel::{Change, ReadModel};
 
 /// A failure of the state store. The event it concerned is not acked and will be retried.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +38,29 @@ pub struct Commit<'a> {
     pub drop_snapshots: &'a [u64],
     /// Journal versions to delete, inclusive.
     pub truncate_journal: Option<(u64, u64)>,
+    /// Read-model counters this event moves (see [`crate::readmodel`]).
+    pub read_model: &'a [Change],
+}
+
+impl<'a> Commit<'a> {
+    /// A commit of `state` and the idempotency record alone; set the other fields with struct
+    /// update syntax.
+    pub fn of(aggregate: &'a AggregateKey, state: &'a [u8], incoming: &'a Incoming, seen_at_ms: i64) -> Self {
+        Commit {
+            aggregate,
+            state,
+            idempotency_key: &incoming.idempotency_key,
+            content_hash: &incoming.content_hash,
+            seen_at_ms,
+            outbox: &[],
+            charges: &[],
+            journal: None,
+            snapshot: None,
+            drop_snapshots: &[],
+            truncate_journal: None,
+            read_model: &[],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +89,11 @@ pub trait StateStore: Send + Sync + 'static {
     fn journal(&self, _key: &AggregateKey, _after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         Ok(Vec::new())
     }
+
+    /// The report read model as committed so far.
+    fn read_model(&self) -> Result<ReadModel, StoreError> {
+        Ok(ReadModel::default())
+    }
 }
 
 /// Life events of actors, for metrics. All methods default to doing nothing.
@@ -77,6 +106,10 @@ pub trait ActorObserver: Send + Sync + 'static {
     fn snapshot_rejected(&self, _kind: AggregateKind) {}
     /// An actor rebuilt its state from a snapshot and `replayed` journal entries.
     fn restored(&self, _kind: AggregateKind, _replayed: usize) {}
+    /// The report service answers in `active` (at start and after each switch).
+    fn report_version(&self, _active: ReportVersion) {}
+    /// The report service switched versions.
+    fn report_switched(&self, _from: ReportVersion, _to: ReportVersion) {}
 }
 
 /// An observer that ignores everything.

@@ -18,6 +18,8 @@ use crate::events::{AggregateKind, Incoming};
 use crate::outcome::Outcome;
 use crate::payment::Payment;
 use crate::ports::Clock;
+use crate::report::Report;
+use crate::report_actor::{Query, ReportActor, ReportService, Status};
 use actix::prelude::*;
 use dashmap::DashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -93,13 +95,18 @@ pub struct Registry {
     hasher: RandomState,
     campaigns: Kind<Campaign>,
     payments: Kind<Payment>,
+    /// The one report service actor, started with the registry and never passivated.
+    reports: Addr<ReportActor>,
 }
 
 impl Registry {
     /// A registry whose actors run on `arbiters` (at least one).
     pub fn new(env: ActorEnv, arbiters: Vec<ArbiterHandle>) -> Self {
         assert!(!arbiters.is_empty(), "a registry needs at least one arbiter");
+        let report_env = env.clone();
+        let reports = Supervisor::start_in_arbiter(&arbiters[0], move |_| ReportActor::new(report_env));
         Registry {
+            reports,
             env,
             arbiters,
             hasher: RandomState::new(),
@@ -136,7 +143,27 @@ impl Registry {
         match key.kind {
             AggregateKind::Campaign => self.send_apply(&self.campaigns, &key.id, incoming).await,
             AggregateKind::Payment => self.send_apply(&self.payments, &key.id, incoming).await,
+            AggregateKind::Report => {
+                let sent = self.reports.send(Apply(incoming)).await;
+                sent.unwrap_or(Err(ApplyError::MailboxClosed))
+            }
         }
+    }
+
+    /// The report in the report service's active version.
+    pub async fn report(&self) -> Result<Report, ApplyError> {
+        self.reports
+            .send(Query)
+            .await
+            .unwrap_or(Err(ApplyError::MailboxClosed))
+    }
+
+    /// The report service's active version and counters.
+    pub async fn report_service(&self) -> Result<ReportService, ApplyError> {
+        self.reports
+            .send(Status)
+            .await
+            .unwrap_or(Err(ApplyError::MailboxClosed))
     }
 
     async fn send_apply<A: Aggregate>(
@@ -193,6 +220,8 @@ impl Registry {
                 Some(addr) => addr.send(Crash).await,
                 None => return false,
             },
+            AggregateKind::Report if id == crate::events::REPORT_SERVICE_ID => self.reports.send(Crash).await,
+            AggregateKind::Report => return false,
         };
         sent.is_ok()
     }
@@ -208,6 +237,7 @@ impl Registry {
         match kind {
             AggregateKind::Campaign => self.campaigns.actors.len(),
             AggregateKind::Payment => self.payments.actors.len(),
+            AggregateKind::Report => usize::from(self.reports.connected()),
         }
     }
 }

@@ -11,14 +11,13 @@ use aerostream_actors::ports::{
     ActorObserver, Clock, Commit, CommitResult, SeenEntry, StateStore, StoreError,
 };
 use aerostream_actors::snapshot::SnapshotPolicy;
+use aerostream_actors::testkit::MemoryStore as MemStore;
 use aerostream_actors::{
-    ActorEnv, AggregateKey, AggregateKind, ApplyError, Campaign, Event, Incoming, Outcome, OutputEvent,
-    PaymentStatus, Registry, RejectReason,
+    ActorEnv, AggregateKey, AggregateKind, ApplyError, Campaign, Event, Incoming, Outcome, PaymentStatus,
+    Registry, RejectReason,
 };
 use common::*;
-use serde::de::DeserializeOwned;
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
@@ -38,70 +37,6 @@ async fn eventually(what: &str, condition: impl Fn() -> bool) {
 // ---------------------------------------------------------------------------------------------------
 // Ports written for the tests
 // ---------------------------------------------------------------------------------------------------
-
-#[derive(Default)]
-struct Data {
-    states: HashMap<AggregateKey, Vec<u8>>,
-    window: HashMap<String, SeenEntry>,
-    outbox: Vec<OutputEvent>,
-}
-
-/// States, idempotency window and outbox behind one mutex, so a commit is atomic.
-#[derive(Default)]
-struct MemStore {
-    data: Mutex<Data>,
-    /// Successful commits, shared with the observer to see where in the stream a restart happened.
-    commits: Arc<AtomicUsize>,
-    loads: AtomicUsize,
-}
-
-impl MemStore {
-    fn state<A: DeserializeOwned>(&self, kind: AggregateKind, id: &str) -> Option<A> {
-        let key = AggregateKey { kind, id: id.into() };
-        let data = self.data.lock().unwrap();
-        data.states
-            .get(&key)
-            .map(|bytes| serde_json::from_slice(bytes).expect("stored state is valid JSON"))
-    }
-
-    fn campaign(&self, id: &str) -> Option<Campaign> {
-        self.state(AggregateKind::Campaign, id)
-    }
-
-    fn outbox(&self) -> Vec<OutputEvent> {
-        self.data.lock().unwrap().outbox.clone()
-    }
-}
-
-impl StateStore for MemStore {
-    fn load(&self, key: &AggregateKey) -> Result<Option<Vec<u8>>, StoreError> {
-        self.loads.fetch_add(1, SeqCst);
-        Ok(self.data.lock().unwrap().states.get(key).cloned())
-    }
-
-    fn seen(&self, idempotency_key: &str) -> Result<Option<SeenEntry>, StoreError> {
-        Ok(self.data.lock().unwrap().window.get(idempotency_key).cloned())
-    }
-
-    fn commit(&self, commit: Commit<'_>) -> Result<CommitResult, StoreError> {
-        let mut data = self.data.lock().unwrap();
-        if let Some(seen) = data.window.get(commit.idempotency_key) {
-            return Ok(CommitResult::AlreadySeen(seen.clone()));
-        }
-        data.states
-            .insert(commit.aggregate.clone(), commit.state.to_vec());
-        data.window.insert(
-            commit.idempotency_key.to_owned(),
-            SeenEntry {
-                content_hash: commit.content_hash.to_owned(),
-                first_seen_ms: commit.seen_at_ms,
-            },
-        );
-        data.outbox.extend_from_slice(commit.outbox);
-        self.commits.fetch_add(1, SeqCst);
-        Ok(CommitResult::Committed)
-    }
-}
 
 /// Holds commits while closed. Waits are bounded so a failing test cannot hang an arbiter forever.
 #[derive(Default)]
@@ -183,12 +118,17 @@ struct CountingObserver {
 }
 
 impl ActorObserver for CountingObserver {
-    fn started(&self, _kind: AggregateKind) {
-        self.started.fetch_add(1, SeqCst);
+    // The report service's actor starts with every registry: these count aggregate actors.
+    fn started(&self, kind: AggregateKind) {
+        if kind != AggregateKind::Report {
+            self.started.fetch_add(1, SeqCst);
+        }
     }
 
-    fn stopped(&self, _kind: AggregateKind) {
-        self.stopped.fetch_add(1, SeqCst);
+    fn stopped(&self, kind: AggregateKind) {
+        if kind != AggregateKind::Report {
+            self.stopped.fetch_add(1, SeqCst);
+        }
     }
 
     fn restarted(&self, _kind: AggregateKind) {

@@ -11,6 +11,7 @@ use aerostream_actors::money::MoneyError;
 use aerostream_actors::output::AlertLevel;
 use aerostream_actors::{
     CampaignEvent, Envelope, Event, Incoming, Money, OutputBody, OutputEvent, PaymentEvent, PaymentStatus,
+    ReportEvent, ReportVersion,
 };
 use apache_avro::error::Details;
 use apache_avro::types::{Value, ValueKind};
@@ -252,11 +253,23 @@ fn input_event(wire: WireType, data: &Fields) -> Result<Event, DecodeError> {
                 })?,
             })
         }
+        WireType::ReporteSolicitado => Ok(Event::Report(ReportEvent::Requested {
+            request_id: data.id("id_solicitud")?,
+            version: match data.str("version_servicio_datos")? {
+                "latest" => None,
+                _ => Some(data.parse::<ReportVersion>("version_servicio_datos")?),
+            },
+            parameters: data.string_map("parametros")?,
+        })),
+        WireType::VersionReporteCambiada => Ok(Event::Report(ReportEvent::VersionChanged {
+            version: data.parse("version_servicio_datos")?,
+        })),
         WireType::PagoExitoso
         | WireType::PagoFallido
         | WireType::ComisionCalculada
         | WireType::BudgetAlert
-        | WireType::CampanaEstadoCompleto => Err(DecodeError::UnknownEventType {
+        | WireType::CampanaEstadoCompleto
+        | WireType::ReporteGenerado => Err(DecodeError::UnknownEventType {
             event_type: wire.name().into(),
             detail: "an output event: aerostream publishes it and does not consume it".into(),
         }),
@@ -287,6 +300,11 @@ fn output_body(wire: WireType, data: &Fields) -> Result<OutputBody, DecodeError>
             level: alert_level(data)?,
             budget: data.money("presupuesto")?,
             spend_minor: data.minor_units("gasto_centavos")?,
+        }),
+        WireType::ReporteGenerado => Ok(OutputBody::ReportGenerated {
+            request_id: data.id("id_solicitud")?,
+            version: data.parse("version_servicio_datos")?,
+            report_json: data.string("reporte_json")?,
         }),
         WireType::CampanaEstadoCompleto => Err(DecodeError::UnknownEventType {
             event_type: wire.name().into(),
@@ -410,6 +428,20 @@ impl<'a> Fields<'a> {
             Value::Null => Ok(None),
             Value::String(s) => Ok(Some(s.clone())),
             other => Err(self.wrong_type(name, "null or a string", other)),
+        }
+    }
+
+    /// A `{"type": "map", "values": "string"}` field.
+    fn string_map(&self, name: &str) -> Result<std::collections::BTreeMap<String, String>, DecodeError> {
+        match self.get(name)? {
+            Value::Map(entries) => entries
+                .iter()
+                .map(|(key, value)| match value {
+                    Value::String(s) => Ok((key.clone(), s.clone())),
+                    other => Err(self.wrong_type(&format!("{name}.{key}"), "a string", other)),
+                })
+                .collect(),
+            other => Err(self.wrong_type(name, "a map of strings", other)),
         }
     }
 

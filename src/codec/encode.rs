@@ -8,7 +8,9 @@ use super::{Codec, WireType};
 use aerostream_actors::events::CommissionRule;
 use aerostream_actors::snapshot::Snapshot;
 use aerostream_actors::Campaign;
-use aerostream_actors::{CampaignEvent, Envelope, Event, Money, OutputBody, OutputEvent, PaymentEvent};
+use aerostream_actors::{
+    CampaignEvent, Envelope, Event, Money, OutputBody, OutputEvent, PaymentEvent, ReportEvent, ReportVersion,
+};
 use apache_avro::types::Value;
 
 /// CloudEvents `specversion` written on every event.
@@ -247,6 +249,26 @@ fn input_data(event: &Event) -> Result<Value, EncodeError> {
                 ])
             }
         },
+        Event::Report(event) => match event {
+            ReportEvent::Requested {
+                request_id,
+                version,
+                parameters,
+            } => record(vec![
+                ("id_solicitud", string(request_id)),
+                (
+                    "version_servicio_datos",
+                    string(version.map_or("latest", ReportVersion::as_str)),
+                ),
+                (
+                    "parametros",
+                    Value::Map(parameters.iter().map(|(k, v)| (k.clone(), string(v))).collect()),
+                ),
+            ]),
+            ReportEvent::VersionChanged { version } => {
+                record(vec![("version_servicio_datos", string(version.as_str()))])
+            }
+        },
     })
 }
 
@@ -285,6 +307,15 @@ fn output_data(body: &OutputBody) -> Value {
             ("gasto_centavos", Value::Long(*spend_minor)),
         ]),
         OutputBody::CampaignState { snapshot } => campaign_state(snapshot),
+        OutputBody::ReportGenerated {
+            request_id,
+            version,
+            report_json,
+        } => record(vec![
+            ("id_solicitud", string(request_id)),
+            ("version_servicio_datos", string(version.as_str())),
+            ("reporte_json", string(report_json)),
+        ]),
     }
 }
 

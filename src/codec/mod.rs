@@ -14,17 +14,19 @@
 //! - [`decode`]: payload → [`Incoming`](aerostream_actors::Incoming) / [`OutputEvent`], and
 //!   [`DecodeError`] with its dead-letter reason.
 //! - [`encode`]: domain event / output event → [`Encoded`] payload.
+//! - [`json`]: structured-mode CloudEvents JSON → [`Encoded`] payload (the event collector).
 //! - this file: [`Codec`], [`WireType`] (the table of event types and their subjects).
 
 pub mod compat;
 pub mod decode;
 pub mod encode;
+pub mod json;
 pub mod registry;
 
 #[cfg(test)]
 mod tests;
 
-use aerostream_actors::{CampaignEvent, Event, OutputBody, PaymentEvent};
+use aerostream_actors::{CampaignEvent, Event, OutputBody, PaymentEvent, ReportEvent};
 use std::sync::Arc;
 
 pub use decode::DecodeError;
@@ -71,10 +73,13 @@ pub enum WireType {
     ComisionCalculada,
     BudgetAlert,
     CampanaEstadoCompleto,
+    ReporteSolicitado,
+    VersionReporteCambiada,
+    ReporteGenerado,
 }
 
 impl WireType {
-    pub const ALL: [WireType; 15] = [
+    pub const ALL: [WireType; 18] = [
         WireType::CampanaCreada,
         WireType::CampanaActivada,
         WireType::CampanaPausada,
@@ -90,6 +95,9 @@ impl WireType {
         WireType::ComisionCalculada,
         WireType::BudgetAlert,
         WireType::CampanaEstadoCompleto,
+        WireType::ReporteSolicitado,
+        WireType::VersionReporteCambiada,
+        WireType::ReporteGenerado,
     ];
 
     /// The subject: the full name of the top-level Avro record.
@@ -110,6 +118,9 @@ impl WireType {
             WireType::ComisionCalculada => "com.aeropartners.integracion.ComisionCalculada",
             WireType::BudgetAlert => "com.aeropartners.integracion.BudgetAlert",
             WireType::CampanaEstadoCompleto => "com.aeropartners.confiabilidad.CampanaEstadoCompleto",
+            WireType::ReporteSolicitado => "com.aeropartners.mantenibilidad.ReporteSolicitado",
+            WireType::VersionReporteCambiada => "com.aeropartners.mantenibilidad.VersionReporteCambiada",
+            WireType::ReporteGenerado => "com.aeropartners.mantenibilidad.ReporteGenerado",
         }
     }
 
@@ -128,6 +139,7 @@ impl WireType {
                 | WireType::ComisionCalculada
                 | WireType::BudgetAlert
                 | WireType::CampanaEstadoCompleto
+                | WireType::ReporteGenerado
         )
     }
 
@@ -155,6 +167,10 @@ impl WireType {
                 PaymentEvent::Requested { .. } => WireType::PagoSolicitado,
                 PaymentEvent::Processed { .. } => WireType::PagoProcesado,
             },
+            Event::Report(e) => match e {
+                ReportEvent::Requested { .. } => WireType::ReporteSolicitado,
+                ReportEvent::VersionChanged { .. } => WireType::VersionReporteCambiada,
+            },
         }
     }
 
@@ -165,6 +181,7 @@ impl WireType {
             OutputBody::PaymentSucceeded { .. } => WireType::PagoExitoso,
             OutputBody::PaymentFailed { .. } => WireType::PagoFallido,
             OutputBody::CampaignState { .. } => WireType::CampanaEstadoCompleto,
+            OutputBody::ReportGenerated { .. } => WireType::ReporteGenerado,
         }
     }
 }

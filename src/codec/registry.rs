@@ -33,7 +33,7 @@ pub const ENVELOPE_FIELDS: [&str; 11] = [
 const SHIPPED_MANIFEST: &str = include_str!("../../schemas/manifest.toml");
 
 /// The shipped `schemas/` directory, file by file. A test checks it matches the directory.
-const SHIPPED_FILES: [(&str, &str); 16] = [
+const SHIPPED_FILES: [(&str, &str); 20] = [
     (
         "BudgetAlert.v1.avsc",
         include_str!("../../schemas/BudgetAlert.v1.avsc"),
@@ -97,6 +97,22 @@ const SHIPPED_FILES: [(&str, &str); 16] = [
     (
         "PresupuestoActualizado.v1.avsc",
         include_str!("../../schemas/PresupuestoActualizado.v1.avsc"),
+    ),
+    (
+        "ReporteGenerado.v1.avsc",
+        include_str!("../../schemas/ReporteGenerado.v1.avsc"),
+    ),
+    (
+        "ReporteSolicitado.v1.avsc",
+        include_str!("../../schemas/ReporteSolicitado.v1.avsc"),
+    ),
+    (
+        "ReporteSolicitado.v2.avsc",
+        include_str!("../../schemas/ReporteSolicitado.v2.avsc"),
+    ),
+    (
+        "VersionReporteCambiada.v1.avsc",
+        include_str!("../../schemas/VersionReporteCambiada.v1.avsc"),
     ),
 ];
 

@@ -111,6 +111,34 @@ impl Daemon {
         Ok(request.send()?.status().as_u16())
     }
 
+    /// Sends `method path` with a raw JSON body (and the bearer token when given); returns the
+    /// status, the JSON answer (`Null` when not JSON) and the `Retry-After` header.
+    pub fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Vec<u8>,
+    ) -> anyhow::Result<(u16, serde_json::Value, Option<String>)> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base_url))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send()?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let json = response.json().unwrap_or(serde_json::Value::Null);
+        Ok((status, json, retry_after))
+    }
+
     pub fn status(&self, path: &str) -> anyhow::Result<u16> {
         Ok(self
             .http
