@@ -45,6 +45,8 @@ fn main() {
         let commit = Commit {
             aggregate: &aggregate,
             state,
+            // Each aggregate is written once per 100 000 keys: its next version.
+            version: i / 100_000 + 1,
             idempotency_key: &idempotency_key,
             content_hash: &hash,
             seen_at_ms: clock.now_ms(),

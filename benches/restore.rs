@@ -86,6 +86,7 @@ fn prepare(store: &SledStore, replay: u64) {
             .commit(Commit {
                 aggregate: &key,
                 state: &bytes,
+                version,
                 idempotency_key: &envelope.id,
                 content_hash: &hash,
                 seen_at_ms: SystemClock.now_ms(),

@@ -13,11 +13,12 @@
 //! ```text
 //! scripts/bench                                     (builds, runs, appends to docs/BENCHMARKS.md)
 //! cargo bench --bench throughput -- [--backlog N] [--latency-seconds S] [--growth 10,1000,100000]
-//!     [--growth-events N] [--poll-ms MS] [--markdown FILE] [--perf DIR] [--keep DIR]
+//!     [--growth-events N] [--poll-ms MS] [--markdown FILE] [--perf DIR] [--keep DIR] [--throughput-only]
 //! ```
 //!
-//! `--perf DIR` records the daemon with `perf record` during the backlog run only (no other phase,
-//! no Markdown): a profiling run, not a measurement. `--keep DIR` keeps the daemons' data and logs.
+//! `--perf DIR` records the daemon with `perf record` and `perf stat` during the backlog run, and
+//! runs nothing else: a profiling run, not a measurement. `--throughput-only` runs (a) to (c) alone.
+//! Neither writes Markdown. `--keep DIR` keeps the broker's and the daemons' data, logs and metrics.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -58,6 +59,7 @@ struct Args {
     markdown: Option<PathBuf>,
     perf: Option<PathBuf>,
     keep: Option<PathBuf>,
+    throughput_only: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -70,6 +72,7 @@ fn parse_args() -> anyhow::Result<Args> {
         markdown: None,
         perf: None,
         keep: None,
+        throughput_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -91,6 +94,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--markdown" => args.markdown = Some(value()?.into()),
             "--perf" => args.perf = Some(value()?.into()),
             "--keep" => args.keep = Some(value()?.into()),
+            "--throughput-only" => args.throughput_only = true,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -124,7 +128,7 @@ fn main() -> anyhow::Result<()> {
     };
     let mut table = Table::default();
     let e2e_rate = bench.throughput(&mut table)?;
-    if args.perf.is_none() {
+    if args.perf.is_none() && !args.throughput_only {
         bench.latency(&mut table, e2e_rate / 2.0)?;
         for &campaigns in &args.growth {
             bench.growth(&mut table, campaigns)?;
@@ -132,7 +136,7 @@ fn main() -> anyhow::Result<()> {
     }
     let rendered = table.render();
     println!("{rendered}");
-    if let (Some(path), None) = (&args.markdown, &args.perf) {
+    if let (Some(path), None, false) = (&args.markdown, &args.perf, args.throughput_only) {
         std::fs::write(path, rendered).with_context(|| format!("writing {}", path.display()))?;
     }
     drop(client);
@@ -1133,21 +1137,31 @@ syscalls:sys_enter_clone3,syscalls:sys_enter_sendto,syscalls:sys_enter_write";
 impl Perf {
     fn record(dir: &Path, pid: u32) -> anyhow::Result<Perf> {
         std::fs::create_dir_all(dir)?;
+        let mut children = Vec::new();
+        // BENCH_PERF_RECORD=0: counts only (sampling with DWARF call graphs slows the daemon).
+        if std::env::var("BENCH_PERF_RECORD").map_or(true, |v| v != "0") {
+            let mut command = Command::new("perf");
+            command
+                .args(["record", "-F", "499", "--call-graph", "dwarf,32768", "-o"])
+                .arg(dir.join("perf.data"))
+                .args(["-p", &pid.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("perf.log"))?);
+            die_with_parent(&mut command);
+            children.push(
+                command
+                    .spawn()
+                    .context("starting perf (apt-get install linux-perf)")?,
+            );
+        }
         let mut command = Command::new("perf");
         command
-            .args(["record", "-F", "499", "--call-graph", "dwarf,32768", "-o"])
-            .arg(dir.join("perf.data"))
-            .args(["-p", &pid.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("perf.log"))?);
-        die_with_parent(&mut command);
-        let record = command
-            .spawn()
-            .context("starting perf (apt-get install linux-perf)")?;
-        let mut command = Command::new("perf");
-        command
-            .args(["stat", "-e", &std::env::var("BENCH_PERF_STAT_EVENTS").unwrap_or(PERF_STAT_EVENTS.into())])
+            .args([
+                "stat",
+                "-e",
+                &std::env::var("BENCH_PERF_STAT_EVENTS").unwrap_or(PERF_STAT_EVENTS.into()),
+            ])
             .arg("-o")
             .arg(dir.join("stat.txt"))
             .args(["-p", &pid.to_string()])
@@ -1155,8 +1169,8 @@ impl Perf {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         die_with_parent(&mut command);
-        let stat = command.spawn().context("starting perf stat")?;
-        Ok(Perf(vec![record, stat]))
+        children.push(command.spawn().context("starting perf stat")?);
+        Ok(Perf(children))
     }
 
     fn stop(self) -> anyhow::Result<()> {

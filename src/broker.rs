@@ -66,17 +66,32 @@ pub async fn connect(
     .await
 }
 
-/// A producer on `topic` that waits, instead of failing, when its send queue is full.
+/// A producer on `topic` that waits, instead of failing, when its send queue is full. On a
+/// partitioned topic a message goes to the partition its key hashes to, so an aggregate's events
+/// stay on one partition, in order (without a routing policy the client spreads keyed messages
+/// round robin).
 pub async fn producer(client: &Client, topic: String) -> Result<Producer, pulsar::Error> {
     client
         .producer()
         .with_topic(topic)
         .with_options(pulsar::ProducerOptions {
             block_queue_if_full: true,
+            routing_policy: Some(pulsar::routing_policy::RoutingPolicy::RoundRobin),
             ..Default::default()
         })
         .build()
         .await
+}
+
+/// When this process started (ms since the epoch), taken on first use.
+pub fn process_started_ms() -> u64 {
+    static STARTED: OnceLock<u64> = OnceLock::new();
+    *STARTED.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    })
 }
 
 /// A consumer id used by no other consumer, in this process or another: some brokers key

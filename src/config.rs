@@ -39,6 +39,18 @@ pub struct Config {
     pub inputs: BTreeMap<String, InputConfig>,
     pub outputs: OutputsConfig,
     pub collector: CollectorConfig,
+    pub changelog: ChangelogConfig,
+}
+
+/// State hand-over between daemons through Pulsar (docs/TAKEOVER.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangelogConfig {
+    pub enabled: bool,
+    pub topic: String,
+    /// An aggregate this daemon has not handled for this long is caught up from the changelog
+    /// before its next event.
+    pub takeover_gap_ms: u64,
 }
 
 /// `POST /event-collector/events`: which input's topic each kind of event is published to, and
@@ -57,6 +69,8 @@ pub struct CollectorConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonConfig {
+    /// Names this daemon on the changelog; empty: the host name and the data directory.
+    pub instance_id: String,
     /// Directory of the sled database.
     pub data_dir: PathBuf,
     /// Grace period on SIGTERM/SIGINT.
@@ -353,6 +367,20 @@ impl Config {
         } else {
             Err(ConfigError::Invalid(problems.join("\n")))
         }
+    }
+
+    /// `daemon.instance_id`, or the host name and data directory when it is empty.
+    pub fn instance_id(&self) -> String {
+        if !self.daemon.instance_id.is_empty() {
+            return self.daemon.instance_id.clone();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        format!("{host}:{}", self.daemon.data_dir.display())
     }
 
     pub fn shutdown_timeout(&self) -> Duration {

@@ -27,14 +27,23 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let clock = Arc::new(SystemClock);
-    let store = Arc::new(
-        SledStore::open(
-            &config.daemon.data_dir,
-            config.idempotency.window_seconds,
-            clock.clone(),
-        )
-        .context("opening the state store")?,
-    );
+    let instance = config.instance_id();
+    let mut store = SledStore::open(
+        &config.daemon.data_dir,
+        config.idempotency.window_seconds,
+        clock.clone(),
+    )
+    .context("opening the state store")?;
+    if config.changelog.enabled {
+        store = store.with_changelog(instance.clone());
+    }
+    let store = Arc::new(store);
+    tracing::info!(%instance, changelog = config.changelog.enabled, "Starting.");
+    for (name, input) in &config.inputs {
+        if config.changelog.enabled && input.subscription_type == crate::config::SubscriptionKind::Shared {
+            tracing::warn!(input = %name, "A shared subscription spreads one aggregate's events over every daemon on it: run one daemon on it, or use key_shared or failover.");
+        }
+    }
     let prometheus = telemetry::prometheus();
     telemetry::zero_counters(config.inputs.keys().map(String::as_str));
     let registry = SchemaRegistry::shipped();
@@ -61,6 +70,8 @@ pub async fn run(
         arbiters.iter().map(Arbiter::handle).collect(),
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (late_stop_tx, late_stop_rx) = watch::channel(false);
+    let mut barriers = config.changelog.enabled.then(crate::changelog::follower);
     let broker_health = BrokerHealth::default();
     let inputs_up: InputsUp = Arc::new(
         config
@@ -99,20 +110,25 @@ pub async fn run(
         let client = broker::connect(&config.broker, &mut stop_rx.clone()).await?;
         tracing::info!(url = %config.broker.url, "Connected to the broker.");
         collector.connected(client.clone());
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(broker::probe(
                 client.clone(),
                 config.broker.clone(),
                 broker_health.clone(),
                 stop_rx.clone(),
             )),
+            // The outbox and the changelog follower stop last: consumers finishing their messages
+            // wait for them.
             tokio::spawn(crate::outbox::run(
                 client.clone(),
-                config.broker.clone(),
-                config.outputs.clone(),
+                crate::outbox::Destinations {
+                    broker: config.broker.clone(),
+                    outputs: config.outputs.clone(),
+                    changelog: config.changelog.clone(),
+                },
                 codec.clone(),
                 store.clone(),
-                stop_rx.clone(),
+                late_stop_rx.clone(),
             )),
             tokio::spawn(
                 crate::charges::Worker {
@@ -135,10 +151,28 @@ pub async fn run(
                 stop_rx.clone(),
             )),
         ];
+        let follower = match barriers.take() {
+            Some((follower, requests)) => {
+                tasks.push(tokio::spawn(crate::changelog::run(
+                    client.clone(),
+                    config.broker.clone(),
+                    config.changelog.clone(),
+                    instance.clone(),
+                    store.clone(),
+                    registry.clone(),
+                    requests,
+                    late_stop_rx.clone(),
+                )));
+                Some(follower)
+            }
+            None => None,
+        };
         let pipeline = Arc::new(Pipeline {
             registry,
             codec,
             store: store.clone(),
+            follower,
+            takeover_gap: Duration::from_millis(config.changelog.takeover_gap_ms),
         });
         let mut consumers = Vec::new();
         for (name, input) in &config.inputs {
@@ -184,6 +218,7 @@ pub async fn run(
             // Let the aborted tasks drop their broker handles while the runtime still runs.
             futures::future::join_all(consumers).await;
         }
+        let _ = late_stop_tx.send(true);
         tasks.iter().for_each(|task| task.abort());
         futures::future::join_all(tasks).await;
     }

@@ -18,7 +18,7 @@ use futures::{FutureExt, StreamExt};
 use metrics::{counter, histogram};
 use pulsar::consumer::{DeadLetterPolicy, Message};
 use pulsar::{Consumer, ConsumerOptions, SubType, TokioExecutor};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +31,10 @@ pub struct Pipeline {
     pub registry: Arc<Registry>,
     pub codec: Arc<Codec>,
     pub store: Arc<SledStore>,
+    /// Changelog barriers (`None`: this daemon runs alone, without a changelog).
+    pub follower: Option<crate::changelog::Follower>,
+    /// An aggregate not handled for this long is caught up from the changelog first.
+    pub takeover_gap: Duration,
 }
 
 /// Whether to ack or redeliver a message once processing is over.
@@ -45,6 +49,9 @@ struct Done {
     message: Message<Vec<u8>>,
     key: Option<AggregateKey>,
     verdict: Verdict,
+    /// Checkpointed ack: the ack waits until the outbox has published everything up to here
+    /// (the event's changelog record and output events included).
+    publish_through: Option<u64>,
 }
 
 type Work = Pin<Box<dyn Future<Output = Done>>>;
@@ -55,6 +62,39 @@ struct Ready {
     message: Message<Vec<u8>>,
     incoming: Incoming,
     received: Instant,
+    /// The aggregate was not handled lately here: catch up from the changelog first.
+    catch_up: bool,
+}
+
+/// When this consumer last handled each aggregate, to tell which need a changelog catch-up.
+struct Recent {
+    at: HashMap<AggregateKey, Instant>,
+    gap: Duration,
+    since_prune: usize,
+}
+
+impl Recent {
+    fn new(gap: Duration) -> Self {
+        Recent {
+            at: HashMap::new(),
+            gap,
+            since_prune: 0,
+        }
+    }
+
+    /// Records that `key` is handled now; true when it was not handled within the gap.
+    fn touch(&mut self, key: &AggregateKey, now: Instant) -> bool {
+        self.since_prune += 1;
+        if self.since_prune >= 10_000 {
+            let gap = self.gap;
+            self.at.retain(|_, at| now.duration_since(*at) <= gap);
+            self.since_prune = 0;
+        }
+        match self.at.insert(key.clone(), now) {
+            Some(at) => now.duration_since(at) > self.gap,
+            None => true,
+        }
+    }
 }
 
 /// Consumes one input until shutdown, subscribing again when the consumer fails. `up` tells
@@ -123,7 +163,13 @@ async fn subscribe(
         .with_subscription(input.subscription.clone())
         .with_subscription_type(sub_type)
         .with_consumer_id(consumer_id)
-        .with_consumer_name(format!("aerostream-{name}-{consumer_id}"))
+        // Failover makes the consumer whose name sorts first active: naming by process start
+        // keeps the longest-running daemon active, and a daemon that (re)joins is a standby
+        // rather than taking the partitions over from a healthy one.
+        .with_consumer_name(format!(
+            "aerostream-{name}-{:016}-{consumer_id}",
+            broker::process_started_ms()
+        ))
         .with_batch_size(input.max_in_flight.min(u32::MAX as usize) as u32)
         .with_options(ConsumerOptions::default().with_receiver_queue_size(input.max_in_flight as u32))
         .with_dead_letter_policy(DeadLetterPolicy {
@@ -150,28 +196,42 @@ async fn consume(
     let mut acks: InOrder<(Message<Vec<u8>>, Verdict)> = InOrder::default();
     // Messages this consumer nacked: when one comes back, that is a redelivery.
     let mut nacked: HashSet<MessagePosition> = HashSet::new();
-    let held = |running: &FuturesUnordered<Work>, order: &KeyedQueue<_, _>, acks: &InOrder<_>| {
-        running.len() + order.parked() + acks.waiting()
-    };
+    let mut recent = Recent::new(pipeline.takeover_gap);
+    // Committed, waiting for the outbox before their ack.
+    let mut publishing: FuturesUnordered<Work> = FuturesUnordered::new();
+    let held =
+        |running: &FuturesUnordered<Work>,
+         publishing: &FuturesUnordered<Work>,
+         order: &KeyedQueue<_, _>,
+         acks: &InOrder<_>| { running.len() + publishing.len() + order.parked() + acks.waiting() };
     let mut stopping = *shutdown.borrow();
     let mut stream_ended = false;
     loop {
-        if (stopping || stream_ended) && held(&running, &order, &acks) == 0 {
+        let in_flight = held(&running, &publishing, &order, &acks);
+        if (stopping || stream_ended) && in_flight == 0 {
             return !stream_ended;
         }
-        let can_receive = !stopping && !stream_ended && held(&running, &order, &acks) < input.max_in_flight;
+        let can_receive = !stopping && !stream_ended && in_flight < input.max_in_flight;
         tokio::select! {
             _ = shutdown.changed(), if !stopping => stopping = true,
-            Some(done) = running.next(), if !running.is_empty() => {
-                for (message, verdict) in acks.finish(done.seq, (done.message, done.verdict)) {
-                    if matches!(verdict, Verdict::Retry) {
-                        nacked.insert(position(&message));
-                    }
-                    finish(name, consumer, message, verdict).await;
-                }
-                if let Some(next) = done.key.and_then(|key| order.finish(&key)) {
+            Some(mut done) = running.next(), if !running.is_empty() => {
+                // The aggregate is free as soon as its event is committed; the ack may wait.
+                if let Some(next) = done.key.take().and_then(|key| order.finish(&key)) {
                     running.push(apply(name.clone(), pipeline.clone(), dead_letters.clone(), next));
                 }
+                match done.publish_through.take() {
+                    Some(through) => {
+                        let store = pipeline.store.clone();
+                        publishing.push(Box::pin(async move {
+                            store.wait_published(through).await;
+                            done
+                        }));
+                    }
+                    None => release(name, consumer, &mut acks, &mut nacked, done).await,
+                }
+            }
+            Some(done) = publishing.next(), if !publishing.is_empty() => {
+                release(name, consumer, &mut acks, &mut nacked, done).await;
             }
             received = consumer.next(), if can_receive => match received {
                 Some(Ok(message)) => {
@@ -185,7 +245,8 @@ async fn consume(
                         .or_else(|| (!input.default_dataschema.is_empty()).then(|| input.default_dataschema.clone()));
                     match pipeline.codec.decode(dataschema.as_deref(), &message.payload.data) {
                         Ok(incoming) => {
-                            let ready = Ready { seq, message, incoming, received };
+                            let catch_up = recent.touch(&incoming.aggregate(), received);
+                            let ready = Ready { seq, message, incoming, received, catch_up };
                             if let Some(ready) = order.admit(&ready.incoming.aggregate(), ready) {
                                 running.push(apply(name.clone(), pipeline.clone(), dead_letters.clone(), ready));
                             }
@@ -239,6 +300,22 @@ fn property(message: &Message<Vec<u8>>, key: &str) -> Option<String> {
         .map(|kv| kv.value.clone())
 }
 
+/// Acks or nacks what `done` completes, in receive order.
+async fn release(
+    name: &str,
+    consumer: &mut Consumer<Vec<u8>, TokioExecutor>,
+    acks: &mut InOrder<(Message<Vec<u8>>, Verdict)>,
+    nacked: &mut HashSet<MessagePosition>,
+    done: Done,
+) {
+    for (message, verdict) in acks.finish(done.seq, (done.message, done.verdict)) {
+        if matches!(verdict, Verdict::Retry) {
+            nacked.insert(position(&message));
+        }
+        finish(name, consumer, message, verdict).await;
+    }
+}
+
 /// Where a message sits on its topic: ledger, entry, partition and batch index.
 type MessagePosition = (u64, u64, Option<i32>, Option<i32>);
 
@@ -277,6 +354,8 @@ async fn apply_retrying_crashes(registry: &Registry, incoming: Incoming) -> Resu
     let mut attempt = 1;
     loop {
         match registry.apply(incoming.clone()).await {
+            // A stale actor has reloaded: retry at once.
+            Err(ApplyError::Stale(_)) if attempt < CRASH_ATTEMPTS => attempt += 1,
             Err(ApplyError::Crashed(_) | ApplyError::MailboxClosed) if attempt < CRASH_ATTEMPTS => {
                 tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
                 attempt += 1;
@@ -293,10 +372,18 @@ fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<Mutex<Produc
             message,
             incoming,
             received,
+            catch_up,
         } = ready;
         let key = Some(incoming.aggregate());
         let event_type = incoming.envelope.event_type.clone();
+        if let (true, Some(follower)) = (catch_up, &pipeline.follower) {
+            let waiting = Instant::now();
+            follower.barrier().await;
+            histogram!(CHANGELOG_BARRIER_WAIT).record(waiting.elapsed().as_secs_f64());
+        }
         let outcome = apply_retrying_crashes(&pipeline.registry, incoming).await;
+        // Everything committed so far, this event's commit included, is in the outbox up to here.
+        let outbox_mark = pipeline.store.outbox_high_water();
         let verdict = match outcome {
             Ok(Outcome::Applied { .. }) | Ok(Outcome::Duplicate) => match pipeline.store.flush().await {
                 Ok(()) => {
@@ -333,11 +420,15 @@ fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<Mutex<Produc
                 Verdict::Retry
             }
         };
+        // Checkpointed ack, when a changelog is kept: the changelog must cover this event first.
+        let publish_through =
+            (matches!(verdict, Verdict::Ack) && pipeline.follower.is_some()).then_some(outbox_mark);
         Done {
             seq,
             message,
             key,
             verdict,
+            publish_through,
         }
     })
 }
@@ -401,6 +492,7 @@ fn dead_letter(
             message,
             key: None,
             verdict,
+            publish_through: None,
         }
     })
 }

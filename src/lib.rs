@@ -16,6 +16,7 @@
 //! - [`daemon`]: wiring and orderly shutdown.
 
 pub mod broker;
+pub mod changelog;
 pub mod charges;
 pub mod codec;
 pub mod collector;

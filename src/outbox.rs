@@ -1,12 +1,16 @@
-//! The outbox publisher: publishes committed output events in commit order, then deletes them.
+//! The outbox publisher: publishes committed entries in commit order, then deletes them.
 //!
-//! An entry is deleted only after the broker's receipt, so a crash re-publishes it; its id is
-//! derived from the input event, so consumers deduplicate the re-publish by id.
+//! Entries are output events (to their output topic) and changelog records (to the changelog
+//! topic, see [`crate::changelog`]). A batch is sent without waiting between messages; entries are
+//! deleted in order as their receipts arrive, and at the first failure the rest of the batch is
+//! left for the next attempt. An entry is deleted only after the broker's receipt, so a crash
+//! re-publishes it; output ids are derived from the input event, so consumers deduplicate the
+//! re-publish by id, and a changelog record is imported by version, so a repeat changes nothing.
 
 use crate::broker::{self, Client, Producer};
-use crate::codec::Codec;
-use crate::config::{BrokerConfig, OutputsConfig};
-use crate::store::SledStore;
+use crate::codec::{Codec, Encoded};
+use crate::config::{BrokerConfig, ChangelogConfig, OutputsConfig};
+use crate::store::{OutboxEntry, SledStore};
 use crate::telemetry::{OUTBOX_BACKLOG, OUTBOX_PUBLISHED};
 use aerostream_actors::OutputBody;
 use std::collections::HashMap;
@@ -15,7 +19,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 const BATCH: usize = 256;
+/// Longest wait between looks at an empty outbox (a commit wakes the publisher sooner).
 const IDLE_POLL: Duration = Duration::from_millis(50);
+const RETRY_DELAY: Duration = Duration::from_millis(500);
 
 fn topic_of<'a>(outputs: &'a OutputsConfig, body: &OutputBody) -> &'a str {
     match body {
@@ -27,10 +33,61 @@ fn topic_of<'a>(outputs: &'a OutputsConfig, body: &OutputBody) -> &'a str {
     }
 }
 
+/// Where the publisher sends entries.
+pub struct Destinations {
+    pub broker: BrokerConfig,
+    pub outputs: OutputsConfig,
+    pub changelog: ChangelogConfig,
+}
+
+/// One entry as it goes on the wire.
+struct Outgoing {
+    topic: String,
+    key: String,
+    payload: Vec<u8>,
+    properties: Vec<(&'static str, String)>,
+    /// Metric label.
+    event_type: &'static str,
+}
+
+fn outgoing(destinations: &Destinations, codec: &Codec, entry: OutboxEntry) -> Result<Outgoing, String> {
+    match entry {
+        OutboxEntry::Output(event) => {
+            let Encoded {
+                payload,
+                dataschema,
+                event_type,
+                key,
+            } = codec
+                .encode_output(&event)
+                .map_err(|e| format!("{e} (output {})", event.id))?;
+            Ok(Outgoing {
+                topic: destinations
+                    .broker
+                    .topic(topic_of(&destinations.outputs, &event.body)),
+                key,
+                payload,
+                properties: vec![
+                    ("ce_id", event.id),
+                    ("ce_type", event_type.to_owned()),
+                    ("ce_dataschema", dataschema),
+                ],
+                event_type,
+            })
+        }
+        OutboxEntry::Change(record) => Ok(Outgoing {
+            topic: destinations.broker.topic(&destinations.changelog.topic),
+            key: record.key(),
+            payload: serde_json::to_vec(&record).map_err(|e| e.to_string())?,
+            properties: vec![("instance", record.instance.clone())],
+            event_type: "changelog",
+        }),
+    }
+}
+
 pub async fn run(
     client: Client,
-    broker: BrokerConfig,
-    outputs: OutputsConfig,
+    destinations: Destinations,
     codec: Arc<Codec>,
     store: Arc<SledStore>,
     mut shutdown: watch::Receiver<bool>,
@@ -47,60 +104,76 @@ pub async fn run(
         };
         if batch.is_empty() {
             tokio::select! {
+                _ = store.outbox_added() => continue,
                 _ = tokio::time::sleep(IDLE_POLL) => continue,
                 _ = shutdown.changed() => return,
             }
         }
-        for (seq, event) in batch {
-            let topic = broker.topic(topic_of(&outputs, &event.body));
-            let encoded = match codec.encode_output(&event) {
-                Ok(encoded) => encoded,
+        // Send the whole batch, then take the receipts in order.
+        let mut receipts = Vec::with_capacity(batch.len());
+        let mut failed = false;
+        for (seq, entry) in batch {
+            let message = match outgoing(&destinations, &codec, entry) {
+                Ok(message) => message,
                 Err(error) => {
                     // Cannot happen with shipped schemas; keep the entry and make it visible.
-                    tracing::error!(error = %error, id = %event.id, "Cannot encode output event.");
+                    tracing::error!(error = %error, "Cannot encode an outbox entry.");
+                    failed = true;
                     break;
                 }
             };
-            if !producers.contains_key(&topic) {
+            if !producers.contains_key(&message.topic) {
                 let built = broker::with_backoff("outbox producer", &mut shutdown, || {
-                    broker::producer(&client, topic.clone())
+                    broker::producer(&client, message.topic.clone())
                 })
                 .await;
                 match built {
-                    Ok(p) => producers.insert(topic.clone(), p),
+                    Ok(p) => producers.insert(message.topic.clone(), p),
                     Err(_) => return,
                 };
             }
-            let producer = producers.get_mut(&topic).expect("inserted above");
-            let sent = async {
-                producer
-                    .create_message()
-                    .with_content(encoded.payload)
-                    .with_key(encoded.key)
-                    .with_property("ce_id", event.id.clone())
-                    .with_property("ce_type", encoded.event_type)
-                    .with_property("ce_dataschema", encoded.dataschema)
-                    .send_non_blocking()
-                    .await?
-                    .await
+            let producer = producers.get_mut(&message.topic).expect("inserted above");
+            let mut builder = producer
+                .create_message()
+                .with_content(message.payload)
+                .with_key(message.key);
+            for (name, value) in message.properties {
+                builder = builder.with_property(name, value);
             }
-            .await;
-            match sent {
+            match builder.send_non_blocking().await {
+                Ok(receipt) => receipts.push((seq, message.topic, message.event_type, receipt)),
+                Err(error) => {
+                    tracing::warn!(error = %error, topic = %message.topic, "Outbox publish failed; retrying.");
+                    producers.remove(&message.topic);
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        for (seq, topic, event_type, receipt) in receipts {
+            if failed {
+                // An earlier entry is not published: later ones are published again with it.
+                continue;
+            }
+            match receipt.await {
                 Ok(_) => {
                     if let Err(error) = store.outbox_remove(&seq) {
                         tracing::error!(error = %error, "Cannot delete a published outbox entry.");
                     }
-                    metrics::counter!(OUTBOX_PUBLISHED, "event_type" => encoded.event_type).increment(1);
+                    metrics::counter!(OUTBOX_PUBLISHED, "event_type" => event_type).increment(1);
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, topic = %topic, "Outbox publish failed; retrying.");
                     producers.remove(&topic);
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        _ = shutdown.changed() => return,
-                    }
-                    break;
+                    failed = true;
                 }
+            }
+        }
+        store.outbox_published();
+        if failed {
+            tokio::select! {
+                _ = tokio::time::sleep(RETRY_DELAY) => {}
+                _ = shutdown.changed() => return,
             }
         }
     }

@@ -12,12 +12,17 @@
 //! - `report`:  read-model group (`summary`, `affiliate/<id>`, `campaign/<id>`) → its counters
 //!   (JSON), moved by each commit (see `aerostream_actors::readmodel`)
 
+use crate::changelog::ChangeRecord;
 use aerostream_actors::events::AggregateKey;
 use aerostream_actors::gateway::Charge;
 use aerostream_actors::output::OutputEvent;
 use aerostream_actors::ports::{Commit, CommitResult, SeenEntry, StateStore, StoreError};
+use aerostream_actors::readmodel::{self, Projected};
 use aerostream_actors::readmodel::{apply_changes, Change, Counters, ReadModel};
-use aerostream_actors::{AggregateKind, CommissionLedger};
+use aerostream_actors::snapshot::Snapshot;
+use aerostream_actors::{AggregateKind, Campaign, CommissionLedger, Payment};
+use serde::{Deserialize, Serialize};
+use sled::transaction::TransactionalTree;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -34,7 +39,15 @@ pub struct SledStore {
     journal: sled::Tree,
     snapshots: sled::Tree,
     report: sled::Tree,
+    /// `<kind>/<id>` → the stored state's version (8 bytes BE), for optimistic concurrency.
+    versions: sled::Tree,
     window_ms: i64,
+    /// This daemon's instance id when commits also write changelog records.
+    changelog: Option<String>,
+    /// Newest outbox sequence committed, and the oldest still pending (`u64::MAX`: none).
+    outbox_high: AtomicU64,
+    outbox_low: tokio::sync::watch::Sender<u64>,
+    outbox_added: tokio::sync::Notify,
     clock: std::sync::Arc<dyn aerostream_actors::ports::Clock>,
     /// Group commit: writes made so far, writes known durable, and the one flush in progress.
     writes: AtomicU64,
@@ -43,6 +56,13 @@ pub struct SledStore {
     outbox_pending: AtomicU64,
     /// Keys in the `seen` tree (kept as a counter: `Tree::len` is a scan).
     window_keys: AtomicU64,
+}
+
+/// What the outbox publishes: an output event, or a changelog record (after its commit's outputs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum OutboxEntry {
+    Output(OutputEvent),
+    Change(Box<ChangeRecord>),
 }
 
 fn store_error(e: impl std::fmt::Display) -> StoreError {
@@ -120,8 +140,13 @@ impl SledStore {
             journal: tree("journal")?,
             snapshots: tree("snapshots")?,
             report: tree("report")?,
+            versions: tree("versions")?,
             db,
             window_ms: (window_seconds as i64).saturating_mul(1_000),
+            changelog: None,
+            outbox_high: AtomicU64::new(0),
+            outbox_low: tokio::sync::watch::Sender::new(first_seq(&outbox)),
+            outbox_added: tokio::sync::Notify::new(),
             clock,
             writes: AtomicU64::new(0),
             durable: AtomicU64::new(0),
@@ -131,6 +156,12 @@ impl SledStore {
             window_keys: AtomicU64::new(seen.len() as u64),
             seen,
         })
+    }
+
+    /// Commits also write a changelog record for the other daemons, naming this one `instance`.
+    pub fn with_changelog(mut self, instance: String) -> Self {
+        self.changelog = Some(instance);
+        self
     }
 
     /// Makes every commit so far durable. The ack of an event waits for this.
@@ -203,7 +234,7 @@ impl SledStore {
     }
 
     /// The oldest `limit` outbox entries, with their sequence keys.
-    pub fn outbox_batch(&self, limit: usize) -> Result<Vec<(sled::IVec, OutputEvent)>, StoreError> {
+    pub fn outbox_batch(&self, limit: usize) -> Result<Vec<(sled::IVec, OutboxEntry)>, StoreError> {
         self.outbox
             .iter()
             .take(limit)
@@ -321,12 +352,26 @@ impl StateStore for SledStore {
         let seen_value = encode_seen(commit.seen_at_ms, commit.content_hash);
         let index_key = time_index_key(commit.seen_at_ms, commit.idempotency_key);
         let horizon = self.clock.now_ms() - self.window_ms;
-        let outbox: Vec<(u64, Vec<u8>)> = commit
-            .outbox
+        // The commit's output events, then its changelog record: published in this order.
+        let mut entries: Vec<OutboxEntry> = commit.outbox.iter().cloned().map(OutboxEntry::Output).collect();
+        if let Some(instance) = &self.changelog {
+            entries.push(OutboxEntry::Change(Box::new(ChangeRecord {
+                instance: instance.clone(),
+                aggregate: commit.aggregate.clone(),
+                version: commit.version,
+                state: String::from_utf8_lossy(commit.state).into_owned(),
+                idempotency_key: commit.idempotency_key.to_owned(),
+                content_hash: commit.content_hash.to_owned(),
+                seen_at_ms: commit.seen_at_ms,
+                charges: commit.charges.to_vec(),
+                outputs: commit.outbox.to_vec(),
+            })));
+        }
+        let outbox: Vec<(u64, Vec<u8>)> = entries
             .iter()
-            .map(|event| {
+            .map(|entry| {
                 let id = self.db.generate_id().map_err(store_error)?;
-                Ok((id, serde_json::to_vec(event).map_err(store_error)?))
+                Ok((id, serde_json::to_vec(entry).map_err(store_error)?))
             })
             .collect::<Result<_, StoreError>>()?;
         let charges: Vec<(&str, Vec<u8>)> = commit
@@ -354,52 +399,33 @@ impl StateStore for SledStore {
             .truncate_journal
             .map(|(from, to)| (from..=to).map(|v| versioned_key(commit.aggregate, v)).collect())
             .unwrap_or_default();
-        let mut read_model: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
-        for change in commit.read_model {
-            read_model.entry(change.group.as_str()).or_default().push(change);
-        }
-        let trees = (
-            &self.report,
-            &self.state,
-            &self.seen,
-            &self.seen_by_time,
-            &self.outbox,
-            &self.ledgers,
-            &self.charges,
-            &self.journal,
-            &self.snapshots,
-        );
-        let result = trees.transaction(
-            |(report, state, seen, by_time, out, ledgers, pending_charges, journal, snapshots)| {
+        let read_model = by_group(commit.read_model);
+        let result = self.trees().transaction(
+            |(report, state, seen, by_time, out, ledgers, pending_charges, journal, snapshots, versions)| {
                 let expired = match seen.get(commit.idempotency_key)? {
                     Some(existing) => {
                         let entry = decode_seen(&existing);
                         if entry.first_seen_ms > horizon {
-                            return Err(ConflictableTransactionError::Abort(entry));
+                            return Err(ConflictableTransactionError::Abort(Refused::Seen(entry)));
                         }
                         true
                     }
                     None => false,
                 };
+                // Optimistic concurrency: the change was decided on the version stored now.
+                if let Some(stored) = versions.get(state_key.as_slice())? {
+                    if commit.version != decode_version(&stored) + 1 {
+                        return Err(ConflictableTransactionError::Abort(Refused::Stale));
+                    }
+                }
                 state.insert(state_key.as_slice(), commit.state)?;
+                versions.insert(state_key.as_slice(), &commit.version.to_be_bytes())?;
                 seen.insert(commit.idempotency_key.as_bytes(), seen_value.as_slice())?;
                 by_time.insert(index_key.as_slice(), &[])?;
                 for (seq, value) in &outbox {
                     out.insert(&seq.to_be_bytes(), value.as_slice())?;
                 }
-                for output in commit.outbox {
-                    let Some(affiliate) = CommissionLedger::affiliate_of(&output.body) else {
-                        continue;
-                    };
-                    let mut ledger = match ledgers.get(affiliate)? {
-                        Some(bytes) => serde_json::from_slice(&bytes)
-                            .map_err(|e| ConflictableTransactionError::Storage(corrupt("ledger", e)))?,
-                        None => CommissionLedger::new(affiliate),
-                    };
-                    ledger.record(&output.body);
-                    let bytes = serde_json::to_vec(&ledger).expect("ledgers serialize");
-                    ledgers.insert(affiliate.as_bytes(), bytes)?;
-                }
+                move_ledgers(ledgers, commit.outbox)?;
                 for (payment_id, charge) in &charges {
                     pending_charges.insert(payment_id.as_bytes(), charge.as_slice())?;
                 }
@@ -415,20 +441,7 @@ impl StateStore for SledStore {
                 for key in &truncated {
                     journal.remove(key.as_slice())?;
                 }
-                for (group, changes) in &read_model {
-                    let mut counters: Counters = match report.get(group)? {
-                        Some(bytes) => serde_json::from_slice(&bytes)
-                            .map_err(|e| ConflictableTransactionError::Storage(corrupt("read model", e)))?,
-                        None => Counters::new(),
-                    };
-                    apply_changes(&mut counters, changes.iter().copied());
-                    if counters.is_empty() {
-                        report.remove(group.as_bytes())?;
-                    } else {
-                        let bytes = serde_json::to_vec(&counters).expect("counters serialize");
-                        report.insert(group.as_bytes(), bytes)?;
-                    }
-                }
+                move_read_model(report, &read_model)?;
                 Ok(expired)
             },
         );
@@ -440,13 +453,243 @@ impl StateStore for SledStore {
                 }
                 self.outbox_pending
                     .fetch_add(outbox.len() as u64, Ordering::AcqRel);
+                if let (Some((first, _)), Some((last, _))) = (outbox.first(), outbox.last()) {
+                    self.outbox_high.fetch_max(*last, Ordering::AcqRel);
+                    self.outbox_low.send_modify(|low| *low = (*low).min(*first));
+                    self.outbox_added.notify_one();
+                }
                 Ok(CommitResult::Committed)
             }
-            Err(TransactionError::Abort(entry)) => Ok(CommitResult::AlreadySeen(entry)),
+            Err(TransactionError::Abort(Refused::Seen(entry))) => Ok(CommitResult::AlreadySeen(entry)),
+            Err(TransactionError::Abort(Refused::Stale)) => Ok(CommitResult::Stale),
             Err(TransactionError::Storage(e)) => Err(store_error(e)),
         }
     }
 }
+
+/// The oldest sequence in the outbox, `u64::MAX` when it is empty.
+fn first_seq(outbox: &sled::Tree) -> u64 {
+    match outbox.first() {
+        Ok(Some((seq, _))) => u64::from_be_bytes(seq.as_ref().try_into().unwrap_or([0; 8])),
+        _ => u64::MAX,
+    }
+}
+
+/// Why a commit wrote nothing.
+enum Refused {
+    Seen(SeenEntry),
+    Stale,
+}
+
+type Abort<E> = ConflictableTransactionError<E>;
+
+fn decode_version(bytes: &[u8]) -> u64 {
+    u64::from_be_bytes(bytes.try_into().unwrap_or([0; 8]))
+}
+
+/// Read-model changes grouped by the group they move.
+fn by_group(changes: &[Change]) -> BTreeMap<&str, Vec<&Change>> {
+    let mut groups: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
+    for change in changes {
+        groups.entry(change.group.as_str()).or_default().push(change);
+    }
+    groups
+}
+
+fn move_read_model<E>(
+    report: &TransactionalTree,
+    groups: &BTreeMap<&str, Vec<&Change>>,
+) -> Result<(), Abort<E>> {
+    for (group, changes) in groups {
+        let mut counters: Counters = match report.get(group)? {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| ConflictableTransactionError::Storage(corrupt("read model", e)))?,
+            None => Counters::new(),
+        };
+        apply_changes(&mut counters, changes.iter().copied());
+        if counters.is_empty() {
+            report.remove(group.as_bytes())?;
+        } else {
+            let bytes = serde_json::to_vec(&counters).expect("counters serialize");
+            report.insert(group.as_bytes(), bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// Records output events in the commission ledgers they move.
+fn move_ledgers<E>(ledgers: &TransactionalTree, outputs: &[OutputEvent]) -> Result<(), Abort<E>> {
+    for output in outputs {
+        let Some(affiliate) = CommissionLedger::affiliate_of(&output.body) else {
+            continue;
+        };
+        let mut ledger = match ledgers.get(affiliate)? {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| ConflictableTransactionError::Storage(corrupt("ledger", e)))?,
+            None => CommissionLedger::new(affiliate),
+        };
+        ledger.record(&output.body);
+        let bytes = serde_json::to_vec(&ledger).expect("ledgers serialize");
+        ledgers.insert(affiliate.as_bytes(), bytes)?;
+    }
+    Ok(())
+}
+
+/// The read-model changes from the stored state `before` to `after`, both as stored (JSON).
+fn read_model_changes(
+    kind: AggregateKind,
+    before: Option<&[u8]>,
+    after: &[u8],
+) -> serde_json::Result<Vec<Change>> {
+    fn typed<A: Projected + serde::de::DeserializeOwned>(
+        before: Option<&[u8]>,
+        after: &[u8],
+    ) -> serde_json::Result<Vec<Change>> {
+        let before: Option<A> = before.map(serde_json::from_slice).transpose()?;
+        Ok(readmodel::changes(
+            before.as_ref(),
+            &serde_json::from_slice::<A>(after)?,
+        ))
+    }
+    match kind {
+        AggregateKind::Campaign => typed::<Campaign>(before, after),
+        AggregateKind::Payment => typed::<Payment>(before, after),
+        AggregateKind::Report => Ok(Vec::new()),
+    }
+}
+
+impl SledStore {
+    fn trees(&self) -> TreeSet<'_> {
+        (
+            &self.report,
+            &self.state,
+            &self.seen,
+            &self.seen_by_time,
+            &self.outbox,
+            &self.ledgers,
+            &self.charges,
+            &self.journal,
+            &self.snapshots,
+            &self.versions,
+        )
+    }
+
+    /// Resolves when a commit has added outbox entries since the last call (or now, if one did).
+    pub async fn outbox_added(&self) {
+        self.outbox_added.notified().await
+    }
+
+    /// The sequence number of the newest outbox entry committed so far.
+    pub fn outbox_high_water(&self) -> u64 {
+        self.outbox_high.load(Ordering::Acquire)
+    }
+
+    /// Waits until every outbox entry up to `through` is published (deleted by the publisher).
+    pub async fn wait_published(&self, through: u64) {
+        let _ = self.outbox_low.subscribe().wait_for(|low| *low > through).await;
+    }
+
+    /// The publisher deleted entries: recompute the oldest pending one. (Under the watch's lock,
+    /// so a commit adding older entries meanwhile cannot be overwritten.)
+    pub fn outbox_published(&self) {
+        self.outbox_low.send_modify(|low| *low = first_seq(&self.outbox));
+    }
+
+    /// Imports another daemon's commit when it is newer than the stored state of its aggregate:
+    /// state, version, idempotency record, ledger moves, read model, charges still to make; drops
+    /// the aggregate's local journal and snapshots (a snapshot of the imported state replaces
+    /// them). An older or equal version only records the idempotency key. True when imported.
+    pub fn import(&self, record: &ChangeRecord) -> Result<bool, StoreError> {
+        let key = state_key(&record.aggregate);
+        let prefix = versioned_prefix(&record.aggregate);
+        let stale = |tree: &sled::Tree| -> Result<Vec<sled::IVec>, StoreError> {
+            tree.scan_prefix(&prefix)
+                .keys()
+                .map(|k| k.map_err(store_error))
+                .collect()
+        };
+        let (old_journal, old_snapshots) = (stale(&self.journal)?, stale(&self.snapshots)?);
+        let seen_value = encode_seen(record.seen_at_ms, &record.content_hash);
+        let index_key = time_index_key(record.seen_at_ms, &record.idempotency_key);
+        let kind = record.aggregate.kind;
+        let snapshot = match kind {
+            AggregateKind::Campaign => {
+                let campaign: Campaign = serde_json::from_str(&record.state).map_err(store_error)?;
+                Some((
+                    versioned_key(&record.aggregate, record.version),
+                    serde_json::to_vec(&Snapshot::of(&campaign)).map_err(store_error)?,
+                ))
+            }
+            _ => None,
+        };
+        let settled = match kind {
+            AggregateKind::Payment => {
+                let payment: Payment = serde_json::from_str(&record.state).map_err(store_error)?;
+                payment.status.is_terminal().then_some(payment.id)
+            }
+            _ => None,
+        };
+        let result = self.trees().transaction(
+            |(report, state, seen, by_time, _out, ledgers, pending_charges, journal, snapshots, versions)| {
+                let newly_seen = seen.get(record.idempotency_key.as_bytes())?.is_none();
+                if newly_seen {
+                    seen.insert(record.idempotency_key.as_bytes(), seen_value.as_slice())?;
+                    by_time.insert(index_key.as_slice(), &[])?;
+                }
+                let local = versions.get(key.as_slice())?.map_or(0, |v| decode_version(&v));
+                if record.version <= local {
+                    return Ok((false, newly_seen));
+                }
+                let before = state.get(key.as_slice())?;
+                let changes = read_model_changes(kind, before.as_deref(), record.state.as_bytes())
+                    .map_err(|e| ConflictableTransactionError::Storage(corrupt("imported state", e)))?;
+                state.insert(key.as_slice(), record.state.as_bytes())?;
+                versions.insert(key.as_slice(), &record.version.to_be_bytes())?;
+                move_ledgers(ledgers, &record.outputs)?;
+                move_read_model(report, &by_group(&changes))?;
+                for charge in &record.charges {
+                    let bytes = serde_json::to_vec(charge).expect("charges serialize");
+                    pending_charges.insert(charge.payment_id.as_bytes(), bytes)?;
+                }
+                if let Some(payment_id) = &settled {
+                    pending_charges.remove(payment_id.as_bytes())?;
+                }
+                for old in &old_journal {
+                    journal.remove(old)?;
+                }
+                for old in &old_snapshots {
+                    snapshots.remove(old)?;
+                }
+                if let Some((at, bytes)) = &snapshot {
+                    snapshots.insert(at.as_slice(), bytes.as_slice())?;
+                }
+                Ok((true, newly_seen))
+            },
+        );
+        let (imported, newly_seen): (bool, bool) = result.map_err(|e: TransactionError<()>| match e {
+            TransactionError::Abort(()) => StoreError("import aborted".into()),
+            TransactionError::Storage(e) => store_error(e),
+        })?;
+        if newly_seen {
+            self.window_keys.fetch_add(1, Ordering::AcqRel);
+        }
+        self.wrote();
+        Ok(imported)
+    }
+}
+
+type TreeSet<'a> = (
+    &'a sled::Tree,
+    &'a sled::Tree,
+    &'a sled::Tree,
+    &'a sled::Tree,
+    &'a sled::Tree,
+    &'a sled::Tree,
+    &'a sled::Tree,
+    &'a sled::Tree,
+    &'a sled::Tree,
+    &'a sled::Tree,
+);
 
 #[cfg(test)]
 mod tests {
@@ -473,6 +716,7 @@ mod tests {
         Commit {
             aggregate: agg,
             state: b"{}",
+            version: 1,
             idempotency_key: idem,
             content_hash: hash,
             seen_at_ms: at,
@@ -507,10 +751,17 @@ mod tests {
         assert_eq!(store.seen("k1").unwrap(), None, "past the window");
         assert_eq!(store.evict_expired().unwrap(), 1);
         assert_eq!(store.window_len(), 0);
-        assert_eq!(
-            store.commit(commit(&agg, "k1", &hash, 1_010_001)).unwrap(),
-            CommitResult::Committed
-        );
+        let again = Commit {
+            version: 2,
+            ..commit(&agg, "k1", &hash, 1_010_001)
+        };
+        assert_eq!(store.commit(again).unwrap(), CommitResult::Committed);
+        // A change decided on an older version than the stored one writes nothing.
+        let stale = Commit {
+            version: 2,
+            ..commit(&agg, "k2", &hash, 1_010_002)
+        };
+        assert_eq!(store.commit(stale).unwrap(), CommitResult::Stale);
     }
 
     #[test]

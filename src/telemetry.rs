@@ -35,6 +35,9 @@ pub const GATEWAY_PENDING_CHARGES: &str = "aerostream_gateway_pending_charges";
 pub const REPORT_VERSION: &str = "aerostream_report_version";
 pub const REPORT_SWITCHES: &str = "aerostream_report_switches_total";
 pub const COLLECTOR_EVENTS: &str = "aerostream_collector_events_total";
+pub const CHANGELOG_IMPORTED: &str = "aerostream_changelog_imported_total";
+pub const CHANGELOG_BARRIERS: &str = "aerostream_changelog_barriers_total";
+pub const CHANGELOG_BARRIER_WAIT: &str = "aerostream_changelog_barrier_wait_seconds";
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -43,6 +46,13 @@ pub fn prometheus() -> PrometheusHandle {
     PROMETHEUS
         .get_or_init(|| {
             PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(CHANGELOG_BARRIER_WAIT.into()),
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    ],
+                )
+                .expect("static buckets are valid")
                 .set_buckets_for_metric(
                     Matcher::Full(PROCESSING_DURATION.into()),
                     &[
@@ -83,6 +93,8 @@ pub fn zero_counters<'a>(inputs: impl IntoIterator<Item = &'a str>) {
         counter!(COLLECTOR_EVENTS, "outcome" => outcome).increment(0);
     }
     counter!(REPORT_SWITCHES).increment(0);
+    counter!(CHANGELOG_IMPORTED).increment(0);
+    counter!(CHANGELOG_BARRIERS).increment(0);
     counter!(ACTORS_PASSIVATED).increment(0);
     counter!(IDEMPOTENCY_EVICTED).increment(0);
 }

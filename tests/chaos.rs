@@ -9,7 +9,7 @@ mod support;
 
 use aerostream::codec::Codec;
 use aerostream::config::Config;
-use aerostream::generator::{self, Options, Plan};
+use aerostream::generator::{self, Options};
 use aerostream::produce;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 use support::daemon::{self, wait_for, Daemon};
 use support::state::wait_for_state;
-use support::topic::TopicReader;
+use support::topic::{collect_outputs, TopicReader};
 use support::{free_port, LocalBroker};
 
 /// Chaos parameters: environment overrides let `scripts/chaos` run the long version.
@@ -147,7 +147,7 @@ fn sigkill_mid_stream_loses_nothing_and_applies_nothing_twice() {
     wait_for_state(&daemon, &plan.expected, Duration::from_secs(30));
 
     // Every expected output event was published, at least once, and nothing else.
-    let published = collect_outputs(&runtime, &mut outputs, &plan);
+    let published = collect_outputs(&runtime, &mut outputs, &plan.expected_outputs);
     assert_eq!(published.distinct, plan.expected_outputs, "output event ids");
     let rows = [
         ("distinct events", plan.distinct.to_string()),
@@ -178,38 +178,4 @@ fn ids_with_reason(received: &[support::topic::Received], reason: &str) -> BTree
         .filter(|m| m.property("reason") == Some(reason))
         .filter_map(|m| m.property("ce_id").map(str::to_owned))
         .collect()
-}
-
-struct Published {
-    distinct: BTreeSet<String>,
-    copies: usize,
-}
-
-/// Reads the output topics until every expected output id has arrived.
-fn collect_outputs(runtime: &tokio::runtime::Runtime, readers: &mut [TopicReader], plan: &Plan) -> Published {
-    let ids = |readers: &[TopicReader]| -> BTreeSet<String> {
-        readers
-            .iter()
-            .flat_map(|r| {
-                r.received
-                    .iter()
-                    .filter_map(|m| m.property("ce_id").map(str::to_owned))
-            })
-            .collect()
-    };
-    wait_for("every expected output event", Duration::from_secs(120), || {
-        for reader in readers.iter_mut() {
-            // A short pass over each topic, then check the union.
-            let _ = runtime.block_on(reader.collect_until(Duration::from_millis(200), |_| false));
-        }
-        ids(readers).is_superset(&plan.expected_outputs).then_some(())
-    })
-    .unwrap_or_else(|e| {
-        let missing = plan.expected_outputs.difference(&ids(readers)).count();
-        panic!("{e}: {missing} expected output events missing")
-    });
-    Published {
-        distinct: ids(readers),
-        copies: readers.iter().map(|r| r.received.len()).sum(),
-    }
 }

@@ -26,6 +26,8 @@ pub enum ApplyError {
     Crashed(AggregateKey),
     #[error("actor mailbox closed")]
     MailboxClosed,
+    #[error("the stored state of {0:?} moved under the actor; it reloads and the event is retried")]
+    Stale(AggregateKey),
 }
 
 /// What every aggregate actor shares.
@@ -205,6 +207,7 @@ impl<A: Aggregate> AggregateActor<A> {
         let commit = Commit {
             aggregate: &self.key,
             state: &state,
+            version,
             idempotency_key: &incoming.idempotency_key,
             content_hash: &incoming.content_hash,
             seen_at_ms: self.env.clock.now_ms(),
@@ -229,6 +232,11 @@ impl<A: Aggregate> AggregateActor<A> {
                 Ok(Outcome::Applied { outputs })
             }
             CommitResult::AlreadySeen(seen) => Ok(seen_outcome(incoming, &seen)),
+            CommitResult::Stale => {
+                self.state = None;
+                self.retained.clear();
+                Err(ApplyError::Stale(self.key.clone()))
+            }
         }
     }
 

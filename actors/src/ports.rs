@@ -23,6 +23,8 @@ pub struct Commit<'a> {
     pub aggregate: &'a AggregateKey,
     /// The aggregate's whole new state, serialized.
     pub state: &'a [u8],
+    /// The new state's version (events applied to the aggregate).
+    pub version: u64,
     pub idempotency_key: &'a str,
     pub content_hash: &'a str,
     /// When the key was seen (event processing time), for the window's eviction.
@@ -45,10 +47,17 @@ pub struct Commit<'a> {
 impl<'a> Commit<'a> {
     /// A commit of `state` and the idempotency record alone; set the other fields with struct
     /// update syntax.
-    pub fn of(aggregate: &'a AggregateKey, state: &'a [u8], incoming: &'a Incoming, seen_at_ms: i64) -> Self {
+    pub fn of(
+        aggregate: &'a AggregateKey,
+        state: &'a [u8],
+        version: u64,
+        incoming: &'a Incoming,
+        seen_at_ms: i64,
+    ) -> Self {
         Commit {
             aggregate,
             state,
+            version,
             idempotency_key: &incoming.idempotency_key,
             content_hash: &incoming.content_hash,
             seen_at_ms,
@@ -68,6 +77,9 @@ pub enum CommitResult {
     Committed,
     /// The key was recorded meanwhile (by another aggregate): nothing was written.
     AlreadySeen(SeenEntry),
+    /// The stored state is no longer the one this change was decided on (another writer moved
+    /// it, such as a state imported from another daemon): nothing was written.
+    Stale,
 }
 
 /// Durable state: aggregate states, the idempotency window and the outbox.

@@ -232,6 +232,17 @@ impl Registry {
         passivate(&self.campaigns, now, idle_ms) + passivate(&self.payments, now, idle_ms)
     }
 
+    /// Drops the actor of (`kind`, `id`) if one runs, so the next event loads the stored state
+    /// afresh (after the store was changed behind the actor's back: a changelog import).
+    pub fn forget(&self, kind: AggregateKind, id: &str) {
+        match kind {
+            AggregateKind::Campaign => forget(&self.campaigns, id),
+            AggregateKind::Payment => forget(&self.payments, id),
+            // The report actor reloads on restart; a crash is its way to forget.
+            AggregateKind::Report => self.reports.do_send(crate::report_actor::Reload),
+        }
+    }
+
     /// Number of actors of `kind` currently registered.
     pub fn active(&self, kind: AggregateKind) -> usize {
         match kind {
@@ -261,6 +272,23 @@ where
         false
     });
     stopped
+}
+
+/// Drops the registry's address of an actor with nothing in flight (under the lock that admits
+/// applies, as passivation does). An actor busy now keeps running: its next commit finds the stored
+/// version moved, and it reloads (`ApplyError::Stale`).
+fn forget<A: Aggregate>(kind: &Kind<A>, id: &str) {
+    match kind.in_flight.get(id) {
+        Some(in_flight) => {
+            let slots = in_flight.state.lock().unwrap_or_else(|e| e.into_inner());
+            if slots.in_flight == 0 {
+                kind.actors.remove(id);
+            }
+        }
+        None => {
+            kind.actors.remove(id);
+        }
+    }
 }
 
 fn start<A: Aggregate>(arbiter: &ArbiterHandle, id: &str, env: &ActorEnv) -> Addr<AggregateActor<A>>

@@ -26,14 +26,19 @@ pub struct ReportService {
     pub switches: u64,
     /// `ReporteSolicitado` events answered.
     pub answered: u64,
-    /// Events applied.
-    pub applied: u64,
+    /// Events applied: the service's version.
+    pub version: u64,
 }
 
 /// The report in the active version.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<Report, ApplyError>")]
 pub struct Query;
+
+/// Forget the state in memory: the stored one changed (a changelog import).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Reload;
 
 /// The service's state: active version and counters.
 #[derive(Debug, Message)]
@@ -86,7 +91,7 @@ impl ReportActor {
         };
         let before = self.loaded()?.clone();
         let mut after = ReportService {
-            applied: before.applied + 1,
+            version: before.version + 1,
             ..before.clone()
         };
         let mut outputs = Vec::new();
@@ -119,7 +124,13 @@ impl ReportActor {
         let state = serde_json::to_vec(&after).expect("the report service state serializes");
         let commit = Commit {
             outbox: &outputs,
-            ..Commit::of(&self.key, &state, incoming, self.env.clock.now_ms())
+            ..Commit::of(
+                &self.key,
+                &state,
+                after.version,
+                incoming,
+                self.env.clock.now_ms(),
+            )
         };
         match self.env.store.commit(commit)? {
             CommitResult::Committed => {
@@ -134,6 +145,10 @@ impl ReportActor {
                 })
             }
             CommitResult::AlreadySeen(seen) => Ok(seen_outcome(incoming, &seen)),
+            CommitResult::Stale => {
+                self.state = None;
+                Err(ApplyError::Stale(self.key.clone()))
+            }
         }
     }
 }
@@ -182,6 +197,14 @@ impl Handler<Status> for ReportActor {
     fn handle(&mut self, _msg: Status, ctx: &mut Context<Self>) -> Self::Result {
         let key = self.key.clone();
         guarded(&key, ctx, || self.loaded().cloned())
+    }
+}
+
+impl Handler<Reload> for ReportActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Reload, _ctx: &mut Context<Self>) {
+        self.state = None;
     }
 }
 

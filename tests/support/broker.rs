@@ -36,6 +36,8 @@ pub struct BrokerOptions {
     pub data_dir: Option<PathBuf>,
     /// How long pulsar-lite may take to accept connections before start-up fails.
     pub ready_timeout: Duration,
+    /// Partitions of every topic the broker creates; 0 for non-partitioned topics.
+    pub default_partitions: u32,
 }
 
 impl Default for BrokerOptions {
@@ -44,6 +46,7 @@ impl Default for BrokerOptions {
             relay_port: 0,
             data_dir: None,
             ready_timeout: Duration::from_secs(30),
+            default_partitions: 0,
         }
     }
 }
@@ -86,7 +89,11 @@ impl LocalBroker {
                 (temp.path().to_path_buf(), Some(temp))
             }
         };
-        std::fs::write(data_dir.join("pulsar-lite.toml"), PULSAR_LITE_CONFIG)?;
+        let config = format!(
+            "default_partitions = {}\n{PULSAR_LITE_CONFIG}",
+            options.default_partitions
+        );
+        std::fs::write(data_dir.join("pulsar-lite.toml"), config)?;
 
         let relay_listener = TcpListener::bind(("127.0.0.1", options.relay_port))
             .with_context(|| format!("binding the relay on port {}", options.relay_port))?;

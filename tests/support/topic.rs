@@ -3,7 +3,7 @@
 
 use futures::StreamExt;
 use pulsar::{Consumer, Pulsar, SubType, TokioExecutor};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use super::unique_consumer_id;
@@ -94,5 +94,45 @@ impl TopicReader {
             });
         }
         Ok(())
+    }
+}
+
+/// Output events read back: distinct ids, and every copy received.
+pub struct Published {
+    pub distinct: BTreeSet<String>,
+    pub copies: usize,
+}
+
+/// Reads the output topics until every expected output id has arrived.
+#[cfg(test)]
+pub fn collect_outputs(
+    runtime: &tokio::runtime::Runtime,
+    readers: &mut [TopicReader],
+    expected: &BTreeSet<String>,
+) -> Published {
+    let ids = |readers: &[TopicReader]| -> BTreeSet<String> {
+        readers
+            .iter()
+            .flat_map(|r| {
+                r.received
+                    .iter()
+                    .filter_map(|m| m.property("ce_id").map(str::to_owned))
+            })
+            .collect()
+    };
+    super::daemon::wait_for("every expected output event", Duration::from_secs(120), || {
+        for reader in readers.iter_mut() {
+            // A short pass over each topic, then check the union.
+            let _ = runtime.block_on(reader.collect_until(Duration::from_millis(200), |_| false));
+        }
+        ids(readers).is_superset(expected).then_some(())
+    })
+    .unwrap_or_else(|e| {
+        let missing = expected.difference(&ids(readers)).count();
+        panic!("{e}: {missing} expected output events missing")
+    });
+    Published {
+        distinct: ids(readers),
+        copies: readers.iter().map(|r| r.received.len()).sum(),
     }
 }

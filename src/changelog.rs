@@ -1,0 +1,312 @@
+//! State hand-over between daemons through Pulsar (docs/TAKEOVER.md).
+//!
+//! - Every commit also puts a [`ChangeRecord`] in the outbox, after the commit's output events:
+//!   the aggregate's whole new state and version, the idempotency key, the charges it asked for
+//!   and its output events. The outbox publishes it to the changelog topic keyed by aggregate, and
+//!   the input message is acked only once the outbox has published everything committed up to
+//!   its commit (`SledStore::wait_published`): the changelog covers every acked message.
+//! - Every daemon follows the changelog ([`run`]) and imports the records of newer versions than it
+//!   holds (`SledStore::import`), so any daemon can take over an aggregate.
+//! - Before handling an aggregate it has not handled lately, a daemon waits for a [`Follower`]
+//!   barrier: a marker written to every changelog partition and read back. Whatever another daemon
+//!   did with that aggregate is then in the local store; its redelivered messages are duplicates.
+
+use crate::broker::{self, Client};
+use crate::config::{BrokerConfig, ChangelogConfig};
+use crate::store::SledStore;
+use crate::telemetry::{CHANGELOG_BARRIERS, CHANGELOG_IMPORTED};
+use aerostream_actors::gateway::Charge;
+use aerostream_actors::{AggregateKey, OutputEvent, Registry};
+use futures::StreamExt;
+use pulsar::consumer::InitialPosition;
+use pulsar::{Consumer, ConsumerOptions, SubType, TokioExecutor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// One commit as another daemon needs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeRecord {
+    /// The daemon that committed it (`daemon.instance_id`).
+    pub instance: String,
+    pub aggregate: AggregateKey,
+    pub version: u64,
+    /// The aggregate's whole state after the commit, as stored (JSON text).
+    pub state: String,
+    pub idempotency_key: String,
+    pub content_hash: String,
+    pub seen_at_ms: i64,
+    pub charges: Vec<Charge>,
+    /// Already published (before this record); carried for the ledgers they move.
+    pub outputs: Vec<OutputEvent>,
+}
+
+impl ChangeRecord {
+    /// The message key: the aggregate, so a compacted topic keeps its latest state.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.aggregate.kind.as_str(), self.aggregate.id)
+    }
+}
+
+/// Asks the follower for barriers. Cheap to clone.
+#[derive(Clone)]
+pub struct Follower {
+    requests: mpsc::UnboundedSender<oneshot::Sender<()>>,
+}
+
+impl Follower {
+    /// Resolves once the changelog has been read, and imported, up to the end it has now.
+    /// Never resolves while the broker is unreachable (the caller holds its message unacked).
+    pub async fn barrier(&self) {
+        loop {
+            let (done, wait) = oneshot::channel();
+            if self.requests.send(done).is_err() {
+                // The follower is gone (shutting down): never proceed unchecked; the message stays
+                // unacked and is redelivered.
+                std::future::pending::<()>().await;
+            }
+            if wait.await.is_ok() {
+                return;
+            }
+            // The follower re-subscribed before answering: ask again.
+        }
+    }
+}
+
+/// A follower and the receiving end of its barrier requests, for [`run`].
+pub fn follower() -> (Follower, mpsc::UnboundedReceiver<oneshot::Sender<()>>) {
+    let (requests, receiver) = mpsc::unbounded_channel();
+    (Follower { requests }, receiver)
+}
+
+/// Follows the changelog until shutdown: imports other daemons' records and answers barriers.
+///
+/// A barrier writes a marker with a fresh number to every partition of the changelog and resolves
+/// once the follower has read that marker back on every partition: by then it has read, and
+/// imported, everything written to the changelog before the barrier was asked for.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    client: Client,
+    broker_config: BrokerConfig,
+    config: ChangelogConfig,
+    instance: String,
+    store: Arc<SledStore>,
+    registry: Arc<Registry>,
+    mut barriers: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let topic = broker_config.topic(&config.topic);
+    let markers = broker::with_backoff("changelog markers", &mut shutdown, || {
+        Markers::new(&client, &topic, &instance)
+    })
+    .await;
+    let Ok(mut markers) = markers else { return };
+    loop {
+        // A fresh subscription from the earliest record: importing a record twice changes
+        // nothing, and every marker written from now on is read.
+        let subscription = format!(
+            "aerostream-changelog-{}-{}",
+            instance.replace(|c: char| !c.is_ascii_alphanumeric(), "-"),
+            broker::unique_consumer_id()
+        );
+        let subscribed = broker::with_backoff("changelog follower", &mut shutdown, || {
+            client
+                .consumer()
+                .with_topic(topic.clone())
+                .with_subscription(subscription.clone())
+                .with_subscription_type(SubType::Exclusive)
+                .with_consumer_id(broker::unique_consumer_id())
+                .with_options(ConsumerOptions::default().with_initial_position(InitialPosition::Earliest))
+                .build::<Vec<u8>>()
+        })
+        .await;
+        let Ok(mut consumer) = subscribed else { return };
+        tracing::info!(%topic, "Following the changelog.");
+        let stopped = follow(
+            &mut consumer,
+            &instance,
+            &store,
+            &registry,
+            &mut markers,
+            &mut barriers,
+            &mut shutdown,
+        )
+        .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), consumer.unsubscribe()).await;
+        if stopped {
+            return;
+        }
+        tracing::warn!(%topic, "Changelog follower lost its consumer; subscribing again.");
+    }
+}
+
+/// A barrier's marker: which daemon wrote it and its number.
+#[derive(Debug, Serialize, Deserialize)]
+struct Marker {
+    marker: String,
+    number: u64,
+}
+
+/// Writes markers to every partition and tracks which of this daemon's markers were read back.
+struct Markers {
+    instance: String,
+    producer: broker::Producer,
+    /// A key the producer routes to each partition.
+    keys: Vec<String>,
+    written: u64,
+    /// Per partition, the highest number of this daemon's markers read back.
+    read: HashMap<Option<i32>, u64>,
+}
+
+impl Markers {
+    async fn new(client: &Client, topic: &str, instance: &str) -> Result<Markers, pulsar::Error> {
+        let partitions = client.lookup_partitioned_topic_number(topic).await?.max(1) as usize;
+        let keys = (0..partitions)
+            .map(|partition| {
+                (0u64..)
+                    .map(|n| format!("marker/{instance}/{n}"))
+                    .find(|key| {
+                        partitions == 1
+                            || pulsar::routing_policy::RoutingPolicy::compute_partition_index_for_key(
+                                key, partitions,
+                            ) == partition
+                    })
+                    .expect("some key lands on every partition")
+            })
+            .collect();
+        Ok(Markers {
+            instance: instance.to_owned(),
+            producer: broker::producer(client, topic.to_owned()).await?,
+            keys,
+            written: 0,
+            read: HashMap::new(),
+        })
+    }
+
+    /// Writes the next marker to every partition; returns its number.
+    async fn write(&mut self) -> Result<u64, pulsar::Error> {
+        self.written += 1;
+        let payload = serde_json::to_vec(&Marker {
+            marker: self.instance.clone(),
+            number: self.written,
+        })
+        .expect("markers serialize");
+        let mut receipts = Vec::with_capacity(self.keys.len());
+        for key in &self.keys {
+            let message = self
+                .producer
+                .create_message()
+                .with_content(payload.clone())
+                .with_key(key.clone());
+            receipts.push(message.send_non_blocking().await?);
+        }
+        for receipt in receipts {
+            receipt.await?;
+        }
+        Ok(self.written)
+    }
+
+    /// Notes a marker read on `partition`, if it is one of this daemon's.
+    fn read(&mut self, partition: Option<i32>, payload: &[u8]) -> bool {
+        match serde_json::from_slice::<Marker>(payload) {
+            Ok(marker) => {
+                if marker.marker == self.instance {
+                    let at = self.read.entry(partition).or_insert(0);
+                    *at = (*at).max(marker.number);
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Whether marker `number` was read back on every partition.
+    fn reached(&self, number: u64) -> bool {
+        self.read.values().filter(|read| **read >= number).count() >= self.keys.len()
+    }
+}
+
+/// Returns true on shutdown, false when the consumer must be re-created.
+async fn follow(
+    consumer: &mut Consumer<Vec<u8>, TokioExecutor>,
+    instance: &str,
+    store: &SledStore,
+    registry: &Registry,
+    markers: &mut Markers,
+    barriers: &mut mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    // Barriers waiting for their marker to come back.
+    let mut waiting: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return true,
+            Some(first) = barriers.recv() => {
+                // Every request waiting now shares one marker: it is written after each.
+                let mut asked = vec![first];
+                while let Ok(more) = barriers.try_recv() {
+                    asked.push(more);
+                }
+                metrics::counter!(CHANGELOG_BARRIERS).increment(1);
+                match tokio::time::timeout(Duration::from_secs(10), markers.write()).await {
+                    Ok(Ok(number)) => waiting.extend(asked.into_iter().map(|done| (number, done))),
+                    // Dropping the requests makes their callers ask again.
+                    Ok(Err(error)) => {
+                        tracing::warn!(error = %error, "Cannot write a changelog marker; subscribing again.");
+                        return false;
+                    }
+                    Err(_) => {
+                        tracing::warn!("Writing a changelog marker timed out; subscribing again.");
+                        return false;
+                    }
+                }
+            }
+            received = consumer.next() => match received {
+                Some(Ok(message)) => {
+                    let partition = message.message_id().partition;
+                    // Records of this daemon are in its store already.
+                    let foreign = message
+                        .payload
+                        .metadata
+                        .properties
+                        .iter()
+                        .all(|kv| kv.key != "instance" || kv.value != instance);
+                    if foreign && !markers.read(partition, &message.payload.data) {
+                        match serde_json::from_slice::<ChangeRecord>(&message.payload.data) {
+                            Ok(record) => match store.import(&record) {
+                                Ok(true) => {
+                                    metrics::counter!(CHANGELOG_IMPORTED).increment(1);
+                                    registry.forget(record.aggregate.kind, &record.aggregate.id);
+                                }
+                                Ok(false) => {}
+                                Err(error) => {
+                                    tracing::error!(error = %error, "Cannot import a changelog record; reading again.");
+                                    return false;
+                                }
+                            },
+                            Err(error) => tracing::error!(error = %error, "Unreadable changelog record skipped."),
+                        }
+                        // The import is durable before its record is acked.
+                        if store.flush().await.is_err() {
+                            return false;
+                        }
+                    }
+                    let _ = consumer.ack(&message).await;
+                    let (done, pending): (Vec<_>, Vec<_>) =
+                        waiting.drain(..).partition(|(number, _)| markers.reached(*number));
+                    waiting = pending;
+                    for (_, barrier) in done {
+                        let _ = barrier.send(());
+                    }
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(error = %error, "Changelog receive failed.");
+                    return false;
+                }
+                None => return false,
+            },
+        }
+    }
+}
