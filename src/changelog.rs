@@ -22,6 +22,7 @@ use pulsar::consumer::InitialPosition;
 use pulsar::{Consumer, ConsumerOptions, SubType, TokioExecutor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -54,12 +55,34 @@ impl ChangeRecord {
 #[derive(Clone)]
 pub struct Follower {
     requests: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    seen: Arc<Seen>,
+}
+
+/// What the follower has seen, shared with the [`Follower`] handles.
+#[derive(Default)]
+pub struct Seen {
+    /// A record of another daemon was read: several daemons share the work.
+    others: AtomicBool,
+    /// A barrier has completed: the changelog as it was at start is imported.
+    caught_up: AtomicBool,
+}
+
+/// The follower's end of the barrier requests, for [`run`].
+pub struct Requests {
+    receiver: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    seen: Arc<Seen>,
 }
 
 impl Follower {
     /// Resolves once the changelog has been read, and imported, up to the end it has now.
     /// Never resolves while the broker is unreachable (the caller holds its message unacked).
+    ///
+    /// A daemon that has caught up once and has never read a record of another daemon writes
+    /// the changelog alone: nothing can be missing from its store, and it does not wait.
     pub async fn barrier(&self) {
+        if self.seen.caught_up.load(Ordering::Acquire) && !self.seen.others.load(Ordering::Acquire) {
+            return;
+        }
         loop {
             let (done, wait) = oneshot::channel();
             if self.requests.send(done).is_err() {
@@ -68,6 +91,7 @@ impl Follower {
                 std::future::pending::<()>().await;
             }
             if wait.await.is_ok() {
+                self.seen.caught_up.store(true, Ordering::Release);
                 return;
             }
             // The follower re-subscribed before answering: ask again.
@@ -76,9 +100,16 @@ impl Follower {
 }
 
 /// A follower and the receiving end of its barrier requests, for [`run`].
-pub fn follower() -> (Follower, mpsc::UnboundedReceiver<oneshot::Sender<()>>) {
+pub fn follower() -> (Follower, Requests) {
     let (requests, receiver) = mpsc::unbounded_channel();
-    (Follower { requests }, receiver)
+    let seen = Arc::new(Seen::default());
+    (
+        Follower {
+            requests,
+            seen: seen.clone(),
+        },
+        Requests { receiver, seen },
+    )
 }
 
 /// Follows the changelog until shutdown: imports other daemons' records and answers barriers.
@@ -94,7 +125,7 @@ pub async fn run(
     instance: String,
     store: Arc<SledStore>,
     registry: Arc<Registry>,
-    mut barriers: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    mut requests: Requests,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let topic = broker_config.topic(&config.topic);
@@ -118,7 +149,11 @@ pub async fn run(
                 .with_subscription(subscription.clone())
                 .with_subscription_type(SubType::Exclusive)
                 .with_consumer_id(broker::unique_consumer_id())
-                .with_options(ConsumerOptions::default().with_initial_position(InitialPosition::Earliest))
+                .with_options(
+                    ConsumerOptions::default()
+                        .with_initial_position(InitialPosition::Earliest)
+                        .durable(false),
+                )
                 .build::<Vec<u8>>()
         })
         .await;
@@ -130,7 +165,7 @@ pub async fn run(
             &store,
             &registry,
             &mut markers,
-            &mut barriers,
+            &mut requests,
             &mut shutdown,
         )
         .await;
@@ -235,9 +270,13 @@ async fn follow(
     store: &SledStore,
     registry: &Registry,
     markers: &mut Markers,
-    barriers: &mut mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    requests: &mut Requests,
     shutdown: &mut watch::Receiver<bool>,
 ) -> bool {
+    let Requests {
+        receiver: barriers,
+        seen,
+    } = requests;
     // Barriers waiting for their marker to come back.
     let mut waiting: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
     loop {
@@ -275,23 +314,24 @@ async fn follow(
                         .all(|kv| kv.key != "instance" || kv.value != instance);
                     if foreign && !markers.read(partition, &message.payload.data) {
                         match serde_json::from_slice::<ChangeRecord>(&message.payload.data) {
-                            Ok(record) => match store.import(&record) {
-                                Ok(true) => {
-                                    metrics::counter!(CHANGELOG_IMPORTED).increment(1);
-                                    registry.forget(record.aggregate.kind, &record.aggregate.id);
+                            Ok(record) => {
+                                seen.others.store(true, Ordering::Release);
+                                match store.import(&record) {
+                                    Ok(true) => {
+                                        metrics::counter!(CHANGELOG_IMPORTED).increment(1);
+                                        registry.forget(record.aggregate.kind, &record.aggregate.id);
+                                    }
+                                    Ok(false) => {}
+                                    Err(error) => {
+                                        tracing::error!(error = %error, "Cannot import a changelog record; reading again.");
+                                        return false;
+                                    }
                                 }
-                                Ok(false) => {}
-                                Err(error) => {
-                                    tracing::error!(error = %error, "Cannot import a changelog record; reading again.");
-                                    return false;
-                                }
-                            },
+                            }
                             Err(error) => tracing::error!(error = %error, "Unreadable changelog record skipped."),
                         }
-                        // The import is durable before its record is acked.
-                        if store.flush().await.is_err() {
-                            return false;
-                        }
+                        // No flush here: an import becomes durable with the next commit's flush,
+                        // and after a crash the follower reads the changelog from its start again.
                     }
                     let _ = consumer.ack(&message).await;
                     let (done, pending): (Vec<_>, Vec<_>) =

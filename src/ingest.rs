@@ -10,14 +10,15 @@ use crate::broker::{self, BrokerError, Client, DeadLetter, Producer};
 use crate::codec::Codec;
 use crate::config::{BrokerConfig, InputConfig, SubscriptionKind};
 use crate::dispatch::{InOrder, KeyedQueue};
+use crate::partitions::Partitions;
 use crate::store::SledStore;
 use crate::telemetry::*;
 use aerostream_actors::{AggregateKey, ApplyError, Incoming, Outcome, Registry};
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use metrics::{counter, histogram};
 use pulsar::consumer::{DeadLetterPolicy, Message};
-use pulsar::{Consumer, ConsumerOptions, SubType, TokioExecutor};
+use pulsar::{ConsumerOptions, SubType};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
@@ -119,7 +120,7 @@ pub async fn run_input(
     };
     loop {
         let mut consumer = broker::with_backoff("subscribe", &mut shutdown, || {
-            subscribe(&client, &broker, &input, &name, broker::unique_consumer_id())
+            subscribe(&client, &broker, &input, &name)
         })
         .await?;
         up.store(true, Ordering::Relaxed);
@@ -134,7 +135,7 @@ pub async fn run_input(
         )
         .await;
         up.store(false, Ordering::Relaxed);
-        if let Err(error) = close(&mut consumer).await {
+        if let Err(error) = consumer.close(CLOSE_ATTEMPT, CLOSE_TIMEOUT).await {
             tracing::warn!(input = %name, error = %error, "Consumer did not close cleanly; the broker redelivers what it holds.");
         }
         if finished {
@@ -150,35 +151,33 @@ async fn subscribe(
     broker: &BrokerConfig,
     input: &InputConfig,
     name: &str,
-    consumer_id: u64,
-) -> Result<Consumer<Vec<u8>, TokioExecutor>, pulsar::Error> {
+) -> Result<Partitions, pulsar::Error> {
     let sub_type = match input.subscription_type {
         SubscriptionKind::Failover => SubType::Failover,
         SubscriptionKind::Shared => SubType::Shared,
         SubscriptionKind::KeyShared => SubType::KeyShared,
     };
-    client
-        .consumer()
-        .with_topic(broker.topic(&input.topic))
-        .with_subscription(input.subscription.clone())
-        .with_subscription_type(sub_type)
-        .with_consumer_id(consumer_id)
-        // Failover makes the consumer whose name sorts first active: naming by process start
-        // keeps the longest-running daemon active, and a daemon that (re)joins is a standby
-        // rather than taking the partitions over from a healthy one.
-        .with_consumer_name(format!(
-            "aerostream-{name}-{:016}-{consumer_id}",
-            broker::process_started_ms()
-        ))
-        .with_batch_size(input.max_in_flight.min(u32::MAX as usize) as u32)
-        .with_options(ConsumerOptions::default().with_receiver_queue_size(input.max_in_flight as u32))
-        .with_dead_letter_policy(DeadLetterPolicy {
-            max_redeliver_count: input.max_redeliveries,
-            dead_letter_topic: broker.topic(&input.dead_letter_topic),
-        })
-        .with_unacked_message_resend_delay(Some(Duration::from_millis(input.nack_redelivery_delay_ms)))
-        .build()
-        .await
+    Partitions::subscribe(client, &broker.topic(&input.topic), |builder, consumer_id| {
+        builder
+            .with_subscription(input.subscription.clone())
+            .with_subscription_type(sub_type)
+            // Failover ranks consumers by name: named by process start, the ranking is stable and
+            // the longest-running daemon comes first. A topic whose one consumer is active keeps
+            // its active daemon when another (re)joins; Apache Pulsar spreads the partitions of a
+            // partitioned topic over the ranked consumers.
+            .with_consumer_name(format!(
+                "aerostream-{name}-{:016}-{consumer_id}",
+                broker::process_started_ms()
+            ))
+            .with_batch_size(input.max_in_flight.min(u32::MAX as usize) as u32)
+            .with_options(ConsumerOptions::default().with_receiver_queue_size(input.max_in_flight as u32))
+            .with_dead_letter_policy(DeadLetterPolicy {
+                max_redeliver_count: input.max_redeliveries,
+                dead_letter_topic: broker.topic(&input.dead_letter_topic),
+            })
+            .with_unacked_message_resend_delay(Some(Duration::from_millis(input.nack_redelivery_delay_ms)))
+    })
+    .await
 }
 
 /// The receive loop. Returns true on shutdown (all in-flight work finished), false when the
@@ -186,7 +185,7 @@ async fn subscribe(
 async fn consume(
     name: &Arc<str>,
     input: &InputConfig,
-    consumer: &mut Consumer<Vec<u8>, TokioExecutor>,
+    consumer: &mut Partitions,
     pipeline: &Arc<Pipeline>,
     dead_letters: &Arc<Mutex<Producer>>,
     shutdown: &mut watch::Receiver<bool>,
@@ -269,27 +268,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one close attempt waits before the receive queue is drained again.
 const CLOSE_ATTEMPT: Duration = Duration::from_millis(100);
 
-/// Closes `consumer` after the acks already given have reached the broker.
-///
-/// The `pulsar` client routes acks and the close request through its consumer engine, which
-/// stalls while the receive queue is full. Messages still queued are therefore taken and dropped
-/// unacked (the broker redelivers them to the next consumer) until the close goes through.
-async fn close(consumer: &mut Consumer<Vec<u8>, TokioExecutor>) -> Result<(), pulsar::Error> {
-    let deadline = Instant::now() + CLOSE_TIMEOUT;
-    loop {
-        while let Some(Some(_released)) = consumer.next().now_or_never() {}
-        match tokio::time::timeout(CLOSE_ATTEMPT, consumer.close()).await {
-            Ok(result) => return result,
-            Err(_) if Instant::now() < deadline => continue,
-            Err(_) => {
-                return Err(pulsar::Error::Custom(format!(
-                    "closing the consumer took more than {CLOSE_TIMEOUT:?}"
-                )))
-            }
-        }
-    }
-}
-
 fn property(message: &Message<Vec<u8>>, key: &str) -> Option<String> {
     message
         .payload
@@ -303,7 +281,7 @@ fn property(message: &Message<Vec<u8>>, key: &str) -> Option<String> {
 /// Acks or nacks what `done` completes, in receive order.
 async fn release(
     name: &str,
-    consumer: &mut Consumer<Vec<u8>, TokioExecutor>,
+    consumer: &mut Partitions,
     acks: &mut InOrder<(Message<Vec<u8>>, Verdict)>,
     nacked: &mut HashSet<MessagePosition>,
     done: Done,
@@ -324,12 +302,7 @@ fn position(message: &Message<Vec<u8>>) -> MessagePosition {
     (id.ledger_id, id.entry_id, id.partition, id.batch_index)
 }
 
-async fn finish(
-    name: &str,
-    consumer: &mut Consumer<Vec<u8>, TokioExecutor>,
-    message: Message<Vec<u8>>,
-    verdict: Verdict,
-) {
+async fn finish(name: &str, consumer: &mut Partitions, message: Message<Vec<u8>>, verdict: Verdict) {
     let result = match verdict {
         Verdict::Ack => consumer.ack(&message).await,
         Verdict::Retry => {

@@ -27,6 +27,7 @@ pub mod generator;
 pub mod http;
 pub mod ingest;
 pub mod outbox;
+pub mod partitions;
 pub mod produce;
 pub mod store;
 pub mod telemetry;

@@ -1,0 +1,94 @@
+//! One consumer per partition of an input topic, read as one stream.
+//!
+//! The `pulsar` client can consume a partitioned topic itself, but it then numbers the partition
+//! consumers from 0 in every process, ignoring the consumer id it is given; brokers that key
+//! consumers by id across connections (SPEC §11) then confuse two daemons' consumers of one
+//! partition. Subscribing to each `<topic>-partition-<n>` on its own keeps every consumer id
+//! unique (`broker::unique_consumer_id`).
+
+use crate::broker::{self, Client};
+use futures::future::select_all;
+use futures::{FutureExt, StreamExt};
+use pulsar::consumer::Message;
+use pulsar::{Consumer, ConsumerBuilder, TokioExecutor};
+use std::time::{Duration, Instant};
+
+type PartitionConsumer = Consumer<Vec<u8>, TokioExecutor>;
+
+pub struct Partitions {
+    consumers: Vec<PartitionConsumer>,
+}
+
+impl Partitions {
+    /// Subscribes to every partition of `topic` (or to `topic` when it is not partitioned), each
+    /// consumer built by `build` from a builder with the partition's topic and a fresh id.
+    pub async fn subscribe(
+        client: &Client,
+        topic: &str,
+        build: impl Fn(ConsumerBuilder<TokioExecutor>, u64) -> ConsumerBuilder<TokioExecutor>,
+    ) -> Result<Partitions, pulsar::Error> {
+        let partitions = client.lookup_partitioned_topic_number(topic).await?;
+        let topics: Vec<String> = match partitions {
+            0 => vec![topic.to_owned()],
+            n => (0..n).map(|i| format!("{topic}-partition-{i}")).collect(),
+        };
+        let mut consumers = Vec::with_capacity(topics.len());
+        for partition in topics {
+            let id = broker::unique_consumer_id();
+            let builder = client.consumer().with_topic(partition).with_consumer_id(id);
+            consumers.push(build(builder, id).build::<Vec<u8>>().await?);
+        }
+        Ok(Partitions { consumers })
+    }
+
+    /// The next message of any partition; `None` once a partition's stream ended.
+    pub async fn next(&mut self) -> Option<Result<Message<Vec<u8>>, pulsar::Error>> {
+        let (received, _, _) = select_all(self.consumers.iter_mut().map(|c| c.next())).await;
+        received
+    }
+
+    fn of(&mut self, message: &Message<Vec<u8>>) -> &mut PartitionConsumer {
+        let at = self
+            .consumers
+            .iter()
+            .position(|c| c.topics().contains(&message.topic))
+            .unwrap_or(0);
+        &mut self.consumers[at]
+    }
+
+    pub async fn ack(&mut self, message: &Message<Vec<u8>>) -> Result<(), pulsar::Error> {
+        Ok(self.of(message).ack(message).await?)
+    }
+
+    pub async fn nack(&mut self, message: &Message<Vec<u8>>) -> Result<(), pulsar::Error> {
+        Ok(self.of(message).nack(message).await?)
+    }
+
+    /// Closes every partition's consumer after the acks already given have reached the broker.
+    ///
+    /// The `pulsar` client routes acks and the close request through its consumer engine, which
+    /// stalls while the receive queue is full. Messages still queued are therefore taken and
+    /// dropped unacked (the broker redelivers them to the next consumer) until the close goes
+    /// through, each attempt bounded by `attempt`, all of them by `timeout`.
+    pub async fn close(&mut self, attempt: Duration, timeout: Duration) -> Result<(), pulsar::Error> {
+        let deadline = Instant::now() + timeout;
+        for consumer in &mut self.consumers {
+            loop {
+                while let Some(Some(_released)) = consumer.next().now_or_never() {}
+                match tokio::time::timeout(attempt, consumer.close()).await {
+                    Ok(result) => {
+                        result?;
+                        break;
+                    }
+                    Err(_) if Instant::now() < deadline => continue,
+                    Err(_) => {
+                        return Err(pulsar::Error::Custom(format!(
+                            "closing the consumer took more than {timeout:?}"
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
