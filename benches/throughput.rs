@@ -2,7 +2,7 @@
 //! pulsar-lite broker (127.0.0.1, behind the test relay):
 //!
 //! - (a) raw `pulsar` consume+ack rate of a generated backlog, with the daemon's default topics,
-//!   subscription types (campaigns Failover, payments Shared), consumer options and Avro payloads;
+//!   subscription types (campaigns Failover, payments Key_Shared), consumer options and Avro payloads;
 //! - (b) `target/release/aerostream run` draining the same backlog (decode, dedupe, actor, commit,
 //!   flush, ack), timed from its first consumed message to its last applied one (`/metrics`);
 //! - (c) the ratio b/a;
@@ -198,7 +198,7 @@ impl Bench<'_> {
             "backlog (generator defaults: 50 campaigns, 500 payments; no duplicates)",
             format!(
                 "{total} events: campaigns {} msgs, {:.0} B avg Avro payload (Failover); payments {} msgs, \
-                 {:.0} B avg (Shared)",
+                 {:.0} B avg (Key_Shared)",
                 published.count(Input::Campaigns),
                 published.average(Input::Campaigns),
                 published.count(Input::Payments),
@@ -357,7 +357,7 @@ impl Bench<'_> {
             format!("**{}**", quantiles(&all)),
         );
         table.row(
-            "(d) publish→applied by topic: campaigns (Failover) ; payments (Shared)",
+            "(d) publish→applied by topic: campaigns (Failover) ; payments (Key_Shared)",
             format!("{} ; {}", quantiles(&applied[0]), quantiles(&applied[1])),
         );
         table.row(
@@ -499,6 +499,7 @@ impl Phase {
              [http]\nlisten = \"127.0.0.1:{port}\"\n\n\
              [inputs.campaigns]\ntopic = \"bench-{tag}.campanas\"\ndead_letter_topic = \"bench-{tag}.campanas-DLQ\"\n\n\
              [inputs.payments]\ntopic = \"bench-{tag}.pagos\"\ndead_letter_topic = \"bench-{tag}.pagos-DLQ\"\n\n\
+             [changelog]\ntopic = \"bench-{tag}.changelog\"\n\n\
              {extra}",
             data = dir.join("data").display().to_string(),
             url = broker.url(),
