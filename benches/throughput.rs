@@ -731,15 +731,7 @@ async fn publish(
         if let Some(stamps) = stamps {
             stamps.record(planned.input, &planned.envelope.id, Instant::now());
         }
-        let receipt = producer
-            .create_message()
-            .with_content(encoded.payload)
-            .with_key(encoded.key)
-            .with_property("ce_id", planned.envelope.id.clone())
-            .with_property("ce_type", encoded.event_type)
-            .with_property("ce_dataschema", encoded.dataschema)
-            .send_non_blocking()
-            .await?;
+        let receipt = broker::send_event(producer, planned.envelope.id.clone(), encoded).await?;
         receipts.push(receipt);
         while receipts.len() >= MAX_OUTSTANDING {
             receipts.next().await.expect("non-empty")?;

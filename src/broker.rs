@@ -94,6 +94,24 @@ pub fn process_started_ms() -> u64 {
     })
 }
 
+/// Sends an encoded event keyed by its aggregate, with the SPEC §3 properties (`ce_id`,
+/// `ce_type`, `ce_dataschema`); the returned receipt resolves once the broker has it.
+pub async fn send_event(
+    producer: &mut Producer,
+    id: String,
+    encoded: crate::codec::Encoded,
+) -> Result<pulsar::producer::SendFuture, pulsar::Error> {
+    producer
+        .create_message()
+        .with_content(encoded.payload)
+        .with_key(encoded.key)
+        .with_property("ce_id", id)
+        .with_property("ce_type", encoded.event_type)
+        .with_property("ce_dataschema", encoded.dataschema)
+        .send_non_blocking()
+        .await
+}
+
 /// A consumer id used by no other consumer, in this process or another: some brokers key
 /// consumers by id across connections (SPEC §11), and a consumer whose connection broke may
 /// linger there for a while, so every subscribe takes a fresh one. Process id in the high bits,

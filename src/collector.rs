@@ -182,15 +182,7 @@ impl Collector {
                 }
             };
             let id = event.incoming.envelope.id.clone();
-            let sent = producer
-                .create_message()
-                .with_content(event.encoded.payload)
-                .with_key(event.encoded.key)
-                .with_property("ce_id", id.clone())
-                .with_property("ce_type", event.encoded.event_type)
-                .with_property("ce_dataschema", event.encoded.dataschema)
-                .send_non_blocking()
-                .await;
+            let sent = broker::send_event(producer, id.clone(), event.encoded).await;
             match sent {
                 Ok(receipt) => receipts.push(receipt),
                 Err(e) => {
