@@ -42,22 +42,16 @@ fn main() {
             id: format!("pago-{:06}", i % 100_000),
         };
         let idempotency_key = key(i);
-        let commit = Commit {
-            aggregate: &aggregate,
+        // Each aggregate is written once per 100 000 keys: its next version.
+        let version = i / 100_000 + 1;
+        let commit = Commit::of(
+            &aggregate,
             state,
-            // Each aggregate is written once per 100 000 keys: its next version.
-            version: i / 100_000 + 1,
-            idempotency_key: &idempotency_key,
-            content_hash: &hash,
-            seen_at_ms: clock.now_ms(),
-            outbox: &[],
-            charges: &[],
-            journal: None,
-            snapshot: None,
-            drop_snapshots: &[],
-            truncate_journal: None,
-            read_model: &[],
-        };
+            version,
+            &idempotency_key,
+            &hash,
+            clock.now_ms(),
+        );
         assert_eq!(store.commit(commit).expect("commit"), CommitResult::Committed);
     }
     let insert_elapsed = started.elapsed();

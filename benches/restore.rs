@@ -84,19 +84,9 @@ fn prepare(store: &SledStore, replay: u64) {
         let snapshot = (version == 2).then(|| serde_json::to_vec(&Snapshot::of(&decision.state)).unwrap());
         store
             .commit(Commit {
-                aggregate: &key,
-                state: &bytes,
-                version,
-                idempotency_key: &envelope.id,
-                content_hash: &hash,
-                seen_at_ms: SystemClock.now_ms(),
-                outbox: &[],
-                charges: &[],
                 journal: Some((version, &journal)),
                 snapshot: snapshot.as_deref().map(|s| (version, s)),
-                drop_snapshots: &[],
-                truncate_journal: None,
-                read_model: &[],
+                ..Commit::of(&key, &bytes, version, &envelope.id, &hash, SystemClock.now_ms())
             })
             .expect("commit");
         state = Some(decision.state);

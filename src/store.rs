@@ -713,21 +713,7 @@ mod tests {
     }
 
     fn commit<'a>(agg: &'a AggregateKey, idem: &'a str, hash: &'a str, at: i64) -> Commit<'a> {
-        Commit {
-            aggregate: agg,
-            state: b"{}",
-            version: 1,
-            idempotency_key: idem,
-            content_hash: hash,
-            seen_at_ms: at,
-            outbox: &[],
-            charges: &[],
-            journal: None,
-            snapshot: None,
-            drop_snapshots: &[],
-            truncate_journal: None,
-            read_model: &[],
-        }
+        Commit::of(agg, b"{}", 1, idem, hash, at)
     }
 
     #[test]

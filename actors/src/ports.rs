@@ -1,6 +1,6 @@
 //! Ports: what the actors need from the outside world, implemented by the daemon (`src/`).
 
-use crate::events::{AggregateKey, AggregateKind, Incoming, ReportVersion};
+use crate::events::{AggregateKey, AggregateKind, ReportVersion};
 use crate::gateway::Charge;
 use crate::output::OutputEvent;
 use crate::readmodel::{Change, ReadModel};
@@ -51,15 +51,16 @@ impl<'a> Commit<'a> {
         aggregate: &'a AggregateKey,
         state: &'a [u8],
         version: u64,
-        incoming: &'a Incoming,
+        idempotency_key: &'a str,
+        content_hash: &'a str,
         seen_at_ms: i64,
     ) -> Self {
         Commit {
             aggregate,
             state,
             version,
-            idempotency_key: &incoming.idempotency_key,
-            content_hash: &incoming.content_hash,
+            idempotency_key,
+            content_hash,
             seen_at_ms,
             outbox: &[],
             charges: &[],

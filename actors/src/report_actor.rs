@@ -128,7 +128,8 @@ impl ReportActor {
                 &self.key,
                 &state,
                 after.version,
-                incoming,
+                &incoming.idempotency_key,
+                &incoming.content_hash,
                 self.env.clock.now_ms(),
             )
         };
