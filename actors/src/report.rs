@@ -103,10 +103,12 @@ pub struct CampaignLine {
 
 impl Report {
     pub fn build(version: ReportVersion, model: &ReadModel) -> Report {
+        let totals = totals(&model.summary);
+        let detail = (version == ReportVersion::V2).then(|| detail(model, &totals.payments.totals));
         Report {
             version,
-            totals: totals(&model.summary),
-            detail: (version == ReportVersion::V2).then(|| detail(model)),
+            totals,
+            detail,
         }
     }
 }
@@ -150,11 +152,11 @@ fn totals(summary: &Counters) -> Totals {
     }
 }
 
-fn detail(model: &ReadModel) -> Detail {
-    let lines = status_lines(under(&model.summary, "payments"));
+/// What v2 adds, from the read model and the v1 payment lines.
+fn detail(model: &ReadModel, lines: &[StatusLine]) -> Detail {
     let mut by_status: BTreeMap<String, BTreeMap<String, Amount>> = BTreeMap::new();
     let mut by_currency: BTreeMap<String, Amount> = BTreeMap::new();
-    for line in &lines {
+    for line in lines {
         let add = |total: &mut Amount| {
             total.count += line.count;
             total.amount_minor += line.amount_minor;
