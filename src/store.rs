@@ -17,10 +17,9 @@ use aerostream_actors::events::AggregateKey;
 use aerostream_actors::gateway::Charge;
 use aerostream_actors::output::OutputEvent;
 use aerostream_actors::ports::{Commit, CommitResult, SeenEntry, StateStore, StoreError};
-use aerostream_actors::readmodel::{self, Projected};
 use aerostream_actors::readmodel::{apply_changes, Change, Counters, ReadModel};
 use aerostream_actors::snapshot::Snapshot;
-use aerostream_actors::{AggregateKind, Campaign, CommissionLedger, Payment};
+use aerostream_actors::{Aggregate, AggregateKind, Campaign, CommissionLedger, Payment};
 use serde::{Deserialize, Serialize};
 use sled::transaction::TransactionalTree;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
@@ -541,12 +540,9 @@ fn read_model_changes(
     before: Option<&[u8]>,
     after: &[u8],
 ) -> serde_json::Result<Vec<Change>> {
-    fn typed<A: Projected + serde::de::DeserializeOwned>(
-        before: Option<&[u8]>,
-        after: &[u8],
-    ) -> serde_json::Result<Vec<Change>> {
+    fn typed<A: Aggregate>(before: Option<&[u8]>, after: &[u8]) -> serde_json::Result<Vec<Change>> {
         let before: Option<A> = before.map(serde_json::from_slice).transpose()?;
-        Ok(readmodel::changes(
+        Ok(A::read_model_changes(
             before.as_ref(),
             &serde_json::from_slice::<A>(after)?,
         ))
