@@ -186,7 +186,10 @@ struct Marker {
 
 /// Writes markers to every partition and tracks which of this daemon's markers were read back.
 struct Markers {
-    instance: String,
+    /// Names this run's markers: the instance id and a fresh uuid. A restarted daemon keeps its
+    /// instance id and numbers its markers from 1 again, so its earlier runs' markers, still in
+    /// the changelog, must not count as read back.
+    writer: String,
     producer: broker::Producer,
     /// A key the producer routes to each partition.
     keys: Vec<String>,
@@ -197,11 +200,12 @@ struct Markers {
 
 impl Markers {
     async fn new(client: &Client, topic: &str, instance: &str) -> Result<Markers, pulsar::Error> {
+        let writer = format!("{instance}/{}", uuid::Uuid::new_v4());
         let partitions = client.lookup_partitioned_topic_number(topic).await?.max(1) as usize;
         let keys = (0..partitions)
             .map(|partition| {
                 (0u64..)
-                    .map(|n| format!("marker/{instance}/{n}"))
+                    .map(|n| format!("marker/{writer}/{n}"))
                     .find(|key| {
                         partitions == 1
                             || pulsar::routing_policy::RoutingPolicy::compute_partition_index_for_key(
@@ -212,7 +216,7 @@ impl Markers {
             })
             .collect();
         Ok(Markers {
-            instance: instance.to_owned(),
+            writer,
             producer: broker::producer(client, topic.to_owned()).await?,
             keys,
             written: 0,
@@ -224,7 +228,7 @@ impl Markers {
     async fn write(&mut self) -> Result<u64, pulsar::Error> {
         self.written += 1;
         let payload = serde_json::to_vec(&Marker {
-            marker: self.instance.clone(),
+            marker: self.writer.clone(),
             number: self.written,
         })
         .expect("markers serialize");
@@ -247,7 +251,7 @@ impl Markers {
     fn read(&mut self, partition: Option<i32>, payload: &[u8]) -> bool {
         match serde_json::from_slice::<Marker>(payload) {
             Ok(marker) => {
-                if marker.marker == self.instance {
+                if marker.marker == self.writer {
                     let at = self.read.entry(partition).or_insert(0);
                     *at = (*at).max(marker.number);
                 }
@@ -279,6 +283,18 @@ async fn follow(
     } = requests;
     // Barriers waiting for their marker to come back.
     let mut waiting: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
+    // Aggregates withdrawn at start are settled once the changelog is read to its end: at the
+    // return of a marker written now, and before any barrier resolves.
+    let mut settle_at = None;
+    if store.any_unconfirmed() {
+        match tokio::time::timeout(Duration::from_secs(10), markers.write()).await {
+            Ok(Ok(number)) => settle_at = Some(number),
+            _ => {
+                tracing::warn!("Cannot write a changelog marker; subscribing again.");
+                return false;
+            }
+        }
+    }
     loop {
         tokio::select! {
             _ = shutdown.changed() => return true,
@@ -305,17 +321,26 @@ async fn follow(
             received = consumer.next() => match received {
                 Some(Ok(message)) => {
                     let partition = message.message_id().partition;
-                    // Records of this daemon are in its store already.
-                    let foreign = message
+                    let own = message
                         .payload
                         .metadata
                         .properties
                         .iter()
-                        .all(|kv| kv.key != "instance" || kv.value != instance);
-                    if foreign && !markers.read(partition, &message.payload.data) {
+                        .any(|kv| kv.key == "instance" && kv.value == instance);
+                    // This daemon's records are in its store already, unless it withdrew them at
+                    // start (a record published just before a crash is in the changelog and was
+                    // withdrawn too).
+                    let record = if own {
+                        store.any_unconfirmed()
+                    } else {
+                        !markers.read(partition, &message.payload.data)
+                    };
+                    if record {
                         match serde_json::from_slice::<ChangeRecord>(&message.payload.data) {
                             Ok(record) => {
-                                seen.others.store(true, Ordering::Release);
+                                if !own {
+                                    seen.others.store(true, Ordering::Release);
+                                }
                                 match store.import(&record) {
                                     Ok(true) => {
                                         metrics::counter!(CHANGELOG_IMPORTED).increment(1);
@@ -334,6 +359,21 @@ async fn follow(
                         // and after a crash the follower reads the changelog from its start again.
                     }
                     let _ = consumer.ack(&message).await;
+                    if settle_at.is_some_and(|number| markers.reached(number)) {
+                        match store.settle_unconfirmed() {
+                            Ok(removed) => {
+                                for aggregate in removed {
+                                    registry.forget(aggregate.kind, &aggregate.id);
+                                }
+                                settle_at = None;
+                                tracing::info!("Withdrawn commits settled against the changelog.");
+                            }
+                            Err(error) => {
+                                tracing::error!(error = %error, "Cannot settle withdrawn commits; reading again.");
+                                return false;
+                            }
+                        }
+                    }
                     let (done, pending): (Vec<_>, Vec<_>) =
                         waiting.drain(..).partition(|(number, _)| markers.reached(*number));
                     waiting = pending;

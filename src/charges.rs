@@ -33,7 +33,11 @@ impl Worker {
     /// Charges pending payments until shutdown.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         loop {
+            // Payments withdrawn at start wait for the changelog to restore them (`SledStore::
+            // withdraw_unpublished`): a result applied before would be decided on a state about
+            // to be replaced.
             let batch = match self.store.pending_charges(self.concurrency) {
+                Ok(_) if self.store.any_unconfirmed() => Vec::new(),
                 Ok(batch) => batch,
                 Err(error) => {
                     tracing::error!(error = %error, "Cannot read pending charges.");

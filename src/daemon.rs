@@ -36,6 +36,15 @@ pub async fn run(
     .context("opening the state store")?;
     if config.changelog.enabled {
         store = store.with_changelog(instance.clone());
+        let withdrawn = store
+            .withdraw_unpublished()
+            .context("withdrawing unpublished changelog records")?;
+        if withdrawn > 0 {
+            tracing::info!(
+                withdrawn,
+                "Withdrew commits the changelog never received; the changelog decides them."
+            );
+        }
     }
     let store = Arc::new(store);
     tracing::info!(%instance, changelog = config.changelog.enabled, "Starting.");

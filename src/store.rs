@@ -11,11 +11,14 @@
 //! - `snapshots`: same keys → full-state snapshot with checksum (JSON), the last few kept
 //! - `report`:  read-model group (`summary`, `affiliate/<id>`, `campaign/<id>`) → its counters
 //!   (JSON), moved by each commit (see `aerostream_actors::readmodel`)
+//! - `versions`: `<kind>/<id>` → the stored state's version (8 bytes BE)
+//! - `unconfirmed`: `<kind>/<id>` → [`Unconfirmed`] (JSON), aggregates whose newest versions were
+//!   withdrawn at start because they never reached the changelog
 
 use crate::changelog::ChangeRecord;
 use aerostream_actors::events::AggregateKey;
 use aerostream_actors::gateway::Charge;
-use aerostream_actors::output::OutputEvent;
+use aerostream_actors::output::{OutputBody, OutputEvent};
 use aerostream_actors::ports::{Commit, CommitResult, SeenEntry, StateStore, StoreError};
 use aerostream_actors::readmodel::{apply_changes, Change, Counters, ReadModel};
 use aerostream_actors::snapshot::Snapshot;
@@ -25,7 +28,7 @@ use sled::transaction::TransactionalTree;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 pub struct SledStore {
     db: sled::Db,
@@ -40,6 +43,9 @@ pub struct SledStore {
     report: sled::Tree,
     /// `<kind>/<id>` → the stored state's version (8 bytes BE), for optimistic concurrency.
     versions: sled::Tree,
+    unconfirmed: sled::Tree,
+    /// Whether `unconfirmed` has entries (checked for every record the follower reads).
+    any_unconfirmed: AtomicBool,
     window_ms: i64,
     /// This daemon's instance id when commits also write changelog records.
     changelog: Option<String>,
@@ -64,12 +70,40 @@ pub enum OutboxEntry {
     Change(Box<ChangeRecord>),
 }
 
+/// An aggregate whose versions from `from` on were withdrawn at start
+/// ([`SledStore::withdraw_unpublished`]): the changelog decides them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Unconfirmed {
+    aggregate: AggregateKey,
+    from: u64,
+    /// A changelog record has replaced the withdrawn state; from then on records import as usual.
+    resolved: bool,
+}
+
+impl Unconfirmed {
+    fn decode(bytes: &[u8]) -> Result<Unconfirmed, sled::Error> {
+        serde_json::from_slice(bytes).map_err(|e| corrupt("unconfirmed mark", e))
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("marks serialize")
+    }
+}
+
 fn store_error(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
 }
 
 /// A stored value that no longer parses: surfaced as a storage error, so the event is retried
 /// rather than applied on top of garbage.
+/// The error of a transaction that never aborts on purpose.
+fn unaborted_error(e: TransactionError<()>) -> StoreError {
+    match e {
+        TransactionError::Abort(()) => StoreError("transaction aborted".into()),
+        TransactionError::Storage(e) => store_error(e),
+    }
+}
+
 fn corrupt(what: &str, e: serde_json::Error) -> sled::Error {
     sled::Error::Unsupported(format!("corrupt {what}: {e}"))
 }
@@ -131,6 +165,7 @@ impl SledStore {
         let tree = |name: &str| db.open_tree(name).map_err(store_error);
         let outbox = tree("outbox")?;
         let seen = tree("seen")?;
+        let unconfirmed = tree("unconfirmed")?;
         Ok(SledStore {
             state: tree("state")?,
             seen_by_time: tree("seen_by_time")?,
@@ -140,6 +175,8 @@ impl SledStore {
             snapshots: tree("snapshots")?,
             report: tree("report")?,
             versions: tree("versions")?,
+            any_unconfirmed: AtomicBool::new(!unconfirmed.is_empty()),
+            unconfirmed,
             db,
             window_ms: (window_seconds as i64).saturating_mul(1_000),
             changelog: None,
@@ -518,6 +555,19 @@ fn move_read_model<E>(
 
 /// Records output events in the commission ledgers they move.
 fn move_ledgers<E>(ledgers: &TransactionalTree, outputs: &[OutputEvent]) -> Result<(), Abort<E>> {
+    edit_ledgers(ledgers, outputs, CommissionLedger::record)
+}
+
+/// Takes back what [`move_ledgers`] recorded; a ledger left empty is removed.
+fn revert_ledgers<E>(ledgers: &TransactionalTree, outputs: &[OutputEvent]) -> Result<(), Abort<E>> {
+    edit_ledgers(ledgers, outputs, CommissionLedger::revert)
+}
+
+fn edit_ledgers<E>(
+    ledgers: &TransactionalTree,
+    outputs: &[OutputEvent],
+    edit: fn(&mut CommissionLedger, &OutputBody),
+) -> Result<(), Abort<E>> {
     for output in outputs {
         let Some(affiliate) = CommissionLedger::affiliate_of(&output.body) else {
             continue;
@@ -527,9 +577,13 @@ fn move_ledgers<E>(ledgers: &TransactionalTree, outputs: &[OutputEvent]) -> Resu
                 .map_err(|e| ConflictableTransactionError::Storage(corrupt("ledger", e)))?,
             None => CommissionLedger::new(affiliate),
         };
-        ledger.record(&output.body);
-        let bytes = serde_json::to_vec(&ledger).expect("ledgers serialize");
-        ledgers.insert(affiliate.as_bytes(), bytes)?;
+        edit(&mut ledger, &output.body);
+        if ledger == CommissionLedger::new(affiliate) {
+            ledgers.remove(affiliate.as_bytes())?;
+        } else {
+            let bytes = serde_json::to_vec(&ledger).expect("ledgers serialize");
+            ledgers.insert(affiliate.as_bytes(), bytes)?;
+        }
     }
     Ok(())
 }
@@ -591,10 +645,15 @@ impl SledStore {
         self.outbox_low.send_modify(|low| *low = first_seq(&self.outbox));
     }
 
-    /// Imports another daemon's commit when it is newer than the stored state of its aggregate:
-    /// state, version, idempotency record, ledger moves, read model, charges still to make; drops
-    /// the aggregate's local journal and snapshots (a snapshot of the imported state replaces
-    /// them). An older or equal version only records the idempotency key. True when imported.
+    /// Imports a changelog record when it is newer than the stored state of its aggregate: state,
+    /// version, idempotency record, ledger moves, read model, charges still to make; drops the
+    /// aggregate's local journal and snapshots (a snapshot of the imported state replaces them).
+    /// An older or equal version only records the idempotency key. True when imported.
+    ///
+    /// For an aggregate with withdrawn versions ([`withdraw_unpublished`](Self::withdraw_unpublished))
+    /// the stored state does not count until a record replaces it: the record of the version before
+    /// the withdrawn ones restores it (its ledger moves and charges are in the store already), and
+    /// any later one imports as new.
     pub fn import(&self, record: &ChangeRecord) -> Result<bool, StoreError> {
         let key = state_key(&record.aggregate);
         let prefix = versioned_prefix(&record.aggregate);
@@ -625,15 +684,48 @@ impl SledStore {
             }
             _ => None,
         };
-        let result = self.trees().transaction(
-            |(report, state, seen, by_time, _out, ledgers, pending_charges, journal, snapshots, versions)| {
+        let trees = (
+            &self.report,
+            &self.state,
+            &self.seen,
+            &self.seen_by_time,
+            &self.ledgers,
+            &self.charges,
+            &self.journal,
+            &self.snapshots,
+            &self.versions,
+            &self.unconfirmed,
+        );
+        let result = trees.transaction(
+            |(
+                report,
+                state,
+                seen,
+                by_time,
+                ledgers,
+                pending_charges,
+                journal,
+                snapshots,
+                versions,
+                unconfirmed,
+            )| {
                 let newly_seen = seen.get(record.idempotency_key.as_bytes())?.is_none();
                 if newly_seen {
                     seen.insert(record.idempotency_key.as_bytes(), seen_value.as_slice())?;
                     by_time.insert(index_key.as_slice(), &[])?;
                 }
-                let local = versions.get(key.as_slice())?.map_or(0, |v| decode_version(&v));
-                if record.version <= local {
+                let withdrawn = match unconfirmed.get(key.as_slice())? {
+                    Some(bytes) => Some(Unconfirmed::decode(&bytes)?).filter(|mark| !mark.resolved),
+                    None => None,
+                };
+                let (newer, restores) = match &withdrawn {
+                    Some(mark) => (record.version >= mark.from, record.version + 1 == mark.from),
+                    None => {
+                        let local = versions.get(key.as_slice())?.map_or(0, |v| decode_version(&v));
+                        (record.version > local, false)
+                    }
+                };
+                if !newer && !restores {
                     return Ok((false, newly_seen));
                 }
                 let before = state.get(key.as_slice())?;
@@ -641,11 +733,13 @@ impl SledStore {
                     .map_err(|e| ConflictableTransactionError::Storage(corrupt("imported state", e)))?;
                 state.insert(key.as_slice(), record.state.as_bytes())?;
                 versions.insert(key.as_slice(), &record.version.to_be_bytes())?;
-                move_ledgers(ledgers, &record.outputs)?;
                 move_read_model(report, &by_group(&changes))?;
-                for charge in &record.charges {
-                    let bytes = serde_json::to_vec(charge).expect("charges serialize");
-                    pending_charges.insert(charge.payment_id.as_bytes(), bytes)?;
+                if newer {
+                    move_ledgers(ledgers, &record.outputs)?;
+                    for charge in &record.charges {
+                        let bytes = serde_json::to_vec(charge).expect("charges serialize");
+                        pending_charges.insert(charge.payment_id.as_bytes(), bytes)?;
+                    }
                 }
                 if let Some(payment_id) = &settled {
                     pending_charges.remove(payment_id.as_bytes())?;
@@ -659,18 +753,161 @@ impl SledStore {
                 if let Some((at, bytes)) = &snapshot {
                     snapshots.insert(at.as_slice(), bytes.as_slice())?;
                 }
+                if let Some(mark) = withdrawn {
+                    let resolved = Unconfirmed {
+                        resolved: true,
+                        ..mark
+                    };
+                    unconfirmed.insert(key.as_slice(), resolved.encode())?;
+                }
                 Ok((true, newly_seen))
             },
         );
-        let (imported, newly_seen): (bool, bool) = result.map_err(|e: TransactionError<()>| match e {
-            TransactionError::Abort(()) => StoreError("import aborted".into()),
-            TransactionError::Storage(e) => store_error(e),
-        })?;
+        let (imported, newly_seen): (bool, bool) = result.map_err(unaborted_error)?;
         if newly_seen {
             self.window_keys.fetch_add(1, Ordering::AcqRel);
         }
         self.wrote();
         Ok(imported)
+    }
+
+    /// Run once at start, before anything else uses the store: withdraws the changelog records a
+    /// previous run committed and never published, and returns how many.
+    ///
+    /// Their input messages were never acked (an ack waits for the record to be published), so
+    /// their events come back, to this daemon or to another one, which may decide them in another
+    /// order. Keeping them would leave this daemon with versions nobody else has; publishing them
+    /// now could override what another daemon decided since. So each withdrawn commit gives back
+    /// its idempotency key (its event is applied again when redelivered) and its ledger moves, and
+    /// its aggregate is marked: the changelog restores it ([`import`](Self::import)) and
+    /// [`settle_unconfirmed`](Self::settle_unconfirmed) finishes the job once the changelog has
+    /// been read to its end. Output events stay in the outbox: they carry the ids their
+    /// re-decided copies will have.
+    pub fn withdraw_unpublished(&self) -> Result<usize, StoreError> {
+        let mut withdrawn: Vec<(sled::IVec, ChangeRecord)> = Vec::new();
+        for entry in self.outbox.iter() {
+            let (seq, value) = entry.map_err(store_error)?;
+            if let OutboxEntry::Change(record) = serde_json::from_slice(&value).map_err(store_error)? {
+                withdrawn.push((seq, *record));
+            }
+        }
+        if withdrawn.is_empty() {
+            return Ok(0);
+        }
+        let mut marks: BTreeMap<Vec<u8>, Unconfirmed> = BTreeMap::new();
+        for (_, record) in &withdrawn {
+            marks
+                .entry(state_key(&record.aggregate))
+                .and_modify(|mark| mark.from = mark.from.min(record.version))
+                .or_insert_with(|| Unconfirmed {
+                    aggregate: record.aggregate.clone(),
+                    from: record.version,
+                    resolved: false,
+                });
+        }
+        let trees = (
+            &self.outbox,
+            &self.seen,
+            &self.seen_by_time,
+            &self.ledgers,
+            &self.unconfirmed,
+        );
+        let forgotten = trees
+            .transaction(|(out, seen, by_time, ledgers, unconfirmed)| {
+                let mut forgotten = 0u64;
+                for (seq, record) in &withdrawn {
+                    out.remove(seq)?;
+                    if seen.remove(record.idempotency_key.as_bytes())?.is_some() {
+                        forgotten += 1;
+                    }
+                    by_time.remove(time_index_key(record.seen_at_ms, &record.idempotency_key))?;
+                    revert_ledgers(ledgers, &record.outputs)?;
+                }
+                for (key, mark) in &marks {
+                    let from = match unconfirmed.get(key.as_slice())? {
+                        Some(bytes) => Unconfirmed::decode(&bytes)?.from.min(mark.from),
+                        None => mark.from,
+                    };
+                    unconfirmed.insert(key.as_slice(), Unconfirmed { from, ..mark.clone() }.encode())?;
+                }
+                Ok(forgotten)
+            })
+            .map_err(unaborted_error)?;
+        self.window_keys.fetch_sub(forgotten, Ordering::AcqRel);
+        self.outbox_pending
+            .fetch_sub(withdrawn.len() as u64, Ordering::AcqRel);
+        self.outbox_published();
+        self.any_unconfirmed.store(true, Ordering::Release);
+        self.wrote();
+        Ok(withdrawn.len())
+    }
+
+    /// Whether some aggregate still waits for the changelog to confirm it.
+    pub fn any_unconfirmed(&self) -> bool {
+        self.any_unconfirmed.load(Ordering::Acquire)
+    }
+
+    /// Once the changelog has been read to its end: the withdrawn aggregates no record restored
+    /// were created by a withdrawn commit (nothing before it in the changelog) and are removed;
+    /// any other (its older records no longer kept by the broker) keeps its local state, with a
+    /// warning. Clears the marks; returns the aggregates whose stored state changed here.
+    pub fn settle_unconfirmed(&self) -> Result<Vec<AggregateKey>, StoreError> {
+        let mut removed = Vec::new();
+        for entry in self.unconfirmed.iter() {
+            let (key, bytes) = entry.map_err(store_error)?;
+            let mark = Unconfirmed::decode(&bytes).map_err(store_error)?;
+            if !mark.resolved && mark.from == 1 {
+                self.remove_aggregate(&mark.aggregate)?;
+                removed.push(mark.aggregate);
+            } else if !mark.resolved {
+                tracing::warn!(aggregate = ?mark.aggregate, from = mark.from, "The changelog no longer holds the versions before this aggregate's withdrawn ones; keeping the local state.");
+            }
+            self.unconfirmed.remove(key).map_err(store_error)?;
+        }
+        self.any_unconfirmed.store(false, Ordering::Release);
+        self.wrote();
+        Ok(removed)
+    }
+
+    /// Removes an aggregate's state, version, journal and snapshots, and its read-model counts.
+    fn remove_aggregate(&self, aggregate: &AggregateKey) -> Result<(), StoreError> {
+        let key = state_key(aggregate);
+        let prefix = versioned_prefix(aggregate);
+        let keys = |tree: &sled::Tree| -> Result<Vec<sled::IVec>, StoreError> {
+            tree.scan_prefix(&prefix)
+                .keys()
+                .map(|k| k.map_err(store_error))
+                .collect()
+        };
+        let (journal_keys, snapshot_keys) = (keys(&self.journal)?, keys(&self.snapshots)?);
+        let trees = (
+            &self.report,
+            &self.state,
+            &self.versions,
+            &self.journal,
+            &self.snapshots,
+        );
+        trees
+            .transaction(|(report, state, versions, journal, snapshots)| {
+                if let Some(before) = state.remove(key.as_slice())? {
+                    let mut changes = read_model_changes(aggregate.kind, None, &before)
+                        .map_err(|e| ConflictableTransactionError::Storage(corrupt("stored state", e)))?;
+                    for change in &mut changes {
+                        change.delta.count = -change.delta.count;
+                        change.delta.amount = -change.delta.amount;
+                    }
+                    move_read_model(report, &by_group(&changes))?;
+                }
+                versions.remove(key.as_slice())?;
+                for old in &journal_keys {
+                    journal.remove(old)?;
+                }
+                for old in &snapshot_keys {
+                    snapshots.remove(old)?;
+                }
+                Ok(())
+            })
+            .map_err(unaborted_error)
     }
 }
 
@@ -744,6 +981,145 @@ mod tests {
             ..commit(&agg, "k2", &hash, 1_010_002)
         };
         assert_eq!(store.commit(stale).unwrap(), CommitResult::Stale);
+    }
+
+    fn report_key(id: &str) -> AggregateKey {
+        AggregateKey {
+            kind: AggregateKind::Report,
+            id: id.into(),
+        }
+    }
+
+    fn commission(id: &str, minor: i64) -> OutputEvent {
+        OutputEvent {
+            id: id.into(),
+            causation_id: id.into(),
+            correlation_id: None,
+            time_ms: 0,
+            body: OutputBody::CommissionCalculated {
+                affiliate_id: "af-1".into(),
+                campaign_id: "c1".into(),
+                conversion_event_id: id.into(),
+                commission: aerostream_actors::Money::positive(minor, "USD").unwrap(),
+            },
+        }
+    }
+
+    /// Publishes the outbox as the outbox task would; returns the changelog records in it.
+    fn publish(store: &SledStore) -> Vec<ChangeRecord> {
+        let mut records = Vec::new();
+        for (seq, entry) in store.outbox_batch(100).unwrap() {
+            if let OutboxEntry::Change(record) = entry {
+                records.push(*record);
+            }
+            store.outbox_remove(&seq).unwrap();
+        }
+        records
+    }
+
+    #[test]
+    fn unpublished_commits_are_withdrawn_and_the_changelog_decides_their_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TestClock(AtomicI64::new(0)));
+        let store = SledStore::open(dir.path(), 60, clock)
+            .unwrap()
+            .with_changelog("a".into());
+        let hash = hex::encode([3u8; 32]);
+        let (x, y) = (report_key("x"), report_key("y"));
+        let earned = [commission("o1", 5)];
+        let first = Commit {
+            outbox: &earned,
+            ..Commit::of(&x, br#"{"n":1}"#, 1, "k1", &hash, 0)
+        };
+        assert_eq!(store.commit(first).unwrap(), CommitResult::Committed);
+        let published = publish(&store);
+        // A crash now: these two commits, and x's second, never reach the changelog.
+        let more = [commission("o2", 7)];
+        let second = Commit {
+            outbox: &more,
+            ..Commit::of(&x, br#"{"n":2}"#, 2, "k2", &hash, 0)
+        };
+        assert_eq!(store.commit(second).unwrap(), CommitResult::Committed);
+        let created = Commit::of(&y, br#"{"n":1}"#, 1, "k3", &hash, 0);
+        assert_eq!(store.commit(created).unwrap(), CommitResult::Committed);
+        assert_eq!(
+            store
+                .ledger("af-1")
+                .unwrap()
+                .unwrap()
+                .earned
+                .values()
+                .sum::<i64>(),
+            12
+        );
+
+        assert_eq!(store.withdraw_unpublished().unwrap(), 2);
+        assert!(store.any_unconfirmed());
+        assert_eq!(store.outbox_len(), 1, "the output event stays, to be published");
+        assert_eq!(
+            (store.seen("k2").unwrap(), store.seen("k3").unwrap()),
+            (None, None)
+        );
+        assert!(store.seen("k1").unwrap().is_some());
+        assert_eq!(
+            store
+                .ledger("af-1")
+                .unwrap()
+                .unwrap()
+                .earned
+                .values()
+                .sum::<i64>(),
+            5
+        );
+
+        // The changelog: this daemon's first record of x (restores it), then another daemon's
+        // second version of x, decided on another event.
+        assert!(store.import(&published[0]).unwrap());
+        assert_eq!(store.load(&x).unwrap().unwrap(), br#"{"n":1}"#);
+        assert_eq!(
+            store
+                .ledger("af-1")
+                .unwrap()
+                .unwrap()
+                .earned
+                .values()
+                .sum::<i64>(),
+            5
+        );
+        let theirs = ChangeRecord {
+            instance: "b".into(),
+            state: r#"{"n":20}"#.into(),
+            version: 2,
+            idempotency_key: "k4".into(),
+            outputs: vec![commission("o4", 100)],
+            ..published[0].clone()
+        };
+        assert!(store.import(&theirs).unwrap());
+        assert!(
+            !store.import(&theirs).unwrap(),
+            "a version already held is not imported again"
+        );
+        assert_eq!(store.load(&x).unwrap().unwrap(), br#"{"n":20}"#);
+        assert_eq!(
+            store
+                .ledger("af-1")
+                .unwrap()
+                .unwrap()
+                .earned
+                .values()
+                .sum::<i64>(),
+            105
+        );
+        assert!(store.seen("k4").unwrap().is_some());
+
+        // y never reached the changelog: it goes once the changelog has been read to its end.
+        assert_eq!(store.settle_unconfirmed().unwrap(), vec![y.clone()]);
+        assert!(!store.any_unconfirmed());
+        assert_eq!(store.load(&y).unwrap(), None);
+        assert_eq!(store.load(&x).unwrap().unwrap(), br#"{"n":20}"#);
+        // Commits go on from the changelog's version.
+        let next = Commit::of(&x, br#"{"n":21}"#, 3, "k2", &hash, 0);
+        assert_eq!(store.commit(next).unwrap(), CommitResult::Committed);
     }
 
     #[test]

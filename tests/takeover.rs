@@ -67,6 +67,47 @@ fn logs(instances: &[Instance]) -> String {
         .collect()
 }
 
+/// Waits until every daemon serves exactly the expected state; on time-out, fails with the first
+/// difference, each daemon's event counters and the tail of its log.
+fn wait_exact(instances: &[Instance], plan: &Plan, timeout: Duration) {
+    for (i, instance) in instances.iter().enumerate() {
+        let exact = wait_for("the exact state", timeout, || {
+            let served = support::state::served_state(instance.daemon(), &plan.expected).ok()?;
+            (served == plan.expected).then_some(())
+        });
+        if let Err(e) = exact {
+            let difference = support::state::served_state(instance.daemon(), &plan.expected)
+                .map(|served| support::state::first_difference(&served, &plan.expected));
+            let counters: Vec<String> = instances
+                .iter()
+                .map(|other| {
+                    let text = other.daemon().metrics_text().unwrap_or_default();
+                    text.lines()
+                        .filter(|line| {
+                            !line.starts_with('#')
+                                && [
+                                    "applied",
+                                    "changelog",
+                                    "dedup",
+                                    "outbox_backlog",
+                                    "dead_letter",
+                                    "retried",
+                                ]
+                                .iter()
+                                .any(|name| line.contains(name))
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+                .collect();
+            panic!(
+                "daemon {i}: {e}: {difference:?}\n{counters:#?}\n{}",
+                logs(instances)
+            );
+        }
+    }
+}
+
 fn partitioned_broker() -> LocalBroker {
     LocalBroker::start_with(BrokerOptions {
         default_partitions: PARTITIONS,
@@ -163,35 +204,7 @@ fn the_standby_takes_over_after_each_sigkill_with_nothing_lost_or_applied_twice(
     }
     runtime.block_on(publisher).unwrap().unwrap();
     // Both daemons follow the changelog to its end: each serves the exact state.
-    for (i, instance) in instances.iter().enumerate() {
-        let served = wait_for("the exact state", Duration::from_secs(60), || {
-            let served = support::state::served_state(instance.daemon(), &plan.expected).ok()?;
-            (served == plan.expected).then_some(())
-        });
-        if let Err(e) = served {
-            for (j, other) in instances.iter().enumerate() {
-                let text = other.daemon().metrics_text().unwrap_or_default();
-                let lines: Vec<&str> = text
-                    .lines()
-                    .filter(|l| {
-                        !l.starts_with('#')
-                            && (l.contains("applied")
-                                || l.contains("changelog")
-                                || l.contains("consumed")
-                                || l.contains("dedup")
-                                || l.contains("outbox_backlog")
-                                || l.contains("dead_letter")
-                                || l.contains("retried"))
-                    })
-                    .collect();
-                println!("daemon {j}: {lines:#?}");
-            }
-            let first = support::state::served_state(instance.daemon(), &plan.expected)
-                .map(|s| support::state::first_difference(&s, &plan.expected));
-            panic!("daemon {i}: {e}: {first:?}");
-        }
-    }
-
+    wait_exact(&instances, &plan, Duration::from_secs(60));
     let published = collect_outputs(&runtime, &mut outputs, &plan.expected_outputs);
     assert_eq!(published.distinct, plan.expected_outputs, "output event ids");
     takeovers.sort();
@@ -245,13 +258,7 @@ fn three_daemons_share_a_key_shared_subscription_and_one_restarts_mid_stream() {
     assert!(!publisher.is_finished(), "the restart must come mid-stream");
     instances[1].start();
     runtime.block_on(publisher).unwrap().unwrap();
-    for (i, instance) in instances.iter().enumerate() {
-        wait_for("the exact state", Duration::from_secs(90), || {
-            let served = support::state::served_state(instance.daemon(), &plan.expected).ok()?;
-            (served == plan.expected).then_some(())
-        })
-        .unwrap_or_else(|e| panic!("daemon {i}: {e}\n{}", logs(&instances)));
-    }
+    wait_exact(&instances, &plan, Duration::from_secs(90));
     let published = collect_outputs(&runtime, &mut outputs, &plan.expected_outputs);
     assert_eq!(published.distinct, plan.expected_outputs, "output event ids");
     let shares: Vec<f64> = instances.iter().map(Instance::applied).collect();

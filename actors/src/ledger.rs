@@ -51,6 +51,21 @@ impl CommissionLedger {
 
     /// Records `body` if it concerns this affiliate's ledger.
     pub fn record(&mut self, body: &OutputBody) {
+        self.add(body, 1);
+    }
+
+    /// Takes back an earlier [`record`](Self::record) of `body`: a commit withdrawn because it
+    /// never reached the changelog. Amounts that fall to zero are dropped, so the ledger equals
+    /// one that never recorded `body`.
+    pub fn revert(&mut self, body: &OutputBody) {
+        self.add(body, -1);
+        self.earned_by_campaign.values_mut().for_each(drop_zeros);
+        self.earned_by_campaign.retain(|_, amounts| !amounts.is_empty());
+        drop_zeros(&mut self.earned);
+        drop_zeros(&mut self.paid);
+    }
+
+    fn add(&mut self, body: &OutputBody, sign: i64) {
         if Self::affiliate_of(body) != Some(self.affiliate_id.as_str()) {
             return;
         }
@@ -65,13 +80,13 @@ impl CommissionLedger {
                     .entry(campaign_id.clone())
                     .or_default()
                     .entry(commission.currency)
-                    .or_default() += commission.amount_minor;
-                *self.earned.entry(commission.currency).or_default() += commission.amount_minor;
-                self.commissions += 1;
+                    .or_default() += sign * commission.amount_minor;
+                *self.earned.entry(commission.currency).or_default() += sign * commission.amount_minor;
+                self.commissions = self.commissions.saturating_add_signed(sign);
             }
             OutputBody::PaymentSucceeded { amount, .. } => {
-                *self.paid.entry(amount.currency).or_default() += amount.amount_minor;
-                self.payments += 1;
+                *self.paid.entry(amount.currency).or_default() += sign * amount.amount_minor;
+                self.payments = self.payments.saturating_add_signed(sign);
             }
             OutputBody::PaymentFailed { .. }
             | OutputBody::BudgetAlert { .. }
@@ -88,6 +103,10 @@ impl CommissionLedger {
         }
         outstanding
     }
+}
+
+fn drop_zeros(amounts: &mut Amounts) {
+    amounts.retain(|_, minor| *minor != 0);
 }
 
 #[cfg(test)]
@@ -126,5 +145,22 @@ mod tests {
         assert_eq!(ledger.paid[&Currency::Usd], 120);
         assert_eq!(ledger.outstanding()[&Currency::Usd], 55);
         assert_eq!((ledger.commissions, ledger.payments), (3, 1));
+    }
+
+    #[test]
+    fn a_reverted_record_leaves_the_ledger_as_if_never_recorded() {
+        let mut ledger = CommissionLedger::new("af-1");
+        ledger.record(&commission("af-1", "c1", 100));
+        let before = ledger.clone();
+        let paid = OutputBody::PaymentSucceeded {
+            payment_id: "p".into(),
+            affiliate_id: "af-1".into(),
+            amount: Money::positive(30, "EUR").unwrap(),
+        };
+        ledger.record(&commission("af-1", "c2", 50));
+        ledger.record(&paid);
+        ledger.revert(&paid);
+        ledger.revert(&commission("af-1", "c2", 50));
+        assert_eq!(ledger, before);
     }
 }
