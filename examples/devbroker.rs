@@ -30,6 +30,9 @@ struct Args {
     /// File to write the URL to once the broker is ready; removed on exit.
     #[arg(long)]
     print_url_file: Option<PathBuf>,
+    /// Partitions of every topic the broker creates (0: not partitioned).
+    #[arg(long, default_value_t = 2)]
+    partitions: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +44,7 @@ fn main() -> anyhow::Result<()> {
     let broker = LocalBroker::start_with(BrokerOptions {
         relay_port: args.port,
         data_dir: Some(args.data_dir),
+        default_partitions: args.partitions,
         ..BrokerOptions::default()
     })?;
     eprintln!(
