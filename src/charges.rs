@@ -3,7 +3,7 @@
 //! same exactly-once path as a consumed event (idempotency key, atomic commit, outbox).
 //!
 //! A charge is recorded in the same commit as the request. It is deleted only after its
-//! `PagoProcesado` is durable, so a crash in between charges again: the gateway answers a repeated
+//! `PagoProcesado` is durable and published, so a crash in between charges again: the gateway answers a repeated
 //! charge of a payment with its first answer (never charging twice), and the repeated
 //! `PagoProcesado` is recognised by its idempotency key.
 
@@ -84,8 +84,13 @@ impl Worker {
         if !applied {
             return;
         }
+        // Done once the result is durable and published, its changelog record included: a daemon
+        // that crashes before then withdraws the result at restart (`SledStore::
+        // withdraw_unpublished`) and must find the charge still pending, to apply it again.
+        let published_through = self.store.outbox_high_water();
         let done = async {
             self.store.flush().await?;
+            self.store.wait_published(published_through).await;
             self.store.charge_done(&charge.payment_id)
         };
         if let Err(error) = done.await {
