@@ -327,9 +327,9 @@ async fn follow(
                         .properties
                         .iter()
                         .any(|kv| kv.key == "instance" && kv.value == instance);
-                    // This daemon's records are in its store already, unless it withdrew them at
-                    // start (a record published just before a crash is in the changelog and was
-                    // withdrawn too).
+                    // This daemon's records are in its store already, unless it withdrew their
+                    // aggregate at start (a record published just before a crash is in the
+                    // changelog and was withdrawn too).
                     let record = if own {
                         store.any_unconfirmed()
                     } else {
@@ -337,6 +337,7 @@ async fn follow(
                     };
                     if record {
                         match serde_json::from_slice::<ChangeRecord>(&message.payload.data) {
+                            Ok(record) if own && !store.is_unconfirmed(&record.aggregate).unwrap_or(true) => {}
                             Ok(record) => {
                                 if !own {
                                     seen.others.store(true, Ordering::Release);

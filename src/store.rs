@@ -847,6 +847,16 @@ impl SledStore {
         self.any_unconfirmed.load(Ordering::Acquire)
     }
 
+    /// Whether `aggregate` waits for the changelog to confirm it.
+    pub fn is_unconfirmed(&self, aggregate: &AggregateKey) -> Result<bool, StoreError> {
+        if !self.any_unconfirmed() {
+            return Ok(false);
+        }
+        self.unconfirmed
+            .contains_key(state_key(aggregate))
+            .map_err(store_error)
+    }
+
     /// Once the changelog has been read to its end: the withdrawn aggregates no record restored
     /// were created by a withdrawn commit (nothing before it in the changelog) and are removed;
     /// any other (its older records no longer kept by the broker) keeps its local state, with a
