@@ -351,6 +351,7 @@ impl StateStore for SledStore {
         Ok((entry.first_seen_ms > self.clock.now_ms() - self.window_ms).then_some(entry))
     }
 
+    /// Commits alone, on the caller's thread (the report actor, tools, tests).
     fn commit(&self, commit: Commit<'_>) -> Result<CommitResult, StoreError> {
         self.commit_batch(&[commit]).remove(0)
     }
