@@ -1,8 +1,9 @@
 //! `AggregateActor<A>`: one actor per aggregate instance, run under an actix `Supervisor`.
 //!
 //! Per event: idempotency check → `A::decide` → one atomic commit (state + idempotency record +
-//! outbox, possibly in one transaction with other actors' commits) → reply. A panic while handling is caught, the actor stops and its supervisor restarts it
-//! with its state reloaded from the store; the caller gets `ApplyError::Crashed` and must not ack.
+//! outbox), which the store may write in one transaction with other actors' commits → reply. A
+//! panic while handling is caught, the actor stops and its supervisor restarts it with its state
+//! reloaded from the store; the caller gets `ApplyError::Crashed` and must not ack.
 
 use crate::aggregate::Aggregate;
 use crate::events::Envelope;
