@@ -5,6 +5,7 @@
 //! - [`config`]: the shipped `config.toml`, overlays, validation.
 //! - [`codec`]: Avro schemas (`schemas/`) and the wire codec to and from domain events.
 //! - [`store`]: sled implementation of the actors' `StateStore` port (state, idempotency window, outbox).
+//! - [`committer`]: the thread that writes actors' commits many per sled transaction.
 //! - [`broker`]: Pulsar client, reconnect backoff, health probe, dead letters.
 //! - [`charges`]: the gateway worker, charging requested payments exactly once.
 //! - [`dispatch`]: per-aggregate ordering of concurrently processed messages.
@@ -20,6 +21,7 @@ pub mod changelog;
 pub mod charges;
 pub mod codec;
 pub mod collector;
+pub mod committer;
 pub mod config;
 pub mod daemon;
 pub mod dispatch;

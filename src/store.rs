@@ -19,7 +19,9 @@ use crate::changelog::ChangeRecord;
 use aerostream_actors::events::AggregateKey;
 use aerostream_actors::gateway::Charge;
 use aerostream_actors::output::{OutputBody, OutputEvent};
-use aerostream_actors::ports::{Commit, CommitResult, SeenEntry, StateStore, StoreError};
+use aerostream_actors::ports::{
+    Commit, CommitFuture, CommitResult, OwnedCommit, SeenEntry, StateStore, StoreError,
+};
 use aerostream_actors::readmodel::{apply_changes, Change, Counters, ReadModel};
 use aerostream_actors::snapshot::Snapshot;
 use aerostream_actors::{Aggregate, AggregateKind, Campaign, CommissionLedger, Payment};
@@ -61,6 +63,8 @@ pub struct SledStore {
     outbox_pending: AtomicU64,
     /// Keys in the `seen` tree (kept as a counter: `Tree::len` is a scan).
     window_keys: AtomicU64,
+    /// The thread that writes actors' commits in batches, once started (`committer::start`).
+    pub(crate) committer: std::sync::OnceLock<crate::committer::Committer>,
 }
 
 /// What the outbox publishes: an output event, or a changelog record (after its commit's outputs).
@@ -191,6 +195,7 @@ impl SledStore {
             outbox,
             window_keys: AtomicU64::new(seen.len() as u64),
             seen,
+            committer: std::sync::OnceLock::new(),
         })
     }
 
@@ -383,11 +388,65 @@ impl StateStore for SledStore {
         Ok((entry.first_seen_ms > self.clock.now_ms() - self.window_ms).then_some(entry))
     }
 
+    /// Commits alone, on the caller's thread (the report actor, tools, tests).
     fn commit(&self, commit: Commit<'_>) -> Result<CommitResult, StoreError> {
-        let state_key = state_key(commit.aggregate);
-        let seen_value = encode_seen(commit.seen_at_ms, commit.content_hash);
-        let index_key = time_index_key(commit.seen_at_ms, commit.idempotency_key);
-        let horizon = self.clock.now_ms() - self.window_ms;
+        self.commit_batch(&[commit]).remove(0)
+    }
+
+    /// Hands `commit` to the committer thread when it runs (`committer::start`), so that it is
+    /// written in one transaction with the commits other actors hand over meanwhile.
+    fn commit_batched(&self, commit: OwnedCommit) -> CommitFuture {
+        match self.committer.get() {
+            Some(committer) => committer.submit(commit),
+            None => Box::pin(std::future::ready(self.commit(commit.borrow()))),
+        }
+    }
+}
+
+/// One commit's writes, prepared before the transaction: keys, outbox sequence numbers and bytes.
+struct Staged<'a> {
+    commit: Commit<'a>,
+    state_key: Vec<u8>,
+    seen_value: Vec<u8>,
+    index_key: Vec<u8>,
+    outbox: Vec<(u64, Vec<u8>)>,
+    charges: Vec<(&'a str, Vec<u8>)>,
+    journal_key: Option<Vec<u8>>,
+    snapshot_key: Option<Vec<u8>>,
+    dropped: Vec<Vec<u8>>,
+    truncated: Vec<Vec<u8>>,
+}
+
+impl SledStore {
+    /// Writes `commits` in one sled transaction, in order, and answers each.
+    ///
+    /// Why batches: sled 0.34 makes every transaction costly whatever its size (a process-wide
+    /// lock, and two log buffers sealed and synced to disk), so one transaction for the commits
+    /// that wait together divides that cost by their number (docs/BENCHMARKS.md).
+    ///
+    /// Each commit keeps the guarantees of a commit alone. It is refused (`AlreadySeen`, `Stale`)
+    /// by checks inside the transaction that see the writes of the commits before it — two
+    /// commits of one aggregate or one idempotency key in a batch are decided in order — and a
+    /// refused commit writes nothing and refuses no other (a sled abort would undo the whole
+    /// batch, so refusals skip instead). Outbox sequence numbers increase in commit order, each
+    /// commit's outputs then its changelog record. If the transaction fails (a stored value that
+    /// does not parse, say), nothing was written and each commit is retried alone, so a failure
+    /// only fails the commit it belongs to.
+    pub fn commit_batch(&self, commits: &[Commit<'_>]) -> Vec<Result<CommitResult, StoreError>> {
+        match self.write_batch(commits) {
+            Ok(results) => results.into_iter().map(Ok).collect(),
+            Err(_) if commits.len() > 1 => commits
+                .iter()
+                .map(|commit| {
+                    self.write_batch(std::slice::from_ref(commit))
+                        .map(|mut one| one.remove(0))
+                })
+                .collect(),
+            Err(error) => vec![Err(error)],
+        }
+    }
+
+    fn stage<'a>(&self, commit: Commit<'a>) -> Result<Staged<'a>, StoreError> {
         // The commit's output events, then its changelog record: published in this order.
         let mut entries: Vec<OutboxEntry> = commit.outbox.iter().cloned().map(OutboxEntry::Output).collect();
         if let Some(instance) = &self.changelog {
@@ -403,14 +462,14 @@ impl StateStore for SledStore {
                 outputs: commit.outbox.to_vec(),
             })));
         }
-        let outbox: Vec<(u64, Vec<u8>)> = entries
+        let outbox = entries
             .iter()
             .map(|entry| {
                 let id = self.db.generate_id().map_err(store_error)?;
                 Ok((id, serde_json::to_vec(entry).map_err(store_error)?))
             })
             .collect::<Result<_, StoreError>>()?;
-        let charges: Vec<(&str, Vec<u8>)> = commit
+        let charges = commit
             .charges
             .iter()
             .map(|charge| {
@@ -420,86 +479,114 @@ impl StateStore for SledStore {
                 )
             })
             .collect();
-        let journal_key = commit
-            .journal
-            .map(|(version, _)| versioned_key(commit.aggregate, version));
-        let snapshot_key = commit
-            .snapshot
-            .map(|(version, _)| versioned_key(commit.aggregate, version));
-        let dropped: Vec<Vec<u8>> = commit
-            .drop_snapshots
+        let versioned = |version: &u64| versioned_key(commit.aggregate, *version);
+        Ok(Staged {
+            state_key: state_key(commit.aggregate),
+            seen_value: encode_seen(commit.seen_at_ms, commit.content_hash),
+            index_key: time_index_key(commit.seen_at_ms, commit.idempotency_key),
+            outbox,
+            charges,
+            journal_key: commit.journal.as_ref().map(|(version, _)| versioned(version)),
+            snapshot_key: commit.snapshot.as_ref().map(|(version, _)| versioned(version)),
+            dropped: commit.drop_snapshots.iter().map(versioned).collect(),
+            truncated: commit
+                .truncate_journal
+                .map(|(from, to)| (from..=to).map(|v| versioned(&v)).collect())
+                .unwrap_or_default(),
+            commit,
+        })
+    }
+
+    /// One transaction for `commits`; see [`SledStore::commit_batch`].
+    fn write_batch(&self, commits: &[Commit<'_>]) -> Result<Vec<CommitResult>, StoreError> {
+        let staged: Vec<Staged> = commits
             .iter()
-            .map(|version| versioned_key(commit.aggregate, *version))
-            .collect();
-        let truncated: Vec<Vec<u8>> = commit
-            .truncate_journal
-            .map(|(from, to)| (from..=to).map(|v| versioned_key(commit.aggregate, v)).collect())
-            .unwrap_or_default();
-        let read_model = by_group(commit.read_model);
+            .map(|commit| self.stage(*commit))
+            .collect::<Result<_, _>>()?;
+        let horizon = self.clock.now_ms() - self.window_ms;
+        // Per commit: its result, and whether it replaced a key already past the window.
         let result = self.trees().transaction(
             |(report, state, seen, by_time, out, ledgers, pending_charges, journal, snapshots, versions)| {
-                let expired = match seen.get(commit.idempotency_key)? {
-                    Some(existing) => {
-                        let entry = decode_seen(&existing);
-                        if entry.first_seen_ms > horizon {
-                            return Err(ConflictableTransactionError::Abort(Refused::Seen(entry)));
+                let mut results = Vec::with_capacity(staged.len());
+                // The batch's read-model changes, added up: each group is read and written once.
+                let mut read_model: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
+                for staged in &staged {
+                    let commit = &staged.commit;
+                    let expired = match seen.get(commit.idempotency_key)? {
+                        Some(existing) => {
+                            let entry = decode_seen(&existing);
+                            if entry.first_seen_ms > horizon {
+                                results.push((CommitResult::AlreadySeen(entry), false));
+                                continue;
+                            }
+                            true
                         }
-                        true
+                        None => false,
+                    };
+                    // Optimistic concurrency: the change was decided on the version stored now.
+                    if let Some(stored) = versions.get(staged.state_key.as_slice())? {
+                        if commit.version != decode_version(&stored) + 1 {
+                            results.push((CommitResult::Stale, false));
+                            continue;
+                        }
                     }
-                    None => false,
-                };
-                // Optimistic concurrency: the change was decided on the version stored now.
-                if let Some(stored) = versions.get(state_key.as_slice())? {
-                    if commit.version != decode_version(&stored) + 1 {
-                        return Err(ConflictableTransactionError::Abort(Refused::Stale));
+                    state.insert(staged.state_key.as_slice(), commit.state)?;
+                    versions.insert(staged.state_key.as_slice(), &commit.version.to_be_bytes())?;
+                    seen.insert(commit.idempotency_key.as_bytes(), staged.seen_value.as_slice())?;
+                    by_time.insert(staged.index_key.as_slice(), &[])?;
+                    for (seq, value) in &staged.outbox {
+                        out.insert(&seq.to_be_bytes(), value.as_slice())?;
                     }
+                    move_ledgers(ledgers, commit.outbox)?;
+                    for (payment_id, charge) in &staged.charges {
+                        pending_charges.insert(payment_id.as_bytes(), charge.as_slice())?;
+                    }
+                    if let (Some(key), Some((_, entry))) = (&staged.journal_key, commit.journal) {
+                        journal.insert(key.as_slice(), entry)?;
+                    }
+                    if let (Some(key), Some((_, snapshot))) = (&staged.snapshot_key, commit.snapshot) {
+                        snapshots.insert(key.as_slice(), snapshot)?;
+                    }
+                    for key in &staged.dropped {
+                        snapshots.remove(key.as_slice())?;
+                    }
+                    for key in &staged.truncated {
+                        journal.remove(key.as_slice())?;
+                    }
+                    for change in commit.read_model {
+                        read_model.entry(change.group.as_str()).or_default().push(change);
+                    }
+                    results.push((CommitResult::Committed, expired));
                 }
-                state.insert(state_key.as_slice(), commit.state)?;
-                versions.insert(state_key.as_slice(), &commit.version.to_be_bytes())?;
-                seen.insert(commit.idempotency_key.as_bytes(), seen_value.as_slice())?;
-                by_time.insert(index_key.as_slice(), &[])?;
-                for (seq, value) in &outbox {
-                    out.insert(&seq.to_be_bytes(), value.as_slice())?;
-                }
-                move_ledgers(ledgers, commit.outbox)?;
-                for (payment_id, charge) in &charges {
-                    pending_charges.insert(payment_id.as_bytes(), charge.as_slice())?;
-                }
-                if let (Some(key), Some((_, entry))) = (&journal_key, commit.journal) {
-                    journal.insert(key.as_slice(), entry)?;
-                }
-                if let (Some(key), Some((_, snapshot))) = (&snapshot_key, commit.snapshot) {
-                    snapshots.insert(key.as_slice(), snapshot)?;
-                }
-                for key in &dropped {
-                    snapshots.remove(key.as_slice())?;
-                }
-                for key in &truncated {
-                    journal.remove(key.as_slice())?;
-                }
-                move_read_model(report, &read_model)?;
-                Ok(expired)
+                move_read_model::<()>(report, &read_model)?;
+                Ok(results)
             },
         );
-        match result {
-            Ok(replaced_expired_key) => {
-                self.wrote();
-                if !replaced_expired_key {
-                    self.window_keys.fetch_add(1, Ordering::AcqRel);
-                }
-                self.outbox_pending
-                    .fetch_add(outbox.len() as u64, Ordering::AcqRel);
-                if let (Some((first, _)), Some((last, _))) = (outbox.first(), outbox.last()) {
-                    self.outbox_high.fetch_max(*last, Ordering::AcqRel);
-                    self.outbox_low.send_modify(|low| *low = (*low).min(*first));
-                    self.outbox_added.notify_one();
-                }
-                Ok(CommitResult::Committed)
+        let results = result.map_err(|error| match error {
+            TransactionError::Abort(()) => StoreError("commit aborted".into()),
+            TransactionError::Storage(e) => store_error(e),
+        })?;
+        self.wrote();
+        let mut added = false;
+        for (staged, (result, replaced_expired_key)) in staged.iter().zip(&results) {
+            if *result != CommitResult::Committed {
+                continue;
             }
-            Err(TransactionError::Abort(Refused::Seen(entry))) => Ok(CommitResult::AlreadySeen(entry)),
-            Err(TransactionError::Abort(Refused::Stale)) => Ok(CommitResult::Stale),
-            Err(TransactionError::Storage(e)) => Err(store_error(e)),
+            if !replaced_expired_key {
+                self.window_keys.fetch_add(1, Ordering::AcqRel);
+            }
+            self.outbox_pending
+                .fetch_add(staged.outbox.len() as u64, Ordering::AcqRel);
+            if let (Some((first, _)), Some((last, _))) = (staged.outbox.first(), staged.outbox.last()) {
+                self.outbox_high.fetch_max(*last, Ordering::AcqRel);
+                self.outbox_low.send_modify(|low| *low = (*low).min(*first));
+                added = true;
+            }
         }
+        if added {
+            self.outbox_added.notify_one();
+        }
+        Ok(results.into_iter().map(|(result, _)| result).collect())
     }
 }
 
@@ -509,12 +596,6 @@ fn first_seq(outbox: &sled::Tree) -> u64 {
         Ok(Some((seq, _))) => u64::from_be_bytes(seq.as_ref().try_into().unwrap_or([0; 8])),
         _ => u64::MAX,
     }
-}
-
-/// Why a commit wrote nothing.
-enum Refused {
-    Seen(SeenEntry),
-    Stale,
 }
 
 type Abort<E> = ConflictableTransactionError<E>;
@@ -1159,5 +1240,214 @@ mod tests {
         store.charge_done("p1").unwrap();
         assert!(store.pending_charges(10).unwrap().is_empty());
         assert_eq!(store.window_len(), 1);
+    }
+
+    fn payment_output(cause: &str, affiliate: &str) -> OutputEvent {
+        OutputEvent {
+            id: format!("out-{cause}"),
+            causation_id: cause.into(),
+            correlation_id: None,
+            time_ms: 0,
+            body: aerostream_actors::output::OutputBody::PaymentSucceeded {
+                payment_id: cause.into(),
+                affiliate_id: affiliate.into(),
+                amount: aerostream_actors::Money::positive(100, "USD").unwrap(),
+            },
+        }
+    }
+
+    fn tally(group: &str, count: i64) -> Change {
+        Change {
+            group: group.into(),
+            counter: "n".into(),
+            delta: aerostream_actors::readmodel::Tally { count, amount: 0 },
+        }
+    }
+
+    #[test]
+    fn a_batch_decides_each_commit_in_order_and_a_refusal_refuses_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 10, Arc::new(TestClock(AtomicI64::new(0)))).unwrap();
+        let hash = hex::encode([3u8; 32]);
+        let (c1, c2) = (key("c1"), key("c2"));
+        assert_eq!(
+            store.commit(commit(&c2, "old", &hash, 0)).unwrap(),
+            CommitResult::Committed
+        );
+        let one = [tally("summary", 1)];
+        let batch = [
+            // Two commits of one aggregate: the second is decided on the first's version.
+            Commit {
+                read_model: &one,
+                ..commit(&c1, "k1", &hash, 0)
+            },
+            Commit {
+                version: 2,
+                read_model: &one,
+                ..commit(&c1, "k2", &hash, 0)
+            },
+            // A key recorded before the batch, and one recorded earlier in the batch.
+            commit(&c2, "old", &hash, 0),
+            Commit {
+                version: 3,
+                ..commit(&c1, "k1", &hash, 0)
+            },
+            // Decided on a version the batch has already moved past.
+            Commit {
+                version: 2,
+                ..commit(&c1, "k3", &hash, 0)
+            },
+            Commit {
+                version: 2,
+                read_model: &one,
+                ..commit(&c2, "k4", &hash, 0)
+            },
+        ];
+        let results: Vec<CommitResult> = store
+            .commit_batch(&batch)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let seen = |key: &str| CommitResult::AlreadySeen(store.seen(key).unwrap().unwrap());
+        assert_eq!(
+            results,
+            vec![
+                CommitResult::Committed,
+                CommitResult::Committed,
+                seen("old"),
+                seen("k1"),
+                CommitResult::Stale,
+                CommitResult::Committed,
+            ]
+        );
+        assert_eq!(store.seen("k3").unwrap(), None, "a refused commit writes nothing");
+        assert_eq!(store.window_len(), 4);
+        let model = store.read_model().unwrap();
+        assert_eq!(
+            model.summary["n"].count, 3,
+            "the committed commits' changes, each once"
+        );
+    }
+
+    #[test]
+    fn a_batch_numbers_the_outbox_in_commit_order_and_moves_the_high_water_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 10, Arc::new(TestClock(AtomicI64::new(0))))
+            .unwrap()
+            .with_changelog("here".into());
+        let hash = hex::encode([4u8; 32]);
+        let (c1, c2) = (key("c1"), key("c2"));
+        let first = [payment_output("e1", "af"), payment_output("e2", "af")];
+        let second = [payment_output("e3", "af")];
+        let batch = [
+            Commit {
+                outbox: &first,
+                ..commit(&c1, "k1", &hash, 0)
+            },
+            // Refused: its entries must not appear.
+            Commit {
+                outbox: &second,
+                ..commit(&c2, "k1", &hash, 0)
+            },
+            Commit {
+                outbox: &second,
+                ..commit(&c2, "k2", &hash, 0)
+            },
+        ];
+        let results = store.commit_batch(&batch);
+        assert!(matches!(results[1], Ok(CommitResult::AlreadySeen(_))));
+        let entries = store.outbox_batch(100).unwrap();
+        let order: Vec<String> = entries
+            .iter()
+            .map(|(_, entry)| match entry {
+                OutboxEntry::Output(output) => output.causation_id.clone(),
+                OutboxEntry::Change(change) => format!("change of {}", change.idempotency_key),
+            })
+            .collect();
+        assert_eq!(order, ["e1", "e2", "change of k1", "e3", "change of k2"]);
+        let seqs: Vec<u64> = entries
+            .iter()
+            .map(|(seq, _)| u64::from_be_bytes(seq.as_ref().try_into().unwrap()))
+            .collect();
+        assert!(seqs.windows(2).all(|pair| pair[0] < pair[1]));
+        assert_eq!(store.outbox_high_water(), *seqs.last().unwrap());
+        assert_eq!(store.outbox_len(), 5);
+        let ledger = store.ledger("af").unwrap().unwrap();
+        assert_eq!(ledger, {
+            let mut ledger = CommissionLedger::new("af");
+            for output in first.iter().chain(&second) {
+                ledger.record(&output.body);
+            }
+            ledger
+        });
+    }
+
+    #[test]
+    fn a_commit_whose_writes_fail_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 10, Arc::new(TestClock(AtomicI64::new(0)))).unwrap();
+        store
+            .report
+            .insert("campaign/bad", b"not json".as_slice())
+            .unwrap();
+        let hash = hex::encode([5u8; 32]);
+        let (c1, c2, c3) = (key("c1"), key("c2"), key("c3"));
+        let bad = [tally("campaign/bad", 1)];
+        let batch = [
+            commit(&c1, "k1", &hash, 0),
+            Commit {
+                read_model: &bad,
+                ..commit(&c2, "k2", &hash, 0)
+            },
+            commit(&c3, "k3", &hash, 0),
+        ];
+        let results = store.commit_batch(&batch);
+        assert_eq!(results[0], Ok(CommitResult::Committed));
+        assert!(results[1].is_err());
+        assert_eq!(results[2], Ok(CommitResult::Committed));
+        assert_eq!(store.seen("k2").unwrap(), None);
+        assert_eq!(store.load(&c2).unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn the_committer_answers_each_commit_handed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(SledStore::open(dir.path(), 10, Arc::new(TestClock(AtomicI64::new(0)))).unwrap());
+        crate::committer::start(&store).unwrap();
+        let hash = hex::encode([6u8; 32]);
+        let owned = |id: &str, idem: &str| OwnedCommit {
+            aggregate: key(id),
+            state: b"{}".to_vec(),
+            version: 1,
+            idempotency_key: idem.into(),
+            content_hash: hash.clone(),
+            seen_at_ms: 0,
+            outbox: Vec::new(),
+            charges: Vec::new(),
+            journal: None,
+            snapshot: None,
+            drop_snapshots: Vec::new(),
+            truncate_journal: None,
+            read_model: Vec::new(),
+        };
+        let answers = futures::future::join_all((0..50).map(|i| {
+            let idem = if i == 25 {
+                "k0".to_string()
+            } else {
+                format!("k{i}")
+            };
+            store.commit_batched(owned(&format!("c{i}"), &idem))
+        }))
+        .await;
+        assert_eq!(
+            answers
+                .iter()
+                .filter(|a| **a == Ok(CommitResult::Committed))
+                .count(),
+            49
+        );
+        assert!(matches!(answers[25], Ok(CommitResult::AlreadySeen(_))));
+        assert_eq!(store.window_len(), 49);
     }
 }

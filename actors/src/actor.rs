@@ -1,15 +1,19 @@
 //! `AggregateActor<A>`: one actor per aggregate instance, run under an actix `Supervisor`.
 //!
 //! Per event: idempotency check → `A::decide` → one atomic commit (state + idempotency record +
-//! outbox) → reply. A panic while handling is caught, the actor stops and its supervisor restarts it
-//! with its state reloaded from the store; the caller gets `ApplyError::Crashed` and must not ack.
+//! outbox), which the store may write in one transaction with other actors' commits → reply. A
+//! panic while handling is caught, the actor stops and its supervisor restarts it with its state
+//! reloaded from the store; the caller gets `ApplyError::Crashed` and must not ack.
 
 use crate::aggregate::Aggregate;
 use crate::events::Envelope;
 use crate::events::{AggregateKey, Incoming};
 use crate::outcome::{Outcome, RejectReason, Rejection};
-use crate::ports::{ActorObserver, Clock, Commit, CommitResult, SeenEntry, StateStore, StoreError};
+use crate::ports::{
+    ActorObserver, Clock, CommitFuture, CommitResult, OwnedCommit, SeenEntry, StateStore, StoreError,
+};
 use crate::snapshot::{JournalEntry, Snapshot, SnapshotPlan, SnapshotPolicy};
+use actix::dev::{MessageResponse, OneshotSender};
 use actix::prelude::*;
 use serde::Serialize;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -74,6 +78,21 @@ pub struct AggregateActor<A: Aggregate> {
     /// `None` until loaded from the store; reset on restart.
     state: Option<Option<A>>,
     /// Versions of the retained snapshots, oldest first (kinds that keep snapshots).
+    retained: Vec<u64>,
+}
+
+/// What [`AggregateActor::decide`] found: an outcome, or a commit being written.
+enum Step<A> {
+    Done(Outcome),
+    Committing(CommitFuture, Decided<A>),
+}
+
+/// What the actor keeps of a decision while its commit is being written.
+struct Decided<A> {
+    state: A,
+    outputs: usize,
+    snapshot_written: bool,
+    /// Snapshot versions retained once the commit is written.
     retained: Vec<u64>,
 }
 
@@ -163,9 +182,12 @@ impl<A: Aggregate> AggregateActor<A> {
         Ok(state)
     }
 
-    fn apply(&mut self, incoming: &Incoming) -> Result<Outcome, ApplyError> {
+    /// Decides `incoming` on the current state: either an outcome at once (a duplicate, a
+    /// rejection), or its commit handed to the store and what to keep of the decision until the
+    /// store answers.
+    fn decide(&mut self, incoming: &Incoming) -> Result<Step<A>, ApplyError> {
         if let Some(seen) = self.env.store.seen(&incoming.idempotency_key)? {
-            return Ok(seen_outcome(incoming, &seen));
+            return Ok(Step::Done(seen_outcome(incoming, &seen)));
         }
         let Some(event) = A::select(&incoming.event) else {
             unreachable!(
@@ -177,7 +199,7 @@ impl<A: Aggregate> AggregateActor<A> {
         let current = self.loaded()?;
         let mut decision = match A::decide(current, event, &incoming.envelope) {
             Ok(decision) => decision,
-            Err(rejection) => return Ok(Outcome::Rejected(rejection)),
+            Err(rejection) => return Ok(Step::Done(Outcome::Rejected(rejection))),
         };
         let forced = A::snapshot_now(current, &decision.state);
         let read_model = A::read_model_changes(current, &decision.state);
@@ -204,39 +226,60 @@ impl<A: Aggregate> AggregateActor<A> {
         } else {
             (None, SnapshotPlan::default(), None)
         };
-        let commit = Commit {
-            aggregate: &self.key,
-            state: &state,
-            version,
-            idempotency_key: &incoming.idempotency_key,
-            content_hash: &incoming.content_hash,
-            seen_at_ms: self.env.clock.now_ms(),
-            outbox: &decision.outputs,
-            charges: &decision.charges,
-            journal: journal.as_deref().map(|entry| (version, entry)),
-            snapshot: snapshot.as_deref().map(|snapshot| (version, snapshot)),
-            drop_snapshots: &plan.drop_snapshots,
-            truncate_journal: plan.truncate_journal,
-            read_model: &read_model,
+        let decided = Decided {
+            outputs: decision.outputs.len(),
+            snapshot_written: snapshot.is_some(),
+            retained: plan.retained,
+            state: decision.state,
         };
-        match self.env.store.commit(commit)? {
-            CommitResult::Committed => {
+        let commit = OwnedCommit {
+            aggregate: self.key.clone(),
+            state,
+            version,
+            idempotency_key: incoming.idempotency_key.clone(),
+            content_hash: incoming.content_hash.clone(),
+            seen_at_ms: self.env.clock.now_ms(),
+            outbox: decision.outputs,
+            charges: decision.charges,
+            journal: journal.map(|entry| (version, entry)),
+            snapshot: snapshot.map(|snapshot| (version, snapshot)),
+            drop_snapshots: plan.drop_snapshots,
+            truncate_journal: plan.truncate_journal,
+            read_model,
+        };
+        Ok(Step::Committing(self.env.store.commit_batched(commit), decided))
+    }
+
+    /// Takes the store's answer to the commit of `decided`: the new state on success; a reload
+    /// when the stored state moved under the actor.
+    fn committed(
+        &mut self,
+        incoming: &Incoming,
+        decided: Decided<A>,
+        result: Result<CommitResult, StoreError>,
+    ) -> Result<Outcome, ApplyError> {
+        match result {
+            Ok(CommitResult::Committed) => {
                 if A::SNAPSHOTS {
-                    if snapshot.is_some() {
+                    if decided.snapshot_written {
                         self.env.observer.snapshot_written(A::KIND);
                     }
-                    self.retained = plan.retained;
+                    self.retained = decided.retained;
                 }
-                let outputs = decision.outputs.len();
-                self.state = Some(Some(decision.state));
-                Ok(Outcome::Applied { outputs })
+                self.state = Some(Some(decided.state));
+                Ok(Outcome::Applied {
+                    outputs: decided.outputs,
+                })
             }
-            CommitResult::AlreadySeen(seen) => Ok(seen_outcome(incoming, &seen)),
-            CommitResult::Stale => {
+            Ok(CommitResult::AlreadySeen(seen)) => Ok(seen_outcome(incoming, &seen)),
+            Ok(CommitResult::Stale) => {
                 self.state = None;
                 self.retained.clear();
                 Err(ApplyError::Stale(self.key.clone()))
             }
+            // The commit may or may not have been written: the next commit's version check
+            // finds out, and a retry of this event finds its key if it was.
+            Err(error) => Err(error.into()),
         }
     }
 
@@ -313,11 +356,44 @@ impl<A: Aggregate> Supervised for AggregateActor<A> {
     }
 }
 
+/// Decides at once, then waits for the commit without holding the arbiter: the store may write it
+/// in one transaction with other actors' commits (`StateStore::commit_batched`), and the arbiter
+/// runs those actors meanwhile. The wait is atomic: this actor handles no other message until its
+/// commit is answered, so it always decides on its committed state.
 impl<A: Aggregate> Handler<Apply> for AggregateActor<A> {
-    type Result = Result<Outcome, ApplyError>;
+    type Result = Reply<A>;
 
     fn handle(&mut self, msg: Apply, ctx: &mut Context<Self>) -> Self::Result {
-        self.guarded(ctx, |actor| actor.apply(&msg.0))
+        let incoming = msg.0;
+        match self.guarded(ctx, |actor| actor.decide(&incoming)) {
+            Ok(Step::Committing(written, decided)) => Reply::Later(AtomicResponse::new(Box::pin(
+                written.into_actor(self).map(move |result, actor, ctx| {
+                    actor.guarded(ctx, |actor| actor.committed(&incoming, decided, result))
+                }),
+            ))),
+            Ok(Step::Done(outcome)) => Reply::Now(Ok(outcome)),
+            Err(error) => Reply::Now(Err(error)),
+        }
+    }
+}
+
+/// The answer to an [`Apply`]: now (a duplicate, a rejection, a crash — answered even by an actor
+/// that is stopping), or once the commit is written.
+pub enum Reply<A: Aggregate> {
+    Now(Result<Outcome, ApplyError>),
+    Later(AtomicResponse<AggregateActor<A>, Result<Outcome, ApplyError>>),
+}
+
+impl<A: Aggregate> MessageResponse<AggregateActor<A>, Apply> for Reply<A> {
+    fn handle(
+        self,
+        ctx: &mut Context<AggregateActor<A>>,
+        tx: Option<OneshotSender<Result<Outcome, ApplyError>>>,
+    ) {
+        match self {
+            Reply::Now(result) => MessageResponse::<AggregateActor<A>, Apply>::handle(result, ctx, tx),
+            Reply::Later(response) => MessageResponse::<AggregateActor<A>, Apply>::handle(response, ctx, tx),
+        }
     }
 }
 

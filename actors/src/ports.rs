@@ -73,6 +73,54 @@ impl<'a> Commit<'a> {
     }
 }
 
+/// A [`Commit`] that owns its data, so that it can wait on another thread to be written together
+/// with other actors' commits ([`StateStore::commit_batched`]).
+#[derive(Debug, Clone)]
+pub struct OwnedCommit {
+    pub aggregate: AggregateKey,
+    pub state: Vec<u8>,
+    pub version: u64,
+    pub idempotency_key: String,
+    pub content_hash: String,
+    pub seen_at_ms: i64,
+    pub outbox: Vec<OutputEvent>,
+    pub charges: Vec<Charge>,
+    pub journal: Option<(u64, Vec<u8>)>,
+    pub snapshot: Option<(u64, Vec<u8>)>,
+    pub drop_snapshots: Vec<u64>,
+    pub truncate_journal: Option<(u64, u64)>,
+    pub read_model: Vec<Change>,
+}
+
+impl OwnedCommit {
+    pub fn borrow(&self) -> Commit<'_> {
+        Commit {
+            aggregate: &self.aggregate,
+            state: &self.state,
+            version: self.version,
+            idempotency_key: &self.idempotency_key,
+            content_hash: &self.content_hash,
+            seen_at_ms: self.seen_at_ms,
+            outbox: &self.outbox,
+            charges: &self.charges,
+            journal: self
+                .journal
+                .as_ref()
+                .map(|(version, entry)| (*version, entry.as_slice())),
+            snapshot: self
+                .snapshot
+                .as_ref()
+                .map(|(version, bytes)| (*version, bytes.as_slice())),
+            drop_snapshots: &self.drop_snapshots,
+            truncate_journal: self.truncate_journal,
+            read_model: &self.read_model,
+        }
+    }
+}
+
+/// The answer to a [`StateStore::commit_batched`], once the commit is written or refused.
+pub type CommitFuture = futures::future::BoxFuture<'static, Result<CommitResult, StoreError>>;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitResult {
     Committed,
@@ -92,6 +140,14 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Writes state, idempotency record and outbox atomically, unless the key is already recorded.
     fn commit(&self, commit: Commit<'_>) -> Result<CommitResult, StoreError>;
+
+    /// Commits as [`StateStore::commit`] does, but may write `commit` in one transaction with
+    /// other actors' commits and answers when it is written, so the caller's thread is free
+    /// meanwhile. Each commit keeps its own answer: one refused commit refuses no other. The
+    /// default commits at once, alone.
+    fn commit_batched(&self, commit: OwnedCommit) -> CommitFuture {
+        Box::pin(std::future::ready(self.commit(commit.borrow())))
+    }
 
     /// The stored snapshots of `key`, newest first, as (version, bytes).
     fn snapshots(&self, _key: &AggregateKey) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {

@@ -8,7 +8,7 @@ mod common;
 
 use actix::Arbiter;
 use aerostream_actors::ports::{
-    ActorObserver, Clock, Commit, CommitResult, SeenEntry, StateStore, StoreError,
+    ActorObserver, Clock, Commit, CommitFuture, CommitResult, OwnedCommit, SeenEntry, StateStore, StoreError,
 };
 use aerostream_actors::snapshot::SnapshotPolicy;
 use aerostream_actors::testkit::MemoryStore as MemStore;
@@ -555,4 +555,81 @@ async fn idle_actors_are_passivated_and_come_back_from_the_store() {
 fn apply_future_is_send(registry: &Registry, incoming: Incoming) {
     fn is_send<T: Send>(_: T) {}
     is_send(registry.apply(Arc::new(incoming)));
+}
+
+/// Hands commits over and holds them until the test answers them, as a batching store does.
+#[derive(Default)]
+struct DeferredStore {
+    inner: MemStore,
+    handed_over: Mutex<
+        Vec<(
+            OwnedCommit,
+            futures::channel::oneshot::Sender<Result<CommitResult, StoreError>>,
+        )>,
+    >,
+}
+
+impl DeferredStore {
+    fn waiting(&self) -> usize {
+        self.handed_over.lock().unwrap().len()
+    }
+
+    /// Writes every commit handed over so far and answers each.
+    fn answer(&self) {
+        for (commit, answer) in self.handed_over.lock().unwrap().drain(..) {
+            let _ = answer.send(self.inner.commit(commit.borrow()));
+        }
+    }
+}
+
+impl StateStore for DeferredStore {
+    fn load(&self, key: &AggregateKey) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.load(key)
+    }
+
+    fn seen(&self, idempotency_key: &str) -> Result<Option<SeenEntry>, StoreError> {
+        self.inner.seen(idempotency_key)
+    }
+
+    fn commit(&self, commit: Commit<'_>) -> Result<CommitResult, StoreError> {
+        self.inner.commit(commit)
+    }
+
+    fn commit_batched(&self, commit: OwnedCommit) -> CommitFuture {
+        let (answer, answered) = futures::channel::oneshot::channel();
+        self.handed_over.lock().unwrap().push((commit, answer));
+        Box::pin(async move { answered.await.expect("the test answers every commit") })
+    }
+}
+
+/// While an actor waits for its commit, its arbiter serves other actors (their commits can join
+/// the same batch), and the actor itself takes its next event only once its commit is answered,
+/// so it decides on its committed state.
+#[actix_rt::test]
+async fn an_actor_waiting_for_its_commit_leaves_its_arbiter_free_and_keeps_its_order() {
+    let store = Arc::new(DeferredStore::default());
+    let arbiter = Arbiter::new();
+    let registry = Registry::new(
+        aerostream_actors::testkit::env(store.clone()),
+        vec![arbiter.handle()],
+    );
+    let apply = |incoming: Incoming| registry.apply(Arc::new(incoming));
+    let answering = async {
+        // c-a's creation and c-b's, on the one arbiter, wait together; c-a's activation waits
+        // behind its creation.
+        eventually("two commits handed over", || store.waiting() == 2).await;
+        store.answer();
+        eventually("the activation's commit", || store.waiting() == 1).await;
+        store.answer();
+    };
+    let (created_a, activated_a, created_b, ()) = futures::join!(
+        apply(campaign_event("e-created-a", created("c-a", 100_000))),
+        apply(campaign_event("e-activated-a", activated("c-a"))),
+        apply(campaign_event("e-created-b", created("c-b", 100_000))),
+        answering,
+    );
+    assert_eq!((created_a, activated_a, created_b), (APPLIED, APPLIED, APPLIED));
+    assert_eq!(store.inner.campaign("c-a").unwrap().version, 2);
+    assert_eq!(store.inner.commits.load(SeqCst), 3);
+    arbiter.stop();
 }

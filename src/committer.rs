@@ -1,0 +1,94 @@
+//! The committer: one thread that writes the commits actors hand over, many per sled transaction.
+//!
+//! Why: a sled 0.34 transaction costs about the same whatever it writes (a process-wide lock, two
+//! log buffers sealed and synced), and one per event took two thirds of the daemon's CPU
+//! (docs/BENCHMARKS.md). Actors hand their commits over (`StateStore::commit_batched`) and wait
+//! without holding their arbiter; this thread takes every commit waiting, writes them with
+//! `SledStore::commit_batch` and answers each actor with its own result. Batches form by
+//! themselves, with no timer: the commits that arrive while one batch is written are the next
+//! batch, so a lone commit is written at once and a busy daemon writes large batches.
+//!
+//! Nothing is lost or applied twice when something fails: a batch that panics or fails answers
+//! each of its commits with an error (the event is retried; if its commit was written, the retry
+//! finds its idempotency key, and the actor's next commit finds the moved version).
+
+use crate::store::SledStore;
+use aerostream_actors::ports::{CommitFuture, CommitResult, OwnedCommit, StoreError};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc;
+use std::sync::{Arc, Weak};
+use tokio::sync::oneshot;
+
+/// Commits written in one transaction at most: bounds the time the other writers of the store
+/// (imports, the report actor, eviction) wait for sled's lock.
+const MAX_BATCH: usize = 512;
+
+type Answer = oneshot::Sender<Result<CommitResult, StoreError>>;
+
+/// The handle the store keeps: where commits are handed over.
+pub struct Committer {
+    jobs: mpsc::Sender<(OwnedCommit, Answer)>,
+}
+
+impl Committer {
+    /// Queues `commit` for the next batch; the future resolves with its result once written.
+    pub fn submit(&self, commit: OwnedCommit) -> CommitFuture {
+        let (answer, answered) = oneshot::channel();
+        let queued = self.jobs.send((commit, answer));
+        Box::pin(async move {
+            queued.map_err(|_| StoreError("the committer has stopped".into()))?;
+            answered
+                .await
+                .map_err(|_| StoreError("the committer dropped a commit unanswered".into()))?
+        })
+    }
+}
+
+/// Starts the committer thread of `store`: from now on its `commit_batched` goes through it. The
+/// thread ends once the store is dropped. Calling it again does nothing.
+pub fn start(store: &Arc<SledStore>) -> std::io::Result<()> {
+    let (jobs, queue) = mpsc::channel();
+    if store.committer.set(Committer { jobs }).is_err() {
+        return Ok(());
+    }
+    let store = Arc::downgrade(store);
+    std::thread::Builder::new()
+        .name("committer".into())
+        .spawn(move || run(store, queue))?;
+    Ok(())
+}
+
+fn run(store: Weak<SledStore>, queue: mpsc::Receiver<(OwnedCommit, Answer)>) {
+    // The store holds the sending side, so `recv` fails once the store is gone.
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        let commits: Vec<_> = batch.iter().map(|(commit, _)| commit.borrow()).collect();
+        let results = catch_unwind(AssertUnwindSafe(|| store.commit_batch(&commits)));
+        drop(commits);
+        match results {
+            Ok(results) => {
+                for ((_, answer), result) in batch.into_iter().zip(results) {
+                    let _ = answer.send(result);
+                }
+            }
+            Err(_) => {
+                tracing::error!(
+                    commits = batch.len(),
+                    "A commit batch panicked; its events will be retried."
+                );
+                for (_, answer) in batch {
+                    let _ = answer.send(Err(StoreError("the commit batch panicked".into())));
+                }
+            }
+        }
+    }
+}
