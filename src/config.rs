@@ -73,6 +73,8 @@ pub struct DaemonConfig {
     pub instance_id: String,
     /// Directory of the sled database.
     pub data_dir: PathBuf,
+    /// sled's page cache, in MiB.
+    pub cache_mib: u64,
     /// Grace period on SIGTERM/SIGINT.
     pub shutdown_timeout_seconds: u64,
     pub log_format: LogFormat,
@@ -320,6 +322,7 @@ impl Config {
             u64::from(self.gateway.max_attempts),
         );
         positive("gateway.concurrency".into(), self.gateway.concurrency as u64);
+        positive("daemon.cache_mib".into(), self.daemon.cache_mib);
         positive("snapshot.every_events".into(), self.snapshot.every_events);
         positive("snapshot.keep".into(), self.snapshot.keep as u64);
         positive(

@@ -28,9 +28,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let clock = Arc::new(SystemClock);
     let instance = config.instance_id();
-    let mut store = SledStore::open(
+    let mut store = SledStore::open_with_cache(
         &config.daemon.data_dir,
         config.idempotency.window_seconds,
+        config.daemon.cache_mib.saturating_mul(1 << 20),
         clock.clone(),
     )
     .context("opening the state store")?;

@@ -157,13 +157,25 @@ fn time_index_key(first_seen_ms: i64, key: &str) -> Vec<u8> {
 }
 
 impl SledStore {
+    /// Opens the store with sled's default page cache (1 GiB).
     pub fn open(
         dir: &Path,
         window_seconds: u64,
         clock: std::sync::Arc<dyn aerostream_actors::ports::Clock>,
     ) -> Result<SledStore, StoreError> {
+        Self::open_with_cache(dir, window_seconds, 1 << 30, clock)
+    }
+
+    /// Opens the store with a page cache of `cache_bytes`.
+    pub fn open_with_cache(
+        dir: &Path,
+        window_seconds: u64,
+        cache_bytes: u64,
+        clock: std::sync::Arc<dyn aerostream_actors::ports::Clock>,
+    ) -> Result<SledStore, StoreError> {
         let db = sled::Config::new()
             .path(dir)
+            .cache_capacity(cache_bytes)
             .open()
             .map_err(|e| StoreError(format!("cannot open sled database at {}: {e}", dir.display())))?;
         let tree = |name: &str| db.open_tree(name).map_err(store_error);
