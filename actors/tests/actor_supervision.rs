@@ -557,16 +557,14 @@ fn apply_future_is_send(registry: &Registry, incoming: Incoming) {
     is_send(registry.apply(Arc::new(incoming)));
 }
 
+/// Where a handed-over commit's answer goes.
+type Answer = futures::channel::oneshot::Sender<Result<CommitResult, StoreError>>;
+
 /// Hands commits over and holds them until the test answers them, as a batching store does.
 #[derive(Default)]
 struct DeferredStore {
     inner: MemStore,
-    handed_over: Mutex<
-        Vec<(
-            OwnedCommit,
-            futures::channel::oneshot::Sender<Result<CommitResult, StoreError>>,
-        )>,
-    >,
+    handed_over: Mutex<Vec<(OwnedCommit, Answer)>>,
 }
 
 impl DeferredStore {
