@@ -27,6 +27,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// The follower acks cumulatively, once per this many records of a partition.
+const ACK_EVERY: u32 = 64;
+
 /// One commit as another daemon needs it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChangeRecord {
@@ -283,6 +286,7 @@ async fn follow(
     } = requests;
     // Barriers waiting for their marker to come back.
     let mut waiting: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
+    let mut unacked: HashMap<Option<i32>, u32> = HashMap::new();
     // Aggregates withdrawn at start are settled once the changelog is read to its end: at the
     // return of a marker written now, and before any barrier resolves.
     let mut settle_at = None;
@@ -359,7 +363,15 @@ async fn follow(
                         // No flush here: an import becomes durable with the next commit's flush,
                         // and after a crash the follower reads the changelog from its start again.
                     }
-                    let _ = consumer.ack(&message).await;
+                    // The subscription is this run's alone and read from the start at each
+                    // (re)subscription, so acks only keep the broker's unacked count down: one
+                    // cumulative ack per partition every ACK_EVERY records.
+                    let unacked = unacked.entry(partition).or_insert(0);
+                    *unacked += 1;
+                    if *unacked >= ACK_EVERY {
+                        *unacked = 0;
+                        let _ = consumer.cumulative_ack(&message).await;
+                    }
                     if settle_at.is_some_and(|number| markers.reached(number)) {
                         match store.settle_unconfirmed() {
                             Ok(removed) => {
