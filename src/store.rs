@@ -749,14 +749,7 @@ impl SledStore {
     /// any later one imports as new.
     pub fn import(&self, record: &ChangeRecord) -> Result<bool, StoreError> {
         let key = state_key(&record.aggregate);
-        let prefix = versioned_prefix(&record.aggregate);
-        let stale = |tree: &sled::Tree| -> Result<Vec<sled::IVec>, StoreError> {
-            tree.scan_prefix(&prefix)
-                .keys()
-                .map(|k| k.map_err(store_error))
-                .collect()
-        };
-        let (old_journal, old_snapshots) = (stale(&self.journal)?, stale(&self.snapshots)?);
+        let (old_journal, old_snapshots) = self.journal_and_snapshot_keys(&record.aggregate)?;
         let seen_value = encode_seen(record.seen_at_ms, &record.content_hash);
         let index_key = time_index_key(record.seen_at_ms, &record.idempotency_key);
         let kind = record.aggregate.kind;
@@ -972,9 +965,11 @@ impl SledStore {
         Ok(removed)
     }
 
-    /// Removes an aggregate's state, version, journal and snapshots, and its read-model counts.
-    fn remove_aggregate(&self, aggregate: &AggregateKey) -> Result<(), StoreError> {
-        let key = state_key(aggregate);
+    /// The keys of an aggregate's journal entries and of its snapshots.
+    fn journal_and_snapshot_keys(
+        &self,
+        aggregate: &AggregateKey,
+    ) -> Result<(Vec<sled::IVec>, Vec<sled::IVec>), StoreError> {
         let prefix = versioned_prefix(aggregate);
         let keys = |tree: &sled::Tree| -> Result<Vec<sled::IVec>, StoreError> {
             tree.scan_prefix(&prefix)
@@ -982,7 +977,13 @@ impl SledStore {
                 .map(|k| k.map_err(store_error))
                 .collect()
         };
-        let (journal_keys, snapshot_keys) = (keys(&self.journal)?, keys(&self.snapshots)?);
+        Ok((keys(&self.journal)?, keys(&self.snapshots)?))
+    }
+
+    /// Removes an aggregate's state, version, journal and snapshots, and its read-model counts.
+    fn remove_aggregate(&self, aggregate: &AggregateKey) -> Result<(), StoreError> {
+        let key = state_key(aggregate);
+        let (journal_keys, snapshot_keys) = self.journal_and_snapshot_keys(aggregate)?;
         let trees = (
             &self.report,
             &self.state,
