@@ -98,8 +98,6 @@ fn store_error(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
 }
 
-/// A stored value that no longer parses: surfaced as a storage error, so the event is retried
-/// rather than applied on top of garbage.
 /// The error of a transaction that never aborts on purpose.
 fn unaborted_error(e: TransactionError<()>) -> StoreError {
     match e {
@@ -108,6 +106,8 @@ fn unaborted_error(e: TransactionError<()>) -> StoreError {
     }
 }
 
+/// A stored value that no longer parses: surfaced as a storage error, so the event is retried
+/// rather than applied on top of garbage.
 fn corrupt(what: &str, e: serde_json::Error) -> sled::Error {
     sled::Error::Unsupported(format!("corrupt {what}: {e}"))
 }
@@ -574,10 +574,7 @@ impl SledStore {
                 Ok(results)
             },
         );
-        let results = result.map_err(|error| match error {
-            TransactionError::Abort(()) => StoreError("commit aborted".into()),
-            TransactionError::Storage(e) => store_error(e),
-        })?;
+        let results = result.map_err(unaborted_error)?;
         self.wrote();
         let mut added = false;
         for (staged, (result, replaced_expired_key)) in staged.iter().zip(&results) {
@@ -870,13 +867,14 @@ impl SledStore {
     /// been read to its end. Output events stay in the outbox: they carry the ids their
     /// re-decided copies will have.
     pub fn withdraw_unpublished(&self) -> Result<usize, StoreError> {
-        let mut withdrawn: Vec<(sled::IVec, ChangeRecord)> = Vec::new();
-        for entry in self.outbox.iter() {
-            let (seq, value) = entry.map_err(store_error)?;
-            if let OutboxEntry::Change(record) = serde_json::from_slice(&value).map_err(store_error)? {
-                withdrawn.push((seq, *record));
-            }
-        }
+        let withdrawn: Vec<(sled::IVec, ChangeRecord)> = self
+            .outbox_batch(usize::MAX)?
+            .into_iter()
+            .filter_map(|(seq, entry)| match entry {
+                OutboxEntry::Change(record) => Some((seq, *record)),
+                OutboxEntry::Output(_) => None,
+            })
+            .collect();
         if withdrawn.is_empty() {
             return Ok(0);
         }
@@ -1109,6 +1107,11 @@ mod tests {
         }
     }
 
+    /// What affiliate af-1 earned in all, in minor units.
+    fn earned_by_af1(store: &SledStore) -> i64 {
+        store.ledger("af-1").unwrap().unwrap().earned.values().sum()
+    }
+
     /// Publishes the outbox as the outbox task would; returns the changelog records in it.
     fn publish(store: &SledStore) -> Vec<ChangeRecord> {
         let mut records = Vec::new();
@@ -1146,16 +1149,7 @@ mod tests {
         assert_eq!(store.commit(second).unwrap(), CommitResult::Committed);
         let created = Commit::of(&y, br#"{"n":1}"#, 1, "k3", &hash, 0);
         assert_eq!(store.commit(created).unwrap(), CommitResult::Committed);
-        assert_eq!(
-            store
-                .ledger("af-1")
-                .unwrap()
-                .unwrap()
-                .earned
-                .values()
-                .sum::<i64>(),
-            12
-        );
+        assert_eq!(earned_by_af1(&store), 12);
 
         assert_eq!(store.withdraw_unpublished().unwrap(), 2);
         assert!(store.any_unconfirmed());
@@ -1165,31 +1159,13 @@ mod tests {
             (None, None)
         );
         assert!(store.seen("k1").unwrap().is_some());
-        assert_eq!(
-            store
-                .ledger("af-1")
-                .unwrap()
-                .unwrap()
-                .earned
-                .values()
-                .sum::<i64>(),
-            5
-        );
+        assert_eq!(earned_by_af1(&store), 5);
 
         // The changelog: this daemon's first record of x (restores it), then another daemon's
         // second version of x, decided on another event.
         assert!(store.import(&published[0]).unwrap());
         assert_eq!(store.load(&x).unwrap().unwrap(), br#"{"n":1}"#);
-        assert_eq!(
-            store
-                .ledger("af-1")
-                .unwrap()
-                .unwrap()
-                .earned
-                .values()
-                .sum::<i64>(),
-            5
-        );
+        assert_eq!(earned_by_af1(&store), 5);
         let theirs = ChangeRecord {
             instance: "b".into(),
             state: r#"{"n":20}"#.into(),
@@ -1204,16 +1180,7 @@ mod tests {
             "a version already held is not imported again"
         );
         assert_eq!(store.load(&x).unwrap().unwrap(), br#"{"n":20}"#);
-        assert_eq!(
-            store
-                .ledger("af-1")
-                .unwrap()
-                .unwrap()
-                .earned
-                .values()
-                .sum::<i64>(),
-            105
-        );
+        assert_eq!(earned_by_af1(&store), 105);
         assert!(store.seen("k4").unwrap().is_some());
 
         // y never reached the changelog: it goes once the changelog has been read to its end.
