@@ -522,12 +522,10 @@ impl Phase {
     /// The fully qualified topic and subscription type of input `name`.
     fn input(&self, name: &str) -> (String, SubType) {
         let input = &self.config.inputs[name];
-        let kind = match input.subscription_type {
-            aerostream::config::SubscriptionKind::Failover => SubType::Failover,
-            aerostream::config::SubscriptionKind::Shared => SubType::Shared,
-            aerostream::config::SubscriptionKind::KeyShared => SubType::KeyShared,
-        };
-        (self.config.broker.topic(&input.topic), kind)
+        (
+            self.config.broker.topic(&input.topic),
+            input.subscription_type.sub_type(),
+        )
     }
 
     /// Creates the daemon's subscriptions, so that a backlog published now waits for it.

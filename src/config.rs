@@ -206,6 +206,17 @@ pub enum SubscriptionKind {
     KeyShared,
 }
 
+impl SubscriptionKind {
+    /// The `pulsar` client's name for it.
+    pub fn sub_type(self) -> pulsar::SubType {
+        match self {
+            SubscriptionKind::Failover => pulsar::SubType::Failover,
+            SubscriptionKind::Shared => pulsar::SubType::Shared,
+            SubscriptionKind::KeyShared => pulsar::SubType::KeyShared,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InputConfig {

@@ -8,7 +8,7 @@
 
 use crate::broker::{self, BrokerError, Client, DeadLetter, Producer};
 use crate::codec::Codec;
-use crate::config::{BrokerConfig, InputConfig, SubscriptionKind};
+use crate::config::{BrokerConfig, InputConfig};
 use crate::dispatch::{InOrder, KeyedQueue};
 use crate::partitions::Partitions;
 use crate::store::SledStore;
@@ -18,7 +18,7 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use metrics::{counter, histogram};
 use pulsar::consumer::{DeadLetterPolicy, Message};
-use pulsar::{ConsumerOptions, SubType};
+use pulsar::ConsumerOptions;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
@@ -152,11 +152,7 @@ async fn subscribe(
     input: &InputConfig,
     name: &str,
 ) -> Result<Partitions, pulsar::Error> {
-    let sub_type = match input.subscription_type {
-        SubscriptionKind::Failover => SubType::Failover,
-        SubscriptionKind::Shared => SubType::Shared,
-        SubscriptionKind::KeyShared => SubType::KeyShared,
-    };
+    let sub_type = input.subscription_type.sub_type();
     Partitions::subscribe(client, &broker.topic(&input.topic), |builder, consumer_id| {
         builder
             .with_subscription(input.subscription.clone())
