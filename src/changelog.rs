@@ -13,18 +13,18 @@
 
 use crate::broker::{self, Client};
 use crate::config::{BrokerConfig, ChangelogConfig};
+use crate::partitions::Partitions;
 use crate::store::SledStore;
-use crate::telemetry::{CHANGELOG_BARRIERS, CHANGELOG_IMPORTED};
+use crate::telemetry::{CHANGELOG_BARRIERS, CHANGELOG_IMPORTED, CHANGELOG_RESUBSCRIPTIONS};
 use aerostream_actors::gateway::Charge;
 use aerostream_actors::{AggregateKey, OutputEvent, Registry};
-use futures::StreamExt;
 use pulsar::consumer::InitialPosition;
-use pulsar::{Consumer, ConsumerOptions, SubType, TokioExecutor};
+use pulsar::{ConsumerOptions, SubType};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// The follower acks cumulatively, once per this many records of a partition.
@@ -61,13 +61,48 @@ pub struct Follower {
     seen: Arc<Seen>,
 }
 
-/// What the follower has seen, shared with the [`Follower`] handles.
+/// What the follower has seen, shared with the [`Follower`] handles and /health.
 #[derive(Default)]
 pub struct Seen {
     /// A record of another daemon was read: several daemons share the work.
     others: AtomicBool,
     /// A barrier has completed: the changelog as it was at start is imported.
     caught_up: AtomicBool,
+    /// When the oldest marker not yet read back was written (ms since the epoch), 0 for none.
+    marker_pending_since_ms: AtomicU64,
+    /// How often the follower subscribed again because its markers stopped coming back.
+    resubscriptions: AtomicU64,
+}
+
+impl Seen {
+    /// How long the oldest marker not yet read back has been waiting.
+    pub fn marker_wait(&self) -> Option<Duration> {
+        match self.marker_pending_since_ms.load(Ordering::Acquire) {
+            0 => None,
+            since => Some(Duration::from_millis(now_ms().saturating_sub(since))),
+        }
+    }
+
+    /// Times the follower re-subscribed because no record came while a marker was pending.
+    pub fn resubscriptions(&self) -> u64 {
+        self.resubscriptions.load(Ordering::Relaxed)
+    }
+
+    fn marker_pending(&self, pending: bool) {
+        let since = if pending { now_ms().max(1) } else { 0 };
+        let _ = self
+            .marker_pending_since_ms
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |at| match (pending, at) {
+                (true, 0) | (false, _) => Some(since),
+                (true, _) => None,
+            });
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The follower's end of the barrier requests, for [`run`].
@@ -77,6 +112,11 @@ pub struct Requests {
 }
 
 impl Follower {
+    /// What the follower has seen, for /health.
+    pub fn status(&self) -> Arc<Seen> {
+        self.seen.clone()
+    }
+
     /// Resolves once the changelog has been read, and imported, up to the end it has now.
     /// Never resolves while the broker is unreachable (the caller holds its message unacked).
     ///
@@ -139,25 +179,24 @@ pub async fn run(
     let Ok(mut markers) = markers else { return };
     loop {
         // A fresh subscription from the earliest record: importing a record twice changes
-        // nothing, and every marker written from now on is read.
+        // nothing, and every marker written from now on is read. One consumer per partition,
+        // each with a fresh id (see `crate::partitions`).
         let subscription = format!(
             "aerostream-changelog-{}-{}",
             instance.replace(|c: char| !c.is_ascii_alphanumeric(), "-"),
             broker::unique_consumer_id()
         );
         let subscribed = broker::with_backoff("changelog follower", &mut shutdown, || {
-            client
-                .consumer()
-                .with_topic(topic.clone())
-                .with_subscription(subscription.clone())
-                .with_subscription_type(SubType::Exclusive)
-                .with_consumer_id(broker::unique_consumer_id())
-                .with_options(
-                    ConsumerOptions::default()
-                        .with_initial_position(InitialPosition::Earliest)
-                        .durable(false),
-                )
-                .build::<Vec<u8>>()
+            Partitions::subscribe(&client, &topic, |builder, _| {
+                builder
+                    .with_subscription(subscription.clone())
+                    .with_subscription_type(SubType::Exclusive)
+                    .with_options(
+                        ConsumerOptions::default()
+                            .with_initial_position(InitialPosition::Earliest)
+                            .durable(false),
+                    )
+            })
         })
         .await;
         let Ok(mut consumer) = subscribed else { return };
@@ -169,10 +208,14 @@ pub async fn run(
             &registry,
             &mut markers,
             &mut requests,
+            Duration::from_millis(config.stall_timeout_ms),
             &mut shutdown,
         )
         .await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), consumer.unsubscribe()).await;
+        // A non-durable subscription ends with its consumers.
+        let _ = consumer
+            .close(Duration::from_millis(100), Duration::from_secs(2))
+            .await;
         if stopped {
             return;
         }
@@ -197,8 +240,8 @@ struct Markers {
     /// A key the producer routes to each partition.
     keys: Vec<String>,
     written: u64,
-    /// Per partition, the highest number of this daemon's markers read back.
-    read: HashMap<Option<i32>, u64>,
+    /// Per partition (its topic), the highest number of this run's markers read back.
+    read: HashMap<String, u64>,
 }
 
 impl Markers {
@@ -250,12 +293,12 @@ impl Markers {
         Ok(self.written)
     }
 
-    /// Notes a marker read on `partition`, if it is one of this daemon's.
-    fn read(&mut self, partition: Option<i32>, payload: &[u8]) -> bool {
+    /// Notes a marker read on `partition` (its topic), if it is one of this run's.
+    fn read(&mut self, partition: &str, payload: &[u8]) -> bool {
         match serde_json::from_slice::<Marker>(payload) {
             Ok(marker) => {
                 if marker.marker == self.writer {
-                    let at = self.read.entry(partition).or_insert(0);
+                    let at = self.read.entry(partition.to_owned()).or_default();
                     *at = (*at).max(marker.number);
                 }
                 true
@@ -268,16 +311,26 @@ impl Markers {
     fn reached(&self, number: u64) -> bool {
         self.read.values().filter(|read| **read >= number).count() >= self.keys.len()
     }
+
+    /// For a warning: the newest marker written and, per partition, the newest read back.
+    fn progress(&self) -> String {
+        format!("written {}, read back {:?}", self.written, self.read)
+    }
 }
 
-/// Returns true on shutdown, false when the consumer must be re-created.
+/// Returns true on shutdown, false when the consumer must be re-created: after a receive or
+/// marker error, or when no record at all arrived for `stall_timeout` while a marker was pending
+/// (the marker is on the broker, so a live subscription must bring it back; one that does not is
+/// replaced rather than waited on for ever).
+#[allow(clippy::too_many_arguments)]
 async fn follow(
-    consumer: &mut Consumer<Vec<u8>, TokioExecutor>,
+    consumer: &mut Partitions,
     instance: &str,
     store: &SledStore,
     registry: &Registry,
     markers: &mut Markers,
     requests: &mut Requests,
+    stall_timeout: Duration,
     shutdown: &mut watch::Receiver<bool>,
 ) -> bool {
     let Requests {
@@ -286,22 +339,42 @@ async fn follow(
     } = requests;
     // Barriers waiting for their marker to come back.
     let mut waiting: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
-    let mut unacked: HashMap<Option<i32>, u32> = HashMap::new();
+    let mut unacked: HashMap<String, u32> = HashMap::new();
     // Aggregates withdrawn at start are settled once the changelog is read to its end: at the
     // return of a marker written now, and before any barrier resolves.
     let mut settle_at = None;
     if store.any_unconfirmed() {
         match tokio::time::timeout(Duration::from_secs(10), markers.write()).await {
-            Ok(Ok(number)) => settle_at = Some(number),
+            Ok(Ok(number)) => {
+                settle_at = Some(number);
+                seen.marker_pending(true);
+            }
             _ => {
                 tracing::warn!("Cannot write a changelog marker; subscribing again.");
                 return false;
             }
         }
     }
+    let mut last_read = Instant::now();
     loop {
+        let pending = settle_at.is_some() || !waiting.is_empty();
+        let stalled_at = tokio::time::Instant::from_std(last_read + stall_timeout);
         tokio::select! {
             _ = shutdown.changed() => return true,
+            _ = tokio::time::sleep_until(stalled_at), if pending => {
+                seen.resubscriptions.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(CHANGELOG_RESUBSCRIPTIONS).increment(1);
+                tracing::warn!(
+                    stalled_ms = stall_timeout.as_millis() as u64,
+                    markers = %markers.progress(),
+                    settling = settle_at.is_some(),
+                    barriers = waiting.len(),
+                    "No changelog record arrived while a marker was pending; subscribing again."
+                );
+                // Dropped barriers are asked again by their callers; the settle marker is
+                // written again by the next subscription.
+                return false;
+            }
             Some(first) = barriers.recv() => {
                 // Every request waiting now shares one marker: it is written after each.
                 let mut asked = vec![first];
@@ -310,7 +383,14 @@ async fn follow(
                 }
                 metrics::counter!(CHANGELOG_BARRIERS).increment(1);
                 match tokio::time::timeout(Duration::from_secs(10), markers.write()).await {
-                    Ok(Ok(number)) => waiting.extend(asked.into_iter().map(|done| (number, done))),
+                    Ok(Ok(number)) => {
+                        if waiting.is_empty() && settle_at.is_none() {
+                            // Nothing was pending: the stall clock starts with this marker.
+                            last_read = Instant::now();
+                        }
+                        waiting.extend(asked.into_iter().map(|done| (number, done)));
+                        seen.marker_pending(true);
+                    }
                     // Dropping the requests makes their callers ask again.
                     Ok(Err(error)) => {
                         tracing::warn!(error = %error, "Cannot write a changelog marker; subscribing again.");
@@ -324,7 +404,8 @@ async fn follow(
             }
             received = consumer.next() => match received {
                 Some(Ok(message)) => {
-                    let partition = message.message_id().partition;
+                    last_read = Instant::now();
+                    let partition = message.topic.clone();
                     let own = message
                         .payload
                         .metadata
@@ -337,7 +418,7 @@ async fn follow(
                     let record = if own {
                         store.any_unconfirmed()
                     } else {
-                        !markers.read(partition, &message.payload.data)
+                        !markers.read(&partition, &message.payload.data)
                     };
                     if record {
                         match serde_json::from_slice::<ChangeRecord>(&message.payload.data) {
@@ -392,6 +473,9 @@ async fn follow(
                     waiting = pending;
                     for (_, barrier) in done {
                         let _ = barrier.send(());
+                    }
+                    if settle_at.is_none() && waiting.is_empty() {
+                        seen.marker_pending(false);
                     }
                 }
                 Some(Err(error)) => {

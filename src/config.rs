@@ -51,6 +51,9 @@ pub struct ChangelogConfig {
     /// An aggregate this daemon has not handled for this long is caught up from the changelog
     /// before its next event.
     pub takeover_gap_ms: u64,
+    /// While a marker is pending, a follower that reads no record at all for this long
+    /// subscribes again.
+    pub stall_timeout_ms: u64,
 }
 
 /// `POST /event-collector/events`: which input's topic each kind of event is published to, and
@@ -77,6 +80,8 @@ pub struct DaemonConfig {
     pub cache_mib: u64,
     /// Grace period on SIGTERM/SIGINT.
     pub shutdown_timeout_seconds: u64,
+    /// An input that holds messages and finishes none for this long makes /health answer 503.
+    pub stall_timeout_seconds: u64,
     pub log_format: LogFormat,
     /// tracing filter directive.
     pub log_level: String,

@@ -15,7 +15,6 @@ use anyhow::Context as _;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::TcpListener;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -88,7 +87,7 @@ pub async fn run(
         config
             .inputs
             .keys()
-            .map(|name| (name.clone(), AtomicBool::new(false)))
+            .map(|name| (name.clone(), ingest::InputStatus::default()))
             .collect::<BTreeMap<_, _>>(),
     );
 
@@ -108,9 +107,14 @@ pub async fn run(
             prometheus,
             broker: broker_health.clone(),
             inputs: inputs_up.clone(),
+            stall_timeout: Duration::from_secs(config.daemon.stall_timeout_seconds),
             admin_token: config.http.admin_token.clone(),
             chaos_enabled: config.chaos.enabled,
             collector: collector.clone(),
+            changelog: barriers.as_ref().map(|(follower, _)| http::ChangelogHealth {
+                seen: follower.status(),
+                stall_timeout: Duration::from_millis(config.changelog.stall_timeout_ms),
+            }),
         },
     )?;
     let server_handle = server.handle();
@@ -218,8 +222,9 @@ pub async fn run(
     tracing::info!("Shutting down: finishing in-flight events.");
     let _ = stop_tx.send(true);
     if let Some((mut consumers, tasks)) = started {
+        // Three quarters of the grace period for the consumers, the rest for closing down.
         let drained = tokio::time::timeout(
-            config.shutdown_timeout(),
+            config.shutdown_timeout().mul_f64(0.75),
             futures::future::join_all(consumers.iter_mut()),
         )
         .await;

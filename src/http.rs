@@ -28,11 +28,11 @@ use serde::Deserialize;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Running state of each input's consumer, for /health.
-pub type InputsUp = Arc<BTreeMap<String, AtomicBool>>;
+pub type InputsUp = Arc<BTreeMap<String, crate::ingest::InputStatus>>;
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -41,11 +41,23 @@ pub struct HttpState {
     pub prometheus: PrometheusHandle,
     pub broker: BrokerHealth,
     pub inputs: InputsUp,
+    /// An input holding messages and finishing none for this long is reported.
+    pub stall_timeout: std::time::Duration,
     /// Bearer token of the admin routes; empty refuses them.
     pub admin_token: Secret,
     /// Whether POST /admin/chaos/kill-actor is allowed.
     pub chaos_enabled: bool,
     pub collector: Arc<Collector>,
+    /// The changelog follower's progress (`None`: no changelog).
+    pub changelog: Option<ChangelogHealth>,
+}
+
+/// What /health reads of the changelog follower.
+#[derive(Clone)]
+pub struct ChangelogHealth {
+    pub seen: Arc<crate::changelog::Seen>,
+    /// A marker not read back for longer than this is reported as a fault.
+    pub stall_timeout: std::time::Duration,
 }
 
 fn error(status: StatusCode, error: &str, detail: impl Into<String>) -> HttpResponse {
@@ -55,15 +67,56 @@ fn error(status: StatusCode, error: &str, detail: impl Into<String>) -> HttpResp
 async fn health(state: web::Data<HttpState>) -> HttpResponse {
     let broker = state.broker.is_up();
     let store = state.store.healthy();
-    let inputs: BTreeMap<&str, bool> = state
+    let mut reasons: Vec<String> = Vec::new();
+    let inputs: BTreeMap<&str, serde_json::Value> = state
         .inputs
         .iter()
-        .map(|(name, up)| (name.as_str(), up.load(Ordering::Relaxed)))
+        .map(|(name, input)| {
+            let subscribed = input.subscribed.load(Ordering::Relaxed);
+            let held = input.held.load(Ordering::Relaxed);
+            let stalled = input
+                .stalled_for()
+                .filter(|stalled| *stalled > state.stall_timeout);
+            if !subscribed {
+                reasons.push(format!("input {name}: not subscribed"));
+            }
+            if let Some(stalled) = stalled {
+                reasons.push(format!(
+                    "input {name}: holds {held} messages and finished none for {} s",
+                    stalled.as_secs()
+                ));
+            }
+            let value = json!({ "subscribed": subscribed, "held": held, "stalled": stalled.is_some() });
+            (name.as_str(), value)
+        })
         .collect();
-    let ok = broker && store && inputs.values().all(|up| *up);
+    let changelog = state.changelog.as_ref().map(|changelog| {
+        let settling = state.store.any_unconfirmed();
+        let marker_wait = changelog.seen.marker_wait();
+        if settling {
+            reasons.push(
+                "changelog: settling the commits a crash left unpublished; consumption waits until the changelog is read to its end"
+                    .into(),
+            );
+        }
+        if let Some(wait) = marker_wait.filter(|wait| *wait > changelog.stall_timeout) {
+            reasons.push(format!(
+                "changelog: a marker written {} s ago has not been read back ({} re-subscriptions so far)",
+                wait.as_secs(),
+                changelog.seen.resubscriptions()
+            ));
+        }
+        json!({
+            "settled": !settling,
+            "marker_wait_seconds": marker_wait.map(|wait| wait.as_secs_f64()),
+            "resubscriptions": changelog.seen.resubscriptions(),
+        })
+    });
+    let ok = reasons.is_empty();
     let body = json!({
         "status": if ok { "ok" } else { "unavailable" },
-        "components": { "broker": broker, "store": store, "inputs": inputs },
+        "reasons": reasons,
+        "components": { "broker": broker, "store": store, "inputs": inputs, "changelog": changelog },
         "idempotency_window_keys": state.store.window_len(),
         "outbox_backlog": state.store.outbox_len(),
     });

@@ -22,7 +22,7 @@ use pulsar::ConsumerOptions;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Mutex};
@@ -36,6 +36,45 @@ pub struct Pipeline {
     pub follower: Option<crate::changelog::Follower>,
     /// An aggregate not handled for this long is caught up from the changelog first.
     pub takeover_gap: Duration,
+}
+
+/// What /health reads of one input: whether it is subscribed, and whether the messages it holds
+/// are moving.
+#[derive(Debug, Default)]
+pub struct InputStatus {
+    pub subscribed: AtomicBool,
+    /// Messages received and not yet acked, nacked or dead-lettered.
+    pub held: AtomicUsize,
+    /// When a held message last finished, or the input last held none (ms since the epoch).
+    progressed_ms: AtomicU64,
+}
+
+impl InputStatus {
+    /// How long the input has held messages without finishing any (`None` while it progresses).
+    pub fn stalled_for(&self) -> Option<Duration> {
+        if self.held.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let since = self.progressed_ms.load(Ordering::Relaxed);
+        Some(Duration::from_millis(epoch_ms().saturating_sub(since)))
+    }
+
+    fn progressed(&self) {
+        self.progressed_ms.store(epoch_ms(), Ordering::Relaxed);
+    }
+
+    fn holding(&self, held: usize) {
+        if held == 0 || self.held.load(Ordering::Relaxed) == 0 {
+            self.progressed();
+        }
+        self.held.store(held, Ordering::Relaxed);
+    }
+}
+
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Whether to ack or redeliver a message once processing is over.
@@ -98,15 +137,15 @@ impl Recent {
     }
 }
 
-/// Consumes one input until shutdown, subscribing again when the consumer fails. `up` tells
-/// /health whether the input is subscribed.
+/// Consumes one input until shutdown, subscribing again when the consumer fails. `status` tells
+/// /health whether the input is subscribed and its held messages move.
 pub async fn run_input(
     name: String,
     input: InputConfig,
     broker: BrokerConfig,
     client: Client,
     pipeline: Arc<Pipeline>,
-    up: &AtomicBool,
+    status: &InputStatus,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), BrokerError> {
     let name: Arc<str> = name.into();
@@ -123,7 +162,7 @@ pub async fn run_input(
             subscribe(&client, &broker, &input, &name)
         })
         .await?;
-        up.store(true, Ordering::Relaxed);
+        status.subscribed.store(true, Ordering::Relaxed);
         tracing::info!(input = %name, topic = %input.topic, subscription = %input.subscription, "Consuming.");
         let finished = consume(
             &name,
@@ -131,10 +170,12 @@ pub async fn run_input(
             &mut consumer,
             &pipeline,
             &dead_letters,
+            status,
             &mut shutdown,
         )
         .await;
-        up.store(false, Ordering::Relaxed);
+        status.subscribed.store(false, Ordering::Relaxed);
+        status.holding(0);
         if let Err(error) = consumer.close(CLOSE_ATTEMPT, CLOSE_TIMEOUT).await {
             tracing::warn!(input = %name, error = %error, "Consumer did not close cleanly; the broker redelivers what it holds.");
         }
@@ -184,6 +225,7 @@ async fn consume(
     consumer: &mut Partitions,
     pipeline: &Arc<Pipeline>,
     dead_letters: &Arc<Mutex<Producer>>,
+    status: &InputStatus,
     shutdown: &mut watch::Receiver<bool>,
 ) -> bool {
     let mut running: FuturesUnordered<Work> = FuturesUnordered::new();
@@ -203,6 +245,7 @@ async fn consume(
     let mut stream_ended = false;
     loop {
         let in_flight = held(&running, &publishing, &order, &acks);
+        status.holding(in_flight);
         if (stopping || stream_ended) && in_flight == 0 {
             return !stream_ended;
         }
@@ -222,11 +265,11 @@ async fn consume(
                             done
                         }));
                     }
-                    None => release(name, consumer, &mut acks, &mut nacked, done).await,
+                    None => release(name, status, consumer, &mut acks, &mut nacked, done).await,
                 }
             }
             Some(done) = publishing.next(), if !publishing.is_empty() => {
-                release(name, consumer, &mut acks, &mut nacked, done).await;
+                release(name, status, consumer, &mut acks, &mut nacked, done).await;
             }
             received = consumer.next(), if can_receive => match received {
                 Some(Ok(message)) => {
@@ -277,12 +320,14 @@ fn property(message: &Message<Vec<u8>>, key: &str) -> Option<String> {
 /// Acks or nacks what `done` completes, in receive order.
 async fn release(
     name: &str,
+    status: &InputStatus,
     consumer: &mut Partitions,
     acks: &mut InOrder<(Message<Vec<u8>>, Verdict)>,
     nacked: &mut HashSet<MessagePosition>,
     done: Done,
 ) {
     for (message, verdict) in acks.finish(done.seq, (done.message, done.verdict)) {
+        status.progressed();
         if matches!(verdict, Verdict::Retry) {
             nacked.insert(position(&message));
         }

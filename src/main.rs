@@ -100,7 +100,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .build()
                     .expect("tokio runtime")
             })
-            .block_on(daemon::run(config, listener, shutdown_signal()))
+            .block_on(daemon::run(config.clone(), listener, async move {
+                shutdown_signal().await;
+                exit_after(config.shutdown_timeout());
+            }))
         }
         Command::Produce {
             config,
@@ -167,6 +170,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::ensure!(broken == 0, "{broken} incompatible schema version pair(s)");
             Ok(())
         }
+    }
+}
+
+/// Ends the process once `grace` has passed, whatever is still running: a shutdown never hangs.
+/// What was in flight is unacked and is redelivered, as after a crash; nothing committed is lost
+/// (every commit is durable before its ack).
+fn exit_after(grace: std::time::Duration) {
+    let watchdog = std::thread::Builder::new()
+        .name("shutdown-watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(grace);
+            tracing::error!(
+                grace_seconds = grace.as_secs(),
+                "Shutdown did not finish within daemon.shutdown_timeout_seconds; exiting now."
+            );
+            std::process::exit(1);
+        });
+    if let Err(error) = watchdog {
+        tracing::error!(error = %error, "Cannot start the shutdown watchdog.");
     }
 }
 

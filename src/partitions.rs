@@ -64,6 +64,16 @@ impl Partitions {
         Ok(self.of(message).nack(message).await?)
     }
 
+    /// Acks everything up to `message` on its partition.
+    pub async fn cumulative_ack(&mut self, message: &Message<Vec<u8>>) -> Result<(), pulsar::Error> {
+        Ok(self.of(message).cumulative_ack(message).await?)
+    }
+
+    /// The topic of each partition (the topic itself when it is not partitioned).
+    pub fn topics(&self) -> Vec<String> {
+        self.consumers.iter().flat_map(|c| c.topics()).collect()
+    }
+
     /// Closes every partition's consumer after the acks already given have reached the broker.
     ///
     /// The `pulsar` client routes acks and the close request through its consumer engine, which

@@ -37,6 +37,7 @@ pub const REPORT_SWITCHES: &str = "aerostream_report_switches_total";
 pub const COLLECTOR_EVENTS: &str = "aerostream_collector_events_total";
 pub const CHANGELOG_IMPORTED: &str = "aerostream_changelog_imported_total";
 pub const CHANGELOG_BARRIERS: &str = "aerostream_changelog_barriers_total";
+pub const CHANGELOG_RESUBSCRIPTIONS: &str = "aerostream_changelog_resubscriptions_total";
 pub const CHANGELOG_BARRIER_WAIT: &str = "aerostream_changelog_barrier_wait_seconds";
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -95,6 +96,7 @@ pub fn zero_counters<'a>(inputs: impl IntoIterator<Item = &'a str>) {
     counter!(REPORT_SWITCHES).increment(0);
     counter!(CHANGELOG_IMPORTED).increment(0);
     counter!(CHANGELOG_BARRIERS).increment(0);
+    counter!(CHANGELOG_RESUBSCRIPTIONS).increment(0);
     counter!(ACTORS_PASSIVATED).increment(0);
     counter!(IDEMPOTENCY_EVICTED).increment(0);
 }
