@@ -5,7 +5,7 @@ use crate::gateway::Charge;
 use crate::outcome::Rejection;
 use crate::output::OutputEvent;
 use crate::readmodel::Change;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{AvroBinary, Snapshot};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -36,6 +36,14 @@ pub trait Aggregate: Clone + Serialize + DeserializeOwned + Send + Unpin + 'stat
     /// ones (a campaign paused or completed).
     fn snapshot_now(_before: Option<&Self>, _after: &Self) -> bool {
         false
+    }
+
+    /// Writes the state's fields of its published snapshot record, Avro binary-encoded in the
+    /// record's schema order: what the snapshot's checksum covers besides `version_esquema` and
+    /// `watermark` (see [`crate::snapshot::canonical`]), so a reader of the record can recompute
+    /// it. A kind that publishes no snapshot record writes its whole state as one JSON string.
+    fn write_snapshot_state(&self, out: &mut AvroBinary) {
+        out.string(&serde_json::to_string(self).expect("aggregate states serialize"));
     }
 
     /// The output event announcing a snapshot (published to the state topic), if the kind has one.

@@ -13,7 +13,7 @@ use crate::events::{AggregateKind, CampaignEvent, CommissionRule, Envelope, Even
 use crate::money::Money;
 use crate::outcome::{RejectReason, Rejection};
 use crate::output::{AlertLevel, OutputBody, OutputEvent};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{AvroBinary, Snapshot};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -165,6 +165,28 @@ impl Aggregate for Campaign {
 
     fn version(&self) -> u64 {
         self.version
+    }
+
+    /// `id_campana` … `version` of `CampanaEstadoCompleto`'s `data`, as published: the effective
+    /// `estado` ([`Campaign::status`]), money as `{monto_centavos, moneda}`, alerts by wire name.
+    fn write_snapshot_state(&self, out: &mut AvroBinary) {
+        let (rule, value) = self.commission.wire();
+        out.string(&self.id)
+            .string(&self.name)
+            .string(self.status().wire_name())
+            .long(self.budget.amount_minor)
+            .string(self.budget.currency.code())
+            .long(self.spend_minor)
+            .long(self.cost_per_click_minor)
+            .long(self.cost_per_conversion_minor)
+            .string(rule)
+            .long(value)
+            .long(self.metrics.impressions as i64)
+            .long(self.metrics.clicks as i64)
+            .long(self.metrics.conversions as i64)
+            .long(self.metrics.conversion_value_minor)
+            .strings(self.alerts_emitted.iter().map(|level| level.wire_name()))
+            .long(self.version as i64);
     }
 
     fn snapshot_output(snapshot: &Snapshot<Campaign>, cause: &Envelope) -> Option<OutputEvent> {

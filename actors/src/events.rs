@@ -121,6 +121,15 @@ pub enum CommissionRule {
 }
 
 impl CommissionRule {
+    /// The published `regla_comision`: `tipo` (PORCENTAJE or FIJO) and `valor` (basis points or
+    /// minor units).
+    pub fn wire(self) -> (&'static str, i64) {
+        match self {
+            CommissionRule::Percentage { basis_points } => ("PORCENTAJE", i64::from(basis_points)),
+            CommissionRule::Fixed { amount_minor } => ("FIJO", amount_minor),
+        }
+    }
+
     /// The commission earned on a conversion of `value_minor`, rounded half up to a minor unit.
     pub fn apply(self, value_minor: i64) -> i64 {
         match self {

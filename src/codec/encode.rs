@@ -320,6 +320,8 @@ fn output_data(body: &OutputBody) -> Value {
 }
 
 /// The body of CampanaEstadoCompleto: the campaign's full state and the snapshot's checksum.
+/// The fields and their order are those `Campaign::write_snapshot_state` writes for the checksum
+/// (`codec::tests` checks that the two agree).
 fn campaign_state(snapshot: &Snapshot<Campaign>) -> Value {
     let campaign = &snapshot.state;
     let alerts = campaign
@@ -372,10 +374,7 @@ fn payment_data(payment_id: &str, affiliate_id: &str, amount: &Money) -> Value {
 }
 
 fn commission_rule(rule: &CommissionRule) -> Value {
-    let (kind, value) = match *rule {
-        CommissionRule::Percentage { basis_points } => ("PORCENTAJE", i64::from(basis_points)),
-        CommissionRule::Fixed { amount_minor } => ("FIJO", amount_minor),
-    };
+    let (kind, value) = rule.wire();
     record(vec![("tipo", string(kind)), ("valor", Value::Long(value))])
 }
 

@@ -3,11 +3,14 @@
 
 use super::decode::{content_hash, REASONS};
 use super::*;
+use aerostream_actors::campaign::Metrics;
 use aerostream_actors::events::CommissionRule;
 use aerostream_actors::output::AlertLevel;
-use aerostream_actors::{Currency, Envelope, Money, OutputEvent, PaymentStatus};
+use aerostream_actors::snapshot::{self, Snapshot};
+use aerostream_actors::{Campaign, CampaignStatus, Currency, Envelope, Money, OutputEvent, PaymentStatus};
 use apache_avro::types::Value;
 use proptest::prelude::*;
+use sha2::{Digest, Sha256};
 use std::path::Path;
 
 fn codec() -> Codec {
@@ -773,4 +776,109 @@ fn a_new_required_field_is_missing_from_old_payloads() {
         .unwrap_err();
     assert_eq!(error.reason(), "missing_field");
     assert!(error.to_string().contains("`canal`"), "{error}");
+}
+
+// ---- the snapshot checksum over the published record ------------------------------------------
+
+fn campaign() -> impl Strategy<Value = Campaign> {
+    let lifecycle = prop::sample::select(vec![
+        CampaignStatus::Created,
+        CampaignStatus::Active,
+        CampaignStatus::Paused,
+        CampaignStatus::Completed,
+    ]);
+    let metrics = (
+        0..=i64::MAX as u64,
+        0..=i64::MAX as u64,
+        0..=i64::MAX as u64,
+        any::<i64>(),
+    )
+        .prop_map(
+            |(impressions, clicks, conversions, conversion_value_minor)| Metrics {
+                impressions,
+                clicks,
+                conversions,
+                conversion_value_minor,
+            },
+        );
+    let alerts = prop::sample::subsequence(AlertLevel::ALL.to_vec(), 0..=3);
+    (
+        (id(), "\\PC{0,24}", lifecycle, money(), any::<i64>()),
+        (
+            0..i64::MAX,
+            0..i64::MAX,
+            commission(),
+            metrics,
+            alerts,
+            1..=i64::MAX as u64,
+        ),
+    )
+        .prop_map(
+            |(
+                (id, name, lifecycle, budget, spend_minor),
+                (click, conversion, commission, metrics, alerts, version),
+            )| {
+                Campaign {
+                    id,
+                    name,
+                    lifecycle,
+                    budget,
+                    spend_minor,
+                    cost_per_click_minor: click,
+                    cost_per_conversion_minor: conversion,
+                    commission,
+                    metrics,
+                    alerts_emitted: alerts.into_iter().collect(),
+                    version,
+                }
+            },
+        )
+}
+
+/// The schema `checksum_datos` is computed with, built from the shipped `.avsc` as a reader would:
+/// CampanaEstadoCompleto's `data` record without its `checksum_datos` field.
+fn checksum_schema() -> apache_avro::Schema {
+    let message: serde_json::Value =
+        serde_json::from_str(include_str!("../../schemas/CampanaEstadoCompleto.v1.avsc")).unwrap();
+    let fields = message["fields"].as_array().unwrap();
+    let mut data = fields.iter().find(|f| f["name"] == "data").unwrap()["type"].clone();
+    data["fields"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|f| f["name"] != "checksum_datos");
+    apache_avro::Schema::parse(&data).unwrap()
+}
+
+proptest! {
+    /// The daemon's checksum (built in the actors crate, which has no Avro library) is the SHA-256
+    /// of what apache-avro writes for the published record's fields, read back from the message.
+    #[test]
+    fn the_snapshot_checksum_is_recomputed_from_the_published_record(campaign in campaign()) {
+        let snapshot = Snapshot::of(&campaign);
+        let out = OutputEvent {
+            id: "out-1".into(),
+            causation_id: "evt-1".into(),
+            correlation_id: None,
+            time_ms: 1_700_000_000_000,
+            body: OutputBody::CampaignState { snapshot: Box::new(snapshot.clone()) },
+        };
+        let codec = codec();
+        let encoded = codec.encode_output(&out).unwrap();
+        let schema = codec.registry().writer(&encoded.dataschema).unwrap();
+        let Value::Record(message) = apache_avro::from_avro_datum(schema, &mut &encoded.payload[..], None).unwrap() else {
+            panic!("not a record")
+        };
+        let Some((_, Value::Record(mut data))) = message.into_iter().find(|(name, _)| name == "data") else {
+            panic!("no data record")
+        };
+        let published = data.iter().find(|(name, _)| name == "checksum_datos").unwrap().1.clone();
+        prop_assert_eq!(published, Value::String(snapshot.checksum_datos.clone()));
+        data.retain(|(name, _)| name != "checksum_datos");
+        let covered = apache_avro::to_avro_datum(&checksum_schema(), Value::Record(data)).unwrap();
+        prop_assert_eq!(
+            &covered,
+            &snapshot::canonical(&campaign, &snapshot.version_esquema, snapshot.watermark)
+        );
+        prop_assert_eq!(hex::encode(Sha256::digest(&covered)), snapshot.checksum_datos);
+    }
 }
