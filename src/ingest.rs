@@ -7,7 +7,7 @@
 //! consumer that takes over resumes from one position.
 
 use crate::broker::{self, BrokerError, Client, DeadLetter, Producer};
-use crate::codec::Codec;
+use crate::codec::{Codec, MessageMeta};
 use crate::config::{BrokerConfig, InputConfig};
 use crate::dispatch::{InOrder, KeyedQueue};
 use crate::partitions::Partitions;
@@ -238,7 +238,13 @@ async fn consume(
                     let seq = acks.receive();
                     let dataschema = property(&message, "ce_dataschema")
                         .or_else(|| (!input.default_dataschema.is_empty()).then(|| input.default_dataschema.clone()));
-                    match pipeline.codec.decode(dataschema.as_deref(), &message.payload.data) {
+                    let (key, ce_type) = (message_key(&message), property(&message, "ce_type"));
+                    let meta = MessageMeta {
+                        key: key.as_deref(),
+                        ce_type: ce_type.as_deref(),
+                        dataschema: dataschema.as_deref(),
+                    };
+                    match pipeline.codec.decode_message(meta, &message.payload.data) {
                         Ok(incoming) => {
                             let catch_up = recent.touch(&incoming.aggregate(), received);
                             let ready = Ready { seq, message, incoming, received, catch_up };
@@ -272,6 +278,14 @@ fn property(message: &Message<Vec<u8>>, key: &str) -> Option<String> {
         .iter()
         .find(|kv| kv.key == key)
         .map(|kv| kv.value.clone())
+}
+
+/// The message key as text (a Base64-encoded key decoded; a non-UTF-8 key can match no id).
+fn message_key(message: &Message<Vec<u8>>) -> Option<String> {
+    match message.key_bytes() {
+        Ok(bytes) => bytes.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()),
+        Err(_) => message.key(),
+    }
 }
 
 /// Acks or nacks what `done` completes, in receive order.
