@@ -2,12 +2,13 @@
 //!
 //! At most `max_in_flight` messages are held at once; events of one aggregate are applied in arrival
 //! order, others concurrently (see [`crate::dispatch`]). Nothing is acked before its commit is
-//! durable; rejected and undecodable messages are acked only once their dead letter is published.
+//! durable; rejected and undecodable messages are acked only once their dead letter is published
+//! and remembered, so a redelivered copy is acked without a second dead letter.
 //! Acks leave in receive order, so the subscription's acknowledged range stays contiguous and a
 //! consumer that takes over resumes from one position.
 
 use crate::broker::{self, BrokerError, Client, DeadLetter, Producer};
-use crate::codec::Codec;
+use crate::codec::{Codec, MessageMeta};
 use crate::config::{BrokerConfig, InputConfig};
 use crate::dispatch::{InOrder, KeyedQueue};
 use crate::partitions::Partitions;
@@ -155,7 +156,10 @@ pub async fn run_input(
             broker::producer(&client, topic.clone())
         })
         .await?;
-        Arc::new(Mutex::new(producer))
+        Arc::new(DeadLetters {
+            producer: Mutex::new(producer),
+            store: pipeline.store.clone(),
+        })
     };
     loop {
         let mut consumer = broker::with_backoff("subscribe", &mut shutdown, || {
@@ -224,7 +228,7 @@ async fn consume(
     input: &InputConfig,
     consumer: &mut Partitions,
     pipeline: &Arc<Pipeline>,
-    dead_letters: &Arc<Mutex<Producer>>,
+    dead_letters: &Arc<DeadLetters>,
     status: &InputStatus,
     shutdown: &mut watch::Receiver<bool>,
 ) -> bool {
@@ -281,7 +285,13 @@ async fn consume(
                     let seq = acks.receive();
                     let dataschema = property(&message, "ce_dataschema")
                         .or_else(|| (!input.default_dataschema.is_empty()).then(|| input.default_dataschema.clone()));
-                    match pipeline.codec.decode(dataschema.as_deref(), &message.payload.data) {
+                    let (key, ce_type) = (message_key(&message), property(&message, "ce_type"));
+                    let meta = MessageMeta {
+                        key: key.as_deref(),
+                        ce_type: ce_type.as_deref(),
+                        dataschema: dataschema.as_deref(),
+                    };
+                    match pipeline.codec.decode_message(meta, &message.payload.data) {
                         Ok(incoming) => {
                             let catch_up = recent.touch(&incoming.aggregate(), received);
                             let ready = Ready { seq, message, incoming, received, catch_up };
@@ -317,6 +327,14 @@ fn property(message: &Message<Vec<u8>>, key: &str) -> Option<String> {
         .map(|kv| kv.value.clone())
 }
 
+/// The message key as text (a Base64-encoded key decoded; a non-UTF-8 key can match no id).
+fn message_key(message: &Message<Vec<u8>>) -> Option<String> {
+    match message.key_bytes() {
+        Ok(bytes) => bytes.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()),
+        Err(_) => message.key(),
+    }
+}
+
 /// Acks or nacks what `done` completes, in receive order.
 async fn release(
     name: &str,
@@ -341,6 +359,32 @@ type MessagePosition = (u64, u64, Option<i32>, Option<i32>);
 fn position(message: &Message<Vec<u8>>) -> MessagePosition {
     let id = message.message_id();
     (id.ledger_id, id.entry_id, id.partition, id.batch_index)
+}
+
+/// The message's id as the dead-letter memory keys it, the same for every delivery of the
+/// message: its topic, then ledger, entry, partition and batch index (absent: -1).
+fn message_ref(message: &Message<Vec<u8>>) -> Vec<u8> {
+    let (ledger, entry, partition, batch) = position(message);
+    [
+        message.topic.as_bytes(),
+        &[0],
+        &ledger.to_be_bytes(),
+        &entry.to_be_bytes(),
+        &partition.unwrap_or(-1).to_be_bytes(),
+        &batch.unwrap_or(-1).to_be_bytes(),
+    ]
+    .concat()
+}
+
+/// The message id as the dead letter's `source_message_id` property: `ledger:entry:partition` and
+/// `:batch index` inside a batch (the form the Pulsar clients give `ORIGIN_MESSAGE_ID`).
+fn source_message_id(message: &Message<Vec<u8>>) -> String {
+    let (ledger, entry, partition, batch) = position(message);
+    let partition = partition.unwrap_or(-1);
+    match batch {
+        Some(batch) => format!("{ledger}:{entry}:{partition}:{batch}"),
+        None => format!("{ledger}:{entry}:{partition}"),
+    }
 }
 
 async fn finish(name: &str, consumer: &mut Partitions, message: Message<Vec<u8>>, verdict: Verdict) {
@@ -379,7 +423,7 @@ async fn apply_retrying_crashes(registry: &Registry, incoming: Incoming) -> Resu
     }
 }
 
-fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<Mutex<Producer>>, ready: Ready) -> Work {
+fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<DeadLetters>, ready: Ready) -> Work {
     Box::pin(async move {
         let Ready {
             seq,
@@ -389,6 +433,17 @@ fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<Mutex<Produc
             catch_up,
         } = ready;
         let key = Some(incoming.aggregate());
+        // A copy of a message rejected and dead-lettered already (an aggregate's messages are
+        // applied in order, so an earlier copy has finished): acked, never applied after all.
+        if already_dead_lettered(&name, &pipeline.store, &message) {
+            return Done {
+                seq,
+                message,
+                key,
+                verdict: Verdict::Ack,
+                publish_through: None,
+            };
+        }
         let event_type = incoming.envelope.event_type.clone();
         if let (true, Some(follower)) = (catch_up, &pipeline.follower) {
             let waiting = Instant::now();
@@ -460,14 +515,56 @@ struct Letter {
     event_type: Option<String>,
 }
 
-fn dead_letter(
-    name: Arc<str>,
-    producer: Arc<Mutex<Producer>>,
-    seq: u64,
-    message: Message<Vec<u8>>,
+/// An input's dead-letter producer, and the store that remembers which messages were
+/// dead-lettered (`SledStore::dead_lettered`).
+struct DeadLetters {
+    producer: Mutex<Producer>,
+    store: Arc<SledStore>,
+}
+
+/// Why a dead letter was not published and remembered: the message is retried.
+#[derive(Debug, thiserror::Error)]
+enum DeadLetterError {
+    #[error("dead-letter publish failed: {0}")]
+    Publish(#[from] pulsar::Error),
+    #[error("dead-letter memory failed: {0}")]
+    Store(#[from] aerostream_actors::ports::StoreError),
+}
+
+/// Whether `message` was dead-lettered already: then this is a redelivered copy, to ack and count
+/// nowhere else (its dead letter and count are the first copy's).
+fn already_dead_lettered(name: &str, store: &SledStore, message: &Message<Vec<u8>>) -> bool {
+    match store.dead_lettered(&message_ref(message)) {
+        Ok(remembered) => {
+            if remembered {
+                tracing::info!(input = %name, source_message_id = %source_message_id(message), "Message dead-lettered already; acking this copy.");
+            }
+            remembered
+        }
+        Err(error) => {
+            // Processing goes on and meets the store again.
+            tracing::warn!(input = %name, error = %error, "Dead-letter memory unreadable.");
+            false
+        }
+    }
+}
+
+/// Publishes `message` to the dead-letter topic with `letter`'s reason, counts it and remembers it,
+/// unless a copy of it was dead-lettered already (within the idempotency window, by this process
+/// or an earlier one); the ack waits until the memory is durable. Checked and remembered under the
+/// producer's lock, so a copy received while the first is still being dead-lettered waits for it.
+async fn publish_dead_letter(
+    name: &str,
+    letters: &DeadLetters,
+    message: &Message<Vec<u8>>,
     letter: Letter,
-) -> Work {
-    Box::pin(async move {
+) -> Result<(), DeadLetterError> {
+    let id = message_ref(message);
+    {
+        let mut producer = letters.producer.lock().await;
+        if already_dead_lettered(name, &letters.store, message) {
+            return Ok(());
+        }
         tracing::warn!(input = %name, reason = letter.reason, detail = %letter.detail, "Dead-lettering message.");
         let properties: Vec<(String, String)> = message
             .payload
@@ -475,11 +572,12 @@ fn dead_letter(
             .properties
             .iter()
             .map(|kv| (kv.key.clone(), kv.value.clone()))
-            .filter(|(k, _)| k != "reason" && k != "detail")
+            .filter(|(k, _)| !matches!(k.as_str(), "reason" | "detail" | "source_message_id"))
             .chain(letter.event_type.map(|t| ("event_type".to_owned(), t)))
+            .chain([("source_message_id".to_owned(), source_message_id(message))])
             .collect();
-        let sent = broker::send_dead_letter(
-            &mut *producer.lock().await,
+        broker::send_dead_letter(
+            &mut producer,
             DeadLetter {
                 payload: &message.payload.data,
                 key: message.key(),
@@ -489,15 +587,26 @@ fn dead_letter(
                 properties: &properties,
             },
         )
-        .await;
-        let verdict = match sent {
-            Ok(()) => {
-                counter!(EVENTS_DEAD_LETTERED, "input" => name.to_string(), "reason" => letter.reason)
-                    .increment(1);
-                Verdict::Ack
-            }
+        .await?;
+        counter!(EVENTS_DEAD_LETTERED, "input" => name.to_owned(), "reason" => letter.reason).increment(1);
+        letters.store.remember_dead_letter(&id)?;
+    }
+    letters.store.flush().await?;
+    Ok(())
+}
+
+fn dead_letter(
+    name: Arc<str>,
+    letters: Arc<DeadLetters>,
+    seq: u64,
+    message: Message<Vec<u8>>,
+    letter: Letter,
+) -> Work {
+    Box::pin(async move {
+        let verdict = match publish_dead_letter(&name, &letters, &message, letter).await {
+            Ok(()) => Verdict::Ack,
             Err(error) => {
-                tracing::error!(input = %name, error = %error, "Dead-letter publish failed; not acking.");
+                tracing::error!(input = %name, error = %error, "Message not dead-lettered; not acking.");
                 Verdict::Retry
             }
         };

@@ -14,6 +14,9 @@
 //! - `versions`: `<kind>/<id>` → the stored state's version (8 bytes BE)
 //! - `unconfirmed`: `<kind>/<id>` → [`Unconfirmed`] (JSON), aggregates whose newest versions were
 //!   withdrawn at start because they never reached the changelog
+//! - `dead_lettered`: the messages already dead-lettered within the idempotency window, so that a
+//!   redelivered copy is acked without a second dead letter: `m` ‖ message id → dead-lettered ms
+//!   (8 bytes BE), and `t` ‖ ms (8 bytes BE) ‖ message id → (), the index that eviction walks
 
 use crate::changelog::ChangeRecord;
 use aerostream_actors::events::AggregateKey;
@@ -48,6 +51,9 @@ pub struct SledStore {
     unconfirmed: sled::Tree,
     /// Whether `unconfirmed` has entries (checked for every record the follower reads).
     any_unconfirmed: AtomicBool,
+    dead_lettered: sled::Tree,
+    /// Messages in `dead_lettered` (checked for every message applied).
+    dead_lettered_len: AtomicU64,
     window_ms: i64,
     /// This daemon's instance id when commits also write changelog records.
     changelog: Option<String>,
@@ -182,7 +188,10 @@ impl SledStore {
         let outbox = tree("outbox")?;
         let seen = tree("seen")?;
         let unconfirmed = tree("unconfirmed")?;
+        let dead_lettered = tree("dead_lettered")?;
         Ok(SledStore {
+            dead_lettered_len: AtomicU64::new(dead_lettered.scan_prefix(DEAD_LETTERED).count() as u64),
+            dead_lettered,
             state: tree("state")?,
             seen_by_time: tree("seen_by_time")?,
             ledgers: tree("ledgers")?,
@@ -344,6 +353,90 @@ impl SledStore {
     /// Checks the database answers reads; for /health.
     pub fn healthy(&self) -> bool {
         self.db.get(b"__health").is_ok()
+    }
+}
+
+/// Prefixes of the `dead_lettered` tree: message id → time, and the time index.
+const DEAD_LETTERED: &[u8] = b"m";
+const DEAD_LETTERED_BY_TIME: &[u8] = b"t";
+
+fn dead_lettered_key(message: &[u8]) -> Vec<u8> {
+    [DEAD_LETTERED, message].concat()
+}
+
+fn dead_lettered_index(at_ms: i64, message: &[u8]) -> Vec<u8> {
+    [DEAD_LETTERED_BY_TIME, &at_ms.to_be_bytes(), message].concat()
+}
+
+/// The dead-letter memory: which messages (by broker message id: topic, partition, ledger, entry,
+/// batch index) were dead-lettered within the idempotency window. Kept apart from the `seen` tree:
+/// a dead-lettered message has no idempotency key to go by (it may not even decode).
+impl SledStore {
+    /// Whether `message` was dead-lettered within the window.
+    pub fn dead_lettered(&self, message: &[u8]) -> Result<bool, StoreError> {
+        if self.dead_lettered_len.load(Ordering::Acquire) == 0 {
+            return Ok(false);
+        }
+        self.dead_lettered
+            .contains_key(dead_lettered_key(message))
+            .map_err(store_error)
+    }
+
+    /// Records that `message` is dead-lettered (durable with the next [`SledStore::flush`]).
+    pub fn remember_dead_letter(&self, message: &[u8]) -> Result<(), StoreError> {
+        let at_ms = self.clock.now_ms();
+        let key = dead_lettered_key(message);
+        let added = self
+            .dead_lettered
+            .transaction(|tree| {
+                let previous = tree.insert(key.as_slice(), &at_ms.to_be_bytes())?;
+                if let Some(previous) = &previous {
+                    let previous = i64::from_be_bytes(previous.as_ref().try_into().unwrap_or([0; 8]));
+                    tree.remove(dead_lettered_index(previous, message))?;
+                }
+                tree.insert(dead_lettered_index(at_ms, message), &[])?;
+                Ok::<_, ConflictableTransactionError<()>>(previous.is_none())
+            })
+            .map_err(unaborted_error)?;
+        if added {
+            self.dead_lettered_len.fetch_add(1, Ordering::AcqRel);
+        }
+        self.wrote();
+        Ok(())
+    }
+
+    /// Forgets the messages dead-lettered before the idempotency window; returns how many.
+    pub fn evict_dead_letters(&self) -> Result<usize, StoreError> {
+        let horizon = self.clock.now_ms() - self.window_ms;
+        let start = DEAD_LETTERED_BY_TIME.to_vec();
+        let end = [DEAD_LETTERED_BY_TIME, &horizon.to_be_bytes()].concat();
+        let mut evicted = 0;
+        for entry in self.dead_lettered.range(start..end) {
+            let (index, _) = entry.map_err(store_error)?;
+            let (at, message) = index[DEAD_LETTERED_BY_TIME.len()..].split_at(8);
+            let key = dead_lettered_key(message);
+            // The message is forgotten only if it was not dead-lettered afresh since.
+            let removed = self
+                .dead_lettered
+                .transaction(|tree| {
+                    tree.remove(index.as_ref())?;
+                    let current = tree.get(key.as_slice())?;
+                    let expired = current.is_some_and(|current| current.as_ref() == at);
+                    if expired {
+                        tree.remove(key.as_slice())?;
+                    }
+                    Ok::<_, ConflictableTransactionError<()>>(expired)
+                })
+                .map_err(unaborted_error)?;
+            if removed {
+                self.dead_lettered_len.fetch_sub(1, Ordering::AcqRel);
+                evicted += 1;
+            }
+        }
+        if evicted > 0 {
+            self.wrote();
+        }
+        Ok(evicted)
     }
 }
 
@@ -1429,5 +1522,42 @@ mod tests {
         );
         assert!(matches!(answers[25], Ok(CommitResult::AlreadySeen(_))));
         assert_eq!(store.window_len(), 49);
+    }
+
+    #[tokio::test]
+    async fn dead_lettered_messages_are_remembered_across_a_restart_and_forgotten_after_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TestClock(AtomicI64::new(1_000_000)));
+        let (first, second) = (b"topic-a\x00\x01".as_slice(), b"topic-a\x00\x02".as_slice());
+        {
+            let store = SledStore::open(dir.path(), 10, clock.clone()).unwrap();
+            assert!(!store.dead_lettered(first).unwrap());
+            store.remember_dead_letter(first).unwrap();
+            assert!(store.dead_lettered(first).unwrap());
+            assert!(!store.dead_lettered(second).unwrap(), "another message");
+            // The memory is apart from the idempotency window.
+            assert_eq!(store.window_len(), 0);
+            store.flush().await.unwrap();
+        }
+        let store = SledStore::open(dir.path(), 10, clock.clone()).unwrap();
+        assert!(store.dead_lettered(first).unwrap(), "remembered across a restart");
+        clock.0.store(1_005_000, Ordering::SeqCst);
+        store.remember_dead_letter(second).unwrap();
+        assert_eq!(store.evict_dead_letters().unwrap(), 0, "both within the window");
+
+        clock.0.store(1_000_000 + 10_001, Ordering::SeqCst);
+        assert_eq!(store.evict_dead_letters().unwrap(), 1);
+        assert!(!store.dead_lettered(first).unwrap(), "past the window");
+        assert!(store.dead_lettered(second).unwrap());
+        // Dead-lettered again (after its window): remembered from the new time on.
+        store.remember_dead_letter(first).unwrap();
+        clock.0.store(1_005_000 + 10_001, Ordering::SeqCst);
+        assert_eq!(store.evict_dead_letters().unwrap(), 1);
+        assert!(store.dead_lettered(first).unwrap());
+        assert!(!store.dead_lettered(second).unwrap());
+        clock.0.store(1_010_001 + 10_001, Ordering::SeqCst);
+        assert_eq!(store.evict_dead_letters().unwrap(), 1);
+        assert!(!store.dead_lettered(first).unwrap());
+        assert_eq!(store.dead_lettered.len(), 0, "the time index is emptied too");
     }
 }
