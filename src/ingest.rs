@@ -13,7 +13,7 @@ use crate::dispatch::{InOrder, KeyedQueue};
 use crate::partitions::Partitions;
 use crate::store::SledStore;
 use crate::telemetry::*;
-use aerostream_actors::{AggregateKey, ApplyError, Incoming, Outcome, Registry};
+use aerostream_actors::{AggregateKey, ApplyError, DeliveryId, Incoming, Outcome, Registry};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use metrics::{counter, histogram};
@@ -239,7 +239,8 @@ async fn consume(
                     let dataschema = property(&message, "ce_dataschema")
                         .or_else(|| (!input.default_dataschema.is_empty()).then(|| input.default_dataschema.clone()));
                     match pipeline.codec.decode(dataschema.as_deref(), &message.payload.data) {
-                        Ok(incoming) => {
+                        Ok(mut incoming) => {
+                            incoming.delivery = Some(delivery(&message));
                             let catch_up = recent.touch(&incoming.aggregate(), received);
                             let ready = Ready { seq, message, incoming, received, catch_up };
                             if let Some(ready) = order.admit(&ready.incoming.aggregate(), ready) {
@@ -247,7 +248,7 @@ async fn consume(
                             }
                         }
                         Err(error) => {
-                            let letter = Letter { reason: error.reason(), detail: error.to_string(), event_type: None };
+                            let letter = Letter { reason: error.reason(), detail: error.to_string(), event_type: None, counter: EVENTS_DEAD_LETTERED };
                             running.push(dead_letter(name.clone(), dead_letters.clone(), seq, message, letter));
                         }
                     }
@@ -296,6 +297,19 @@ type MessagePosition = (u64, u64, Option<i32>, Option<i32>);
 fn position(message: &Message<Vec<u8>>) -> MessagePosition {
     let id = message.message_id();
     (id.ledger_id, id.entry_id, id.partition, id.batch_index)
+}
+
+/// The message's identity, the same at every delivery: recorded with the key of the event it
+/// applies, it tells a redelivery of this message from a partner's duplicate.
+fn delivery(message: &Message<Vec<u8>>) -> DeliveryId {
+    let id = message.message_id();
+    DeliveryId::of(
+        &message.topic,
+        id.partition,
+        id.ledger_id,
+        id.entry_id,
+        id.batch_index,
+    )
 }
 
 async fn finish(name: &str, consumer: &mut Partitions, message: Message<Vec<u8>>, verdict: Verdict) {
@@ -354,30 +368,32 @@ fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<Mutex<Produc
         // Everything committed so far, this event's commit included, is in the outbox up to here.
         let outbox_mark = pipeline.store.outbox_high_water();
         let verdict = match outcome {
-            Ok(Outcome::Applied { .. }) | Ok(Outcome::Duplicate) => match pipeline.store.flush().await {
-                Ok(()) => {
-                    let counter_name = match outcome {
-                        Ok(Outcome::Duplicate) => EVENTS_DEDUPLICATED,
-                        _ => EVENTS_APPLIED,
-                    };
-                    counter!(counter_name, "input" => name.to_string(), "event_type" => event_type)
-                        .increment(1);
-                    histogram!(PROCESSING_DURATION, "input" => name.to_string())
-                        .record(received.elapsed().as_secs_f64());
-                    Verdict::Ack
+            Ok(Outcome::Applied { .. } | Outcome::Duplicate | Outcome::Redelivered) => {
+                match pipeline.store.flush().await {
+                    Ok(()) => {
+                        let counter_name = match outcome {
+                            Ok(Outcome::Duplicate) => EVENTS_DEDUPLICATED,
+                            Ok(Outcome::Redelivered) => EVENTS_REDELIVERED,
+                            _ => EVENTS_APPLIED,
+                        };
+                        counter!(counter_name, "input" => name.to_string(), "event_type" => event_type)
+                            .increment(1);
+                        histogram!(PROCESSING_DURATION, "input" => name.to_string())
+                            .record(received.elapsed().as_secs_f64());
+                        Verdict::Ack
+                    }
+                    Err(error) => {
+                        tracing::error!(input = %name, error = %error, "Flush failed; not acking.");
+                        Verdict::Retry
+                    }
                 }
-                Err(error) => {
-                    tracing::error!(input = %name, error = %error, "Flush failed; not acking.");
-                    Verdict::Retry
-                }
-            },
+            }
             Ok(Outcome::Rejected(rejection)) => {
-                counter!(EVENTS_REJECTED, "input" => name.to_string(), "reason" => rejection.reason.as_str())
-                    .increment(1);
                 let letter = Letter {
                     reason: rejection.reason.as_str(),
                     detail: rejection.detail,
                     event_type: Some(event_type),
+                    counter: EVENTS_REJECTED,
                 };
                 return dead_letter(name, dead_letters, seq, message, letter)
                     .await
@@ -413,6 +429,9 @@ struct Letter {
     reason: &'static str,
     detail: String,
     event_type: Option<String>,
+    /// The message's outcome, counted by `reason` once the dead letter is stored:
+    /// [`EVENTS_REJECTED`] for a business rule, [`EVENTS_DEAD_LETTERED`] for any other refusal.
+    counter: &'static str,
 }
 
 fn dead_letter(
@@ -447,8 +466,7 @@ fn dead_letter(
         .await;
         let verdict = match sent {
             Ok(()) => {
-                counter!(EVENTS_DEAD_LETTERED, "input" => name.to_string(), "reason" => letter.reason)
-                    .increment(1);
+                counter!(letter.counter, "input" => name.to_string(), "reason" => letter.reason).increment(1);
                 Verdict::Ack
             }
             Err(error) => {

@@ -29,7 +29,7 @@ mod tests;
 use aerostream_actors::{CampaignEvent, Event, OutputBody, PaymentEvent, ReportEvent};
 use std::sync::Arc;
 
-pub use decode::DecodeError;
+pub use decode::{DecodeError, DecodeReason};
 pub use encode::{EncodeError, Encoded};
 pub use registry::{Compatibility, SchemaError, SchemaRegistry, SchemaVersion, Subject};
 
