@@ -63,11 +63,23 @@ fn every_alert_has_promtool_cases_that_fire_and_that_do_not_and_they_pass() {
     };
     let (firing, quiet) = (named(true), named(false));
     for alert in &alerts {
-        assert!(firing.contains(alert), "no case where {alert} fires in deploy/alerts.test.yml");
-        assert!(quiet.contains(alert), "no case where {alert} stays quiet in deploy/alerts.test.yml");
+        assert!(
+            firing.contains(alert),
+            "no case where {alert} fires in deploy/alerts.test.yml"
+        );
+        assert!(
+            quiet.contains(alert),
+            "no case where {alert} stays quiet in deploy/alerts.test.yml"
+        );
     }
-    let unknown: Vec<&String> = firing.union(&quiet).filter(|name| !alerts.contains(*name)).collect();
-    assert!(unknown.is_empty(), "cases for alerts that do not exist: {unknown:?}");
+    let unknown: Vec<&String> = firing
+        .union(&quiet)
+        .filter(|name| !alerts.contains(*name))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "cases for alerts that do not exist: {unknown:?}"
+    );
 
     promtool(&["check", "rules", repo("deploy/alerts.yml").to_str().unwrap()]);
     let report = promtool(&["test", "rules", repo("deploy/alerts.test.yml").to_str().unwrap()]);
