@@ -367,27 +367,26 @@ fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<Mutex<Produc
         let outcome = apply_retrying_crashes(&pipeline.registry, incoming).await;
         // Everything committed so far, this event's commit included, is in the outbox up to here.
         let outbox_mark = pipeline.store.outbox_high_water();
+        use Outcome::{Applied, Duplicate, Redelivered};
         let verdict = match outcome {
-            Ok(Outcome::Applied { .. } | Outcome::Duplicate | Outcome::Redelivered) => {
-                match pipeline.store.flush().await {
-                    Ok(()) => {
-                        let counter_name = match outcome {
-                            Ok(Outcome::Duplicate) => EVENTS_DEDUPLICATED,
-                            Ok(Outcome::Redelivered) => EVENTS_REDELIVERED,
-                            _ => EVENTS_APPLIED,
-                        };
-                        counter!(counter_name, "input" => name.to_string(), "event_type" => event_type)
-                            .increment(1);
-                        histogram!(PROCESSING_DURATION, "input" => name.to_string())
-                            .record(received.elapsed().as_secs_f64());
-                        Verdict::Ack
-                    }
-                    Err(error) => {
-                        tracing::error!(input = %name, error = %error, "Flush failed; not acking.");
-                        Verdict::Retry
-                    }
+            Ok(Applied { .. } | Duplicate | Redelivered) => match pipeline.store.flush().await {
+                Ok(()) => {
+                    let counter_name = match outcome {
+                        Ok(Outcome::Duplicate) => EVENTS_DEDUPLICATED,
+                        Ok(Outcome::Redelivered) => EVENTS_REDELIVERED,
+                        _ => EVENTS_APPLIED,
+                    };
+                    counter!(counter_name, "input" => name.to_string(), "event_type" => event_type)
+                        .increment(1);
+                    histogram!(PROCESSING_DURATION, "input" => name.to_string())
+                        .record(received.elapsed().as_secs_f64());
+                    Verdict::Ack
                 }
-            }
+                Err(error) => {
+                    tracing::error!(input = %name, error = %error, "Flush failed; not acking.");
+                    Verdict::Retry
+                }
+            },
             Ok(Outcome::Rejected(rejection)) => {
                 let letter = Letter {
                     reason: rejection.reason.as_str(),
