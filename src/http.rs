@@ -334,6 +334,7 @@ async fn set_report_version(
         idempotency_key: id,
         content_hash: content_hash(&event),
         event,
+        delivery: None,
     };
     state
         .registry

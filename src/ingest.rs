@@ -14,7 +14,7 @@ use crate::dispatch::{InOrder, KeyedQueue};
 use crate::partitions::Partitions;
 use crate::store::SledStore;
 use crate::telemetry::*;
-use aerostream_actors::{AggregateKey, ApplyError, Incoming, Outcome, Registry};
+use aerostream_actors::{AggregateKey, ApplyError, DeliveryId, Incoming, Outcome, Registry};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use metrics::{counter, histogram};
@@ -292,7 +292,8 @@ async fn consume(
                         dataschema: dataschema.as_deref(),
                     };
                     match pipeline.codec.decode_message(meta, &message.payload.data) {
-                        Ok(incoming) => {
+                        Ok(mut incoming) => {
+                            incoming.delivery = Some(delivery(&message));
                             let catch_up = recent.touch(&incoming.aggregate(), received);
                             let ready = Ready { seq, message, incoming, received, catch_up };
                             if let Some(ready) = order.admit(&ready.incoming.aggregate(), ready) {
@@ -300,7 +301,7 @@ async fn consume(
                             }
                         }
                         Err(error) => {
-                            let letter = Letter { reason: error.reason(), detail: error.to_string(), event_type: None };
+                            let letter = Letter { reason: error.reason(), detail: error.to_string(), event_type: None, counter: EVENTS_DEAD_LETTERED };
                             running.push(dead_letter(name.clone(), dead_letters.clone(), seq, message, letter));
                         }
                     }
@@ -387,6 +388,19 @@ fn source_message_id(message: &Message<Vec<u8>>) -> String {
     }
 }
 
+/// The message's identity, the same at every delivery: recorded with the key of the event it
+/// applies, it tells a redelivery of this message from a partner's duplicate.
+fn delivery(message: &Message<Vec<u8>>) -> DeliveryId {
+    let id = message.message_id();
+    DeliveryId::of(
+        &message.topic,
+        id.partition,
+        id.ledger_id,
+        id.entry_id,
+        id.batch_index,
+    )
+}
+
 async fn finish(name: &str, consumer: &mut Partitions, message: Message<Vec<u8>>, verdict: Verdict) {
     let result = match verdict {
         Verdict::Ack => consumer.ack(&message).await,
@@ -435,7 +449,12 @@ fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<DeadLetters>
         let key = Some(incoming.aggregate());
         // A copy of a message rejected and dead-lettered already (an aggregate's messages are
         // applied in order, so an earlier copy has finished): acked, never applied after all.
-        if already_dead_lettered(&name, &pipeline.store, &message) {
+        if already_dead_lettered(
+            &name,
+            &pipeline.store,
+            &message,
+            Some(&incoming.envelope.event_type),
+        ) {
             return Done {
                 seq,
                 message,
@@ -453,11 +472,13 @@ fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<DeadLetters>
         let outcome = apply_retrying_crashes(&pipeline.registry, incoming).await;
         // Everything committed so far, this event's commit included, is in the outbox up to here.
         let outbox_mark = pipeline.store.outbox_high_water();
+        use Outcome::{Applied, Duplicate, Redelivered};
         let verdict = match outcome {
-            Ok(Outcome::Applied { .. }) | Ok(Outcome::Duplicate) => match pipeline.store.flush().await {
+            Ok(Applied { .. } | Duplicate | Redelivered) => match pipeline.store.flush().await {
                 Ok(()) => {
                     let counter_name = match outcome {
                         Ok(Outcome::Duplicate) => EVENTS_DEDUPLICATED,
+                        Ok(Outcome::Redelivered) => EVENTS_REDELIVERED,
                         _ => EVENTS_APPLIED,
                     };
                     counter!(counter_name, "input" => name.to_string(), "event_type" => event_type)
@@ -472,12 +493,11 @@ fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<DeadLetters>
                 }
             },
             Ok(Outcome::Rejected(rejection)) => {
-                counter!(EVENTS_REJECTED, "input" => name.to_string(), "reason" => rejection.reason.as_str())
-                    .increment(1);
                 let letter = Letter {
                     reason: rejection.reason.as_str(),
                     detail: rejection.detail,
                     event_type: Some(event_type),
+                    counter: EVENTS_REJECTED,
                 };
                 return dead_letter(name, dead_letters, seq, message, letter)
                     .await
@@ -513,6 +533,9 @@ struct Letter {
     reason: &'static str,
     detail: String,
     event_type: Option<String>,
+    /// The message's outcome, counted by `reason` once the dead letter is stored:
+    /// [`EVENTS_REJECTED`] for a business rule, [`EVENTS_DEAD_LETTERED`] for any other refusal.
+    counter: &'static str,
 }
 
 /// An input's dead-letter producer, and the store that remembers which messages were
@@ -531,13 +554,22 @@ enum DeadLetterError {
     Store(#[from] aerostream_actors::ports::StoreError),
 }
 
-/// Whether `message` was dead-lettered already: then this is a redelivered copy, to ack and count
-/// nowhere else (its dead letter and count are the first copy's).
-fn already_dead_lettered(name: &str, store: &SledStore, message: &Message<Vec<u8>>) -> bool {
+/// Whether `message` was dead-lettered already: then this is a redelivered copy, to ack, counted
+/// as `redelivered` (its dead letter and its `rejected` or `dead_lettered` count are the first
+/// copy's). `event_type`: the decoded copy's, when it decoded.
+fn already_dead_lettered(
+    name: &str,
+    store: &SledStore,
+    message: &Message<Vec<u8>>,
+    event_type: Option<&str>,
+) -> bool {
     match store.dead_lettered(&message_ref(message)) {
         Ok(remembered) => {
             if remembered {
                 tracing::info!(input = %name, source_message_id = %source_message_id(message), "Message dead-lettered already; acking this copy.");
+                let event_type = event_type.unwrap_or(UNDECODED_EVENT_TYPE).to_owned();
+                counter!(EVENTS_REDELIVERED, "input" => name.to_owned(), "event_type" => event_type)
+                    .increment(1);
             }
             remembered
         }
@@ -562,7 +594,7 @@ async fn publish_dead_letter(
     let id = message_ref(message);
     {
         let mut producer = letters.producer.lock().await;
-        if already_dead_lettered(name, &letters.store, message) {
+        if already_dead_lettered(name, &letters.store, message, letter.event_type.as_deref()) {
             return Ok(());
         }
         tracing::warn!(input = %name, reason = letter.reason, detail = %letter.detail, "Dead-lettering message.");
@@ -588,7 +620,7 @@ async fn publish_dead_letter(
             },
         )
         .await?;
-        counter!(EVENTS_DEAD_LETTERED, "input" => name.to_owned(), "reason" => letter.reason).increment(1);
+        counter!(letter.counter, "input" => name.to_owned(), "reason" => letter.reason).increment(1);
         letters.store.remember_dead_letter(&id)?;
     }
     letters.store.flush().await?;

@@ -3,6 +3,8 @@
 //! Trees:
 //! - `state`:   `<kind>/<id>` → aggregate state (JSON)
 //! - `seen`:    idempotency key → first-seen ms (8 bytes BE) ‖ SHA-256 of the content (32 bytes)
+//!   ‖ the [`DeliveryId`] of the message applied under the key (8 bytes BE; absent for events the
+//!   daemon made and for keys written before deliveries were recorded)
 //! - `seen_by_time`: first-seen ms (8 bytes BE) ‖ key → (), the index that eviction walks
 //! - `outbox`:  sequence (8 bytes BE) → output event (JSON), deleted once published
 //! - `ledgers`: affiliate id → commission ledger (JSON), moved by the output events of each commit
@@ -19,7 +21,7 @@
 //!   (8 bytes BE), and `t` ‖ ms (8 bytes BE) ‖ message id → (), the index that eviction walks
 
 use crate::changelog::ChangeRecord;
-use aerostream_actors::events::AggregateKey;
+use aerostream_actors::events::{AggregateKey, DeliveryId};
 use aerostream_actors::gateway::Charge;
 use aerostream_actors::output::{OutputBody, OutputEvent};
 use aerostream_actors::ports::{
@@ -139,20 +141,37 @@ fn state_key(key: &AggregateKey) -> Vec<u8> {
     format!("{}/{}", key.kind.as_str(), key.id).into_bytes()
 }
 
-fn encode_seen(first_seen_ms: i64, content_hash: &str) -> Vec<u8> {
+/// Length of a `seen` value that records its delivery: time, SHA-256, delivery.
+const SEEN_WITH_DELIVERY: usize = 8 + 32 + 8;
+
+fn encode_seen(first_seen_ms: i64, content_hash: &str, delivery: Option<DeliveryId>) -> Vec<u8> {
     let mut value = first_seen_ms.to_be_bytes().to_vec();
     match hex::decode(content_hash) {
         Ok(raw) => value.extend_from_slice(&raw),
         Err(_) => value.extend_from_slice(content_hash.as_bytes()),
     }
+    // Only after a SHA-256, so that the length tells whether a delivery follows.
+    if let Some(delivery) = delivery.filter(|_| value.len() + 8 == SEEN_WITH_DELIVERY) {
+        value.extend_from_slice(&delivery.0.to_be_bytes());
+    }
     value
 }
 
 fn decode_seen(value: &[u8]) -> SeenEntry {
-    let (time, hash) = value.split_at(8.min(value.len()));
+    let (time, rest) = value.split_at(8.min(value.len()));
+    let (hash, delivery) = match rest.split_at_checked(32) {
+        Some((hash, delivery)) if value.len() == SEEN_WITH_DELIVERY => (
+            hash,
+            Some(DeliveryId(u64::from_be_bytes(
+                delivery.try_into().expect("8 bytes"),
+            ))),
+        ),
+        _ => (rest, None),
+    };
     SeenEntry {
         first_seen_ms: i64::from_be_bytes(time.try_into().unwrap_or([0; 8])),
         content_hash: hex::encode(hash),
+        delivery,
     }
 }
 
@@ -563,6 +582,7 @@ impl SledStore {
                 idempotency_key: commit.idempotency_key.to_owned(),
                 content_hash: commit.content_hash.to_owned(),
                 seen_at_ms: commit.seen_at_ms,
+                delivery: commit.delivery,
                 charges: commit.charges.to_vec(),
                 outputs: commit.outbox.to_vec(),
             })));
@@ -587,7 +607,7 @@ impl SledStore {
         let versioned = |version: &u64| versioned_key(commit.aggregate, *version);
         Ok(Staged {
             state_key: state_key(commit.aggregate),
-            seen_value: encode_seen(commit.seen_at_ms, commit.content_hash),
+            seen_value: encode_seen(commit.seen_at_ms, commit.content_hash, commit.delivery),
             index_key: time_index_key(commit.seen_at_ms, commit.idempotency_key),
             outbox,
             charges,
@@ -840,7 +860,7 @@ impl SledStore {
     pub fn import(&self, record: &ChangeRecord) -> Result<bool, StoreError> {
         let key = state_key(&record.aggregate);
         let (old_journal, old_snapshots) = self.journal_and_snapshot_keys(&record.aggregate)?;
-        let seen_value = encode_seen(record.seen_at_ms, &record.content_hash);
+        let seen_value = encode_seen(record.seen_at_ms, &record.content_hash, record.delivery);
         let index_key = time_index_key(record.seen_at_ms, &record.idempotency_key);
         let kind = record.aggregate.kind;
         let snapshot = match kind {
@@ -1178,6 +1198,58 @@ mod tests {
         assert_eq!(store.commit(stale).unwrap(), CommitResult::Stale);
     }
 
+    #[test]
+    fn a_key_keeps_the_delivery_it_was_applied_from_and_reads_keys_stored_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TestClock(AtomicI64::new(1_000)));
+        let store = SledStore::open(dir.path(), 60, clock)
+            .unwrap()
+            .with_changelog("a".into());
+        // A report aggregate: its state imports without parsing as a campaign or payment.
+        let agg = report_key("service");
+        let hash = hex::encode([7u8; 32]);
+        let delivery = Some(DeliveryId(0x0102_0304_0506_0708));
+        let with_delivery = Commit {
+            delivery,
+            ..commit(&agg, "k1", &hash, 1_000)
+        };
+        assert_eq!(store.commit(with_delivery).unwrap(), CommitResult::Committed);
+        let seen = store.seen("k1").unwrap().unwrap();
+        assert_eq!(
+            (seen.content_hash.as_str(), seen.delivery),
+            (hash.as_str(), delivery)
+        );
+        assert!(matches!(
+            store.commit(Commit { version: 2, ..commit(&agg, "k1", &hash, 1_001) }).unwrap(),
+            CommitResult::AlreadySeen(entry) if entry.delivery == delivery
+        ));
+        // The changelog record carries the delivery to the daemons that import it.
+        let records = publish(&store);
+        assert_eq!(records[0].delivery, delivery);
+        let other = tempfile::tempdir().unwrap();
+        let importer = SledStore::open(other.path(), 60, Arc::new(TestClock(AtomicI64::new(1_000)))).unwrap();
+        assert!(importer.import(&records[0]).unwrap());
+        assert_eq!(importer.seen("k1").unwrap().unwrap().delivery, delivery);
+
+        // Written by a version before deliveries: time and hash alone, read as no delivery; a
+        // record of such a version has no `delivery` field.
+        let mut old = 1_000i64.to_be_bytes().to_vec();
+        old.extend_from_slice(&[9u8; 32]);
+        assert_eq!(
+            decode_seen(&old),
+            SeenEntry {
+                first_seen_ms: 1_000,
+                content_hash: hex::encode([9u8; 32]),
+                delivery: None
+            }
+        );
+        let mut json = serde_json::to_value(&records[0]).unwrap();
+        json.as_object_mut().unwrap().remove("delivery");
+        let old_record: ChangeRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(old_record.delivery, None);
+        assert_eq!(decode_seen(&encode_seen(5, &hash, None)).delivery, None);
+    }
+
     fn report_key(id: &str) -> AggregateKey {
         AggregateKey {
             kind: AggregateKind::Report,
@@ -1496,6 +1568,7 @@ mod tests {
             idempotency_key: idem.into(),
             content_hash: hash.clone(),
             seen_at_ms: 0,
+            delivery: None,
             outbox: Vec::new(),
             charges: Vec::new(),
             journal: None,

@@ -21,26 +21,16 @@ use apache_avro::error::Details;
 use apache_avro::types::{Value, ValueKind};
 use sha2::{Digest, Sha256};
 
-/// Every value [`DecodeError::reason`] can return, for metrics registered up front.
-pub const REASONS: [&str; 11] = [
-    "missing_dataschema",
-    "unknown_schema",
-    "invalid_avro",
-    "missing_field",
-    "invalid_field",
-    "invalid_money",
-    "unknown_event_type",
-    "dataschema_mismatch",
-    "type_mismatch",
-    "missing_key",
-    "key_mismatch",
-];
-
 /// Longest Avro error detail kept in a message: apache-avro prints whole values in some errors.
 const MAX_DETAIL_CHARS: usize = 300;
 
-/// Why a message could not become an event. All of them are permanent: dead-letter, don't retry.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a payload could not become an event. All of them are permanent: dead-letter, don't retry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, strum::EnumDiscriminants)]
+#[strum_discriminants(
+    name(DecodeReason),
+    derive(Hash, strum::VariantArray),
+    doc = "The kind of a [`DecodeError`]: its dead-letter reason and metric label ([`DecodeReason::as_str`])."
+)]
 pub enum DecodeError {
     #[error("the message has no ce_dataschema property and its input has no default_dataschema")]
     MissingDataschema,
@@ -68,20 +58,30 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// The dead-letter reason and metric label: one of [`REASONS`].
+    /// The dead-letter reason and metric label.
     pub fn reason(&self) -> &'static str {
+        DecodeReason::from(self).as_str()
+    }
+}
+
+impl DecodeReason {
+    /// Every reason (derived from [`DecodeError`]'s variants, so none is left out of the counters
+    /// registered at 0).
+    pub const ALL: &'static [DecodeReason] = <DecodeReason as strum::VariantArray>::VARIANTS;
+
+    pub fn as_str(self) -> &'static str {
         match self {
-            DecodeError::MissingDataschema => "missing_dataschema",
-            DecodeError::UnknownSchema { .. } => "unknown_schema",
-            DecodeError::InvalidAvro { .. } => "invalid_avro",
-            DecodeError::MissingField { .. } => "missing_field",
-            DecodeError::InvalidField { .. } => "invalid_field",
-            DecodeError::InvalidMoney { .. } => "invalid_money",
-            DecodeError::UnknownEventType { .. } => "unknown_event_type",
-            DecodeError::DataschemaMismatch { .. } => "dataschema_mismatch",
-            DecodeError::TypeMismatch { .. } => "type_mismatch",
-            DecodeError::MissingKey { .. } => "missing_key",
-            DecodeError::KeyMismatch { .. } => "key_mismatch",
+            DecodeReason::MissingDataschema => "missing_dataschema",
+            DecodeReason::UnknownSchema => "unknown_schema",
+            DecodeReason::InvalidAvro => "invalid_avro",
+            DecodeReason::MissingField => "missing_field",
+            DecodeReason::InvalidField => "invalid_field",
+            DecodeReason::InvalidMoney => "invalid_money",
+            DecodeReason::UnknownEventType => "unknown_event_type",
+            DecodeReason::DataschemaMismatch => "dataschema_mismatch",
+            DecodeReason::TypeMismatch => "type_mismatch",
+            DecodeReason::MissingKey => "missing_key",
+            DecodeReason::KeyMismatch => "key_mismatch",
         }
     }
 }
@@ -126,6 +126,7 @@ impl Codec {
             content_hash: content_hash(&event),
             envelope,
             event,
+            delivery: None,
         })
     }
 

@@ -30,7 +30,7 @@ mod tests;
 use aerostream_actors::{CampaignEvent, Event, OutputBody, PaymentEvent, ReportEvent};
 use std::sync::Arc;
 
-pub use decode::{DecodeError, MessageMeta};
+pub use decode::{DecodeError, DecodeReason, MessageMeta};
 pub use encode::{EncodeError, Encoded};
 pub use registry::{Compatibility, SchemaError, SchemaRegistry, SchemaVersion, Subject};
 

@@ -36,7 +36,12 @@ const PULSAR_LITE_INPUTS: &str = "[inputs.payments]\nsubscription_type = \"failo
 /// TOML appended (it must not repeat a table header used here). Payments use Failover (see
 /// `PULSAR_LITE_INPUTS`): for tests that kill or restart daemons.
 pub fn write_config(dir: &Path, broker_url: &str, http_port: u16, extra: &str) -> anyhow::Result<PathBuf> {
-    write_config_with_inputs(dir, broker_url, http_port, &format!("{extra}\n\n{PULSAR_LITE_INPUTS}"))
+    write_config_with_inputs(
+        dir,
+        broker_url,
+        http_port,
+        &format!("{extra}\n\n{PULSAR_LITE_INPUTS}"),
+    )
 }
 
 /// Like [`write_config`], with every input's subscription as shipped (payments on Key_Shared):
