@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::http::{self, HttpState, InputsUp};
 use crate::ingest::{self, Pipeline};
 use crate::store::SledStore;
-use crate::telemetry::{self, ACTORS_PASSIVATED, IDEMPOTENCY_EVICTED, IDEMPOTENCY_WINDOW_KEYS};
+use crate::telemetry::{self, ACTORS_PASSIVATED, IDEMPOTENCY_EVICTED, IDEMPOTENCY_WINDOW_KEYS, STORE_WRITABLE};
 use actix::Arbiter;
 use aerostream_actors::ports::SystemClock;
 use aerostream_actors::{ActorEnv, Registry};
@@ -161,6 +161,7 @@ pub async fn run(
                 config.idempotency.eviction_interval_seconds,
                 stop_rx.clone(),
             )),
+            tokio::spawn(probe_store(store.clone(), stop_rx.clone())),
         ];
         let follower = match barriers.take() {
             Some((follower, requests)) => {
@@ -256,6 +257,22 @@ async fn passivate(registry: Arc<Registry>, idle_seconds: u64, mut shutdown: wat
         if stopped > 0 {
             metrics::counter!(ACTORS_PASSIVATED).increment(stopped as u64);
             tracing::debug!(stopped, "Passivated idle actors.");
+        }
+    }
+}
+
+/// How often the store's write check runs.
+const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Checks every second that the store writes (`SledStore::check_writable`): a store that cannot
+/// write shows on /health without traffic, and consumption resumes once it writes again.
+async fn probe_store(store: Arc<SledStore>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let writable = store.check_writable().await.is_ok();
+        metrics::gauge!(STORE_WRITABLE).set(if writable { 1.0 } else { 0.0 });
+        tokio::select! {
+            _ = tokio::time::sleep(STORE_PROBE_INTERVAL) => {}
+            _ = shutdown.changed() => return,
         }
     }
 }

@@ -28,6 +28,8 @@ pub const IDEMPOTENCY_WINDOW_KEYS: &str = "aerostream_idempotency_window_keys";
 pub const IDEMPOTENCY_EVICTED: &str = "aerostream_idempotency_evicted_total";
 pub const OUTBOX_BACKLOG: &str = "aerostream_outbox_backlog_events";
 pub const OUTBOX_PUBLISHED: &str = "aerostream_outbox_published_total";
+pub const OUTBOX_POISONED: &str = "aerostream_outbox_poisoned_total";
+pub const STORE_WRITABLE: &str = "aerostream_store_writable";
 pub const BROKER_UP: &str = "aerostream_broker_up";
 pub const HTTP_REQUESTS: &str = "aerostream_http_requests_total";
 pub const GATEWAY_CALLS: &str = "aerostream_gateway_calls_total";
@@ -97,6 +99,9 @@ pub fn zero_counters<'a>(inputs: impl IntoIterator<Item = &'a str>) {
     counter!(CHANGELOG_BARRIERS).increment(0);
     counter!(ACTORS_PASSIVATED).increment(0);
     counter!(IDEMPOTENCY_EVICTED).increment(0);
+    for kind in crate::outbox::ENTRY_KINDS {
+        counter!(OUTBOX_POISONED, "kind" => kind).increment(0);
+    }
 }
 
 /// Counts actor starts, stops and restarts.
