@@ -59,9 +59,7 @@ mod tests {
 
     #[test]
     fn the_ceiling_doubles_up_to_the_cap_and_never_overflows() {
-        let ceilings: Vec<u64> = (1..=6)
-            .map(|n| BACKOFF.ceiling(n).as_millis() as u64)
-            .collect();
+        let ceilings: Vec<u64> = (1..=6).map(|n| BACKOFF.ceiling(n).as_millis() as u64).collect();
         assert_eq!(ceilings, [100, 200, 400, 800, 1_000, 1_000]);
         assert_eq!(BACKOFF.ceiling(0), Duration::from_millis(100));
         assert_eq!(BACKOFF.ceiling(u32::MAX), Duration::from_millis(1_000));
@@ -80,7 +78,11 @@ mod tests {
                 ceiling / 2
             );
             let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
-            assert!(distinct.len() > 100, "jittered: {} distinct of 200", distinct.len());
+            assert!(
+                distinct.len() > 100,
+                "jittered: {} distinct of 200",
+                distinct.len()
+            );
         }
     }
 

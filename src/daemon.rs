@@ -7,7 +7,9 @@ use crate::config::Config;
 use crate::http::{self, HttpState, InputsUp};
 use crate::ingest::{self, Pipeline};
 use crate::store::SledStore;
-use crate::telemetry::{self, ACTORS_PASSIVATED, IDEMPOTENCY_EVICTED, IDEMPOTENCY_WINDOW_KEYS, STORE_WRITABLE};
+use crate::telemetry::{
+    self, ACTORS_PASSIVATED, IDEMPOTENCY_EVICTED, IDEMPOTENCY_WINDOW_KEYS, STORE_WRITABLE,
+};
 use actix::Arbiter;
 use aerostream_actors::ports::SystemClock;
 use aerostream_actors::{ActorEnv, Registry};

@@ -68,7 +68,9 @@ async fn health(state: web::Data<HttpState>) -> HttpResponse {
         reasons.push("broker: did not answer the last probe".into());
     }
     if let Some(problem) = store_problem {
-        reasons.push(format!("store: {problem}; consumption is stopped until it writes again"));
+        reasons.push(format!(
+            "store: {problem}; consumption is stopped until it writes again"
+        ));
     }
     for (name, _) in inputs.iter().filter(|(_, up)| !**up) {
         reasons.push(format!("input {name}: not subscribed"));

@@ -438,10 +438,7 @@ impl SledStore {
     /// The oldest `limit` outbox entries, with their sequence keys; an entry that does not parse
     /// (written by another version, or damaged) comes as its error, for the publisher to set
     /// aside.
-    pub fn outbox_entries(
-        &self,
-        limit: usize,
-    ) -> Result<Vec<(sled::IVec, StoredEntry)>, StoreError> {
+    pub fn outbox_entries(&self, limit: usize) -> Result<Vec<(sled::IVec, StoredEntry)>, StoreError> {
         self.outbox
             .iter()
             .take(limit)
@@ -534,7 +531,6 @@ impl SledStore {
         self.wrote();
         Ok(())
     }
-
 }
 
 impl StateStore for SledStore {
@@ -1449,9 +1445,17 @@ mod tests {
         assert_eq!(store.outbox_len(), 2);
         let entries = store.outbox_entries(10).unwrap();
         assert!(matches!(entries[0].1, Ok(OutboxEntry::Output(ref out)) if out.id == "o-1"));
-        assert!(matches!(entries[1].1, Err(StoreError::Corrupt(_))), "{:?}", entries[1].1);
+        assert!(
+            matches!(entries[1].1, Err(StoreError::Corrupt(_))),
+            "{:?}",
+            entries[1].1
+        );
         assert!(store.outbox_batch(10).is_err(), "outbox_batch refuses it");
-        assert_eq!(store.withdraw_unpublished().unwrap(), 0, "a start is not stopped by it");
+        assert_eq!(
+            store.withdraw_unpublished().unwrap(),
+            0,
+            "a start is not stopped by it"
+        );
 
         let good_seq = entries[0].0.clone();
         store.outbox_set_aside(&poison_seq, "cannot be read").unwrap();
