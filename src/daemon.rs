@@ -7,9 +7,7 @@ use crate::config::Config;
 use crate::http::{self, HttpState, InputsUp};
 use crate::ingest::{self, Pipeline};
 use crate::store::SledStore;
-use crate::telemetry::{
-    self, ACTORS_PASSIVATED, IDEMPOTENCY_EVICTED, IDEMPOTENCY_WINDOW_KEYS, STORE_WRITABLE,
-};
+use crate::telemetry::{self, ACTORS_PASSIVATED, IDEMPOTENCY_EVICTED, IDEMPOTENCY_WINDOW_KEYS};
 use actix::Arbiter;
 use aerostream_actors::ports::SystemClock;
 use aerostream_actors::{ActorEnv, Registry};
@@ -270,8 +268,8 @@ const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// write shows on /health without traffic, and consumption resumes once it writes again.
 async fn probe_store(store: Arc<SledStore>, mut shutdown: watch::Receiver<bool>) {
     loop {
-        let writable = store.check_writable().await.is_ok();
-        metrics::gauge!(STORE_WRITABLE).set(if writable { 1.0 } else { 0.0 });
+        // The outcome is kept by the store (`write_problem`, the writable gauge).
+        let _ = store.check_writable().await;
         tokio::select! {
             _ = tokio::time::sleep(STORE_PROBE_INTERVAL) => {}
             _ = shutdown.changed() => return,

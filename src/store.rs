@@ -5,6 +5,7 @@
 //! - `seen`:    idempotency key → first-seen ms (8 bytes BE) ‖ SHA-256 of the content (32 bytes)
 //! - `seen_by_time`: first-seen ms (8 bytes BE) ‖ key → (), the index that eviction walks
 //! - `outbox`:  sequence (8 bytes BE) → output event (JSON), deleted once published
+//! - `outbox_poison`: same keys → an entry that can never be published, with its reason (JSON)
 //! - `ledgers`: affiliate id → commission ledger (JSON), moved by the output events of each commit
 //! - `charges`: payment id → payment to charge through the gateway (JSON), deleted once reported
 //! - `journal`: `<kind>/<id>/<version, 20 digits>` → applied event (JSON), for kinds with snapshots
@@ -16,6 +17,7 @@
 //!   withdrawn at start because they never reached the changelog
 
 use crate::changelog::ChangeRecord;
+use crate::telemetry::STORE_WRITABLE;
 use aerostream_actors::events::AggregateKey;
 use aerostream_actors::gateway::Charge;
 use aerostream_actors::output::{OutputBody, OutputEvent};
@@ -339,6 +341,7 @@ impl SledStore {
         self.write_problem.send_if_modified(|problem| {
             if problem.is_none() {
                 tracing::error!(error = %reason, "The store cannot write: consumption stops until it can.");
+                metrics::gauge!(STORE_WRITABLE).set(0.0);
             }
             let changed = problem.as_deref() != Some(reason.as_str());
             *problem = Some(reason);
@@ -367,6 +370,7 @@ impl SledStore {
                     if was.is_some() {
                         tracing::info!("The store writes again: consumption resumes.");
                     }
+                    metrics::gauge!(STORE_WRITABLE).set(1.0);
                     was.is_some()
                 });
             }
