@@ -91,12 +91,12 @@ fn a_store_that_cannot_write_stops_consumption_answers_503_and_resumes_exactly()
     runtime.block_on(publisher).unwrap().unwrap();
 
     // Nothing more is received: the second half, published now, stays at the broker.
-    events::publish(&runtime, &config, second);
     let consumed = metric(&daemon, "aerostream_events_consumed_total");
-    assert!(
-        consumed <= first.len() as f64,
-        "consumed {consumed}, more than the first half's {}, while the store could not write",
-        first.len()
+    events::publish(&runtime, &config, second);
+    assert_eq!(
+        metric(&daemon, "aerostream_events_consumed_total"),
+        consumed,
+        "nothing received while the store could not write"
     );
     assert_eq!(health(&daemon).0, 503, "still unable to write");
     assert_eq!(daemon.metric("aerostream_store_writable", &[]).unwrap(), 0.0);
@@ -185,4 +185,108 @@ fn a_poison_outbox_entry_is_set_aside_counted_and_the_inputs_go_on() {
     let reason = set_aside[0]["reason"].as_str().unwrap();
     assert!(reason.contains("Teleported"), "the reason says why: {reason}");
     assert_eq!(store.outbox_len(), 0);
+}
+
+/// A small tmpfs mounted for the test (root only), unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test mounts a tmpfs, which needs root (as the project's machines and CI run)"
+        );
+        std::fs::create_dir_all(at).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount -t tmpfs at {}", at.display());
+        Tmpfs(at.to_owned())
+    }
+
+    /// Fills the filesystem with a ballast file until the disk is full.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut ballast = std::fs::File::create(self.0.join("ballast")).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while ballast.write_all(&block).is_ok() {}
+        let _ = ballast.sync_all();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.0.join("ballast")).unwrap();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The same on a real full disk (a tmpfs filled by a ballast file): consumption stops, /health
+/// answers 503 with the I/O error, nothing is acked or counted against the messages. sled 0.34
+/// keeps failing after an I/O error until the database is reopened (measured: writes still fail
+/// once space is freed, and succeed after a reopen), so here the daemon resumes at its restart,
+/// exactly.
+#[test]
+fn a_full_disk_stops_consumption_with_503_and_a_restart_after_freeing_space_resumes_exactly() {
+    let broker = LocalBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Tmpfs::mount(&dir.path().join("data"), "48m");
+    let port = free_port().unwrap();
+    let config_path = daemon::write_config(dir.path(), &broker.url(), port, "").unwrap();
+    let config = Config::load(Some(&config_path)).unwrap();
+    let mut daemon = Daemon::start(&config_path, port).unwrap();
+    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let plan = generator::plan(&Options {
+        seed: 95,
+        campaigns: 4,
+        payments: 20,
+        events: 600,
+        duplicate_fraction: 0.05,
+        reorder_window: 4,
+        conflict_fraction: 0.0,
+        ..Options::for_daemon(&config)
+    });
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (first, second) = plan.stream.split_at(plan.stream.len() / 2);
+    events::publish(&runtime, &config, first);
+    wait_for("the first half received", Duration::from_secs(60), || {
+        (metric(&daemon, "aerostream_events_consumed_total") >= first.len() as f64).then_some(())
+    })
+    .unwrap();
+
+    disk.fill();
+    events::publish(&runtime, &config, second);
+    let body = wait_for("/health to answer 503", Duration::from_secs(30), || {
+        let (status, body) = health(&daemon);
+        (status == 503).then_some(body)
+    })
+    .unwrap();
+    let reasons = body["reasons"].to_string();
+    assert!(
+        reasons.contains("store") && reasons.contains("No space left on device"),
+        "the reason names the store and the I/O error: {reasons}"
+    );
+    assert_eq!(body["components"]["store"], false);
+    assert_eq!(metric(&daemon, "aerostream_events_retried_total"), 0.0);
+    assert_eq!(metric(&daemon, "aerostream_events_dead_lettered_total"), 0.0);
+
+    // Space back: sled still refuses to write until reopened, so the daemon stays unavailable
+    // (and acks nothing) until it is restarted.
+    disk.free();
+    daemon.kill().unwrap();
+    let daemon = Daemon::start(&config_path, port).unwrap();
+    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    wait_for_state(&daemon, &plan.expected, Duration::from_secs(120));
+    assert_eq!(metric(&daemon, "aerostream_events_dead_lettered_total"), 0.0);
+    drop(daemon);
+    drop(disk);
 }
