@@ -11,6 +11,7 @@
 //!   barrier: a marker written to every changelog partition and read back. Whatever another daemon
 //!   did with that aggregate is then in the local store; its redelivered messages are duplicates.
 
+use crate::backoff::Backoff;
 use crate::broker::{self, Client};
 use crate::config::{BrokerConfig, ChangelogConfig};
 use crate::partitions::Partitions;
@@ -29,6 +30,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// The follower acks cumulatively, once per this many records of a partition.
 const ACK_EVERY: u32 = 64;
+/// Between re-subscriptions after the follower failed (a record it could not import, a marker it
+/// could not write): each reads the changelog from its start again.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
 /// One commit as another daemon needs it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -181,6 +185,8 @@ pub async fn run(
     })
     .await;
     let Ok(mut markers) = markers else { return };
+    // Failures in a row; a follower that ran for a while before failing starts the count again.
+    let mut failures = 0;
     loop {
         // A fresh subscription from the earliest record: importing a record twice changes
         // nothing, and every marker written from now on is read. One consumer per partition,
@@ -205,6 +211,7 @@ pub async fn run(
         .await;
         let Ok(mut consumer) = subscribed else { return };
         tracing::info!(%topic, "Following the changelog.");
+        let following = std::time::Instant::now();
         let stopped = follow(
             &mut consumer,
             &instance,
@@ -223,7 +230,14 @@ pub async fn run(
         if stopped {
             return;
         }
-        tracing::warn!(%topic, "Changelog follower lost its consumer; subscribing again.");
+        if following.elapsed() > BACKOFF.max {
+            failures = 0;
+        }
+        failures += 1;
+        tracing::warn!(%topic, failures, "Changelog follower lost its consumer; subscribing again.");
+        if !BACKOFF.wait(failures, &mut shutdown).await {
+            return;
+        }
     }
 }
 

@@ -165,6 +165,7 @@ pub async fn run(
                 config.idempotency.eviction_interval_seconds,
                 stop_rx.clone(),
             )),
+            tokio::spawn(probe_store(store.clone(), stop_rx.clone())),
         ];
         let follower = match barriers.take() {
             Some((follower, requests)) => {
@@ -261,6 +262,22 @@ async fn passivate(registry: Arc<Registry>, idle_seconds: u64, mut shutdown: wat
         if stopped > 0 {
             metrics::counter!(ACTORS_PASSIVATED).increment(stopped as u64);
             tracing::debug!(stopped, "Passivated idle actors.");
+        }
+    }
+}
+
+/// How often the store's write check runs.
+const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Checks every second that the store writes (`SledStore::check_writable`): a store that cannot
+/// write shows on /health without traffic, and consumption resumes once it writes again.
+async fn probe_store(store: Arc<SledStore>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        // The outcome is kept by the store (`write_problem`, the writable gauge).
+        let _ = store.check_writable().await;
+        tokio::select! {
+            _ = tokio::time::sleep(STORE_PROBE_INTERVAL) => {}
+            _ = shutdown.changed() => return,
         }
     }
 }
