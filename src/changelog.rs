@@ -28,6 +28,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// Fail point (chaos only): the follower's next subscription delivers nothing, as a broker or
+/// client fault could make it, for the stall watchdog to replace.
+pub const FAILPOINT_DEAF_SUBSCRIPTION: &str = "changelog::deaf_subscription";
+
 /// The follower acks cumulatively, once per this many records of a partition.
 const ACK_EVERY: u32 = 64;
 /// Between re-subscriptions after the follower failed (a record it could not import, a marker it
@@ -210,6 +214,10 @@ pub async fn run(
         })
         .await;
         let Ok(mut consumer) = subscribed else { return };
+        let deaf = (|| {
+            fail::fail_point!(FAILPOINT_DEAF_SUBSCRIPTION, |_| true);
+            false
+        })();
         tracing::info!(%topic, "Following the changelog.");
         let following = std::time::Instant::now();
         let stopped = follow(
@@ -220,6 +228,7 @@ pub async fn run(
             &mut markers,
             &mut requests,
             Duration::from_millis(config.stall_timeout_ms),
+            deaf,
             &mut shutdown,
         )
         .await;
@@ -349,6 +358,7 @@ async fn follow(
     markers: &mut Markers,
     requests: &mut Requests,
     stall_timeout: Duration,
+    deaf: bool,
     shutdown: &mut watch::Receiver<bool>,
 ) -> bool {
     let Requests {
@@ -421,6 +431,7 @@ async fn follow(
                 }
             }
             received = consumer.next() => match received {
+                Some(Ok(_)) if deaf => {}
                 Some(Ok(message)) => {
                     last_read = Instant::now();
                     let partition = message.topic.clone();

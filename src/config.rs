@@ -143,6 +143,10 @@ pub struct HttpConfig {
 #[serde(deny_unknown_fields)]
 pub struct ChaosConfig {
     pub enabled: bool,
+    /// Fail points set at start (name → the `fail` crate's actions), only with `enabled`; the
+    /// names are those of `POST /admin/chaos/failpoint`.
+    #[serde(default)]
+    pub failpoints: std::collections::BTreeMap<String, String>,
 }
 
 /// Campaign snapshots (`CampanaEstadoCompleto`).

@@ -25,6 +25,18 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    if config.chaos.enabled {
+        for (name, actions) in &config.chaos.failpoints {
+            anyhow::ensure!(
+                http::FAILPOINTS.contains(&name.as_str()),
+                "chaos.failpoints: unknown fail point {name:?}; known: {:?}",
+                http::FAILPOINTS
+            );
+            fail::cfg(name.as_str(), actions)
+                .map_err(|error| anyhow::anyhow!("chaos.failpoints.{name}: {error}"))?;
+            tracing::warn!(%name, %actions, "Chaos: fail point set at start.");
+        }
+    }
     let clock = Arc::new(SystemClock);
     let instance = config.instance_id();
     let mut store = SledStore::open_with_cache(

@@ -279,8 +279,12 @@ struct SetFailpoint {
     actions: String,
 }
 
-/// The fail points a chaos request may set.
-const FAILPOINTS: [&str; 2] = [crate::store::FAILPOINT_WRITE, crate::store::FAILPOINT_COMMIT];
+/// The fail points a chaos request (or `chaos.failpoints`) may set.
+pub const FAILPOINTS: [&str; 3] = [
+    crate::store::FAILPOINT_WRITE,
+    crate::store::FAILPOINT_COMMIT,
+    crate::changelog::FAILPOINT_DEAF_SUBSCRIPTION,
+];
 
 /// Chaos: sets the actions of a fail point, as the `fail` crate reads them; `off` clears them.
 async fn set_failpoint(

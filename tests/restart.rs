@@ -314,3 +314,70 @@ fn a_restart_that_cannot_settle_says_why_and_sigterm_still_ends_it_in_time() {
     runtime.block_on(publisher).unwrap().unwrap();
     wait_for_state(&daemon, &plan.expected, Duration::from_secs(120));
 }
+
+/// A changelog subscription that delivers nothing (made so by a fail point, as a broker or client
+/// fault could) would hold a restarted daemon's settling, and every barrier, for ever: the follower
+/// must notice that no record comes while its marker is pending, subscribe again and go on.
+#[test]
+fn a_changelog_subscription_that_delivers_nothing_is_replaced_and_the_restart_settles() {
+    let broker = LocalBroker::start_with(BrokerOptions {
+        default_partitions: 2,
+        ..BrokerOptions::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    let config_path = daemon::write_config(
+        dir.path(),
+        &broker.url(),
+        port,
+        "admin_token = \"t\"\n\n[chaos]\nenabled = true\n\
+         failpoints = { \"changelog::deaf_subscription\" = \"1*return\" }\n\n\
+         [changelog]\nstall_timeout_ms = 1500\n",
+    )
+    .unwrap();
+    let config = Config::load(Some(&config_path)).unwrap();
+    let plan = generator::plan(&Options {
+        seed: 8,
+        campaigns: 10,
+        payments: 200,
+        events: 8_000,
+        duplicate_fraction: 0.1,
+        reorder_window: 4,
+        conflict_fraction: 0.0,
+        ..Options::for_daemon(&config)
+    });
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut daemon = Daemon::start(&config_path, port).unwrap();
+    let publisher = {
+        let (config, events) = (config.clone(), plan.stream.clone());
+        runtime.spawn(async move { produce::publish(&config, &Codec::shipped(), &events, 1_000).await })
+    };
+    // Each life starts on a deaf subscription; a SIGKILL mid-stream leaves withdrawn commits.
+    let mut settled_restarts = 0;
+    while settled_restarts < 2 {
+        let at = applied(&daemon) + 300.0;
+        wait_for("the daemon to apply", Duration::from_secs(60), || {
+            (applied(&daemon) >= at).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
+        assert!(
+            daemon
+                .metric("aerostream_changelog_resubscriptions_total", &[])
+                .unwrap()
+                >= 1.0,
+            "the deaf subscription was replaced\n{}",
+            daemon.log_tail()
+        );
+        let log = log_text(&daemon);
+        if log.contains("Withdrew commits") {
+            assert!(log.contains("Withdrawn commits settled"), "{}", daemon.log_tail());
+            settled_restarts += 1;
+        }
+        assert!(!publisher.is_finished(), "the kill must come mid-stream");
+        daemon.kill().unwrap();
+        daemon = Daemon::start(&config_path, port).unwrap();
+    }
+    runtime.block_on(publisher).unwrap().unwrap();
+    wait_for_state(&daemon, &plan.expected, Duration::from_secs(120));
+}
