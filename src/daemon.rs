@@ -12,6 +12,7 @@ use actix::Arbiter;
 use aerostream_actors::ports::SystemClock;
 use aerostream_actors::{ActorEnv, Registry};
 use anyhow::Context as _;
+use futures::StreamExt as _;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::TcpListener;
@@ -234,18 +235,22 @@ pub async fn run(
     }
     tracing::info!("Shutting down: finishing in-flight events.");
     let _ = stop_tx.send(true);
-    if let Some((mut consumers, tasks)) = started {
-        // Three quarters of the grace period for the consumers, the rest for closing down.
-        let drained = tokio::time::timeout(
-            config.shutdown_timeout().mul_f64(0.75),
-            futures::future::join_all(consumers.iter_mut()),
-        )
+    if let Some((consumers, tasks)) = started {
+        // Three quarters of the grace period for the consumers, the rest for closing down. A
+        // consumer that finished leaves the set: a finished task's handle must not be polled again.
+        let mut consumers: futures::stream::FuturesUnordered<_> = consumers.into_iter().collect();
+        let drained = tokio::time::timeout(config.shutdown_timeout().mul_f64(0.75), async {
+            while consumers.next().await.is_some() {}
+        })
         .await;
         if drained.is_err() {
-            tracing::warn!("Shutdown timeout reached with events still in flight; they will be redelivered.");
+            tracing::warn!(
+                consumers = consumers.len(),
+                "Shutdown timeout reached with events still in flight; they will be redelivered."
+            );
             consumers.iter().for_each(|consumer| consumer.abort());
             // Let the aborted tasks drop their broker handles while the runtime still runs.
-            futures::future::join_all(consumers).await;
+            while consumers.next().await.is_some() {}
         }
         let _ = late_stop_tx.send(true);
         tasks.iter().for_each(|task| task.abort());

@@ -381,3 +381,55 @@ fn a_changelog_subscription_that_delivers_nothing_is_replaced_and_the_restart_se
     runtime.block_on(publisher).unwrap().unwrap();
     wait_for_state(&daemon, &plan.expected, Duration::from_secs(120));
 }
+
+/// SIGTERM while some inputs finish at once and others hold messages they can never finish (here:
+/// every changelog subscription delivers nothing, so every barrier waits): the stuck ones are
+/// abandoned after their share of the grace period and the daemon still stops cleanly.
+#[test]
+fn sigterm_with_some_inputs_stuck_stops_cleanly() {
+    let broker = LocalBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    let config_path = daemon::write_config(
+        dir.path(),
+        &broker.url(),
+        port,
+        "admin_token = \"t\"\n\n[chaos]\nenabled = true\n\
+         failpoints = { \"changelog::deaf_subscription\" = \"return\" }\n",
+    )
+    .unwrap();
+    with_shutdown_timeout(&config_path, 4);
+    let config = Config::load(Some(&config_path)).unwrap();
+    let plan = generator::plan(&Options {
+        seed: 9,
+        campaigns: 5,
+        payments: 20,
+        events: 200,
+        duplicate_fraction: 0.0,
+        reorder_window: 1,
+        conflict_fraction: 0.0,
+        ..Options::for_daemon(&config)
+    });
+    let mut daemon = Daemon::start(&config_path, port).unwrap();
+    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime
+        .block_on(produce::publish(&config, &Codec::shipped(), &plan.stream, 0))
+        .unwrap();
+    wait_for("the campaigns input to hold messages", Duration::from_secs(30), || {
+        let (_, body, _) = daemon
+            .send(reqwest::Method::GET, "/health", None, Vec::new())
+            .ok()?;
+        (body["components"]["inputs"]["campaigns"]["held"].as_u64()? > 0).then_some(())
+    })
+    .unwrap();
+    let status = daemon
+        .terminate(Duration::from_secs(4 + 10))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let log = log_text(&daemon);
+    assert!(
+        status.success() && log.contains("Stopped."),
+        "{status:?}\n{}",
+        daemon.log_tail()
+    );
+}
