@@ -247,6 +247,16 @@ pub async fn run(
         if !BACKOFF.wait(failures, &mut shutdown).await {
             return;
         }
+        // The markers' producer may be bound to a connection that broke (seen on a starved
+        // broker: its sends failed on the old connection after the client had a new one).
+        match broker::with_backoff("changelog markers", &mut shutdown, || {
+            broker::producer(&client, topic.clone())
+        })
+        .await
+        {
+            Ok(producer) => markers.producer = producer,
+            Err(_) => return,
+        }
     }
 }
 

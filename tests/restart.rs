@@ -136,7 +136,7 @@ fn a_broker_restart_while_settling_does_not_stall_the_restarted_daemon() {
     let rounds: usize = std::env::var("AEROSTREAM_RESTART_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(2);
     let broker = LocalBroker::start_with(BrokerOptions {
         default_partitions: 2,
         ..BrokerOptions::default()
