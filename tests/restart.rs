@@ -7,16 +7,15 @@
 mod support;
 
 use aerostream::codec::Codec;
-use aerostream::config::Config;
 use aerostream::generator::{self, Options};
 use aerostream::produce;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Duration;
-use support::daemon::{self, wait_for, Daemon};
+use support::daemon::{wait_for, Daemon};
 use support::state::wait_for_state;
-use support::topic::{collect_outputs, TopicReader};
-use support::{free_port, BrokerOptions, LocalBroker};
+use support::topic::collect_outputs;
+use support::Harness;
 
 fn applied(daemon: &Daemon) -> f64 {
     daemon
@@ -34,21 +33,8 @@ fn every_restart_after_withdrawals_settles_and_applies_again() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(12);
-    let broker = LocalBroker::start_with(BrokerOptions {
-        default_partitions: 2,
-        ..BrokerOptions::default()
-    })
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let config_path = daemon::write_config(
-        dir.path(),
-        &broker.url(),
-        port,
-        "admin_token = \"t\"\n\n[chaos]\nenabled = true\n",
-    )
-    .unwrap();
-    let config = Config::load(Some(&config_path)).unwrap();
+    let harness = Harness::new().partitions(2).admin_token("t").chaos(true).build();
+    let (config, runtime) = (harness.config(), harness.runtime());
     let plan = generator::plan(&Options {
         seed: 5,
         campaigns: 20,
@@ -57,27 +43,11 @@ fn every_restart_after_withdrawals_settles_and_applies_again() {
         duplicate_fraction: 0.1,
         reorder_window: 4,
         conflict_fraction: 0.0,
-        ..Options::for_daemon(&config)
+        ..Options::for_daemon(config)
     });
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let client = runtime
-        .block_on(pulsar::Pulsar::builder(broker.url(), pulsar::TokioExecutor).build())
-        .unwrap();
-    let mut outputs: Vec<TopicReader> = [
-        &config.outputs.payments_topic,
-        &config.outputs.commissions_topic,
-        &config.outputs.alerts_topic,
-    ]
-    .iter()
-    .map(|name| {
-        runtime
-            .block_on(TopicReader::subscribe(&client, &config.broker.topic(name)))
-            .unwrap()
-    })
-    .collect();
+    let mut outputs = harness.output_readers();
 
-    let mut daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let mut daemon = harness.start();
     let publisher = {
         let (config, events) = (config.clone(), plan.stream.clone());
         runtime.spawn(async move { produce::publish(&config, &Codec::shipped(), &events, 1_000).await })
@@ -119,11 +89,11 @@ fn every_restart_after_withdrawals_settles_and_applies_again() {
         }
         daemon.kill().unwrap();
         killed += 1;
-        daemon = Daemon::start(&config_path, port).unwrap();
+        daemon = harness.spawn();
     }
     runtime.block_on(publisher).unwrap().unwrap();
     wait_for_state(&daemon, &plan.expected, Duration::from_secs(120));
-    let published = collect_outputs(&runtime, &mut outputs, &plan.expected_outputs);
+    let published = collect_outputs(runtime, &mut outputs, &plan.expected_outputs);
     assert_eq!(published.distinct, plan.expected_outputs, "output event ids");
     println!(
         "{killed} SIGKILLs, {withdrawing_restarts} restarts withdrew unpublished commits; state exact, {} output ids published",
@@ -136,16 +106,9 @@ fn a_broker_restart_while_settling_does_not_stall_the_restarted_daemon() {
     let rounds: usize = std::env::var("AEROSTREAM_RESTART_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
-    let broker = LocalBroker::start_with(BrokerOptions {
-        default_partitions: 2,
-        ..BrokerOptions::default()
-    })
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let config_path = daemon::write_config(dir.path(), &broker.url(), port, "").unwrap();
-    let config = Config::load(Some(&config_path)).unwrap();
+        .unwrap_or(3);
+    let harness = Harness::new().partitions(2).build();
+    let (broker, config, runtime) = (&harness.broker, harness.config(), harness.runtime());
     let plan = generator::plan(&Options {
         seed: 6,
         campaigns: 20,
@@ -154,11 +117,9 @@ fn a_broker_restart_while_settling_does_not_stall_the_restarted_daemon() {
         duplicate_fraction: 0.1,
         reorder_window: 4,
         conflict_fraction: 0.0,
-        ..Options::for_daemon(&config)
+        ..Options::for_daemon(config)
     });
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let mut daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let mut daemon = harness.start();
     let publisher = {
         let (config, events) = (config.clone(), plan.stream.clone());
         runtime.spawn(async move { produce::publish(&config, &Codec::shipped(), &events, 1_000).await })
@@ -170,7 +131,7 @@ fn a_broker_restart_while_settling_does_not_stall_the_restarted_daemon() {
         })
         .unwrap_or_else(|e| panic!("round {round}: {e}\n{}", daemon.log_tail()));
         daemon.kill().unwrap();
-        daemon = Daemon::start(&config_path, port).unwrap();
+        daemon = harness.spawn();
         wait_for("the follower to subscribe", Duration::from_secs(30), || {
             log_text(&daemon)
                 .contains("Following the changelog")
@@ -185,35 +146,14 @@ fn a_broker_restart_while_settling_does_not_stall_the_restarted_daemon() {
     wait_for_state(&daemon, &plan.expected, Duration::from_secs(120));
 }
 
-/// The config of `daemon::write_config` with another shutdown grace period.
-fn with_shutdown_timeout(config_path: &std::path::Path, seconds: u64) {
-    let text = std::fs::read_to_string(config_path).unwrap();
-    assert!(text.contains("shutdown_timeout_seconds = 20\n"));
-    let text = text.replace(
-        "shutdown_timeout_seconds = 20\n",
-        &format!("shutdown_timeout_seconds = {seconds}\n"),
-    );
-    std::fs::write(config_path, text).unwrap();
-}
-
 #[test]
 fn a_restart_that_cannot_settle_says_why_and_sigterm_still_ends_it_in_time() {
-    let broker = LocalBroker::start_with(BrokerOptions {
-        default_partitions: 2,
-        ..BrokerOptions::default()
-    })
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let config_path = daemon::write_config(dir.path(), &broker.url(), port, "").unwrap();
-    with_shutdown_timeout(&config_path, 4);
-    let text = std::fs::read_to_string(&config_path).unwrap();
-    std::fs::write(
-        &config_path,
-        text.replace("[daemon]\n", "[daemon]\nstall_timeout_seconds = 2\n"),
-    )
-    .unwrap();
-    let config = Config::load(Some(&config_path)).unwrap();
+    let harness = Harness::new()
+        .partitions(2)
+        .shutdown_timeout(4)
+        .daemon_key("stall_timeout_seconds = 2")
+        .build();
+    let (broker, config, runtime) = (&harness.broker, harness.config(), harness.runtime());
     let plan = generator::plan(&Options {
         seed: 7,
         campaigns: 10,
@@ -222,11 +162,9 @@ fn a_restart_that_cannot_settle_says_why_and_sigterm_still_ends_it_in_time() {
         duplicate_fraction: 0.1,
         reorder_window: 4,
         conflict_fraction: 0.0,
-        ..Options::for_daemon(&config)
+        ..Options::for_daemon(config)
     });
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let mut daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let mut daemon = harness.start();
     let publisher = {
         let (config, events) = (config.clone(), plan.stream.clone());
         runtime.spawn(async move { produce::publish(&config, &Codec::shipped(), &events, 1_000).await })
@@ -243,7 +181,7 @@ fn a_restart_that_cannot_settle_says_why_and_sigterm_still_ends_it_in_time() {
         assert!(!publisher.is_finished(), "the kill must come mid-stream");
         daemon.kill().unwrap();
         broker.stop_broker().unwrap();
-        daemon = Daemon::start(&config_path, port).unwrap();
+        daemon = harness.spawn();
         withdrew = wait_for("the withdrawal at start", Duration::from_secs(10), || {
             let log = log_text(&daemon);
             log.contains("Starting.")
@@ -273,7 +211,7 @@ fn a_restart_that_cannot_settle_says_why_and_sigterm_still_ends_it_in_time() {
 
     // With the broker back, a new start settles and answers 200.
     broker.start_broker().unwrap();
-    daemon = Daemon::start(&config_path, port).unwrap();
+    daemon = harness.spawn();
     daemon.wait_healthy(Duration::from_secs(60)).unwrap();
     let (_, body, _) = daemon
         .send(reqwest::Method::GET, "/health", None, Vec::new())
@@ -310,7 +248,7 @@ fn a_restart_that_cannot_settle_says_why_and_sigterm_still_ends_it_in_time() {
         stopping.elapsed()
     );
     broker.start_broker().unwrap();
-    daemon = Daemon::start(&config_path, port).unwrap();
+    daemon = harness.spawn();
     runtime.block_on(publisher).unwrap().unwrap();
     wait_for_state(&daemon, &plan.expected, Duration::from_secs(120));
 }
@@ -320,23 +258,16 @@ fn a_restart_that_cannot_settle_says_why_and_sigterm_still_ends_it_in_time() {
 /// must notice that no record comes while its marker is pending, subscribe again and go on.
 #[test]
 fn a_changelog_subscription_that_delivers_nothing_is_replaced_and_the_restart_settles() {
-    let broker = LocalBroker::start_with(BrokerOptions {
-        default_partitions: 2,
-        ..BrokerOptions::default()
-    })
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let config_path = daemon::write_config(
-        dir.path(),
-        &broker.url(),
-        port,
-        "admin_token = \"t\"\n\n[chaos]\nenabled = true\n\
-         failpoints = { \"changelog::deaf_subscription\" = \"1*return\" }\n\n\
-         [changelog]\nstall_timeout_ms = 1500\n",
-    )
-    .unwrap();
-    let config = Config::load(Some(&config_path)).unwrap();
+    let harness = Harness::new()
+        .partitions(2)
+        .admin_token("t")
+        .extra(
+            "[chaos]\nenabled = true\n\
+             failpoints = { \"changelog::deaf_subscription\" = \"1*return\" }\n\n\
+             [changelog]\nstall_timeout_ms = 1500\n",
+        )
+        .build();
+    let (config, runtime) = (harness.config(), harness.runtime());
     let plan = generator::plan(&Options {
         seed: 8,
         campaigns: 10,
@@ -345,10 +276,9 @@ fn a_changelog_subscription_that_delivers_nothing_is_replaced_and_the_restart_se
         duplicate_fraction: 0.1,
         reorder_window: 4,
         conflict_fraction: 0.0,
-        ..Options::for_daemon(&config)
+        ..Options::for_daemon(config)
     });
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let mut daemon = Daemon::start(&config_path, port).unwrap();
+    let mut daemon = harness.spawn();
     let publisher = {
         let (config, events) = (config.clone(), plan.stream.clone());
         runtime.spawn(async move { produce::publish(&config, &Codec::shipped(), &events, 1_000).await })
@@ -376,7 +306,7 @@ fn a_changelog_subscription_that_delivers_nothing_is_replaced_and_the_restart_se
         }
         assert!(!publisher.is_finished(), "the kill must come mid-stream");
         daemon.kill().unwrap();
-        daemon = Daemon::start(&config_path, port).unwrap();
+        daemon = harness.spawn();
     }
     runtime.block_on(publisher).unwrap().unwrap();
     wait_for_state(&daemon, &plan.expected, Duration::from_secs(120));
@@ -387,19 +317,15 @@ fn a_changelog_subscription_that_delivers_nothing_is_replaced_and_the_restart_se
 /// abandoned after their share of the grace period and the daemon still stops cleanly.
 #[test]
 fn sigterm_with_some_inputs_stuck_stops_cleanly() {
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let config_path = daemon::write_config(
-        dir.path(),
-        &broker.url(),
-        port,
-        "admin_token = \"t\"\n\n[chaos]\nenabled = true\n\
-         failpoints = { \"changelog::deaf_subscription\" = \"return\" }\n",
-    )
-    .unwrap();
-    with_shutdown_timeout(&config_path, 4);
-    let config = Config::load(Some(&config_path)).unwrap();
+    let harness = Harness::new()
+        .admin_token("t")
+        .shutdown_timeout(4)
+        .extra(
+            "[chaos]\nenabled = true\n\
+             failpoints = { \"changelog::deaf_subscription\" = \"return\" }\n",
+        )
+        .build();
+    let (config, runtime) = (harness.config(), harness.runtime());
     let plan = generator::plan(&Options {
         seed: 9,
         campaigns: 5,
@@ -408,20 +334,22 @@ fn sigterm_with_some_inputs_stuck_stops_cleanly() {
         duplicate_fraction: 0.0,
         reorder_window: 1,
         conflict_fraction: 0.0,
-        ..Options::for_daemon(&config)
+        ..Options::for_daemon(config)
     });
-    let mut daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut daemon = harness.start();
     runtime
-        .block_on(produce::publish(&config, &Codec::shipped(), &plan.stream, 0))
+        .block_on(produce::publish(config, &Codec::shipped(), &plan.stream, 0))
         .unwrap();
-    wait_for("the campaigns input to hold messages", Duration::from_secs(30), || {
-        let (_, body, _) = daemon
-            .send(reqwest::Method::GET, "/health", None, Vec::new())
-            .ok()?;
-        (body["components"]["inputs"]["campaigns"]["held"].as_u64()? > 0).then_some(())
-    })
+    wait_for(
+        "the campaigns input to hold messages",
+        Duration::from_secs(30),
+        || {
+            let (_, body, _) = daemon
+                .send(reqwest::Method::GET, "/health", None, Vec::new())
+                .ok()?;
+            (body["components"]["inputs"]["campaigns"]["held"].as_u64()? > 0).then_some(())
+        },
+    )
     .unwrap();
     let status = daemon
         .terminate(Duration::from_secs(4 + 10))
