@@ -272,7 +272,7 @@ fn a_changelog_subscription_that_delivers_nothing_is_replaced_and_the_restart_se
         seed: 8,
         campaigns: 10,
         payments: 200,
-        events: 8_000,
+        events: 14_000,
         duplicate_fraction: 0.1,
         reorder_window: 4,
         conflict_fraction: 0.0,
