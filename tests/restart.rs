@@ -7,7 +7,8 @@
 mod support;
 
 use aerostream::codec::Codec;
-use aerostream::generator::{self, Options};
+use aerostream::config::Config;
+use aerostream::generator::{self, Options, Plan};
 use aerostream::produce;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -23,6 +24,30 @@ fn applied(daemon: &Daemon) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A stream with 10 % duplicates and reordering within 4 events.
+fn plan(config: &Config, seed: u64, campaigns: usize, payments: usize, events: usize) -> Plan {
+    generator::plan(&Options {
+        seed,
+        campaigns,
+        payments,
+        events,
+        duplicate_fraction: 0.1,
+        reorder_window: 4,
+        conflict_fraction: 0.0,
+        ..Options::for_daemon(config)
+    })
+}
+
+/// Publishes `plan`'s stream at 1 000 messages/s in the background.
+fn publish(
+    runtime: &tokio::runtime::Runtime,
+    config: &Config,
+    plan: &Plan,
+) -> tokio::task::JoinHandle<Result<(), produce::ProduceError>> {
+    let (config, events) = (config.clone(), plan.stream.clone());
+    runtime.spawn(async move { produce::publish(&config, &Codec::shipped(), &events, 1_000).await })
+}
+
 fn log_text(daemon: &Daemon) -> String {
     std::fs::read_to_string(&daemon.log).unwrap_or_default()
 }
@@ -35,23 +60,11 @@ fn every_restart_after_withdrawals_settles_and_applies_again() {
         .unwrap_or(12);
     let harness = Harness::new().partitions(2).admin_token("t").chaos(true).build();
     let (config, runtime) = (harness.config(), harness.runtime());
-    let plan = generator::plan(&Options {
-        seed: 5,
-        campaigns: 20,
-        payments: 600,
-        events: 4_000 + 1_200 * kills,
-        duplicate_fraction: 0.1,
-        reorder_window: 4,
-        conflict_fraction: 0.0,
-        ..Options::for_daemon(config)
-    });
+    let plan = plan(config, 5, 20, 600, 4_000 + 1_200 * kills);
     let mut outputs = harness.output_readers();
 
     let mut daemon = harness.start();
-    let publisher = {
-        let (config, events) = (config.clone(), plan.stream.clone());
-        runtime.spawn(async move { produce::publish(&config, &Codec::shipped(), &events, 1_000).await })
-    };
+    let publisher = publish(runtime, config, &plan);
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let mut withdrawing_restarts = 0;
     let mut killed = 0;
@@ -109,21 +122,9 @@ fn a_broker_restart_while_settling_does_not_stall_the_restarted_daemon() {
         .unwrap_or(3);
     let harness = Harness::new().partitions(2).build();
     let (broker, config, runtime) = (&harness.broker, harness.config(), harness.runtime());
-    let plan = generator::plan(&Options {
-        seed: 6,
-        campaigns: 20,
-        payments: 600,
-        events: 8_000 * rounds,
-        duplicate_fraction: 0.1,
-        reorder_window: 4,
-        conflict_fraction: 0.0,
-        ..Options::for_daemon(config)
-    });
+    let plan = plan(config, 6, 20, 600, 8_000 * rounds);
     let mut daemon = harness.start();
-    let publisher = {
-        let (config, events) = (config.clone(), plan.stream.clone());
-        runtime.spawn(async move { produce::publish(&config, &Codec::shipped(), &events, 1_000).await })
-    };
+    let publisher = publish(runtime, config, &plan);
     for round in 1..=rounds {
         let at = applied(&daemon) + 1_500.0;
         wait_for("the daemon to apply", Duration::from_secs(60), || {
@@ -154,21 +155,9 @@ fn a_restart_that_cannot_settle_says_why_and_sigterm_still_ends_it_in_time() {
         .daemon_key("stall_timeout_seconds = 2")
         .build();
     let (broker, config, runtime) = (&harness.broker, harness.config(), harness.runtime());
-    let plan = generator::plan(&Options {
-        seed: 7,
-        campaigns: 10,
-        payments: 200,
-        events: 12_000,
-        duplicate_fraction: 0.1,
-        reorder_window: 4,
-        conflict_fraction: 0.0,
-        ..Options::for_daemon(config)
-    });
+    let plan = plan(config, 7, 10, 200, 12_000);
     let mut daemon = harness.start();
-    let publisher = {
-        let (config, events) = (config.clone(), plan.stream.clone());
-        runtime.spawn(async move { produce::publish(&config, &Codec::shipped(), &events, 1_000).await })
-    };
+    let publisher = publish(runtime, config, &plan);
 
     // Killed mid-stream until a kill leaves commits the changelog never received.
     let mut withdrew = false;
@@ -268,21 +257,9 @@ fn a_changelog_subscription_that_delivers_nothing_is_replaced_and_the_restart_se
         )
         .build();
     let (config, runtime) = (harness.config(), harness.runtime());
-    let plan = generator::plan(&Options {
-        seed: 8,
-        campaigns: 10,
-        payments: 200,
-        events: 14_000,
-        duplicate_fraction: 0.1,
-        reorder_window: 4,
-        conflict_fraction: 0.0,
-        ..Options::for_daemon(config)
-    });
+    let plan = plan(config, 8, 10, 200, 14_000);
     let mut daemon = harness.spawn();
-    let publisher = {
-        let (config, events) = (config.clone(), plan.stream.clone());
-        runtime.spawn(async move { produce::publish(&config, &Codec::shipped(), &events, 1_000).await })
-    };
+    let publisher = publish(runtime, config, &plan);
     // Each life starts on a deaf subscription; a SIGKILL mid-stream leaves withdrawn commits.
     let mut settled_restarts = 0;
     while settled_restarts < 2 {
