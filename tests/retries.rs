@@ -9,18 +9,16 @@
 
 mod support;
 
-use aerostream::config::Config;
 use aerostream::generator::{Input, Planned};
 use aerostream::views::CampaignView;
 use aerostream_actors::events::CommissionRule;
 use aerostream_actors::{CampaignEvent, CampaignStatus, Event, Money};
-use pulsar::{Pulsar, TokioExecutor};
 use serde_json::json;
 use std::time::Duration;
-use support::daemon::{self, wait_for, Daemon};
+use support::daemon::{wait_for, Daemon};
 use support::events;
-use support::topic::{send_raw, TopicReader};
-use support::{free_port, LocalBroker};
+use support::topic::send_raw;
+use support::Harness;
 
 const TOKEN: &str = "retries-test-token";
 const CAMPAIGNS: &str = "persistent://public/default/marketing.campanas.eventos.v1";
@@ -30,12 +28,15 @@ const CAMPAIGNS_DLQ: &str = "persistent://public/default/marketing.campanas.even
 /// Campaigns on a Key_Shared subscription (the shipped payments' type): pulsar-lite honours a
 /// client's redelivery requests (an ack timeout, a nack) only on shared subscriptions, so this is
 /// where a client-side redelivery would show.
-fn extra() -> String {
-    format!(
-        "admin_token = {TOKEN:?}\n\n[chaos]\nenabled = true\n\n\
-         [inputs.campaigns]\nsubscription_type = \"key_shared\"\nmax_redeliveries = 4\n\
-         retry_delay_ms = 50\nretry_max_delay_ms = 200\n"
-    )
+fn harness() -> Harness {
+    Harness::new()
+        .admin_token(TOKEN)
+        .chaos(true)
+        .extra(
+            "[inputs.campaigns]\nsubscription_type = \"key_shared\"\nmax_redeliveries = 4\n\
+             retry_delay_ms = 50\nretry_max_delay_ms = 200\n",
+        )
+        .build()
 }
 
 fn failpoint(daemon: &Daemon, name: &str, actions: &str) {
@@ -88,24 +89,14 @@ fn metric(daemon: &Daemon, name: &str, labels: &[&str]) -> f64 {
 
 #[test]
 fn a_commit_that_keeps_failing_is_dead_lettered_by_the_daemon_and_one_that_recovers_is_applied() {
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let config_path = daemon::write_config(dir.path(), &broker.url(), port, &extra()).unwrap();
-    let config = Config::load(Some(&config_path)).unwrap();
-    let mut daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let client = runtime
-        .block_on(Pulsar::builder(broker.url(), TokioExecutor).build())
-        .unwrap();
-    let mut dlq = runtime
-        .block_on(TopicReader::subscribe(&client, CAMPAIGNS_DLQ))
-        .unwrap();
+    let harness = harness();
+    let (config, runtime) = (harness.config(), harness.runtime());
+    let mut daemon = harness.start();
+    let mut dlq = harness.reader(CAMPAIGNS_DLQ);
 
     // 5 failures: the first attempt and the 4 retries allowed. Dead-lettered by the daemon.
     failpoint(&daemon, "store::commit", "5*return(corrupt)");
-    events::publish(&runtime, &config, &[created("camp-dead", "ev-dead")]);
+    events::publish(runtime, config, &[created("camp-dead", "ev-dead")]);
     runtime
         .block_on(dlq.collect_until(Duration::from_secs(60), |received| !received.is_empty()))
         .unwrap();
@@ -130,7 +121,7 @@ fn a_commit_that_keeps_failing_is_dead_lettered_by_the_daemon_and_one_that_recov
 
     // 4 failures: the fifth attempt, the last retry allowed, commits. Applied once, no dead letter.
     failpoint(&daemon, "store::commit", "4*return(corrupt)");
-    events::publish(&runtime, &config, &[created("camp-late", "ev-late")]);
+    events::publish(runtime, config, &[created("camp-late", "ev-late")]);
     let late: CampaignView = wait_for("camp-late applied", Duration::from_secs(60), || {
         daemon.get("/api/campaigns/camp-late").ok()
     })
@@ -145,9 +136,8 @@ fn a_commit_that_keeps_failing_is_dead_lettered_by_the_daemon_and_one_that_recov
     // Both were acked: a new consumer gets neither back. A sentinel on the dead-lettered
     // message's key (so its partition) comes after anything left unacked there.
     daemon.terminate(Duration::from_secs(30)).unwrap();
-    let daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
-    events::publish(&runtime, &config, &[created("camp-dead", "ev-sentinel")]);
+    let daemon = harness.start();
+    events::publish(runtime, config, &[created("camp-dead", "ev-sentinel")]);
     wait_for("the sentinel applied", Duration::from_secs(60), || {
         daemon.get::<CampaignView>("/api/campaigns/camp-dead").ok()
     })
@@ -162,7 +152,7 @@ fn a_commit_that_keeps_failing_is_dead_lettered_by_the_daemon_and_one_that_recov
     );
     assert_eq!(metric(&daemon, "aerostream_events_dead_lettered_total", &[]), 0.0);
     // The client dead-letters nothing itself: the daemon's letter is the only one.
-    send_sentinel_letter(&runtime, &client);
+    send_sentinel_letter(&harness);
     runtime
         .block_on(dlq.collect_until(Duration::from_secs(60), |received| {
             received
@@ -175,14 +165,15 @@ fn a_commit_that_keeps_failing_is_dead_lettered_by_the_daemon_and_one_that_recov
 }
 
 /// An undecodable message: its dead letter marks a point after everything published before it.
-fn send_sentinel_letter(runtime: &tokio::runtime::Runtime, client: &Pulsar<TokioExecutor>) {
+fn send_sentinel_letter(harness: &Harness) {
     let properties = [
         ("ce_id", "bad-sentinel"),
         ("ce_dataschema", "com.aeropartners.marketing.CampanaCreada/v1"),
     ];
-    runtime
+    harness
+        .runtime()
         .block_on(send_raw(
-            client,
+            harness.client(),
             CAMPAIGNS,
             "bad-sentinel",
             &properties,
@@ -193,20 +184,10 @@ fn send_sentinel_letter(runtime: &tokio::runtime::Runtime, client: &Pulsar<Tokio
 
 #[test]
 fn a_message_held_for_10_seconds_is_neither_redelivered_nor_dead_lettered() {
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let config_path = daemon::write_config(dir.path(), &broker.url(), port, &extra()).unwrap();
-    let config = Config::load(Some(&config_path)).unwrap();
-    let daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let client = runtime
-        .block_on(Pulsar::builder(broker.url(), TokioExecutor).build())
-        .unwrap();
-    let mut dlq = runtime
-        .block_on(TopicReader::subscribe(&client, CAMPAIGNS_DLQ))
-        .unwrap();
+    let harness = harness();
+    let (config, runtime) = (harness.config(), harness.runtime());
+    let daemon = harness.start();
+    let mut dlq = harness.reader(CAMPAIGNS_DLQ);
 
     // The first commit takes 10 s (a stalled disk); the campaign's later events wait behind it.
     failpoint(&daemon, "store::commit", "1*sleep(10000)");
@@ -215,7 +196,7 @@ fn a_message_held_for_10_seconds_is_neither_redelivered_nor_dead_lettered() {
         activated("camp-held", "held-activated"),
     ];
     stream.extend((0..3).map(|i| events::impression("camp-held", &format!("held-imp-{i}"))));
-    events::publish(&runtime, &config, &stream);
+    events::publish(runtime, config, &stream);
     let served: CampaignView = wait_for("camp-held applied", Duration::from_secs(60), || {
         let served: CampaignView = daemon.get("/api/campaigns/camp-held").ok()?;
         (served.metrics.impressions == 3).then_some(served)
@@ -238,7 +219,7 @@ fn a_message_held_for_10_seconds_is_neither_redelivered_nor_dead_lettered() {
     );
 
     // Each message received once, applied once: no redelivered copy, no dead letter.
-    send_sentinel_letter(&runtime, &client);
+    send_sentinel_letter(&harness);
     runtime
         .block_on(dlq.collect_until(Duration::from_secs(60), |received| {
             received

@@ -8,17 +8,16 @@
 
 mod support;
 
-use aerostream::config::Config;
 use aerostream::generator::{self, Options};
 use aerostream::store::SledStore;
 use aerostream_actors::ports::SystemClock;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
-use support::daemon::{self, wait_for, Daemon};
+use support::daemon::{wait_for, Daemon};
 use support::events;
 use support::state::wait_for_state;
-use support::{free_port, LocalBroker};
+use support::Harness;
 
 const TOKEN: &str = "store-faults-test-token";
 
@@ -42,14 +41,9 @@ fn failpoint(daemon: &Daemon, name: &str, actions: &str) {
 
 #[test]
 fn a_store_that_cannot_write_stops_consumption_answers_503_and_resumes_exactly() {
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let extra = format!("admin_token = {TOKEN:?}\n\n[chaos]\nenabled = true\n");
-    let config_path = daemon::write_config(dir.path(), &broker.url(), port, &extra).unwrap();
-    let config = Config::load(Some(&config_path)).unwrap();
-    let daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let harness = Harness::new().admin_token(TOKEN).chaos(true).build();
+    let (config, runtime) = (harness.config(), harness.runtime());
+    let daemon = harness.start();
     let plan = generator::plan(&Options {
         seed: 91,
         campaigns: 5,
@@ -58,9 +52,8 @@ fn a_store_that_cannot_write_stops_consumption_answers_503_and_resumes_exactly()
         duplicate_fraction: 0.05,
         reorder_window: 4,
         conflict_fraction: 0.0,
-        ..Options::for_daemon(&config)
+        ..Options::for_daemon(config)
     });
-    let runtime = tokio::runtime::Runtime::new().unwrap();
     let (first, second) = plan.stream.split_at(plan.stream.len() / 2);
 
     // The store stops writing while the first half streams in: what is in flight is held.
@@ -92,7 +85,7 @@ fn a_store_that_cannot_write_stops_consumption_answers_503_and_resumes_exactly()
 
     // Nothing more is received: the second half, published now, stays at the broker.
     let consumed = metric(&daemon, "aerostream_events_consumed_total");
-    events::publish(&runtime, &config, second);
+    events::publish(runtime, config, second);
     assert_eq!(
         metric(&daemon, "aerostream_events_consumed_total"),
         consumed,
@@ -128,13 +121,11 @@ fn a_store_that_cannot_write_stops_consumption_answers_503_and_resumes_exactly()
 
 #[test]
 fn a_poison_outbox_entry_is_set_aside_counted_and_the_inputs_go_on() {
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
     // Few messages held at once, so a stalled outbox would stop the inputs early.
-    let extra = "[inputs.campaigns]\nmax_in_flight = 8\n";
-    let config_path = daemon::write_config(dir.path(), &broker.url(), port, extra).unwrap();
-    let config = Config::load(Some(&config_path)).unwrap();
+    let harness = Harness::new()
+        .extra("[inputs.campaigns]\nmax_in_flight = 8\n")
+        .build();
+    let (config, runtime) = (harness.config(), harness.runtime());
 
     // The oldest outbox entry is one this version cannot read (as a newer version might have
     // left it): every commit's changelog record, and so every ack, queues behind it.
@@ -147,8 +138,7 @@ fn a_poison_outbox_entry_is_set_aside_counted_and_the_inputs_go_on() {
             .unwrap();
         db.flush().unwrap();
     }
-    let mut daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let mut daemon = harness.start();
     let plan = generator::plan(&Options {
         seed: 93,
         campaigns: 3,
@@ -157,10 +147,9 @@ fn a_poison_outbox_entry_is_set_aside_counted_and_the_inputs_go_on() {
         duplicate_fraction: 0.05,
         reorder_window: 4,
         conflict_fraction: 0.0,
-        ..Options::for_daemon(&config)
+        ..Options::for_daemon(config)
     });
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    events::publish(&runtime, &config, &plan.stream);
+    events::publish(runtime, config, &plan.stream);
     wait_for_state(&daemon, &plan.expected, Duration::from_secs(120));
     wait_for("every message received", Duration::from_secs(30), || {
         let consumed = metric(&daemon, "aerostream_events_consumed_total");
@@ -237,14 +226,10 @@ impl Drop for Tmpfs {
 /// exactly.
 #[test]
 fn a_full_disk_stops_consumption_with_503_and_a_restart_after_freeing_space_resumes_exactly() {
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let disk = Tmpfs::mount(&dir.path().join("data"), "48m");
-    let port = free_port().unwrap();
-    let config_path = daemon::write_config(dir.path(), &broker.url(), port, "").unwrap();
-    let config = Config::load(Some(&config_path)).unwrap();
-    let mut daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let harness = Harness::started();
+    let (config, runtime) = (harness.config(), harness.runtime());
+    let disk = Tmpfs::mount(harness.data_dir(), "48m");
+    let mut daemon = harness.start();
     let plan = generator::plan(&Options {
         seed: 95,
         campaigns: 4,
@@ -253,18 +238,17 @@ fn a_full_disk_stops_consumption_with_503_and_a_restart_after_freeing_space_resu
         duplicate_fraction: 0.05,
         reorder_window: 4,
         conflict_fraction: 0.0,
-        ..Options::for_daemon(&config)
+        ..Options::for_daemon(config)
     });
-    let runtime = tokio::runtime::Runtime::new().unwrap();
     let (first, second) = plan.stream.split_at(plan.stream.len() / 2);
-    events::publish(&runtime, &config, first);
+    events::publish(runtime, config, first);
     wait_for("the first half received", Duration::from_secs(60), || {
         (metric(&daemon, "aerostream_events_consumed_total") >= first.len() as f64).then_some(())
     })
     .unwrap();
 
     disk.fill();
-    events::publish(&runtime, &config, second);
+    events::publish(runtime, config, second);
     let body = wait_for("/health to answer 503", Duration::from_secs(30), || {
         let (status, body) = health(&daemon);
         (status == 503).then_some(body)
@@ -283,8 +267,7 @@ fn a_full_disk_stops_consumption_with_503_and_a_restart_after_freeing_space_resu
     // (and acks nothing) until it is restarted.
     disk.free();
     daemon.kill().unwrap();
-    let daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let daemon = harness.start();
     wait_for_state(&daemon, &plan.expected, Duration::from_secs(120));
     assert_eq!(metric(&daemon, "aerostream_events_dead_lettered_total"), 0.0);
     drop(daemon);
