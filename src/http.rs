@@ -68,6 +68,12 @@ async fn health(state: web::Data<HttpState>) -> HttpResponse {
     let broker = state.broker.is_up();
     let store = state.store.healthy();
     let mut reasons: Vec<String> = Vec::new();
+    if !broker {
+        reasons.push("broker: the health probe gets no answer".into());
+    }
+    if !store {
+        reasons.push("store: not readable".into());
+    }
     let inputs: BTreeMap<&str, serde_json::Value> = state
         .inputs
         .iter()
