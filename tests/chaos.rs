@@ -75,8 +75,9 @@ impl Chaos {
     }
 }
 
-/// A SIGKILL waits until the daemon it kills has applied this many events since it started.
-const APPLIED_BEFORE_SIGKILL: f64 = 100.0;
+/// A SIGKILL or an actor kill waits until the daemon has applied this many events since it
+/// started: it hits a daemon at work, not one still starting.
+const APPLIED_BEFORE_FAULT: f64 = 100.0;
 
 /// A fault the run injects.
 #[derive(Debug, Clone, Copy)]
@@ -146,6 +147,15 @@ struct Landed {
     at: Duration,
     position: usize,
     detail: String,
+}
+
+/// Waits until `daemon` has applied [`APPLIED_BEFORE_FAULT`] events; returns how many it has.
+fn at_work(daemon: &Daemon) -> f64 {
+    wait_for("events applied by this daemon", Duration::from_secs(120), || {
+        let applied = all_applied(daemon);
+        (applied >= APPLIED_BEFORE_FAULT).then_some(applied)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log_tail()))
 }
 
 fn all_applied(daemon: &Daemon) -> f64 {
@@ -250,12 +260,7 @@ fn faults_mid_stream_lose_nothing_and_apply_nothing_twice() {
             Fault::ActorKill(kind) => kill_an_actor(&daemon, kind, &plan.stream, &clock)
                 .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log_tail())),
             Fault::Sigkill => {
-                // It kills a daemon at work: one that has applied events since it started.
-                let applied = wait_for("events applied by this daemon", Duration::from_secs(120), || {
-                    let applied = all_applied(&daemon);
-                    (applied >= APPLIED_BEFORE_SIGKILL).then_some(applied)
-                })
-                .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log_tail()));
+                let applied = at_work(&daemon);
                 let pid = daemon.pid();
                 daemon.kill().unwrap();
                 let landed = clock.landed(format!(
@@ -400,13 +405,14 @@ fn kill_an_actor(
     stream: &[Planned],
     clock: &Clock,
 ) -> anyhow::Result<Landed> {
+    at_work(daemon);
     let before = restarts(daemon, kind);
     let mut tried = 0usize;
     let (id, landed) = wait_for(
         &format!("a running {} actor to kill", kind.as_str()),
         Duration::from_secs(60),
         || {
-            for id in recent_aggregates(stream, clock.progress.sent(), kind, 50) {
+            for id in recent_aggregates(stream, clock.progress.sent(), kind, 200) {
                 tried += 1;
                 let body = json!({ "kind": kind.as_str(), "id": id });
                 match daemon.post(KILL_ACTOR, Some(TOKEN), &body) {
