@@ -281,10 +281,10 @@ impl Bench<'_> {
             e2e_cpu.per_thousand(total, &["daemon", "relay", "broker"]),
         );
         table.row(
-            "backlog runs: messages the broker delivered twice, raw / daemon (deduplicated)",
+            "backlog runs: messages the broker delivered twice, raw / daemon (redelivered)",
             format!(
                 "{raw_redelivered} / {:.0}",
-                metric_sum(&metrics, "aerostream_events_deduplicated_total", None)
+                metric_sum(&metrics, "aerostream_events_redelivered_total", None)
             ),
         );
         Ok(e2e_rate)
@@ -380,7 +380,7 @@ impl Bench<'_> {
                 "{:.0} MiB / {} / {:.0}",
                 mib(rss),
                 transit.iter().map(|r| r.redelivered).sum::<usize>(),
-                metric_sum(&metrics, "aerostream_events_deduplicated_total", None)
+                metric_sum(&metrics, "aerostream_events_redelivered_total", None)
             ),
         );
         Ok(())

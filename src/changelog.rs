@@ -17,7 +17,7 @@ use crate::partitions::Partitions;
 use crate::store::SledStore;
 use crate::telemetry::{CHANGELOG_BARRIERS, CHANGELOG_IMPORTED, CHANGELOG_RESUBSCRIPTIONS};
 use aerostream_actors::gateway::Charge;
-use aerostream_actors::{AggregateKey, OutputEvent, Registry};
+use aerostream_actors::{AggregateKey, DeliveryId, OutputEvent, Registry};
 use pulsar::consumer::InitialPosition;
 use pulsar::{ConsumerOptions, SubType};
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,10 @@ pub struct ChangeRecord {
     pub idempotency_key: String,
     pub content_hash: String,
     pub seen_at_ms: i64,
+    /// The message the event came in, recorded with the key by the importer too, so that its
+    /// redelivery to another daemon counts as a redelivery. Absent in records of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliveryId>,
     pub charges: Vec<Charge>,
     /// Already published (before this record); carried for the ledgers they move.
     pub outputs: Vec<OutputEvent>,

@@ -68,9 +68,10 @@ impl Worker {
             idempotency_key,
             envelope,
             event,
+            delivery: None,
         };
         let applied = match self.registry.apply(Arc::new(incoming)).await {
-            Ok(Outcome::Applied { .. } | Outcome::Duplicate) => true,
+            Ok(Outcome::Applied { .. } | Outcome::Duplicate | Outcome::Redelivered) => true,
             Ok(Outcome::Rejected(rejection)) => {
                 // The payment was settled otherwise meanwhile (a partner's PagoProcesado).
                 tracing::warn!(payment = %charge.payment_id, reason = rejection.reason.as_str(), detail = %rejection.detail, "Charge result not applied.");

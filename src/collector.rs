@@ -4,6 +4,9 @@
 //! in its Avro form with the SPEC §3 properties to the topic of the input that consumes its kind,
 //! and the answer waits for the broker's receipts.
 //!
+//! The body must be sent as JSON (`Content-Type` one of [`MEDIA_TYPES`], parameters such as
+//! `charset` allowed); any other content type is refused with 415 before the body is read.
+//!
 //! A batch is validated whole: one invalid event refuses the batch and publishes nothing. A
 //! publish failure midway (broker down) answers 503 after some events may have been published; the
 //! client sends the batch again and the consumers drop the repeats by event id.
@@ -19,8 +22,18 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+/// The content types the collector takes: JSON, and structured-mode CloudEvents JSON (one event
+/// or a batch).
+pub const MEDIA_TYPES: [&str; 3] = [
+    "application/json",
+    "application/cloudevents+json",
+    "application/cloudevents-batch+json",
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {
+    #[error("unsupported Content-Type {content_type}; send one of {}", MEDIA_TYPES.join(", "))]
+    UnsupportedMediaType { content_type: String },
     #[error("the body is not JSON: {0}")]
     InvalidJson(String),
     #[error("the body holds no event")]
@@ -39,6 +52,7 @@ impl CollectError {
     /// The `error` code of the API answer.
     pub fn code(&self) -> &'static str {
         match self {
+            CollectError::UnsupportedMediaType { .. } => "unsupported_media_type",
             CollectError::InvalidJson(_) => "invalid_json",
             CollectError::Empty => "empty_batch",
             CollectError::Invalid { error, .. } => error.reason(),
@@ -93,6 +107,18 @@ impl Collector {
     /// The broker connection to publish with.
     pub fn connected(&self, client: Client) {
         let _ = self.client.set(client);
+    }
+
+    /// Checks a request's media type: `essence` is its `Content-Type` without parameters (`None`:
+    /// no header, or one that does not parse), `header` the header as sent, for the answer.
+    pub fn check_media_type(&self, essence: Option<&str>, header: Option<&str>) -> Result<(), CollectError> {
+        if essence.is_some_and(|essence| MEDIA_TYPES.contains(&essence)) {
+            return Ok(());
+        }
+        metrics::counter!(COLLECTOR_EVENTS, "outcome" => "invalid").increment(1);
+        let content_type = header.map_or_else(|| "(none)".to_owned(), |header| format!("{header:?}"));
+        tracing::info!(content_type = %content_type, "Event collector refused a request's content type.");
+        Err(CollectError::UnsupportedMediaType { content_type })
     }
 
     /// Parses and validates a request body: one event or an array of them.

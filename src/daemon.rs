@@ -272,6 +272,9 @@ async fn evict(store: Arc<SledStore>, interval_seconds: u64, mut shutdown: watch
             Ok(evicted) => metrics::counter!(IDEMPOTENCY_EVICTED).increment(evicted as u64),
             Err(error) => tracing::error!(error = %error, "Idempotency eviction failed."),
         }
+        if let Err(error) = store.evict_dead_letters() {
+            tracing::error!(error = %error, "Dead-letter memory eviction failed.");
+        }
         metrics::gauge!(IDEMPOTENCY_WINDOW_KEYS).set(store.window_len() as f64);
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}

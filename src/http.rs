@@ -14,7 +14,7 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::error::JsonPayloadError;
 use actix_web::http::{header, StatusCode};
 use actix_web::middleware::{from_fn, Next};
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{web, App, HttpMessage, HttpRequest, HttpResponse, HttpServer};
 use aerostream_actors::events::AggregateKey;
 use aerostream_actors::ports::StateStore;
 use aerostream_actors::ports::{Clock, SystemClock};
@@ -169,6 +169,9 @@ impl actix_web::ResponseError for ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Collect(CollectError::RateLimited { .. }) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Collect(CollectError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Collect(CollectError::UnsupportedMediaType { .. }) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
             ApiError::Collect(_) => StatusCode::BAD_REQUEST,
         }
     }
@@ -331,6 +334,7 @@ async fn set_report_version(
         idempotency_key: id,
         content_hash: content_hash(&event),
         event,
+        delivery: None,
     };
     state
         .registry
@@ -357,7 +361,19 @@ async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::Bytes
 }
 
 /// The event collector: CloudEvents JSON in, Avro published, 202 with the ids.
-async fn collect(state: web::Data<HttpState>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+async fn collect(
+    state: web::Data<HttpState>,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let essence = request.mime_type().ok().flatten();
+    let header = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+    state
+        .collector
+        .check_media_type(essence.as_ref().map(|mime| mime.essence_str()), header.as_deref())?;
     let body = read_body(payload, state.collector.max_body_bytes).await?;
     let prepared = state.collector.prepare(&body)?;
     let ids = state.collector.publish(prepared).await?;

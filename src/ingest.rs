@@ -2,18 +2,19 @@
 //!
 //! At most `max_in_flight` messages are held at once; events of one aggregate are applied in arrival
 //! order, others concurrently (see [`crate::dispatch`]). Nothing is acked before its commit is
-//! durable; rejected and undecodable messages are acked only once their dead letter is published.
+//! durable; rejected and undecodable messages are acked only once their dead letter is published
+//! and remembered, so a redelivered copy is acked without a second dead letter.
 //! Acks leave in receive order, so the subscription's acknowledged range stays contiguous and a
 //! consumer that takes over resumes from one position.
 
 use crate::broker::{self, BrokerError, Client, DeadLetter, Producer};
-use crate::codec::Codec;
+use crate::codec::{Codec, MessageMeta};
 use crate::config::{BrokerConfig, InputConfig};
 use crate::dispatch::{InOrder, KeyedQueue};
 use crate::partitions::Partitions;
 use crate::store::SledStore;
 use crate::telemetry::*;
-use aerostream_actors::{AggregateKey, ApplyError, Incoming, Outcome, Registry};
+use aerostream_actors::{AggregateKey, ApplyError, DeliveryId, Incoming, Outcome, Registry};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use metrics::{counter, histogram};
@@ -155,7 +156,10 @@ pub async fn run_input(
             broker::producer(&client, topic.clone())
         })
         .await?;
-        Arc::new(Mutex::new(producer))
+        Arc::new(DeadLetters {
+            producer: Mutex::new(producer),
+            store: pipeline.store.clone(),
+        })
     };
     loop {
         let mut consumer = broker::with_backoff("subscribe", &mut shutdown, || {
@@ -224,7 +228,7 @@ async fn consume(
     input: &InputConfig,
     consumer: &mut Partitions,
     pipeline: &Arc<Pipeline>,
-    dead_letters: &Arc<Mutex<Producer>>,
+    dead_letters: &Arc<DeadLetters>,
     status: &InputStatus,
     shutdown: &mut watch::Receiver<bool>,
 ) -> bool {
@@ -281,8 +285,15 @@ async fn consume(
                     let seq = acks.receive();
                     let dataschema = property(&message, "ce_dataschema")
                         .or_else(|| (!input.default_dataschema.is_empty()).then(|| input.default_dataschema.clone()));
-                    match pipeline.codec.decode(dataschema.as_deref(), &message.payload.data) {
-                        Ok(incoming) => {
+                    let (key, ce_type) = (message_key(&message), property(&message, "ce_type"));
+                    let meta = MessageMeta {
+                        key: key.as_deref(),
+                        ce_type: ce_type.as_deref(),
+                        dataschema: dataschema.as_deref(),
+                    };
+                    match pipeline.codec.decode_message(meta, &message.payload.data) {
+                        Ok(mut incoming) => {
+                            incoming.delivery = Some(delivery(&message));
                             let catch_up = recent.touch(&incoming.aggregate(), received);
                             let ready = Ready { seq, message, incoming, received, catch_up };
                             if let Some(ready) = order.admit(&ready.incoming.aggregate(), ready) {
@@ -290,7 +301,7 @@ async fn consume(
                             }
                         }
                         Err(error) => {
-                            let letter = Letter { reason: error.reason(), detail: error.to_string(), event_type: None };
+                            let letter = Letter { reason: error.reason(), detail: error.to_string(), event_type: None, counter: EVENTS_DEAD_LETTERED };
                             running.push(dead_letter(name.clone(), dead_letters.clone(), seq, message, letter));
                         }
                     }
@@ -317,6 +328,14 @@ fn property(message: &Message<Vec<u8>>, key: &str) -> Option<String> {
         .map(|kv| kv.value.clone())
 }
 
+/// The message key as text (a Base64-encoded key decoded; a non-UTF-8 key can match no id).
+fn message_key(message: &Message<Vec<u8>>) -> Option<String> {
+    match message.key_bytes() {
+        Ok(bytes) => bytes.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()),
+        Err(_) => message.key(),
+    }
+}
+
 /// Acks or nacks what `done` completes, in receive order.
 async fn release(
     name: &str,
@@ -341,6 +360,45 @@ type MessagePosition = (u64, u64, Option<i32>, Option<i32>);
 fn position(message: &Message<Vec<u8>>) -> MessagePosition {
     let id = message.message_id();
     (id.ledger_id, id.entry_id, id.partition, id.batch_index)
+}
+
+/// The message's id as the dead-letter memory keys it, the same for every delivery of the
+/// message: its topic, then ledger, entry, partition and batch index (absent: -1).
+fn message_ref(message: &Message<Vec<u8>>) -> Vec<u8> {
+    let (ledger, entry, partition, batch) = position(message);
+    [
+        message.topic.as_bytes(),
+        &[0],
+        &ledger.to_be_bytes(),
+        &entry.to_be_bytes(),
+        &partition.unwrap_or(-1).to_be_bytes(),
+        &batch.unwrap_or(-1).to_be_bytes(),
+    ]
+    .concat()
+}
+
+/// The message id as the dead letter's `source_message_id` property: `ledger:entry:partition` and
+/// `:batch index` inside a batch (the form the Pulsar clients give `ORIGIN_MESSAGE_ID`).
+fn source_message_id(message: &Message<Vec<u8>>) -> String {
+    let (ledger, entry, partition, batch) = position(message);
+    let partition = partition.unwrap_or(-1);
+    match batch {
+        Some(batch) => format!("{ledger}:{entry}:{partition}:{batch}"),
+        None => format!("{ledger}:{entry}:{partition}"),
+    }
+}
+
+/// The message's identity, the same at every delivery: recorded with the key of the event it
+/// applies, it tells a redelivery of this message from a partner's duplicate.
+fn delivery(message: &Message<Vec<u8>>) -> DeliveryId {
+    let id = message.message_id();
+    DeliveryId::of(
+        &message.topic,
+        id.partition,
+        id.ledger_id,
+        id.entry_id,
+        id.batch_index,
+    )
 }
 
 async fn finish(name: &str, consumer: &mut Partitions, message: Message<Vec<u8>>, verdict: Verdict) {
@@ -379,7 +437,7 @@ async fn apply_retrying_crashes(registry: &Registry, incoming: Incoming) -> Resu
     }
 }
 
-fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<Mutex<Producer>>, ready: Ready) -> Work {
+fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<DeadLetters>, ready: Ready) -> Work {
     Box::pin(async move {
         let Ready {
             seq,
@@ -389,6 +447,22 @@ fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<Mutex<Produc
             catch_up,
         } = ready;
         let key = Some(incoming.aggregate());
+        // A copy of a message rejected and dead-lettered already (an aggregate's messages are
+        // applied in order, so an earlier copy has finished): acked, never applied after all.
+        if already_dead_lettered(
+            &name,
+            &pipeline.store,
+            &message,
+            Some(&incoming.envelope.event_type),
+        ) {
+            return Done {
+                seq,
+                message,
+                key,
+                verdict: Verdict::Ack,
+                publish_through: None,
+            };
+        }
         let event_type = incoming.envelope.event_type.clone();
         if let (true, Some(follower)) = (catch_up, &pipeline.follower) {
             let waiting = Instant::now();
@@ -398,11 +472,13 @@ fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<Mutex<Produc
         let outcome = apply_retrying_crashes(&pipeline.registry, incoming).await;
         // Everything committed so far, this event's commit included, is in the outbox up to here.
         let outbox_mark = pipeline.store.outbox_high_water();
+        use Outcome::{Applied, Duplicate, Redelivered};
         let verdict = match outcome {
-            Ok(Outcome::Applied { .. }) | Ok(Outcome::Duplicate) => match pipeline.store.flush().await {
+            Ok(Applied { .. } | Duplicate | Redelivered) => match pipeline.store.flush().await {
                 Ok(()) => {
                     let counter_name = match outcome {
                         Ok(Outcome::Duplicate) => EVENTS_DEDUPLICATED,
+                        Ok(Outcome::Redelivered) => EVENTS_REDELIVERED,
                         _ => EVENTS_APPLIED,
                     };
                     counter!(counter_name, "input" => name.to_string(), "event_type" => event_type)
@@ -417,12 +493,11 @@ fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<Mutex<Produc
                 }
             },
             Ok(Outcome::Rejected(rejection)) => {
-                counter!(EVENTS_REJECTED, "input" => name.to_string(), "reason" => rejection.reason.as_str())
-                    .increment(1);
                 let letter = Letter {
                     reason: rejection.reason.as_str(),
                     detail: rejection.detail,
                     event_type: Some(event_type),
+                    counter: EVENTS_REJECTED,
                 };
                 return dead_letter(name, dead_letters, seq, message, letter)
                     .await
@@ -458,16 +533,70 @@ struct Letter {
     reason: &'static str,
     detail: String,
     event_type: Option<String>,
+    /// The message's outcome, counted by `reason` once the dead letter is stored:
+    /// [`EVENTS_REJECTED`] for a business rule, [`EVENTS_DEAD_LETTERED`] for any other refusal.
+    counter: &'static str,
 }
 
-fn dead_letter(
-    name: Arc<str>,
-    producer: Arc<Mutex<Producer>>,
-    seq: u64,
-    message: Message<Vec<u8>>,
+/// An input's dead-letter producer, and the store that remembers which messages were
+/// dead-lettered (`SledStore::dead_lettered`).
+struct DeadLetters {
+    producer: Mutex<Producer>,
+    store: Arc<SledStore>,
+}
+
+/// Why a dead letter was not published and remembered: the message is retried.
+#[derive(Debug, thiserror::Error)]
+enum DeadLetterError {
+    #[error("dead-letter publish failed: {0}")]
+    Publish(#[from] pulsar::Error),
+    #[error("dead-letter memory failed: {0}")]
+    Store(#[from] aerostream_actors::ports::StoreError),
+}
+
+/// Whether `message` was dead-lettered already: then this is a redelivered copy, to ack, counted
+/// as `redelivered` (its dead letter and its `rejected` or `dead_lettered` count are the first
+/// copy's). `event_type`: the decoded copy's, when it decoded.
+fn already_dead_lettered(
+    name: &str,
+    store: &SledStore,
+    message: &Message<Vec<u8>>,
+    event_type: Option<&str>,
+) -> bool {
+    match store.dead_lettered(&message_ref(message)) {
+        Ok(remembered) => {
+            if remembered {
+                tracing::info!(input = %name, source_message_id = %source_message_id(message), "Message dead-lettered already; acking this copy.");
+                let event_type = event_type.unwrap_or(UNDECODED_EVENT_TYPE).to_owned();
+                counter!(EVENTS_REDELIVERED, "input" => name.to_owned(), "event_type" => event_type)
+                    .increment(1);
+            }
+            remembered
+        }
+        Err(error) => {
+            // Processing goes on and meets the store again.
+            tracing::warn!(input = %name, error = %error, "Dead-letter memory unreadable.");
+            false
+        }
+    }
+}
+
+/// Publishes `message` to the dead-letter topic with `letter`'s reason, counts it and remembers it,
+/// unless a copy of it was dead-lettered already (within the idempotency window, by this process
+/// or an earlier one); the ack waits until the memory is durable. Checked and remembered under the
+/// producer's lock, so a copy received while the first is still being dead-lettered waits for it.
+async fn publish_dead_letter(
+    name: &str,
+    letters: &DeadLetters,
+    message: &Message<Vec<u8>>,
     letter: Letter,
-) -> Work {
-    Box::pin(async move {
+) -> Result<(), DeadLetterError> {
+    let id = message_ref(message);
+    {
+        let mut producer = letters.producer.lock().await;
+        if already_dead_lettered(name, &letters.store, message, letter.event_type.as_deref()) {
+            return Ok(());
+        }
         tracing::warn!(input = %name, reason = letter.reason, detail = %letter.detail, "Dead-lettering message.");
         let properties: Vec<(String, String)> = message
             .payload
@@ -475,11 +604,12 @@ fn dead_letter(
             .properties
             .iter()
             .map(|kv| (kv.key.clone(), kv.value.clone()))
-            .filter(|(k, _)| k != "reason" && k != "detail")
+            .filter(|(k, _)| !matches!(k.as_str(), "reason" | "detail" | "source_message_id"))
             .chain(letter.event_type.map(|t| ("event_type".to_owned(), t)))
+            .chain([("source_message_id".to_owned(), source_message_id(message))])
             .collect();
-        let sent = broker::send_dead_letter(
-            &mut *producer.lock().await,
+        broker::send_dead_letter(
+            &mut producer,
             DeadLetter {
                 payload: &message.payload.data,
                 key: message.key(),
@@ -489,15 +619,26 @@ fn dead_letter(
                 properties: &properties,
             },
         )
-        .await;
-        let verdict = match sent {
-            Ok(()) => {
-                counter!(EVENTS_DEAD_LETTERED, "input" => name.to_string(), "reason" => letter.reason)
-                    .increment(1);
-                Verdict::Ack
-            }
+        .await?;
+        counter!(letter.counter, "input" => name.to_owned(), "reason" => letter.reason).increment(1);
+        letters.store.remember_dead_letter(&id)?;
+    }
+    letters.store.flush().await?;
+    Ok(())
+}
+
+fn dead_letter(
+    name: Arc<str>,
+    letters: Arc<DeadLetters>,
+    seq: u64,
+    message: Message<Vec<u8>>,
+    letter: Letter,
+) -> Work {
+    Box::pin(async move {
+        let verdict = match publish_dead_letter(&name, &letters, &message, letter).await {
+            Ok(()) => Verdict::Ack,
             Err(error) => {
-                tracing::error!(input = %name, error = %error, "Dead-letter publish failed; not acking.");
+                tracing::error!(input = %name, error = %error, "Message not dead-lettered; not acking.");
                 Verdict::Retry
             }
         };

@@ -11,7 +11,7 @@ use crate::broker::{self, Client, Producer};
 use crate::codec::{Codec, Encoded};
 use crate::config::{BrokerConfig, ChangelogConfig, OutputsConfig};
 use crate::store::{OutboxEntry, SledStore};
-use crate::telemetry::{OUTBOX_BACKLOG, OUTBOX_PUBLISHED};
+use crate::telemetry::{CHANGELOG_RECORD, OUTBOX_BACKLOG, OUTBOX_PUBLISHED};
 use aerostream_actors::OutputBody;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -80,7 +80,7 @@ fn outgoing(destinations: &Destinations, codec: &Codec, entry: OutboxEntry) -> R
             key: record.key(),
             payload: serde_json::to_vec(&record).map_err(|e| e.to_string())?,
             properties: vec![("instance", record.instance.clone())],
-            event_type: "changelog",
+            event_type: CHANGELOG_RECORD,
         }),
     }
 }

@@ -3,6 +3,8 @@
 //! Trees:
 //! - `state`:   `<kind>/<id>` → aggregate state (JSON)
 //! - `seen`:    idempotency key → first-seen ms (8 bytes BE) ‖ SHA-256 of the content (32 bytes)
+//!   ‖ the [`DeliveryId`] of the message applied under the key (8 bytes BE; absent for events the
+//!   daemon made and for keys written before deliveries were recorded)
 //! - `seen_by_time`: first-seen ms (8 bytes BE) ‖ key → (), the index that eviction walks
 //! - `outbox`:  sequence (8 bytes BE) → output event (JSON), deleted once published
 //! - `ledgers`: affiliate id → commission ledger (JSON), moved by the output events of each commit
@@ -14,9 +16,12 @@
 //! - `versions`: `<kind>/<id>` → the stored state's version (8 bytes BE)
 //! - `unconfirmed`: `<kind>/<id>` → [`Unconfirmed`] (JSON), aggregates whose newest versions were
 //!   withdrawn at start because they never reached the changelog
+//! - `dead_lettered`: the messages already dead-lettered within the idempotency window, so that a
+//!   redelivered copy is acked without a second dead letter: `m` ‖ message id → dead-lettered ms
+//!   (8 bytes BE), and `t` ‖ ms (8 bytes BE) ‖ message id → (), the index that eviction walks
 
 use crate::changelog::ChangeRecord;
-use aerostream_actors::events::AggregateKey;
+use aerostream_actors::events::{AggregateKey, DeliveryId};
 use aerostream_actors::gateway::Charge;
 use aerostream_actors::output::{OutputBody, OutputEvent};
 use aerostream_actors::ports::{
@@ -48,6 +53,9 @@ pub struct SledStore {
     unconfirmed: sled::Tree,
     /// Whether `unconfirmed` has entries (checked for every record the follower reads).
     any_unconfirmed: AtomicBool,
+    dead_lettered: sled::Tree,
+    /// Messages in `dead_lettered` (checked for every message applied).
+    dead_lettered_len: AtomicU64,
     window_ms: i64,
     /// This daemon's instance id when commits also write changelog records.
     changelog: Option<String>,
@@ -133,20 +141,37 @@ fn state_key(key: &AggregateKey) -> Vec<u8> {
     format!("{}/{}", key.kind.as_str(), key.id).into_bytes()
 }
 
-fn encode_seen(first_seen_ms: i64, content_hash: &str) -> Vec<u8> {
+/// Length of a `seen` value that records its delivery: time, SHA-256, delivery.
+const SEEN_WITH_DELIVERY: usize = 8 + 32 + 8;
+
+fn encode_seen(first_seen_ms: i64, content_hash: &str, delivery: Option<DeliveryId>) -> Vec<u8> {
     let mut value = first_seen_ms.to_be_bytes().to_vec();
     match hex::decode(content_hash) {
         Ok(raw) => value.extend_from_slice(&raw),
         Err(_) => value.extend_from_slice(content_hash.as_bytes()),
     }
+    // Only after a SHA-256, so that the length tells whether a delivery follows.
+    if let Some(delivery) = delivery.filter(|_| value.len() + 8 == SEEN_WITH_DELIVERY) {
+        value.extend_from_slice(&delivery.0.to_be_bytes());
+    }
     value
 }
 
 fn decode_seen(value: &[u8]) -> SeenEntry {
-    let (time, hash) = value.split_at(8.min(value.len()));
+    let (time, rest) = value.split_at(8.min(value.len()));
+    let (hash, delivery) = match rest.split_at_checked(32) {
+        Some((hash, delivery)) if value.len() == SEEN_WITH_DELIVERY => (
+            hash,
+            Some(DeliveryId(u64::from_be_bytes(
+                delivery.try_into().expect("8 bytes"),
+            ))),
+        ),
+        _ => (rest, None),
+    };
     SeenEntry {
         first_seen_ms: i64::from_be_bytes(time.try_into().unwrap_or([0; 8])),
         content_hash: hex::encode(hash),
+        delivery,
     }
 }
 
@@ -182,7 +207,10 @@ impl SledStore {
         let outbox = tree("outbox")?;
         let seen = tree("seen")?;
         let unconfirmed = tree("unconfirmed")?;
+        let dead_lettered = tree("dead_lettered")?;
         Ok(SledStore {
+            dead_lettered_len: AtomicU64::new(dead_lettered.scan_prefix(DEAD_LETTERED).count() as u64),
+            dead_lettered,
             state: tree("state")?,
             seen_by_time: tree("seen_by_time")?,
             ledgers: tree("ledgers")?,
@@ -347,6 +375,90 @@ impl SledStore {
     }
 }
 
+/// Prefixes of the `dead_lettered` tree: message id → time, and the time index.
+const DEAD_LETTERED: &[u8] = b"m";
+const DEAD_LETTERED_BY_TIME: &[u8] = b"t";
+
+fn dead_lettered_key(message: &[u8]) -> Vec<u8> {
+    [DEAD_LETTERED, message].concat()
+}
+
+fn dead_lettered_index(at_ms: i64, message: &[u8]) -> Vec<u8> {
+    [DEAD_LETTERED_BY_TIME, &at_ms.to_be_bytes(), message].concat()
+}
+
+/// The dead-letter memory: which messages (by broker message id: topic, partition, ledger, entry,
+/// batch index) were dead-lettered within the idempotency window. Kept apart from the `seen` tree:
+/// a dead-lettered message has no idempotency key to go by (it may not even decode).
+impl SledStore {
+    /// Whether `message` was dead-lettered within the window.
+    pub fn dead_lettered(&self, message: &[u8]) -> Result<bool, StoreError> {
+        if self.dead_lettered_len.load(Ordering::Acquire) == 0 {
+            return Ok(false);
+        }
+        self.dead_lettered
+            .contains_key(dead_lettered_key(message))
+            .map_err(store_error)
+    }
+
+    /// Records that `message` is dead-lettered (durable with the next [`SledStore::flush`]).
+    pub fn remember_dead_letter(&self, message: &[u8]) -> Result<(), StoreError> {
+        let at_ms = self.clock.now_ms();
+        let key = dead_lettered_key(message);
+        let added = self
+            .dead_lettered
+            .transaction(|tree| {
+                let previous = tree.insert(key.as_slice(), &at_ms.to_be_bytes())?;
+                if let Some(previous) = &previous {
+                    let previous = i64::from_be_bytes(previous.as_ref().try_into().unwrap_or([0; 8]));
+                    tree.remove(dead_lettered_index(previous, message))?;
+                }
+                tree.insert(dead_lettered_index(at_ms, message), &[])?;
+                Ok::<_, ConflictableTransactionError<()>>(previous.is_none())
+            })
+            .map_err(unaborted_error)?;
+        if added {
+            self.dead_lettered_len.fetch_add(1, Ordering::AcqRel);
+        }
+        self.wrote();
+        Ok(())
+    }
+
+    /// Forgets the messages dead-lettered before the idempotency window; returns how many.
+    pub fn evict_dead_letters(&self) -> Result<usize, StoreError> {
+        let horizon = self.clock.now_ms() - self.window_ms;
+        let start = DEAD_LETTERED_BY_TIME.to_vec();
+        let end = [DEAD_LETTERED_BY_TIME, &horizon.to_be_bytes()].concat();
+        let mut evicted = 0;
+        for entry in self.dead_lettered.range(start..end) {
+            let (index, _) = entry.map_err(store_error)?;
+            let (at, message) = index[DEAD_LETTERED_BY_TIME.len()..].split_at(8);
+            let key = dead_lettered_key(message);
+            // The message is forgotten only if it was not dead-lettered afresh since.
+            let removed = self
+                .dead_lettered
+                .transaction(|tree| {
+                    tree.remove(index.as_ref())?;
+                    let current = tree.get(key.as_slice())?;
+                    let expired = current.is_some_and(|current| current.as_ref() == at);
+                    if expired {
+                        tree.remove(key.as_slice())?;
+                    }
+                    Ok::<_, ConflictableTransactionError<()>>(expired)
+                })
+                .map_err(unaborted_error)?;
+            if removed {
+                self.dead_lettered_len.fetch_sub(1, Ordering::AcqRel);
+                evicted += 1;
+            }
+        }
+        if evicted > 0 {
+            self.wrote();
+        }
+        Ok(evicted)
+    }
+}
+
 impl StateStore for SledStore {
     fn read_model(&self) -> Result<ReadModel, StoreError> {
         let mut model = ReadModel::default();
@@ -470,6 +582,7 @@ impl SledStore {
                 idempotency_key: commit.idempotency_key.to_owned(),
                 content_hash: commit.content_hash.to_owned(),
                 seen_at_ms: commit.seen_at_ms,
+                delivery: commit.delivery,
                 charges: commit.charges.to_vec(),
                 outputs: commit.outbox.to_vec(),
             })));
@@ -494,7 +607,7 @@ impl SledStore {
         let versioned = |version: &u64| versioned_key(commit.aggregate, *version);
         Ok(Staged {
             state_key: state_key(commit.aggregate),
-            seen_value: encode_seen(commit.seen_at_ms, commit.content_hash),
+            seen_value: encode_seen(commit.seen_at_ms, commit.content_hash, commit.delivery),
             index_key: time_index_key(commit.seen_at_ms, commit.idempotency_key),
             outbox,
             charges,
@@ -747,7 +860,7 @@ impl SledStore {
     pub fn import(&self, record: &ChangeRecord) -> Result<bool, StoreError> {
         let key = state_key(&record.aggregate);
         let (old_journal, old_snapshots) = self.journal_and_snapshot_keys(&record.aggregate)?;
-        let seen_value = encode_seen(record.seen_at_ms, &record.content_hash);
+        let seen_value = encode_seen(record.seen_at_ms, &record.content_hash, record.delivery);
         let index_key = time_index_key(record.seen_at_ms, &record.idempotency_key);
         let kind = record.aggregate.kind;
         let snapshot = match kind {
@@ -1085,6 +1198,58 @@ mod tests {
         assert_eq!(store.commit(stale).unwrap(), CommitResult::Stale);
     }
 
+    #[test]
+    fn a_key_keeps_the_delivery_it_was_applied_from_and_reads_keys_stored_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TestClock(AtomicI64::new(1_000)));
+        let store = SledStore::open(dir.path(), 60, clock)
+            .unwrap()
+            .with_changelog("a".into());
+        // A report aggregate: its state imports without parsing as a campaign or payment.
+        let agg = report_key("service");
+        let hash = hex::encode([7u8; 32]);
+        let delivery = Some(DeliveryId(0x0102_0304_0506_0708));
+        let with_delivery = Commit {
+            delivery,
+            ..commit(&agg, "k1", &hash, 1_000)
+        };
+        assert_eq!(store.commit(with_delivery).unwrap(), CommitResult::Committed);
+        let seen = store.seen("k1").unwrap().unwrap();
+        assert_eq!(
+            (seen.content_hash.as_str(), seen.delivery),
+            (hash.as_str(), delivery)
+        );
+        assert!(matches!(
+            store.commit(Commit { version: 2, ..commit(&agg, "k1", &hash, 1_001) }).unwrap(),
+            CommitResult::AlreadySeen(entry) if entry.delivery == delivery
+        ));
+        // The changelog record carries the delivery to the daemons that import it.
+        let records = publish(&store);
+        assert_eq!(records[0].delivery, delivery);
+        let other = tempfile::tempdir().unwrap();
+        let importer = SledStore::open(other.path(), 60, Arc::new(TestClock(AtomicI64::new(1_000)))).unwrap();
+        assert!(importer.import(&records[0]).unwrap());
+        assert_eq!(importer.seen("k1").unwrap().unwrap().delivery, delivery);
+
+        // Written by a version before deliveries: time and hash alone, read as no delivery; a
+        // record of such a version has no `delivery` field.
+        let mut old = 1_000i64.to_be_bytes().to_vec();
+        old.extend_from_slice(&[9u8; 32]);
+        assert_eq!(
+            decode_seen(&old),
+            SeenEntry {
+                first_seen_ms: 1_000,
+                content_hash: hex::encode([9u8; 32]),
+                delivery: None
+            }
+        );
+        let mut json = serde_json::to_value(&records[0]).unwrap();
+        json.as_object_mut().unwrap().remove("delivery");
+        let old_record: ChangeRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(old_record.delivery, None);
+        assert_eq!(decode_seen(&encode_seen(5, &hash, None)).delivery, None);
+    }
+
     fn report_key(id: &str) -> AggregateKey {
         AggregateKey {
             kind: AggregateKind::Report,
@@ -1403,6 +1568,7 @@ mod tests {
             idempotency_key: idem.into(),
             content_hash: hash.clone(),
             seen_at_ms: 0,
+            delivery: None,
             outbox: Vec::new(),
             charges: Vec::new(),
             journal: None,
@@ -1429,5 +1595,42 @@ mod tests {
         );
         assert!(matches!(answers[25], Ok(CommitResult::AlreadySeen(_))));
         assert_eq!(store.window_len(), 49);
+    }
+
+    #[tokio::test]
+    async fn dead_lettered_messages_are_remembered_across_a_restart_and_forgotten_after_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TestClock(AtomicI64::new(1_000_000)));
+        let (first, second) = (b"topic-a\x00\x01".as_slice(), b"topic-a\x00\x02".as_slice());
+        {
+            let store = SledStore::open(dir.path(), 10, clock.clone()).unwrap();
+            assert!(!store.dead_lettered(first).unwrap());
+            store.remember_dead_letter(first).unwrap();
+            assert!(store.dead_lettered(first).unwrap());
+            assert!(!store.dead_lettered(second).unwrap(), "another message");
+            // The memory is apart from the idempotency window.
+            assert_eq!(store.window_len(), 0);
+            store.flush().await.unwrap();
+        }
+        let store = SledStore::open(dir.path(), 10, clock.clone()).unwrap();
+        assert!(store.dead_lettered(first).unwrap(), "remembered across a restart");
+        clock.0.store(1_005_000, Ordering::SeqCst);
+        store.remember_dead_letter(second).unwrap();
+        assert_eq!(store.evict_dead_letters().unwrap(), 0, "both within the window");
+
+        clock.0.store(1_000_000 + 10_001, Ordering::SeqCst);
+        assert_eq!(store.evict_dead_letters().unwrap(), 1);
+        assert!(!store.dead_lettered(first).unwrap(), "past the window");
+        assert!(store.dead_lettered(second).unwrap());
+        // Dead-lettered again (after its window): remembered from the new time on.
+        store.remember_dead_letter(first).unwrap();
+        clock.0.store(1_005_000 + 10_001, Ordering::SeqCst);
+        assert_eq!(store.evict_dead_letters().unwrap(), 1);
+        assert!(store.dead_lettered(first).unwrap());
+        assert!(!store.dead_lettered(second).unwrap());
+        clock.0.store(1_010_001 + 10_001, Ordering::SeqCst);
+        assert_eq!(store.evict_dead_letters().unwrap(), 1);
+        assert!(!store.dead_lettered(first).unwrap());
+        assert_eq!(store.dead_lettered.len(), 0, "the time index is emptied too");
     }
 }

@@ -1,17 +1,46 @@
-//! Metric names (SPEC §10), the Prometheus recorder, the actor observer and log set-up.
+//! Metric names (SPEC §10) and their help texts, the Prometheus recorder, the actor observer and
+//! log set-up.
 //!
 //! Labels are bounded: input name, event type, aggregate kind, outcome, reason — never an id.
+//!
+//! # Accounting of an input's messages
+//!
+//! Every message received (`consumed`, redeliveries included) ends in exactly one of five
+//! outcomes, so that, per input, once nothing is in flight:
+//!
+//! ```text
+//! consumed = applied + deduplicated + redelivered + rejected + dead_lettered
+//! ```
+//!
+//! - `applied`: its event was committed.
+//! - `deduplicated`: its idempotency key was applied before from another message (a partner sent
+//!   the event twice).
+//! - `redelivered`: its key was applied before from this very message (the broker delivered it
+//!   again: a crash or a lost ack before the ack, a reset subscription). Told apart from
+//!   `deduplicated` by the message's [`DeliveryId`](aerostream_actors::DeliveryId), stored with
+//!   the key. A redelivered copy of a partner's duplicate counts as `deduplicated`.
+//! - `rejected`: a business rule refused its event; counted once its dead letter is stored.
+//! - `dead_lettered`: refused before reaching an aggregate (undecodable, invalid); counted once
+//!   its dead letter is stored. Rejections are dead-lettered too but counted as `rejected` only.
+//!
+//! A message whose processing fails and is retried is counted once, by its final outcome. One
+//! that the daemon gives back to the broker unfinished (`retried`, a shutdown past its timeout)
+//! has no outcome here: its next delivery is consumed and counted again.
 
+use crate::codec::{DecodeReason, WireType};
 use crate::config::{DaemonConfig, LogFormat};
 use aerostream_actors::ports::ActorObserver;
-use aerostream_actors::{AggregateKind, ReportVersion};
-use metrics::{counter, gauge};
+use aerostream_actors::{AggregateKind, RejectReason, ReportVersion};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
 pub const EVENTS_CONSUMED: &str = "aerostream_events_consumed_total";
 pub const EVENTS_APPLIED: &str = "aerostream_events_applied_total";
 pub const EVENTS_DEDUPLICATED: &str = "aerostream_events_deduplicated_total";
+pub const EVENTS_REDELIVERED: &str = "aerostream_events_redelivered_total";
+/// The `event_type` label of a redelivered copy of a message that never decoded.
+pub const UNDECODED_EVENT_TYPE: &str = "undecoded";
 pub const EVENTS_REJECTED: &str = "aerostream_events_rejected_total";
 pub const EVENTS_DEAD_LETTERED: &str = "aerostream_events_dead_lettered_total";
 pub const EVENTS_RETRIED: &str = "aerostream_events_retried_total";
@@ -40,13 +69,119 @@ pub const CHANGELOG_BARRIERS: &str = "aerostream_changelog_barriers_total";
 pub const CHANGELOG_RESUBSCRIPTIONS: &str = "aerostream_changelog_resubscriptions_total";
 pub const CHANGELOG_BARRIER_WAIT: &str = "aerostream_changelog_barrier_wait_seconds";
 
+/// The `event_type` of [`OUTBOX_PUBLISHED`] for changelog records.
+pub const CHANGELOG_RECORD: &str = "changelog";
+
+/// What a metric is, for its `# TYPE` and `# HELP` lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// A metric's kind, unit and help text (the README's metrics table says the same, with labels).
+#[derive(Debug, Clone, Copy)]
+pub struct Described {
+    pub name: &'static str,
+    pub kind: MetricKind,
+    pub unit: Option<Unit>,
+    pub help: &'static str,
+}
+
+const fn described(
+    name: &'static str,
+    kind: MetricKind,
+    unit: Option<Unit>,
+    help: &'static str,
+) -> Described {
+    Described {
+        name,
+        kind,
+        unit,
+        help,
+    }
+}
+
+use MetricKind::{Counter, Gauge, Histogram};
+const COUNT: Option<Unit> = Some(Unit::Count);
+const SECONDS: Option<Unit> = Some(Unit::Seconds);
+
+/// Every metric the daemon emits, with its help text. A metric missing here has no `# HELP`
+/// line (a unit test compares this table with the names above and with the README).
+pub const METRICS: &[Described] = &[
+    described(EVENTS_CONSUMED, Counter, COUNT, "Messages received from the input's topic, every delivery counted: once nothing is in flight, consumed = applied + deduplicated + redelivered + rejected + dead_lettered."),
+    described(EVENTS_APPLIED, Counter, COUNT, "Events applied: state, idempotency record and outputs committed."),
+    described(EVENTS_DEDUPLICATED, Counter, COUNT, "Events skipped because another message with the same idempotency key and content was applied (a partner's duplicate)."),
+    described(EVENTS_REDELIVERED, Counter, COUNT, "Messages skipped because this same message was applied before (a broker redelivery)."),
+    described(EVENTS_REJECTED, Counter, COUNT, "Events refused by a business rule, by reason; each is dead-lettered with that reason."),
+    described(EVENTS_DEAD_LETTERED, Counter, COUNT, "Messages dead-lettered before reaching an aggregate (undecodable or invalid), by reason; rejections are counted as rejected."),
+    described(EVENTS_RETRIED, Counter, COUNT, "Messages given back to the broker for redelivery after a failure."),
+    described(CONSUMER_REDELIVERIES, Counter, COUNT, "Messages given back by this consumer that the broker delivered again."),
+    described(PROCESSING_DURATION, Histogram, SECONDS, "Time from receiving a message to its durable commit (applied, deduplicated or redelivered)."),
+    described(ACTORS_ACTIVE, Gauge, COUNT, "Running aggregate actors."),
+    described(ACTOR_RESTARTS, Counter, COUNT, "Aggregate actors restarted by their supervisor after a panic."),
+    described(ACTORS_PASSIVATED, Counter, COUNT, "Idle actors stopped (actors.idle_seconds)."),
+    described(SNAPSHOTS_WRITTEN, Counter, COUNT, "Full-state snapshots written."),
+    described(SNAPSHOT_RESTORES, Counter, COUNT, "Actors rebuilt from a snapshot and the journal after it."),
+    described(SNAPSHOT_CHECKSUM_FAILURES, Counter, COUNT, "Snapshots passed over because their checksum did not hold."),
+    described(SNAPSHOT_REPLAYED, Counter, COUNT, "Journal entries replayed by actor rebuilds."),
+    described(IDEMPOTENCY_WINDOW_KEYS, Gauge, COUNT, "Idempotency keys in the window."),
+    described(IDEMPOTENCY_EVICTED, Counter, COUNT, "Idempotency keys evicted past the window."),
+    described(OUTBOX_BACKLOG, Gauge, COUNT, "Committed output events and changelog records not yet published."),
+    described(OUTBOX_PUBLISHED, Counter, COUNT, "Output events and changelog records published, by event type (changelog for records)."),
+    described(BROKER_UP, Gauge, None, "1 when the broker answered the last health probe, else 0."),
+    described(HTTP_REQUESTS, Counter, COUNT, "HTTP requests served, by route and status."),
+    described(GATEWAY_CALLS, Counter, COUNT, "Payment gateway calls, by result."),
+    described(GATEWAY_PENDING_CHARGES, Gauge, COUNT, "Requested payments waiting to be charged (up to one batch)."),
+    described(REPORT_VERSION, Gauge, None, "1 for the report version the report service answers in, 0 for the others."),
+    described(REPORT_SWITCHES, Counter, COUNT, "Report version switches applied (HTTP or control topic)."),
+    described(COLLECTOR_EVENTS, Counter, COUNT, "Events posted to the event collector, by outcome (invalid counts refused requests)."),
+    described(CHANGELOG_IMPORTED, Counter, COUNT, "Changelog records of other daemons imported (newer than the local state)."),
+    described(CHANGELOG_BARRIERS, Counter, COUNT, "Changelog barriers written (markers shared by the events waiting for them)."),
+    described(CHANGELOG_RESUBSCRIPTIONS, Counter, COUNT, "Times the changelog follower subscribed again because no record came while a marker was pending (changelog.stall_timeout_ms)."),
+    described(CHANGELOG_BARRIER_WAIT, Histogram, SECONDS, "Time an event waited for the changelog before its aggregate was handled."),
+];
+
+/// Registers every metric's help text and unit with the installed recorder.
+fn describe() {
+    for metric in METRICS {
+        let (name, help) = (metric.name, metric.help);
+        match (metric.kind, metric.unit) {
+            (Counter, Some(unit)) => describe_counter!(name, unit, help),
+            (Counter, None) => describe_counter!(name, help),
+            (Gauge, Some(unit)) => describe_gauge!(name, unit, help),
+            (Gauge, None) => describe_gauge!(name, help),
+            (Histogram, Some(unit)) => describe_histogram!(name, unit, help),
+            (Histogram, None) => describe_histogram!(name, help),
+        }
+    }
+}
+
+/// The event types an input can apply: every type on the wire but the daemon's outputs.
+pub fn input_event_types() -> impl Iterator<Item = &'static str> {
+    WireType::ALL
+        .into_iter()
+        .filter(|wire| !wire.is_output())
+        .map(WireType::name)
+}
+
+/// Every `reason` of [`EVENTS_DEAD_LETTERED`]: why a message was refused before its event reached
+/// an aggregate. Each kind of refusal lists its reasons in one table next to its enum; chain a
+/// new one here (expected: `ce_type`/`ce_dataschema` mismatches, a missing or wrong key,
+/// `max_redeliveries`). Rejections ([`RejectReason::ALL`]) are [`EVENTS_REJECTED`]'s.
+pub fn dead_letter_reasons() -> impl Iterator<Item = &'static str> {
+    DecodeReason::ALL.iter().map(|reason| reason.as_str())
+}
+
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// Installs the Prometheus recorder once per process and returns its handle.
+/// Installs the Prometheus recorder once per process, with every metric's help text, and returns
+/// its handle.
 pub fn prometheus() -> PrometheusHandle {
     PROMETHEUS
         .get_or_init(|| {
-            PrometheusBuilder::new()
+            let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Full(CHANGELOG_BARRIER_WAIT.into()),
                     &[
@@ -62,18 +197,39 @@ pub fn prometheus() -> PrometheusHandle {
                 )
                 .expect("static buckets are valid")
                 .install_recorder()
-                .expect("the Prometheus recorder is installed once")
+                .expect("the Prometheus recorder is installed once");
+            describe();
+            handle
         })
         .clone()
 }
 
 /// Registers the counters whose label values are known up front at zero, so dashboards and alert
-/// rules see 0 rather than no data before the first event of a kind.
+/// rules see 0 rather than no data before the first event of a kind: an alert on "consumed but
+/// none applied" needs an `applied` series that is there and stays at 0.
 pub fn zero_counters<'a>(inputs: impl IntoIterator<Item = &'a str>) {
     for input in inputs {
         counter!(EVENTS_CONSUMED, "input" => input.to_owned()).increment(0);
         counter!(EVENTS_RETRIED, "input" => input.to_owned()).increment(0);
         counter!(CONSUMER_REDELIVERIES, "input" => input.to_owned()).increment(0);
+        for event_type in input_event_types() {
+            for name in [EVENTS_APPLIED, EVENTS_DEDUPLICATED, EVENTS_REDELIVERED] {
+                counter!(name, "input" => input.to_owned(), "event_type" => event_type).increment(0);
+            }
+        }
+        for reason in RejectReason::ALL {
+            counter!(EVENTS_REJECTED, "input" => input.to_owned(), "reason" => reason.as_str()).increment(0);
+        }
+        for reason in dead_letter_reasons() {
+            counter!(EVENTS_DEAD_LETTERED, "input" => input.to_owned(), "reason" => reason).increment(0);
+        }
+    }
+    let outputs = WireType::ALL
+        .into_iter()
+        .filter(|wire| wire.is_output())
+        .map(WireType::name);
+    for event_type in outputs.chain([CHANGELOG_RECORD]) {
+        counter!(OUTBOX_PUBLISHED, "event_type" => event_type).increment(0);
     }
     for kind in AggregateKind::ALL {
         counter!(ACTOR_RESTARTS, "kind" => kind.as_str()).increment(0);
@@ -153,4 +309,106 @@ pub fn init_logging(config: &DaemonConfig) {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics::histogram;
+    use std::collections::BTreeSet;
+
+    /// The names of `exposition`'s `# TYPE` lines that no `# HELP` line describes.
+    fn without_help(exposition: &str) -> Vec<&str> {
+        let helped: BTreeSet<&str> = exposition
+            .lines()
+            .filter_map(|line| line.strip_prefix("# HELP "))
+            .filter_map(|rest| rest.split(' ').next())
+            .collect();
+        exposition
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|rest| rest.split(' ').next())
+            .filter(|name| !helped.contains(name))
+            .collect()
+    }
+
+    #[test]
+    fn the_table_describes_every_metric_name_here_and_in_the_readme() {
+        let source = include_str!("telemetry.rs");
+        let constants: BTreeSet<&str> = source
+            .lines()
+            .filter(|line| line.starts_with("pub const ") && line.contains(": &str = \"aerostream_"))
+            .filter_map(|line| line.split('"').nth(1))
+            .collect();
+        let described: BTreeSet<&str> = METRICS.iter().map(|metric| metric.name).collect();
+        assert_eq!(described.len(), METRICS.len(), "one row per metric");
+        assert_eq!(described, constants, "METRICS against the name constants");
+        let documented: BTreeSet<&str> = include_str!("../README.md")
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `"))
+            .filter_map(|rest| rest.split('`').next())
+            .filter(|name| name.starts_with("aerostream_"))
+            .collect();
+        assert_eq!(
+            described, documented,
+            "METRICS against the README's metrics table"
+        );
+        for metric in METRICS {
+            assert!(!metric.help.is_empty(), "{}", metric.name);
+            let suffix_fits = match metric.kind {
+                MetricKind::Counter => metric.name.ends_with("_total"),
+                MetricKind::Gauge => !metric.name.ends_with("_total"),
+                MetricKind::Histogram => metric.name.ends_with("_seconds"),
+            };
+            assert!(suffix_fits, "{} is a {:?}", metric.name, metric.kind);
+        }
+    }
+
+    #[test]
+    fn every_metric_has_help_and_every_known_label_value_starts_at_zero() {
+        let handle = prometheus();
+        zero_counters(["orders"]);
+        for metric in METRICS {
+            match metric.kind {
+                MetricKind::Counter => counter!(metric.name, "input" => "touched").increment(0),
+                MetricKind::Gauge => gauge!(metric.name, "input" => "touched").increment(0.0),
+                MetricKind::Histogram => histogram!(metric.name, "input" => "touched").record(0.0),
+            }
+        }
+        let exposition = handle.render();
+        assert_eq!(without_help(&exposition), Vec::<&str>::new(), "{exposition}");
+        assert!(exposition.contains(&format!(
+            "# HELP {EVENTS_REDELIVERED} Messages skipped because this same message was applied before"
+        )));
+
+        let zero = |name: &str, labels: &str| {
+            let line = format!("{name}{{{labels}}} 0");
+            assert!(exposition.lines().any(|l| l == line), "{line} in\n{exposition}");
+        };
+        for event_type in input_event_types() {
+            for name in [EVENTS_APPLIED, EVENTS_DEDUPLICATED, EVENTS_REDELIVERED] {
+                zero(name, &format!("input=\"orders\",event_type=\"{event_type}\""));
+            }
+        }
+        assert_eq!(input_event_types().count(), 12);
+        assert!(
+            !input_event_types().any(|t| t == "PagoExitoso"),
+            "outputs are not consumed"
+        );
+        for reason in RejectReason::ALL {
+            zero(
+                EVENTS_REJECTED,
+                &format!("input=\"orders\",reason=\"{}\"", reason.as_str()),
+            );
+        }
+        for reason in DecodeReason::ALL {
+            zero(
+                EVENTS_DEAD_LETTERED,
+                &format!("input=\"orders\",reason=\"{}\"", reason.as_str()),
+            );
+        }
+        zero(EVENTS_CONSUMED, "input=\"orders\"");
+        zero(OUTBOX_PUBLISHED, "event_type=\"ComisionCalculada\"");
+        zero(OUTBOX_PUBLISHED, "event_type=\"changelog\"");
+    }
 }

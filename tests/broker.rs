@@ -7,7 +7,7 @@ mod support;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use futures::TryStreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use prost::Message as _;
 use pulsar::consumer::{DeadLetterPolicy, InitialPosition, Message};
 use pulsar::message::proto::{
@@ -471,4 +471,72 @@ fn relay_rejects_a_truncated_frame() {
     let mut bare = frame(&message_command(), &[]);
     bare.truncate(bare.len() - 1);
     assert!(rewrite_frame(bare, RELAY_URL).is_err());
+}
+
+/// The one consumer of a subscription dies (it closes holding unacknowledged messages, as a
+/// SIGKILLed daemon's connection ends) and another subscribes in its place: the successor must
+/// receive every message the dead one did not ack, and every message published after. Returns
+/// how many of those the successor received before the deadline, and how many there were.
+async fn successor_probe(broker: &LocalBroker, topic: &str, sub_type: SubType) -> (usize, usize) {
+    let producer_client = client(broker).await;
+    let keyed = |prefix: &str, count: usize| -> Vec<(Option<String>, String)> {
+        (0..count)
+            .map(|i| (Some(format!("key-{}", i % 20)), format!("{prefix}-{i}")))
+            .collect()
+    };
+    let dead = client(broker).await;
+    let mut first = consumer(&dead, topic, "successor", sub_type, 50).await;
+    produce(&producer_client, topic, keyed("before", 200)).await;
+    let until = Instant::now() + DEADLINE;
+    let mut acked = BTreeSet::new();
+    for i in 0..100 {
+        let message = next(&mut first, until).await;
+        if i < 50 {
+            first.ack(&message).await.expect("ack");
+            acked.insert(text(&message));
+        }
+    }
+    drop(first);
+    drop(dead);
+
+    let successor_client = client(broker).await;
+    let mut successor = consumer(&successor_client, topic, "successor", sub_type, 50).await;
+    produce(&producer_client, topic, keyed("after", 100)).await;
+    let mut expected: BTreeSet<String> = keyed("before", 200)
+        .into_iter()
+        .chain(keyed("after", 100))
+        .map(|(_, payload)| payload)
+        .collect();
+    expected.retain(|payload| !acked.contains(payload));
+    let until = Instant::now() + DEADLINE;
+    let mut received = BTreeSet::new();
+    while !expected.is_subset(&received) {
+        let Ok(Some(Ok(message))) = tokio::time::timeout_at(until, successor.next()).await else {
+            break;
+        };
+        successor.ack(&message).await.expect("ack");
+        received.insert(text(&message));
+    }
+    (received.intersection(&expected).count(), expected.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_successor_receives_what_a_dead_consumer_did_not_ack() {
+    let broker = LocalBroker::start().expect("broker starts");
+    let topic = "persistent://public/default/failover-successor";
+    let (received, expected) = successor_probe(&broker, topic, SubType::Failover).await;
+    assert_eq!(received, expected, "messages the successor received");
+}
+
+/// The same probe on Key_Shared shows pulsar-lite's fault (docs/TAKEOVER.md, "Status and
+/// limits"): measured 2026-12-01, the successor received 20 and 24 of the 250 messages within
+/// 30 s in two runs (the Failover probe above: all 250 in half a second).
+/// Apache Pulsar hands a closed consumer's keys and unacked messages to the remaining consumers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "pulsar-lite's Key_Shared dispatcher stops delivering after a consumer leaves holding unacked messages; run with --run-ignored all to see it, or against Apache Pulsar"]
+async fn key_shared_successor_receives_what_a_dead_consumer_did_not_ack() {
+    let broker = LocalBroker::start().expect("broker starts");
+    let topic = "persistent://public/default/key-shared-successor";
+    let (received, expected) = successor_probe(&broker, topic, SubType::KeyShared).await;
+    assert_eq!(received, expected, "messages the successor received");
 }

@@ -1,7 +1,9 @@
 //! Observability (SPEC §10) against a real Prometheus (Debian package `prometheus`): it scrapes a
 //! daemon under generated traffic with duplicates, conflicts, a bad payload and an actor kill;
 //! every query of the Grafana dashboards returns data, every alert rule evaluates, `promtool`
-//! accepts the configuration and the rules, and every metric of the README's table is emitted.
+//! accepts the configuration and the rules, and every metric of the README's table is emitted
+//! with its help text. A fresh daemon whose every message of an input fails trips
+//! `AerostreamNoEventsApplied` for that input (deploy/alerts.test.yml has the rule's unit tests).
 
 mod support;
 
@@ -236,4 +238,97 @@ fn dashboards_and_alerts_run_against_a_real_prometheus() {
             "{metric} is documented but not emitted"
         );
     }
+    let typed = names_after(&exposition, "# TYPE ");
+    let helped = names_after(&exposition, "# HELP ");
+    let without_help: Vec<&String> = typed.iter().filter(|name| !helped.contains(*name)).collect();
+    assert!(typed.len() >= 30, "{typed:?}");
+    assert!(without_help.is_empty(), "# TYPE without # HELP: {without_help:?}");
+}
+
+/// The metric names of the exposition's lines that start with `prefix` (`# TYPE `, `# HELP `).
+fn names_after(exposition: &str, prefix: &str) -> Vec<String> {
+    exposition
+        .lines()
+        .filter_map(|line| line.strip_prefix(prefix)?.split(' ').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The issue #19 case, end to end: a daemon starts, and every message of one input fails. Its
+/// counters start at 0, so the rule sees "consumed, none applied" for that input at once and the
+/// alert is pending (it fires after its 10 minutes; deploy/alerts.test.yml checks that part),
+/// while an input that applies stays quiet.
+#[test]
+fn a_fresh_daemon_whose_every_message_fails_trips_no_events_applied() {
+    let broker = LocalBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    let config_path = daemon::write_config(dir.path(), &broker.url(), port, "").unwrap();
+    let config = Config::load(Some(&config_path)).unwrap();
+    let daemon = Daemon::start(&config_path, port).unwrap();
+    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let prometheus = Prometheus::start(dir.path(), port);
+    wait_for("Prometheus to scrape the daemon", Duration::from_secs(60), || {
+        (prometheus.results(r#"aerostream_events_applied_total{input="payments"} == 0"#) > 0).then_some(())
+    })
+    .unwrap();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = runtime
+        .block_on(pulsar::Pulsar::builder(broker.url(), pulsar::TokioExecutor).build())
+        .unwrap();
+    let payments = config.broker.topic(&config.inputs["payments"].topic);
+    let properties = [("ce_dataschema", "com.aeropartners.idempotencia.PagoSolicitado/v1")];
+    for n in 0..5u8 {
+        runtime
+            .block_on(send_raw(&client, &payments, "bad", &properties, vec![0xff, n]))
+            .unwrap();
+    }
+    // Meanwhile campaigns apply: their events of a small generated stream.
+    let plan = generator::plan(&Options {
+        seed: 7,
+        campaigns: 2,
+        payments: 1,
+        events: 40,
+        duplicate_fraction: 0.0,
+        reorder_window: 0,
+        ..Options::for_daemon(&config)
+    });
+    let campaign_events: Vec<_> = plan
+        .stream
+        .into_iter()
+        .filter(|planned| planned.input == generator::Input::Campaigns)
+        .collect();
+    events::publish(&runtime, &config, &campaign_events);
+    daemon
+        .wait_metric(
+            "aerostream_events_dead_lettered_total",
+            &["input=\"payments\""],
+            5.0,
+        )
+        .unwrap();
+    daemon
+        .wait_metric(
+            "aerostream_events_applied_total",
+            &["input=\"campaigns\""],
+            campaign_events.len() as f64,
+        )
+        .unwrap();
+
+    let alert = r#"ALERTS{alertname="AerostreamNoEventsApplied"}"#;
+    let alerting = wait_for(
+        "AerostreamNoEventsApplied to be pending",
+        Duration::from_secs(60),
+        || {
+            let answer = prometheus.query(alert)?;
+            let inputs: Vec<String> = answer["data"]["result"]
+                .as_array()?
+                .iter()
+                .filter_map(|series| series["metric"]["input"].as_str().map(str::to_owned))
+                .collect();
+            (!inputs.is_empty()).then_some(inputs)
+        },
+    )
+    .unwrap();
+    assert_eq!(alerting, ["payments"], "only the input whose every message fails");
 }

@@ -21,12 +21,20 @@ fn produced_counts(stdout: &str) -> (f64, f64) {
     (number(1), number(3))
 }
 
+/// The shipped subscriptions (payments on Key_Shared) with no consumer churn: pulsar-lite's
+/// Key_Shared dispatcher stalls only when a consumer leaves mid-backlog (docs/TAKEOVER.md).
 #[test]
 fn generated_stream_with_duplicates_and_reordering_gives_the_exact_expected_state() {
     let broker = LocalBroker::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port().unwrap();
-    let config = daemon::write_config(dir.path(), &broker.url(), port, "").unwrap();
+    let config = daemon::write_config_with_inputs(dir.path(), &broker.url(), port, "").unwrap();
+    let loaded = aerostream::config::Config::load(Some(&config)).unwrap();
+    assert_eq!(
+        loaded.inputs["payments"].subscription_type,
+        aerostream::config::SubscriptionKind::KeyShared,
+        "the shipped payments input"
+    );
     let daemon = Daemon::start(&config, port).unwrap();
     daemon.wait_healthy(Duration::from_secs(30)).unwrap();
 

@@ -48,11 +48,6 @@ fn every_restart_after_withdrawals_settles_and_applies_again() {
         "admin_token = \"t\"\n\n[chaos]\nenabled = true\n",
     )
     .unwrap();
-    if std::env::var("AEROSTREAM_RESTART_SHIPPED_INPUTS").is_ok() {
-        let text = std::fs::read_to_string(&config_path).unwrap();
-        let text = text.replace("[inputs.payments]\nsubscription_type = \"failover\"\n", "");
-        std::fs::write(&config_path, text).unwrap();
-    }
     let config = Config::load(Some(&config_path)).unwrap();
     let plan = generator::plan(&Options {
         seed: 5,

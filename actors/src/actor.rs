@@ -239,6 +239,7 @@ impl<A: Aggregate> AggregateActor<A> {
             idempotency_key: incoming.idempotency_key.clone(),
             content_hash: incoming.content_hash.clone(),
             seen_at_ms: self.env.clock.now_ms(),
+            delivery: incoming.delivery,
             outbox: decision.outputs,
             charges: decision.charges,
             journal: journal.map(|entry| (version, entry)),
@@ -312,9 +313,14 @@ pub(crate) fn guarded<R>(
     }
 }
 
+/// What an event whose key is in the window comes to: the same message again is a redelivery,
+/// another message with the same content a duplicate, other content a reused key.
 pub(crate) fn seen_outcome(incoming: &Incoming, seen: &SeenEntry) -> Outcome {
     if seen.content_hash == incoming.content_hash {
-        Outcome::Duplicate
+        match (seen.delivery, incoming.delivery) {
+            (Some(first), Some(now)) if first == now => Outcome::Redelivered,
+            _ => Outcome::Duplicate,
+        }
     } else {
         Outcome::Rejected(Rejection::new(
             RejectReason::IdempotencyKeyReused,

@@ -7,7 +7,7 @@
 //! - [`campaign`], [`payment`]: the two aggregates and their rules (SPEC §2).
 //! - [`output`]: output events (alerts, commissions, payment outcomes) with derived ids.
 //! - [`ledger`]: an affiliate's commission ledger, a projection of output events.
-//! - [`outcome`]: applied / duplicate / rejected, and the rejection reasons.
+//! - [`outcome`]: applied / duplicate / redelivered / rejected, and the rejection reasons.
 //! - [`ports`]: the state store, observer and clock traits the daemon implements.
 //! - [`gateway`]: the payment gateway port and its simulated adapter.
 //! - [`actor`]: `AggregateActor<A>`, supervised, committing each event atomically.
@@ -40,8 +40,8 @@ pub use actor::{ActorEnv, ApplyError};
 pub use aggregate::{Aggregate, Decision};
 pub use campaign::{Campaign, CampaignStatus};
 pub use events::{
-    AggregateKey, AggregateKind, CampaignEvent, Envelope, Event, Incoming, PaymentEvent, PaymentStatus,
-    ReportEvent, ReportVersion,
+    AggregateKey, AggregateKind, CampaignEvent, DeliveryId, Envelope, Event, Incoming, PaymentEvent,
+    PaymentStatus, ReportEvent, ReportVersion,
 };
 pub use ledger::CommissionLedger;
 pub use money::{Currency, Money};

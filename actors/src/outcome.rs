@@ -1,9 +1,12 @@
-//! What applying one event did: applied, skipped as a duplicate, or rejected with a reason.
+//! What applying one event did: applied, skipped as a duplicate or a redelivery, or rejected
+//! with a reason.
 
 use serde::{Deserialize, Serialize};
 
-/// Why an event was not applied. The `as_str` values are metric labels and dead-letter reasons.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Why an event was not applied. The `as_str` values are metric labels and dead-letter reasons;
+/// [`RejectReason::ALL`] lists every variant (derived, so a new reason is never left out of the
+/// counters registered at 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, strum::VariantArray)]
 #[serde(rename_all = "snake_case")]
 pub enum RejectReason {
     UnknownCampaign,
@@ -18,17 +21,8 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
-        RejectReason::UnknownCampaign,
-        RejectReason::CampaignExists,
-        RejectReason::CampaignCompleted,
-        RejectReason::InvalidTransition,
-        RejectReason::CurrencyMismatch,
-        RejectReason::InvalidMoney,
-        RejectReason::PaymentAlreadyFinal,
-        RejectReason::AmountMismatch,
-        RejectReason::IdempotencyKeyReused,
-    ];
+    /// Every reason, in declaration order.
+    pub const ALL: &'static [RejectReason] = <RejectReason as strum::VariantArray>::VARIANTS;
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -73,8 +67,13 @@ pub enum Outcome {
     Applied {
         outputs: usize,
     },
-    /// Seen before within the idempotency window with the same content: nothing to do.
+    /// Seen before within the idempotency window with the same content, from another message (a
+    /// partner sent the event twice): nothing to do.
     Duplicate,
+    /// Seen before within the idempotency window, from this very message
+    /// ([`Incoming::delivery`](crate::Incoming::delivery)): the broker delivered it again (after a
+    /// crash, a lost ack, a reset subscription). Nothing to do.
+    Redelivered,
     Rejected(Rejection),
 }
 
@@ -84,7 +83,26 @@ impl Outcome {
         match self {
             Outcome::Applied { .. } => "applied",
             Outcome::Duplicate => "duplicate",
+            Outcome::Redelivered => "redelivered",
             Outcome::Rejected(_) => "rejected",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn every_reason_has_its_own_label_and_serializes_as_it() {
+        let labels: HashSet<&str> = RejectReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(labels.len(), RejectReason::ALL.len(), "labels are unique");
+        for reason in RejectReason::ALL {
+            assert_eq!(
+                serde_json::to_value(reason).unwrap(),
+                serde_json::Value::from(reason.as_str())
+            );
         }
     }
 }

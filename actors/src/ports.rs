@@ -1,6 +1,6 @@
 //! Ports: what the actors need from the outside world, implemented by the daemon (`src/`).
 
-use crate::events::{AggregateKey, AggregateKind, ReportVersion};
+use crate::events::{AggregateKey, AggregateKind, DeliveryId, ReportVersion};
 use crate::gateway::Charge;
 use crate::output::OutputEvent;
 use crate::readmodel::{Change, ReadModel};
@@ -15,6 +15,9 @@ pub struct StoreError(pub String);
 pub struct SeenEntry {
     pub content_hash: String,
     pub first_seen_ms: i64,
+    /// The message whose event was applied under the key (`None`: an event the daemon made, or a
+    /// key recorded before deliveries were).
+    pub delivery: Option<DeliveryId>,
 }
 
 /// Everything one applied event changes, committed in one atomic step.
@@ -29,6 +32,8 @@ pub struct Commit<'a> {
     pub content_hash: &'a str,
     /// When the key was seen (event processing time), for the window's eviction.
     pub seen_at_ms: i64,
+    /// The message the event came in, recorded with the key ([`Incoming::delivery`](crate::Incoming::delivery)).
+    pub delivery: Option<DeliveryId>,
     pub outbox: &'a [OutputEvent],
     /// Payments to charge through the gateway.
     pub charges: &'a [Charge],
@@ -62,6 +67,7 @@ impl<'a> Commit<'a> {
             idempotency_key,
             content_hash,
             seen_at_ms,
+            delivery: None,
             outbox: &[],
             charges: &[],
             journal: None,
@@ -83,6 +89,7 @@ pub struct OwnedCommit {
     pub idempotency_key: String,
     pub content_hash: String,
     pub seen_at_ms: i64,
+    pub delivery: Option<DeliveryId>,
     pub outbox: Vec<OutputEvent>,
     pub charges: Vec<Charge>,
     pub journal: Option<(u64, Vec<u8>)>,
@@ -101,6 +108,7 @@ impl OwnedCommit {
             idempotency_key: &self.idempotency_key,
             content_hash: &self.content_hash,
             seen_at_ms: self.seen_at_ms,
+            delivery: self.delivery,
             outbox: &self.outbox,
             charges: &self.charges,
             journal: self

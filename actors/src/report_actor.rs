@@ -124,6 +124,7 @@ impl ReportActor {
         let state = serde_json::to_vec(&after).expect("the report service state serializes");
         let commit = Commit {
             outbox: &outputs,
+            delivery: incoming.delivery,
             ..Commit::of(
                 &self.key,
                 &state,
@@ -223,6 +224,7 @@ impl Handler<Crash> for ReportActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::DeliveryId;
     use crate::testkit::{envelope, MemoryStore};
     use std::sync::Arc;
 
@@ -232,6 +234,7 @@ mod tests {
             envelope: envelope(id),
             idempotency_key: id.into(),
             content_hash: format!("{version}"),
+            delivery: None,
             event,
         })
     }
@@ -255,6 +258,31 @@ mod tests {
     }
 
     #[actix::test]
+    async fn the_same_message_again_is_a_redelivery_and_another_with_the_same_content_a_duplicate() {
+        let store = Arc::new(MemoryStore::default());
+        let addr = ReportActor::new(crate::testkit::env(store)).start();
+        let from = |delivery: Option<u64>| {
+            let mut incoming = (*switch("s1", ReportVersion::V2)).clone();
+            incoming.delivery = delivery.map(DeliveryId);
+            Arc::new(incoming)
+        };
+        let outcome = |incoming| async { addr.send(Apply(incoming)).await.unwrap() };
+        assert_eq!(outcome(from(Some(7))).await, Ok(Outcome::Applied { outputs: 0 }));
+        assert_eq!(outcome(from(Some(7))).await, Ok(Outcome::Redelivered));
+        assert_eq!(outcome(from(Some(8))).await, Ok(Outcome::Duplicate));
+        // A key recorded without a delivery (an event the daemon made, an older store) tells
+        // nothing about the message: a duplicate.
+        assert_eq!(outcome(from(None)).await, Ok(Outcome::Duplicate));
+        let store = Arc::new(MemoryStore::default());
+        let addr = ReportActor::new(crate::testkit::env(store)).start();
+        addr.send(Apply(from(None))).await.unwrap().unwrap();
+        assert_eq!(
+            addr.send(Apply(from(Some(7)))).await.unwrap(),
+            Ok(Outcome::Duplicate)
+        );
+    }
+
+    #[actix::test]
     async fn a_request_is_answered_with_a_report_generated_event() {
         let store = Arc::new(MemoryStore::default());
         let addr = ReportActor::new(crate::testkit::env(store.clone())).start();
@@ -262,6 +290,7 @@ mod tests {
             envelope: envelope("r1"),
             idempotency_key: "r1".into(),
             content_hash: "h".into(),
+            delivery: None,
             event: Event::Report(ReportEvent::Requested {
                 request_id: "req-1".into(),
                 version: Some(ReportVersion::V2),

@@ -118,6 +118,7 @@ impl StateStore for MemoryStore {
             SeenEntry {
                 content_hash: commit.content_hash.to_owned(),
                 first_seen_ms: commit.seen_at_ms,
+                delivery: commit.delivery,
             },
         );
         data.outbox.extend_from_slice(commit.outbox);

@@ -2,8 +2,12 @@
 //!
 //! Steps: find the writer schema named by `ce_dataschema`, decode the datum (the whole payload must
 //! be consumed), resolve it to the subject's reader schema, then map the record field by field into
-//! the envelope and the typed event, validating money and enumerations. Every failure is a
-//! [`DecodeError`] whose [`reason`](DecodeError::reason) is the dead-letter reason and metric label.
+//! the envelope and the typed event, validating money and enumerations; the record's `type` and
+//! `schema_version` must be the ones `ce_dataschema` names. A consumed message is then checked
+//! against what the broker carries besides the payload ([`Codec::decode_message`]): the `ce_type`
+//! property, when present, must be the record's type, and the key must be the aggregate id
+//! (SPEC §3). Every failure is a [`DecodeError`] whose [`reason`](DecodeError::reason) is the
+//! dead-letter reason and metric label.
 
 use super::{Codec, WireType};
 use aerostream_actors::events::CommissionRule;
@@ -17,22 +21,19 @@ use apache_avro::error::Details;
 use apache_avro::types::{Value, ValueKind};
 use sha2::{Digest, Sha256};
 
-/// Every value [`DecodeError::reason`] can return, for metrics registered up front.
-pub const REASONS: [&str; 6] = [
-    "unknown_schema",
-    "invalid_avro",
-    "missing_field",
-    "invalid_field",
-    "invalid_money",
-    "unknown_event_type",
-];
-
 /// Longest Avro error detail kept in a message: apache-avro prints whole values in some errors.
 const MAX_DETAIL_CHARS: usize = 300;
 
 /// Why a payload could not become an event. All of them are permanent: dead-letter, don't retry.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, strum::EnumDiscriminants)]
+#[strum_discriminants(
+    name(DecodeReason),
+    derive(Hash, strum::VariantArray),
+    doc = "The kind of a [`DecodeError`]: its dead-letter reason and metric label ([`DecodeReason::as_str`])."
+)]
 pub enum DecodeError {
+    #[error("the message has no ce_dataschema property and its input has no default_dataschema")]
+    MissingDataschema,
     #[error("unknown schema: {detail}")]
     UnknownSchema { detail: String },
     #[error("payload is not valid Avro for {dataschema}: {detail}")]
@@ -45,20 +46,55 @@ pub enum DecodeError {
     InvalidMoney { field: String, detail: String },
     #[error("unknown event type {event_type:?}: {detail}")]
     UnknownEventType { event_type: String, detail: String },
+    /// The payload decodes under the schema `ce_dataschema` names, but its record says otherwise.
+    #[error("the record contradicts ce_dataschema {dataschema:?}: {detail}")]
+    DataschemaMismatch { dataschema: String, detail: String },
+    #[error("the ce_type property {property:?} contradicts the record's type {record:?}")]
+    TypeMismatch { property: String, record: String },
+    #[error("the message has no key; its key must be the aggregate id {aggregate_id:?}")]
+    MissingKey { aggregate_id: String },
+    #[error("the message key {key:?} is not the aggregate id {aggregate_id:?}")]
+    KeyMismatch { key: String, aggregate_id: String },
 }
 
 impl DecodeError {
-    /// The dead-letter reason and metric label: one of [`REASONS`].
+    /// The dead-letter reason and metric label.
     pub fn reason(&self) -> &'static str {
+        DecodeReason::from(self).as_str()
+    }
+}
+
+impl DecodeReason {
+    /// Every reason (derived from [`DecodeError`]'s variants, so none is left out of the counters
+    /// registered at 0).
+    pub const ALL: &'static [DecodeReason] = <DecodeReason as strum::VariantArray>::VARIANTS;
+
+    pub fn as_str(self) -> &'static str {
         match self {
-            DecodeError::UnknownSchema { .. } => "unknown_schema",
-            DecodeError::InvalidAvro { .. } => "invalid_avro",
-            DecodeError::MissingField { .. } => "missing_field",
-            DecodeError::InvalidField { .. } => "invalid_field",
-            DecodeError::InvalidMoney { .. } => "invalid_money",
-            DecodeError::UnknownEventType { .. } => "unknown_event_type",
+            DecodeReason::MissingDataschema => "missing_dataschema",
+            DecodeReason::UnknownSchema => "unknown_schema",
+            DecodeReason::InvalidAvro => "invalid_avro",
+            DecodeReason::MissingField => "missing_field",
+            DecodeReason::InvalidField => "invalid_field",
+            DecodeReason::InvalidMoney => "invalid_money",
+            DecodeReason::UnknownEventType => "unknown_event_type",
+            DecodeReason::DataschemaMismatch => "dataschema_mismatch",
+            DecodeReason::TypeMismatch => "type_mismatch",
+            DecodeReason::MissingKey => "missing_key",
+            DecodeReason::KeyMismatch => "key_mismatch",
         }
     }
+}
+
+/// What a consumed message carries besides its payload (SPEC §3).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MessageMeta<'a> {
+    /// The message key: it must be the aggregate id.
+    pub key: Option<&'a str>,
+    /// The `ce_type` property: when present, it must be the record's `type`.
+    pub ce_type: Option<&'a str>,
+    /// The `ce_dataschema` property, else the input's `default_dataschema`.
+    pub dataschema: Option<&'a str>,
 }
 
 /// SHA-256 (hex) of the domain event's JSON: independent of the envelope and of the schema
@@ -69,18 +105,28 @@ pub fn content_hash(event: &Event) -> String {
 }
 
 impl Codec {
+    /// Decodes a consumed message: [`Codec::decode`], then the checks of the message's key and
+    /// `ce_type` against the record (SPEC §3: the key is the aggregate id; a missing `ce_type`
+    /// property is allowed).
+    pub fn decode_message(&self, message: MessageMeta<'_>, payload: &[u8]) -> Result<Incoming, DecodeError> {
+        let incoming = self.decode(message.dataschema, payload)?;
+        check_message(&message, &incoming)?;
+        Ok(incoming)
+    }
+
     /// Decodes an input event. `dataschema` is the `ce_dataschema` property (or the topic's
-    /// default); `None` is an `unknown_schema` error.
+    /// default); `None` is a `missing_dataschema` error.
     pub fn decode(&self, dataschema: Option<&str>, payload: &[u8]) -> Result<Incoming, DecodeError> {
         let (wire, record) = self.read(dataschema, payload)?;
         let root = Fields::root(&record);
-        let (envelope, idempotency_key) = envelope(&root, wire)?;
+        let (envelope, idempotency_key) = envelope(&root, wire, dataschema)?;
         let event = input_event(wire, &root.record("data")?)?;
         Ok(Incoming {
             idempotency_key: idempotency_key.unwrap_or_else(|| envelope.id.clone()),
             content_hash: content_hash(&event),
             envelope,
             event,
+            delivery: None,
         })
     }
 
@@ -92,7 +138,7 @@ impl Codec {
     ) -> Result<OutputEvent, DecodeError> {
         let (wire, record) = self.read(dataschema, payload)?;
         let root = Fields::root(&record);
-        let (envelope, _) = envelope(&root, wire)?;
+        let (envelope, _) = envelope(&root, wire, dataschema)?;
         let body = output_body(wire, &root.record("data")?)?;
         let causation_id = envelope.causation_id.ok_or_else(|| DecodeError::MissingField {
             field: "causationid".into(),
@@ -112,9 +158,7 @@ impl Codec {
         dataschema: Option<&str>,
         payload: &[u8],
     ) -> Result<(WireType, Vec<(String, Value)>), DecodeError> {
-        let dataschema = dataschema.ok_or_else(|| DecodeError::UnknownSchema {
-            detail: "the message has no ce_dataschema property and no default schema".into(),
-        })?;
+        let dataschema = dataschema.ok_or(DecodeError::MissingDataschema)?;
         let unknown = |detail: String| DecodeError::UnknownSchema { detail };
         let (subject, _) = dataschema.split_once('/').ok_or_else(|| {
             unknown(format!(
@@ -160,8 +204,40 @@ impl Codec {
     }
 }
 
-/// The envelope, plus the event's own idempotency key if it carries one.
-fn envelope(root: &Fields, wire: WireType) -> Result<(Envelope, Option<String>), DecodeError> {
+/// The message's key and `ce_type` property against the decoded record.
+fn check_message(message: &MessageMeta<'_>, incoming: &Incoming) -> Result<(), DecodeError> {
+    if let Some(property) = message.ce_type {
+        if property != incoming.envelope.event_type {
+            return Err(DecodeError::TypeMismatch {
+                property: shorten(property.to_owned()),
+                record: incoming.envelope.event_type.clone(),
+            });
+        }
+    }
+    let aggregate_id = incoming.aggregate().id;
+    match message.key {
+        None | Some("") => Err(DecodeError::MissingKey { aggregate_id }),
+        Some(key) if key != aggregate_id => Err(DecodeError::KeyMismatch {
+            key: shorten(key.to_owned()),
+            aggregate_id,
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The envelope, plus the event's own idempotency key if it carries one. `dataschema` (checked by
+/// [`Codec::read`]) names the record's type and schema version: a record that says otherwise
+/// contradicts it.
+fn envelope(
+    root: &Fields,
+    wire: WireType,
+    dataschema: Option<&str>,
+) -> Result<(Envelope, Option<String>), DecodeError> {
+    let dataschema = dataschema.unwrap_or_default();
+    let mismatch = |detail: String| DecodeError::DataschemaMismatch {
+        dataschema: dataschema.to_owned(),
+        detail,
+    };
     let event_type = root.string("type")?;
     if event_type != wire.name() {
         return Err(match WireType::from_name(&event_type) {
@@ -169,10 +245,7 @@ fn envelope(root: &Fields, wire: WireType) -> Result<(Envelope, Option<String>),
                 event_type,
                 detail: format!("the payload was written with the {} schema", wire.name()),
             },
-            Some(_) => DecodeError::InvalidField {
-                field: "type".into(),
-                detail: format!("{event_type:?} does not match the schema {}", wire.subject()),
-            },
+            Some(_) => mismatch(format!("the record's type is {event_type:?}")),
         });
     }
     let idempotency_key = root.optional_string("idempotency_key")?;
@@ -189,6 +262,13 @@ fn envelope(root: &Fields, wire: WireType) -> Result<(Envelope, Option<String>),
         causation_id: root.optional_string("causationid")?,
         schema_version: root.string("schema_version")?,
     };
+    let version = dataschema.split_once('/').map_or("", |(_, version)| version);
+    if envelope.schema_version != version {
+        return Err(mismatch(format!(
+            "the record's schema_version is {:?}",
+            shorten(envelope.schema_version)
+        )));
+    }
     Ok((envelope, idempotency_key))
 }
 

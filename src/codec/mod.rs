@@ -11,7 +11,8 @@
 //!   versions, loaded from a directory or embedded at compile time.
 //! - [`compat`]: compatibility of a subject's versions under its mode (BACKWARD, FORWARD, FULL,
 //!   transitive or not).
-//! - [`decode`]: payload → [`Incoming`](aerostream_actors::Incoming) / [`OutputEvent`], and
+//! - [`decode`]: payload → [`Incoming`](aerostream_actors::Incoming) / [`OutputEvent`], a consumed
+//!   message's key and `ce_type` checked against its record ([`MessageMeta`]), and
 //!   [`DecodeError`] with its dead-letter reason.
 //! - [`encode`]: domain event / output event → [`Encoded`] payload.
 //! - [`json`]: structured-mode CloudEvents JSON → [`Encoded`] payload (the event collector).
@@ -29,7 +30,7 @@ mod tests;
 use aerostream_actors::{CampaignEvent, Event, OutputBody, PaymentEvent, ReportEvent};
 use std::sync::Arc;
 
-pub use decode::DecodeError;
+pub use decode::{DecodeError, DecodeReason, MessageMeta};
 pub use encode::{EncodeError, Encoded};
 pub use registry::{Compatibility, SchemaError, SchemaRegistry, SchemaVersion, Subject};
 

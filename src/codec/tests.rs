@@ -1,7 +1,7 @@
 //! Codec tests: the shipped schemas, round trips for every event type, each decode error's reason,
 //! content hashes, schema evolution (v1 writer, v2 reader) and robustness on arbitrary bytes.
 
-use super::decode::{content_hash, REASONS};
+use super::decode::{content_hash, DecodeReason};
 use super::*;
 use aerostream_actors::campaign::Metrics;
 use aerostream_actors::events::CommissionRule;
@@ -362,7 +362,7 @@ proptest! {
             codec().decode_output(Some(&dataschema), &payload).err(),
         ];
         for error in errors.iter().flatten() {
-            prop_assert!(REASONS.contains(&error.reason()));
+            prop_assert!(DecodeReason::ALL.iter().any(|reason| reason.as_str() == error.reason()));
         }
     }
 
@@ -459,10 +459,17 @@ fn encode_rejects_an_envelope_of_another_type() {
 // ---- decode errors and their reasons ----------------------------------------------------------
 
 #[test]
+fn no_dataschema_is_missing_dataschema() {
+    let payload = encode(&processed(PaymentStatus::Pending)).payload;
+    let error = decode_err(None, &payload);
+    assert_eq!(error, DecodeError::MissingDataschema);
+    assert_eq!(error.reason(), "missing_dataschema");
+}
+
+#[test]
 fn unknown_schema() {
     let payload = encode(&processed(PaymentStatus::Pending)).payload;
     for dataschema in [
-        None,
         Some("com.aeropartners.idempotencia.PagoProcesado"),
         Some("com.aeropartners.idempotencia.PagoProcesado/v9"),
         Some("com.example.Nope/v1"),
@@ -522,8 +529,12 @@ fn payload_of_another_schema() {
     });
     let payload = encode(&click).payload;
     let error = decode_err(Some("com.aeropartners.tracking.ImpresionRegistrada/v1"), &payload);
-    assert_eq!(error.reason(), "invalid_field");
-    assert!(error.to_string().starts_with("invalid field `type`"), "{error}");
+    assert_eq!(error.reason(), "dataschema_mismatch");
+    assert_eq!(
+        error.to_string(),
+        "the record contradicts ce_dataschema \"com.aeropartners.tracking.ImpresionRegistrada/v1\": \
+         the record's type is \"ClickRegistrado\""
+    );
 
     // Different shape: a PagoSolicitado read as PagoProcesado runs out of bytes.
     let requested = Event::Payment(PaymentEvent::Requested {
@@ -534,6 +545,153 @@ fn payload_of_another_schema() {
     let payload = encode(&requested).payload;
     let error = decode_err(Some("com.aeropartners.idempotencia.PagoProcesado/v1"), &payload);
     assert_eq!(error.reason(), "invalid_avro", "{error}");
+}
+
+#[test]
+fn a_schema_version_other_than_the_dataschema_s_is_a_dataschema_mismatch() {
+    // A PagoProcesado v1 payload that says it was written with v2: the writer schema is unsure.
+    let encoded = encode(&processed(PaymentStatus::Pending));
+    for version in ["v2", "", "1"] {
+        let payload = rewrite(&encoded, &["schema_version"], Value::String(version.into()));
+        let error = decode_err(Some(&encoded.dataschema), &payload);
+        assert_eq!(error.reason(), "dataschema_mismatch", "{version:?}: {error}");
+        assert!(
+            error
+                .to_string()
+                .ends_with(&format!("the record's schema_version is {version:?}")),
+            "{error}"
+        );
+    }
+    // The same record under its own version decodes.
+    assert!(codec()
+        .decode(Some(&encoded.dataschema), &encoded.payload)
+        .is_ok());
+}
+
+fn meta<'a>(encoded: &'a Encoded, key: Option<&'a str>, ce_type: Option<&'a str>) -> MessageMeta<'a> {
+    MessageMeta {
+        key,
+        ce_type,
+        dataschema: Some(&encoded.dataschema),
+    }
+}
+
+#[test]
+fn a_message_with_its_aggregate_id_as_key_and_its_type_or_no_ce_type_decodes() {
+    let encoded = encode(&processed(PaymentStatus::Pending));
+    let codec = codec();
+    for ce_type in [Some("PagoProcesado"), None] {
+        let incoming = codec
+            .decode_message(meta(&encoded, Some("pago-1"), ce_type), &encoded.payload)
+            .unwrap();
+        assert_eq!(incoming.aggregate().id, "pago-1");
+    }
+    // Report events: one aggregate, the report service.
+    let report = Event::Report(ReportEvent::VersionChanged {
+        version: aerostream_actors::ReportVersion::V2,
+    });
+    let encoded = encode(&report);
+    assert_eq!(encoded.key, aerostream_actors::events::REPORT_SERVICE_ID);
+    let message = meta(&encoded, Some(&encoded.key), Some(encoded.event_type));
+    assert!(codec.decode_message(message, &encoded.payload).is_ok());
+}
+
+#[test]
+fn a_ce_type_property_that_contradicts_the_record_is_a_type_mismatch() {
+    let encoded = encode(&processed(PaymentStatus::Pending));
+    for ce_type in ["PagoSolicitado", "pagoprocesado", "", "Nada"] {
+        let error = codec()
+            .decode_message(meta(&encoded, Some("pago-1"), Some(ce_type)), &encoded.payload)
+            .unwrap_err();
+        assert_eq!(error.reason(), "type_mismatch", "{ce_type:?}: {error}");
+    }
+    let error = codec()
+        .decode_message(
+            meta(&encoded, Some("pago-1"), Some("PagoSolicitado")),
+            &encoded.payload,
+        )
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "the ce_type property \"PagoSolicitado\" contradicts the record's type \"PagoProcesado\""
+    );
+}
+
+#[test]
+fn a_message_without_a_key_or_keyed_by_another_id_is_refused() {
+    let encoded = encode(&processed(PaymentStatus::Pending));
+    let codec = codec();
+    for key in [None, Some("")] {
+        let error = codec
+            .decode_message(meta(&encoded, key, None), &encoded.payload)
+            .unwrap_err();
+        assert_eq!(error.reason(), "missing_key", "{key:?}: {error}");
+    }
+    for key in ["pago-2", "afiliado-1", "evt-1", "PAGO-1", "pago-1 "] {
+        let error = codec
+            .decode_message(meta(&encoded, Some(key), None), &encoded.payload)
+            .unwrap_err();
+        assert_eq!(error.reason(), "key_mismatch", "{key:?}: {error}");
+    }
+    assert_eq!(
+        codec
+            .decode_message(meta(&encoded, Some("afiliado-1"), None), &encoded.payload)
+            .unwrap_err()
+            .to_string(),
+        "the message key \"afiliado-1\" is not the aggregate id \"pago-1\""
+    );
+    // A payload error comes first: a bad payload has no aggregate to compare the key with.
+    let error = codec
+        .decode_message(meta(&encoded, None, Some("Nada")), b"not avro")
+        .unwrap_err();
+    assert_eq!(error.reason(), "invalid_avro");
+}
+
+#[test]
+fn every_reason_is_listed_once() {
+    let listed: std::collections::BTreeSet<&str> =
+        DecodeReason::ALL.iter().map(|reason| reason.as_str()).collect();
+    assert_eq!(listed.len(), DecodeReason::ALL.len());
+    let errors = [
+        DecodeError::MissingDataschema,
+        DecodeError::UnknownSchema {
+            detail: String::new(),
+        },
+        DecodeError::InvalidAvro {
+            dataschema: String::new(),
+            detail: String::new(),
+        },
+        DecodeError::MissingField { field: String::new() },
+        DecodeError::InvalidField {
+            field: String::new(),
+            detail: String::new(),
+        },
+        DecodeError::InvalidMoney {
+            field: String::new(),
+            detail: String::new(),
+        },
+        DecodeError::UnknownEventType {
+            event_type: String::new(),
+            detail: String::new(),
+        },
+        DecodeError::DataschemaMismatch {
+            dataschema: String::new(),
+            detail: String::new(),
+        },
+        DecodeError::TypeMismatch {
+            property: String::new(),
+            record: String::new(),
+        },
+        DecodeError::MissingKey {
+            aggregate_id: String::new(),
+        },
+        DecodeError::KeyMismatch {
+            key: String::new(),
+            aggregate_id: String::new(),
+        },
+    ];
+    let reasons: std::collections::BTreeSet<&str> = errors.iter().map(DecodeError::reason).collect();
+    assert_eq!(reasons, listed);
 }
 
 #[test]

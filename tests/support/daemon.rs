@@ -33,14 +33,31 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
 const PULSAR_LITE_INPUTS: &str = "[inputs.payments]\nsubscription_type = \"failover\"\n";
 
 /// A config file for a test daemon: its own data dir and HTTP port, the given broker, and `extra`
-/// TOML appended (it must not repeat a table header used here).
+/// TOML appended (it must not repeat a table header used here). Payments use Failover (see
+/// `PULSAR_LITE_INPUTS`): for tests that kill or restart daemons.
 pub fn write_config(dir: &Path, broker_url: &str, http_port: u16, extra: &str) -> anyhow::Result<PathBuf> {
+    write_config_with_inputs(
+        dir,
+        broker_url,
+        http_port,
+        &format!("{extra}\n\n{PULSAR_LITE_INPUTS}"),
+    )
+}
+
+/// Like [`write_config`], with every input's subscription as shipped (payments on Key_Shared):
+/// for tests without consumer churn.
+pub fn write_config_with_inputs(
+    dir: &Path,
+    broker_url: &str,
+    http_port: u16,
+    extra: &str,
+) -> anyhow::Result<PathBuf> {
     let path = dir.join("aerostream.toml");
     let data_dir = dir.join("data");
     let body = format!(
         "[daemon]\ndata_dir = {data:?}\nshutdown_timeout_seconds = 20\n\n\
          [broker]\nurl = {broker_url:?}\nhealth_probe_interval_seconds = 1\n\n\
-         [http]\nlisten = \"127.0.0.1:{http_port}\"\n\n{extra}\n\n{PULSAR_LITE_INPUTS}",
+         [http]\nlisten = \"127.0.0.1:{http_port}\"\n\n{extra}\n",
         data = data_dir.display().to_string(),
     );
     std::fs::File::create(&path)?.write_all(body.as_bytes())?;

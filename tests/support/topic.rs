@@ -16,8 +16,22 @@ pub async fn send_raw(
     properties: &[(&str, &str)],
     payload: Vec<u8>,
 ) -> anyhow::Result<()> {
+    send_raw_with_key(client, topic, Some(key), properties, payload).await
+}
+
+/// [`send_raw`] with the key optional: `None` publishes a message without a key.
+pub async fn send_raw_with_key(
+    client: &Pulsar<TokioExecutor>,
+    topic: &str,
+    key: Option<&str>,
+    properties: &[(&str, &str)],
+    payload: Vec<u8>,
+) -> anyhow::Result<()> {
     let mut producer = client.producer().with_topic(topic).build().await?;
-    let mut message = producer.create_message().with_content(payload).with_key(key);
+    let mut message = producer.create_message().with_content(payload);
+    if let Some(key) = key {
+        message = message.with_key(key);
+    }
     for (name, value) in properties {
         message = message.with_property(*name, *value);
     }

@@ -27,6 +27,7 @@ pub fn incoming(id: &str, event: Event) -> Incoming {
         envelope: envelope_at(id, 0),
         content_hash: content_hash(&event),
         idempotency_key: id.into(),
+        delivery: None,
         event,
     }
 }
