@@ -16,6 +16,7 @@ use aerostream::codec::Codec;
 use aerostream::config::Config;
 use aerostream::generator::{self, Options, Planned};
 use aerostream::produce;
+use aerostream::views::StateView;
 use aerostream_actors::AggregateKind;
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
@@ -28,7 +29,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::daemon::{self, wait_for, Daemon};
-use support::state::wait_for_state;
+use support::state::{first_difference, served_state};
 use support::topic::{collect_outputs, TopicReader};
 use support::{free_port, BrokerOptions, LocalBroker};
 
@@ -155,7 +156,7 @@ fn at_work(daemon: &Daemon) -> f64 {
         let applied = all_applied(daemon);
         (applied >= APPLIED_BEFORE_FAULT).then_some(applied)
     })
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log_tail()))
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", explain(daemon)))
 }
 
 fn all_applied(daemon: &Daemon) -> f64 {
@@ -258,7 +259,7 @@ fn faults_mid_stream_lose_nothing_and_apply_nothing_twice() {
         );
         let landed = match fault {
             Fault::ActorKill(kind) => kill_an_actor(&daemon, kind, &plan.stream, &clock)
-                .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log_tail())),
+                .unwrap_or_else(|e| panic!("{e:#}\n{}", explain(&daemon))),
             Fault::Sigkill => {
                 let applied = at_work(&daemon);
                 let pid = daemon.pid();
@@ -270,7 +271,7 @@ fn faults_mid_stream_lose_nothing_and_apply_nothing_twice() {
                 landed
             }
             Fault::BrokerRestart => restart_broker(&broker, &mut daemon, chaos.broker_down, &clock)
-                .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log_tail())),
+                .unwrap_or_else(|e| panic!("{e:#}\n{}", explain(&daemon))),
         };
         println!(
             "fault {}: {} at {:.1} s, message {}: {}",
@@ -284,7 +285,7 @@ fn faults_mid_stream_lose_nothing_and_apply_nothing_twice() {
     }
     runtime.block_on(publisher).unwrap().unwrap();
     let stream_elapsed = clock.started.elapsed();
-    wait_for_state(&daemon, &plan.expected, Duration::from_secs(300));
+    wait_for_exact_state(&daemon, &plan.expected, Duration::from_secs(300));
 
     // Reused keys arrive once their originals are applied: each must be dead-lettered and must
     // change nothing.
@@ -302,7 +303,7 @@ fn faults_mid_stream_lose_nothing_and_apply_nothing_twice() {
         conflict_ids,
         "exactly the reused keys are conflicts"
     );
-    wait_for_state(&daemon, &plan.expected, Duration::from_secs(30));
+    wait_for_exact_state(&daemon, &plan.expected, Duration::from_secs(30));
 
     // Every expected output event was published, at least once, and nothing else.
     let published = collect_outputs(&runtime, &mut outputs, &plan.expected_outputs);
@@ -394,6 +395,44 @@ impl Drop for RunDir {
             }
         }
     }
+}
+
+/// Waits until the daemon serves exactly `expected`; else fails with the first difference and what
+/// the daemon says of itself: /health, its counters and gauges, and its log without the client's
+/// reconnection chatter.
+fn wait_for_exact_state(daemon: &Daemon, expected: &StateView, timeout: Duration) {
+    let exact = wait_for("the exact expected state", timeout, || {
+        (served_state(daemon, expected).ok()? == *expected).then_some(())
+    });
+    if let Err(error) = exact {
+        let difference = served_state(daemon, expected).map(|served| first_difference(&served, expected));
+        panic!("{error}: {difference:?}\n{}", explain(daemon));
+    }
+}
+
+/// /health, the daemon's `aerostream_*` counters and gauges, and its log's last lines without the
+/// `pulsar` client's own lines.
+fn explain(daemon: &Daemon) -> String {
+    let health = health(daemon).map(|(status, body)| format!("{status} {body}"));
+    let metrics = daemon
+        .metrics_text()
+        .map(|text| {
+            text.lines()
+                .filter(|line| line.starts_with("aerostream_") && !line.contains("_bucket{"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_else(|e| format!("no metrics: {e}"));
+    let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|line| !line.contains("pulsar::") && !line.trim_start().starts_with("at "))
+        .collect();
+    format!(
+        "/health: {health:?}\nmetrics:\n{metrics}\ndaemon log ({}), last lines without the client's:\n{}",
+        daemon.log.display(),
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    )
 }
 
 /// Kills a running actor of `kind` through the chaos route and waits for its supervisor to
