@@ -118,6 +118,11 @@ impl Daemon {
         self.child.id()
     }
 
+    /// Whether the process is still running (it has not exited).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Waits until /health answers 200.
     pub fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
         wait_for("a healthy daemon", timeout, || {
