@@ -1610,7 +1610,18 @@ mod tests {
             store.outbox.insert(poison_seq, &poison[..]).unwrap();
             store.db.flush().unwrap();
         }
-        let store = SledStore::open(dir.path(), 10, clock).unwrap();
+        // sled's flusher thread lets go of the database's file lock a moment after the last
+        // handle is dropped: reopen once it has.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let store = loop {
+            match SledStore::open(dir.path(), 10, clock.clone()) {
+                Ok(store) => break store,
+                Err(error) if std::time::Instant::now() < deadline && error.to_string().contains("lock") => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(error) => panic!("{error}"),
+            }
+        };
         assert_eq!(store.outbox_len(), 2);
         let entries = store.outbox_entries(10).unwrap();
         assert!(matches!(entries[0].1, Ok(OutboxEntry::Output(ref out)) if out.id == "o-1"));
