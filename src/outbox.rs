@@ -131,10 +131,6 @@ pub async fn run(
             }
         };
         if batch.is_empty() {
-            // A commit lowers the published mark after its transaction; if the publisher deleted
-            // and recomputed in between, the mark points at an entry already gone and the acks
-            // waiting on it would wait for ever. An empty outbox sets it right.
-            store.outbox_published();
             tokio::select! {
                 _ = store.outbox_added() => continue,
                 _ = tokio::time::sleep(IDLE_POLL) => continue,
