@@ -280,11 +280,19 @@ struct SetFailpoint {
 }
 
 /// The fail points a chaos request (or `chaos.failpoints`) may set.
-pub const FAILPOINTS: [&str; 3] = [
+const FAILPOINTS: [&str; 3] = [
     crate::store::FAILPOINT_WRITE,
     crate::store::FAILPOINT_COMMIT,
     crate::changelog::FAILPOINT_DEAF_SUBSCRIPTION,
 ];
+
+/// Sets one of [`FAILPOINTS`] to `actions` (the `fail` crate's form); refuses any other name.
+pub fn set_known_failpoint(name: &str, actions: &str) -> Result<(), String> {
+    if !FAILPOINTS.contains(&name) {
+        return Err(format!("unknown fail point {name:?}; known: {FAILPOINTS:?}"));
+    }
+    fail::cfg(name, actions)
+}
 
 /// Chaos: sets the actions of a fail point, as the `fail` crate reads them; `off` clears them.
 async fn set_failpoint(
@@ -293,13 +301,7 @@ async fn set_failpoint(
     body: web::Json<SetFailpoint>,
 ) -> Result<HttpResponse, ApiError> {
     authorize_chaos(&state, &request)?;
-    if !FAILPOINTS.contains(&body.name.as_str()) {
-        return Err(ApiError::BadRequest(format!(
-            "unknown fail point {:?}; known: {FAILPOINTS:?}",
-            body.name
-        )));
-    }
-    fail::cfg(body.name.as_str(), &body.actions).map_err(ApiError::BadRequest)?;
+    set_known_failpoint(&body.name, &body.actions).map_err(ApiError::BadRequest)?;
     tracing::warn!(name = %body.name, actions = %body.actions, "Chaos: fail point set.");
     Ok(HttpResponse::Ok().json(json!({ "failpoint": body.name, "actions": body.actions })))
 }
