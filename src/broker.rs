@@ -1,5 +1,6 @@
 //! The Pulsar client: connecting with backoff, the broker health probe, and dead-letter publishing.
 
+use crate::backoff::Backoff;
 use crate::config::BrokerConfig;
 use crate::telemetry::BROKER_UP;
 use pulsar::{Pulsar, TokioExecutor};
@@ -19,9 +20,10 @@ pub enum BrokerError {
     ShuttingDown,
 }
 
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Reconnecting, re-subscribing, building producers.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
-/// Runs `attempt` until it succeeds, doubling the wait up to 10 s; gives up on shutdown.
+/// Runs `attempt` until it succeeds, waiting [`BACKOFF`] between failures; gives up on shutdown.
 pub async fn with_backoff<T, F, Fut>(
     what: &str,
     shutdown: &mut watch::Receiver<bool>,
@@ -31,7 +33,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, pulsar::Error>>,
 {
-    let mut wait = Duration::from_millis(100);
+    let mut failures = 0;
     loop {
         if *shutdown.borrow() {
             return Err(BrokerError::ShuttingDown);
@@ -39,12 +41,11 @@ where
         match attempt().await {
             Ok(value) => return Ok(value),
             Err(error) => {
-                tracing::warn!(what, error = %error, retry_in_ms = wait.as_millis() as u64, "Broker operation failed; retrying.");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => return Err(BrokerError::ShuttingDown),
+                failures += 1;
+                tracing::warn!(what, error = %error, failures, "Broker operation failed; retrying.");
+                if !BACKOFF.wait(failures, shutdown).await {
+                    return Err(BrokerError::ShuttingDown);
                 }
-                wait = (wait * 2).min(MAX_BACKOFF);
             }
         }
     }

@@ -11,6 +11,7 @@
 //!   barrier: a marker written to every changelog partition and read back. Whatever another daemon
 //!   did with that aggregate is then in the local store; its redelivered messages are duplicates.
 
+use crate::backoff::Backoff;
 use crate::broker::{self, Client};
 use crate::config::{BrokerConfig, ChangelogConfig};
 use crate::partitions::Partitions;
@@ -27,8 +28,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// Fail point (chaos only): the follower's next subscription delivers nothing, as a broker or
+/// client fault could make it, for the stall watchdog to replace.
+pub const FAILPOINT_DEAF_SUBSCRIPTION: &str = "changelog::deaf_subscription";
+
 /// The follower acks cumulatively, once per this many records of a partition.
 const ACK_EVERY: u32 = 64;
+/// Between re-subscriptions after the follower failed (a record it could not import, a marker it
+/// could not write): each reads the changelog from its start again.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
 /// One commit as another daemon needs it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -181,6 +189,8 @@ pub async fn run(
     })
     .await;
     let Ok(mut markers) = markers else { return };
+    // Failures in a row; a follower that ran for a while before failing starts the count again.
+    let mut failures = 0;
     loop {
         // A fresh subscription from the earliest record: importing a record twice changes
         // nothing, and every marker written from now on is read. One consumer per partition,
@@ -204,7 +214,12 @@ pub async fn run(
         })
         .await;
         let Ok(mut consumer) = subscribed else { return };
+        let deaf = (|| {
+            fail::fail_point!(FAILPOINT_DEAF_SUBSCRIPTION, |_| true);
+            false
+        })();
         tracing::info!(%topic, "Following the changelog.");
+        let following = std::time::Instant::now();
         let stopped = follow(
             &mut consumer,
             &instance,
@@ -213,6 +228,7 @@ pub async fn run(
             &mut markers,
             &mut requests,
             Duration::from_millis(config.stall_timeout_ms),
+            deaf,
             &mut shutdown,
         )
         .await;
@@ -223,7 +239,24 @@ pub async fn run(
         if stopped {
             return;
         }
-        tracing::warn!(%topic, "Changelog follower lost its consumer; subscribing again.");
+        if following.elapsed() > BACKOFF.max {
+            failures = 0;
+        }
+        failures += 1;
+        tracing::warn!(%topic, failures, "Changelog follower lost its consumer; subscribing again.");
+        if !BACKOFF.wait(failures, &mut shutdown).await {
+            return;
+        }
+        // The markers' producer may be bound to a connection that broke (seen on a starved
+        // broker: its sends failed on the old connection after the client had a new one).
+        match broker::with_backoff("changelog markers", &mut shutdown, || {
+            broker::producer(&client, topic.clone())
+        })
+        .await
+        {
+            Ok(producer) => markers.producer = producer,
+            Err(_) => return,
+        }
     }
 }
 
@@ -335,6 +368,7 @@ async fn follow(
     markers: &mut Markers,
     requests: &mut Requests,
     stall_timeout: Duration,
+    deaf: bool,
     shutdown: &mut watch::Receiver<bool>,
 ) -> bool {
     let Requests {
@@ -407,6 +441,7 @@ async fn follow(
                 }
             }
             received = consumer.next() => match received {
+                Some(Ok(_)) if deaf => {}
                 Some(Ok(message)) => {
                     last_read = Instant::now();
                     let partition = message.topic.clone();

@@ -7,6 +7,7 @@
 //! charge of a payment with its first answer (never charging twice), and the repeated
 //! `PagoProcesado` is recognised by its idempotency key.
 
+use crate::backoff::Backoff;
 use crate::codec::decode::content_hash;
 use crate::store::SledStore;
 use crate::telemetry::{GATEWAY_CALLS, GATEWAY_PENDING_CHARGES};
@@ -18,6 +19,8 @@ use tokio::sync::watch;
 
 /// How often the worker looks for new charges when there are none.
 const IDLE_POLL: Duration = Duration::from_millis(20);
+/// Between rounds in which a charge could not be settled (its result not applied or not durable).
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
 /// What the worker needs.
 pub struct Worker {
@@ -32,6 +35,8 @@ pub struct Worker {
 impl Worker {
     /// Charges pending payments until shutdown.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        // Rounds in a row in which some charge was not settled.
+        let mut failures = 0;
         loop {
             // Payments withdrawn at start wait for the changelog to restore them (`SledStore::
             // withdraw_unpublished`): a result applied before would be decided on a state about
@@ -48,19 +53,30 @@ impl Worker {
             let work = async {
                 if batch.is_empty() {
                     tokio::time::sleep(IDLE_POLL).await;
+                    true
                 } else {
-                    futures::future::join_all(batch.iter().map(|charge| self.settle(charge))).await;
+                    let settled =
+                        futures::future::join_all(batch.iter().map(|charge| self.settle(charge))).await;
+                    settled.into_iter().all(|settled| settled)
                 }
             };
-            tokio::select! {
-                _ = work => {}
+            let settled = tokio::select! {
+                settled = work => settled,
                 _ = shutdown.changed() => return,
+            };
+            if settled {
+                failures = 0;
+            } else {
+                failures += 1;
+                if !BACKOFF.wait(failures, &mut shutdown).await {
+                    return;
+                }
             }
         }
     }
 
-    /// Charges one payment and applies the result; on failure the charge stays pending.
-    async fn settle(&self, charge: &Charge) {
+    /// Charges one payment and applies the result; on failure the charge stays pending (false).
+    async fn settle(&self, charge: &Charge) -> bool {
         let charged = self.charge(charge).await;
         let (envelope, idempotency_key, event) = charge.processed(charged);
         let incoming = Incoming {
@@ -83,7 +99,7 @@ impl Worker {
             }
         };
         if !applied {
-            return;
+            return false;
         }
         // Done once the result is durable and published, its changelog record included: a daemon
         // that crashes before then withdraws the result at restart (`SledStore::
@@ -94,13 +110,18 @@ impl Worker {
             self.store.wait_published(published_through).await;
             self.store.charge_done(&charge.payment_id)
         };
-        if let Err(error) = done.await {
-            tracing::error!(payment = %charge.payment_id, error = %error, "Cannot settle the charge; retrying.");
+        match done.await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::error!(payment = %charge.payment_id, error = %error, "Cannot settle the charge; retrying.");
+                false
+            }
         }
     }
 
     /// Calls the gateway until it answers or the attempts run out.
     async fn charge(&self, charge: &Charge) -> Charged {
+        let backoff = Backoff::new(self.policy.initial_backoff, self.policy.max_backoff);
         let mut attempt = 1;
         loop {
             tokio::time::sleep(self.gateway.latency()).await;
@@ -118,7 +139,7 @@ impl Worker {
                     return Charged::from_attempts(attempt, None);
                 }
                 Err(_) => {
-                    tokio::time::sleep(self.policy.backoff(attempt)).await;
+                    tokio::time::sleep(backoff.delay(attempt)).await;
                     attempt += 1;
                 }
             }

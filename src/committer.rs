@@ -36,10 +36,10 @@ impl Committer {
         let (answer, answered) = oneshot::channel();
         let queued = self.jobs.send((commit, answer));
         Box::pin(async move {
-            queued.map_err(|_| StoreError("the committer has stopped".into()))?;
+            queued.map_err(|_| StoreError::Internal("the committer has stopped".into()))?;
             answered
                 .await
-                .map_err(|_| StoreError("the committer dropped a commit unanswered".into()))?
+                .map_err(|_| StoreError::Internal("the committer dropped a commit unanswered".into()))?
         })
     }
 }
@@ -86,7 +86,7 @@ fn run(store: Weak<SledStore>, queue: mpsc::Receiver<(OwnedCommit, Answer)>) {
                     "A commit batch panicked; its events will be retried."
                 );
                 for (_, answer) in batch {
-                    let _ = answer.send(Err(StoreError("the commit batch panicked".into())));
+                    let _ = answer.send(Err(StoreError::Internal("the commit batch panicked".into())));
                 }
             }
         }

@@ -143,6 +143,10 @@ pub struct HttpConfig {
 #[serde(deny_unknown_fields)]
 pub struct ChaosConfig {
     pub enabled: bool,
+    /// Fail points set at start (name → the `fail` crate's actions), only with `enabled`; the
+    /// names are those of `POST /admin/chaos/failpoint`.
+    #[serde(default)]
+    pub failpoints: std::collections::BTreeMap<String, String>,
 }
 
 /// Campaign snapshots (`CampanaEstadoCompleto`).
@@ -230,11 +234,26 @@ pub struct InputConfig {
     pub subscription_type: SubscriptionKind,
     /// Messages received and not yet acked, at most.
     pub max_in_flight: usize,
+    /// Retries of a message whose processing failed (a store error, an actor that keeps
+    /// crashing) before the daemon dead-letters it with reason `max_redeliveries`.
     pub max_redeliveries: usize,
     pub dead_letter_topic: String,
-    pub nack_redelivery_delay_ms: u64,
+    /// Wait before the first retry of a failed message; it doubles at each retry (jittered).
+    pub retry_delay_ms: u64,
+    /// The longest wait between two retries.
+    pub retry_max_delay_ms: u64,
     /// Writer schema for messages without `ce_dataschema`; empty for none.
     pub default_dataschema: String,
+}
+
+impl InputConfig {
+    /// The wait between retries of a failed message.
+    pub fn retry_backoff(&self) -> crate::backoff::Backoff {
+        crate::backoff::Backoff::new(
+            Duration::from_millis(self.retry_delay_ms),
+            Duration::from_millis(self.retry_max_delay_ms),
+        )
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -347,6 +366,7 @@ impl Config {
         );
         for (name, input) in &self.inputs {
             positive(format!("inputs.{name}.max_in_flight"), input.max_in_flight as u64);
+            positive(format!("inputs.{name}.retry_delay_ms"), input.retry_delay_ms);
         }
         let collector = &self.collector;
         positive("collector.max_body_bytes".into(), collector.max_body_bytes as u64);
@@ -371,6 +391,14 @@ impl Config {
         }
         if self.inputs.is_empty() {
             problems.push("  - `inputs` must name at least one input topic".into());
+        }
+        for (name, input) in &self.inputs {
+            if input.retry_max_delay_ms < input.retry_delay_ms {
+                problems.push(format!(
+                    "  - `inputs.{name}.retry_max_delay_ms` ({}) must be at least `inputs.{name}.retry_delay_ms` ({})",
+                    input.retry_max_delay_ms, input.retry_delay_ms
+                ));
+            }
         }
         for (key, input) in [
             ("campaign_input", &collector.campaign_input),

@@ -12,6 +12,7 @@ use actix::Arbiter;
 use aerostream_actors::ports::SystemClock;
 use aerostream_actors::{ActorEnv, Registry};
 use anyhow::Context as _;
+use futures::StreamExt as _;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::TcpListener;
@@ -25,6 +26,18 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    if config.chaos.enabled {
+        for (name, actions) in &config.chaos.failpoints {
+            anyhow::ensure!(
+                http::FAILPOINTS.contains(&name.as_str()),
+                "chaos.failpoints: unknown fail point {name:?}; known: {:?}",
+                http::FAILPOINTS
+            );
+            fail::cfg(name.as_str(), actions)
+                .map_err(|error| anyhow::anyhow!("chaos.failpoints.{name}: {error}"))?;
+            tracing::warn!(%name, %actions, "Chaos: fail point set at start.");
+        }
+    }
     let clock = Arc::new(SystemClock);
     let instance = config.instance_id();
     let mut store = SledStore::open_with_cache(
@@ -165,6 +178,7 @@ pub async fn run(
                 config.idempotency.eviction_interval_seconds,
                 stop_rx.clone(),
             )),
+            tokio::spawn(probe_store(store.clone(), stop_rx.clone())),
         ];
         let follower = match barriers.take() {
             Some((follower, requests)) => {
@@ -221,18 +235,22 @@ pub async fn run(
     }
     tracing::info!("Shutting down: finishing in-flight events.");
     let _ = stop_tx.send(true);
-    if let Some((mut consumers, tasks)) = started {
-        // Three quarters of the grace period for the consumers, the rest for closing down.
-        let drained = tokio::time::timeout(
-            config.shutdown_timeout().mul_f64(0.75),
-            futures::future::join_all(consumers.iter_mut()),
-        )
+    if let Some((consumers, tasks)) = started {
+        // Three quarters of the grace period for the consumers, the rest for closing down. A
+        // consumer that finished leaves the set: a finished task's handle must not be polled again.
+        let mut consumers: futures::stream::FuturesUnordered<_> = consumers.into_iter().collect();
+        let drained = tokio::time::timeout(config.shutdown_timeout().mul_f64(0.75), async {
+            while consumers.next().await.is_some() {}
+        })
         .await;
         if drained.is_err() {
-            tracing::warn!("Shutdown timeout reached with events still in flight; they will be redelivered.");
+            tracing::warn!(
+                consumers = consumers.len(),
+                "Shutdown timeout reached with events still in flight; they will be redelivered."
+            );
             consumers.iter().for_each(|consumer| consumer.abort());
             // Let the aborted tasks drop their broker handles while the runtime still runs.
-            futures::future::join_all(consumers).await;
+            while consumers.next().await.is_some() {}
         }
         let _ = late_stop_tx.send(true);
         tasks.iter().for_each(|task| task.abort());
@@ -261,6 +279,22 @@ async fn passivate(registry: Arc<Registry>, idle_seconds: u64, mut shutdown: wat
         if stopped > 0 {
             metrics::counter!(ACTORS_PASSIVATED).increment(stopped as u64);
             tracing::debug!(stopped, "Passivated idle actors.");
+        }
+    }
+}
+
+/// How often the store's write check runs.
+const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Checks every second that the store writes (`SledStore::check_writable`): a store that cannot
+/// write shows on /health without traffic, and consumption resumes once it writes again.
+async fn probe_store(store: Arc<SledStore>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        // The outcome is kept by the store (`write_problem`, the writable gauge).
+        let _ = store.check_writable().await;
+        tokio::select! {
+            _ = tokio::time::sleep(STORE_PROBE_INTERVAL) => {}
+            _ = shutdown.changed() => return,
         }
     }
 }

@@ -45,7 +45,7 @@ pub struct HttpState {
     pub stall_timeout: std::time::Duration,
     /// Bearer token of the admin routes; empty refuses them.
     pub admin_token: Secret,
-    /// Whether POST /admin/chaos/kill-actor is allowed.
+    /// Whether the chaos routes (kill-actor, failpoint) are allowed.
     pub chaos_enabled: bool,
     pub collector: Arc<Collector>,
     /// The changelog follower's progress (`None`: no changelog).
@@ -66,13 +66,16 @@ fn error(status: StatusCode, error: &str, detail: impl Into<String>) -> HttpResp
 
 async fn health(state: web::Data<HttpState>) -> HttpResponse {
     let broker = state.broker.is_up();
-    let store = state.store.healthy();
+    let store_problem = state.store.write_problem();
+    let store = store_problem.is_none();
     let mut reasons: Vec<String> = Vec::new();
     if !broker {
-        reasons.push("broker: the health probe gets no answer".into());
+        reasons.push("broker: did not answer the last probe".into());
     }
-    if !store {
-        reasons.push("store: not readable".into());
+    if let Some(problem) = store_problem {
+        reasons.push(format!(
+            "store: {problem}; consumption is stopped until it writes again"
+        ));
     }
     let inputs: BTreeMap<&str, serde_json::Value> = state
         .inputs
@@ -257,6 +260,50 @@ fn authorize(state: &HttpState, request: &HttpRequest) -> Result<(), ApiError> {
     }
 }
 
+/// Admits a request to a chaos route: the admin token, and `chaos.enabled`.
+fn authorize_chaos(state: &HttpState, request: &HttpRequest) -> Result<(), ApiError> {
+    authorize(state, request)?;
+    if !state.chaos_enabled {
+        return Err(ApiError::Forbidden(
+            "chaos routes are disabled: set chaos.enabled = true",
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetFailpoint {
+    name: String,
+    /// The `fail` crate's actions (`return`, `3*return(corrupt)`, `sleep(10000)`, `off`, …).
+    actions: String,
+}
+
+/// The fail points a chaos request (or `chaos.failpoints`) may set.
+pub const FAILPOINTS: [&str; 3] = [
+    crate::store::FAILPOINT_WRITE,
+    crate::store::FAILPOINT_COMMIT,
+    crate::changelog::FAILPOINT_DEAF_SUBSCRIPTION,
+];
+
+/// Chaos: sets the actions of a fail point, as the `fail` crate reads them; `off` clears them.
+async fn set_failpoint(
+    state: web::Data<HttpState>,
+    request: HttpRequest,
+    body: web::Json<SetFailpoint>,
+) -> Result<HttpResponse, ApiError> {
+    authorize_chaos(&state, &request)?;
+    if !FAILPOINTS.contains(&body.name.as_str()) {
+        return Err(ApiError::BadRequest(format!(
+            "unknown fail point {:?}; known: {FAILPOINTS:?}",
+            body.name
+        )));
+    }
+    fail::cfg(body.name.as_str(), &body.actions).map_err(ApiError::BadRequest)?;
+    tracing::warn!(name = %body.name, actions = %body.actions, "Chaos: fail point set.");
+    Ok(HttpResponse::Ok().json(json!({ "failpoint": body.name, "actions": body.actions })))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KillActor {
@@ -270,12 +317,7 @@ async fn kill_actor(
     request: HttpRequest,
     body: web::Json<KillActor>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&state, &request)?;
-    if !state.chaos_enabled {
-        return Err(ApiError::Forbidden(
-            "chaos routes are disabled: set chaos.enabled = true",
-        ));
-    }
+    authorize_chaos(&state, &request)?;
     let kind: AggregateKind = body.kind.parse().map_err(ApiError::BadRequest)?;
     if !state.registry.crash(kind, &body.id).await {
         return Err(ApiError::NotFound(format!(
@@ -438,6 +480,7 @@ pub fn serve(listener: TcpListener, state: HttpState) -> std::io::Result<actix_w
             .route("/api/reports/version", web::put().to(set_report_version))
             .route("/event-collector/events", web::post().to(collect))
             .route("/admin/chaos/kill-actor", web::post().to(kill_actor))
+            .route("/admin/chaos/failpoint", web::post().to(set_failpoint))
             .default_service(web::to(not_found))
     })
     .workers(1)

@@ -2,11 +2,20 @@
 //!
 //! At most `max_in_flight` messages are held at once; events of one aggregate are applied in arrival
 //! order, others concurrently (see [`crate::dispatch`]). Nothing is acked before its commit is
-//! durable; rejected and undecodable messages are acked only once their dead letter is published
-//! and remembered, so a redelivered copy is acked without a second dead letter.
+//! durable; rejected and undecodable messages are acked only once their dead letter is published.
 //! Acks leave in receive order, so the subscription's acknowledged range stays contiguous and a
 //! consumer that takes over resumes from one position.
+//!
+//! The daemon, not the client, owns redelivery and dead-lettering: nothing is nacked and the
+//! client has no ack timeout, so a message held for long (behind a barrier, a backlog, its
+//! aggregate's earlier events) is neither redelivered nor dead-lettered while it waits. A message
+//! whose processing fails (a store error, an actor that keeps crashing) is retried in place, its
+//! aggregate's later events kept behind it, after a [`Backoff`]; once `max_redeliveries` retries
+//! have failed too, it is dead-lettered with reason `max_redeliveries`, counted, and acked. While
+//! the store cannot write, nothing is received, held messages wait without counting against
+//! them, and consumption resumes by itself once the store writes again.
 
+use crate::backoff::Backoff;
 use crate::broker::{self, BrokerError, Client, DeadLetter, Producer};
 use crate::codec::{Codec, MessageMeta};
 use crate::config::{BrokerConfig, InputConfig};
@@ -14,13 +23,13 @@ use crate::dispatch::{InOrder, KeyedQueue};
 use crate::partitions::Partitions;
 use crate::store::SledStore;
 use crate::telemetry::*;
-use aerostream_actors::{AggregateKey, ApplyError, DeliveryId, Incoming, Outcome, Registry};
+use aerostream_actors::{AggregateKey, ApplyError, DeliveryId, Incoming, Outcome, Registry, Rejection};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use metrics::{counter, histogram};
-use pulsar::consumer::{DeadLetterPolicy, Message};
+use pulsar::consumer::Message;
 use pulsar::ConsumerOptions;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -78,10 +87,29 @@ fn epoch_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Whether to ack or redeliver a message once processing is over.
+/// What to do with a message once processing is over.
 enum Verdict {
     Ack,
-    Retry,
+    /// Shutting down before it was done: neither acked nor nacked; the broker redelivers it once
+    /// this consumer has closed.
+    Leave,
+}
+
+/// The dead-letter reason of a message whose retries all failed.
+pub const MAX_REDELIVERIES: &str = "max_redeliveries";
+
+/// The input's dead-letter policy, carried out by the daemon (the client has none): a message
+/// whose processing fails is retried in place, `backoff` apart, and dead-lettered once
+/// `max_redeliveries` retries have failed too.
+struct DeadLetters {
+    producer: Mutex<Producer>,
+    /// Remembers which messages were dead-lettered (`SledStore::dead_lettered`), so a copy the
+    /// broker delivers again is neither dead-lettered nor counted twice.
+    store: Arc<SledStore>,
+    max_redeliveries: usize,
+    backoff: Backoff,
+    /// Ends the waits between attempts: the message is left unacked, for the broker to redeliver.
+    shutdown: watch::Receiver<bool>,
 }
 
 struct Done {
@@ -138,8 +166,8 @@ impl Recent {
     }
 }
 
-/// Consumes one input until shutdown, subscribing again when the consumer fails. `status` tells
-/// /health whether the input is subscribed and its held messages move.
+/// Consumes one input until shutdown, subscribing again when the consumer fails. `up` tells
+/// /health whether the input is subscribed.
 pub async fn run_input(
     name: String,
     input: InputConfig,
@@ -159,6 +187,9 @@ pub async fn run_input(
         Arc::new(DeadLetters {
             producer: Mutex::new(producer),
             store: pipeline.store.clone(),
+            max_redeliveries: input.max_redeliveries,
+            backoff: input.retry_backoff(),
+            shutdown: shutdown.clone(),
         })
     };
     loop {
@@ -212,11 +243,8 @@ async fn subscribe(
             ))
             .with_batch_size(input.max_in_flight.min(u32::MAX as usize) as u32)
             .with_options(ConsumerOptions::default().with_receiver_queue_size(input.max_in_flight as u32))
-            .with_dead_letter_policy(DeadLetterPolicy {
-                max_redeliver_count: input.max_redeliveries,
-                dead_letter_topic: broker.topic(&input.dead_letter_topic),
-            })
-            .with_unacked_message_resend_delay(Some(Duration::from_millis(input.nack_redelivery_delay_ms)))
+        // No dead-letter policy and no ack timeout here: the daemon retries and dead-letters
+        // (see the module comment).
     })
     .await
 }
@@ -235,8 +263,8 @@ async fn consume(
     let mut running: FuturesUnordered<Work> = FuturesUnordered::new();
     let mut order: KeyedQueue<AggregateKey, Ready> = KeyedQueue::default();
     let mut acks: InOrder<(Message<Vec<u8>>, Verdict)> = InOrder::default();
-    // Messages this consumer nacked: when one comes back, that is a redelivery.
-    let mut nacked: HashSet<MessagePosition> = HashSet::new();
+    // Nothing is received while the store cannot write.
+    let mut store_problem = pipeline.store.writability();
     let mut recent = Recent::new(pipeline.takeover_gap);
     // Committed, waiting for the outbox before their ack.
     let mut publishing: FuturesUnordered<Work> = FuturesUnordered::new();
@@ -253,9 +281,11 @@ async fn consume(
         if (stopping || stream_ended) && in_flight == 0 {
             return !stream_ended;
         }
-        let can_receive = !stopping && !stream_ended && in_flight < input.max_in_flight;
+        let writable = store_problem.borrow_and_update().is_none();
+        let can_receive = !stopping && !stream_ended && writable && in_flight < input.max_in_flight;
         tokio::select! {
             _ = shutdown.changed(), if !stopping => stopping = true,
+            Ok(()) = store_problem.changed() => {}
             Some(mut done) = running.next(), if !running.is_empty() => {
                 // The aggregate is free as soon as its event is committed; the ack may wait.
                 if let Some(next) = done.key.take().and_then(|key| order.finish(&key)) {
@@ -269,18 +299,15 @@ async fn consume(
                             done
                         }));
                     }
-                    None => release(name, status, consumer, &mut acks, &mut nacked, done).await,
+                    None => release(name, status, consumer, &mut acks, done).await,
                 }
             }
             Some(done) = publishing.next(), if !publishing.is_empty() => {
-                release(name, status, consumer, &mut acks, &mut nacked, done).await;
+                release(name, status, consumer, &mut acks, done).await;
             }
             received = consumer.next(), if can_receive => match received {
                 Some(Ok(message)) => {
                     counter!(EVENTS_CONSUMED, "input" => name.to_string()).increment(1);
-                    if nacked.remove(&position(&message)) {
-                        counter!(CONSUMER_REDELIVERIES, "input" => name.to_string()).increment(1);
-                    }
                     let received = Instant::now();
                     let seq = acks.receive();
                     let dataschema = property(&message, "ce_dataschema")
@@ -336,24 +363,6 @@ fn message_key(message: &Message<Vec<u8>>) -> Option<String> {
     }
 }
 
-/// Acks or nacks what `done` completes, in receive order.
-async fn release(
-    name: &str,
-    status: &InputStatus,
-    consumer: &mut Partitions,
-    acks: &mut InOrder<(Message<Vec<u8>>, Verdict)>,
-    nacked: &mut HashSet<MessagePosition>,
-    done: Done,
-) {
-    for (message, verdict) in acks.finish(done.seq, (done.message, done.verdict)) {
-        status.progressed();
-        if matches!(verdict, Verdict::Retry) {
-            nacked.insert(position(&message));
-        }
-        finish(name, consumer, message, verdict).await;
-    }
-}
-
 /// Where a message sits on its topic: ledger, entry, partition and batch index.
 type MessagePosition = (u64, u64, Option<i32>, Option<i32>);
 
@@ -401,39 +410,86 @@ fn delivery(message: &Message<Vec<u8>>) -> DeliveryId {
     )
 }
 
-async fn finish(name: &str, consumer: &mut Partitions, message: Message<Vec<u8>>, verdict: Verdict) {
-    let result = match verdict {
-        Verdict::Ack => consumer.ack(&message).await,
-        Verdict::Retry => {
-            counter!(EVENTS_RETRIED, "input" => name.to_owned()).increment(1);
-            consumer.nack(&message).await
-        }
-    };
-    if let Err(error) = result {
-        // The broker will redeliver; the idempotency window makes that harmless.
-        tracing::warn!(input = %name, error = %error, "Ack failed; the message will be redelivered.");
+/// Acks what `done` completes, in receive order.
+async fn release(
+    name: &str,
+    status: &InputStatus,
+    consumer: &mut Partitions,
+    acks: &mut InOrder<(Message<Vec<u8>>, Verdict)>,
+    done: Done,
+) {
+    for (message, verdict) in acks.finish(done.seq, (done.message, done.verdict)) {
+        status.progressed();
+        finish(name, consumer, message, verdict).await;
     }
 }
 
-/// Attempts at an event whose actor crashed while handling it, before it goes back to the broker.
+async fn finish(name: &str, consumer: &mut Partitions, message: Message<Vec<u8>>, verdict: Verdict) {
+    if let Verdict::Ack = verdict {
+        if let Err(error) = consumer.ack(&message).await {
+            // The broker will redeliver; the idempotency window makes that harmless.
+            tracing::warn!(input = %name, error = %error, "Ack failed; the message will be redelivered.");
+        }
+    }
+}
+
+/// Attempts at an event whose actor crashed while handling it, in one attempt at its message.
 const CRASH_ATTEMPTS: u32 = 5;
+/// Between those attempts, while the supervisor restarts the actor.
+const CRASH_BACKOFF: Backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
 
 /// Applies `incoming`, retrying in place while its actor crashes: the supervisor restarts the
-/// actor from its committed state, and retrying here (rather than nacking) keeps the aggregate's
-/// later events behind this one, in order.
-async fn apply_retrying_crashes(registry: &Registry, incoming: Incoming) -> Result<Outcome, ApplyError> {
-    let incoming = Arc::new(incoming);
+/// actor from its committed state, and retrying here keeps the aggregate's later events behind
+/// this one, in order.
+async fn apply_retrying_crashes(
+    registry: &Registry,
+    incoming: &Arc<Incoming>,
+) -> Result<Outcome, ApplyError> {
     let mut attempt = 1;
     loop {
         match registry.apply(incoming.clone()).await {
             // A stale actor has reloaded: retry at once.
             Err(ApplyError::Stale(_)) if attempt < CRASH_ATTEMPTS => attempt += 1,
             Err(ApplyError::Crashed(_) | ApplyError::MailboxClosed) if attempt < CRASH_ATTEMPTS => {
-                tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
+                tokio::time::sleep(CRASH_BACKOFF.delay(attempt)).await;
                 attempt += 1;
             }
             outcome => return outcome,
         }
+    }
+}
+
+/// How one attempt at a decoded message ended.
+enum Attempt {
+    /// Applied (or a duplicate) and durable; the ack waits for the outbox up to the mark, if any.
+    Durable {
+        publish_through: Option<u64>,
+    },
+    Rejected(Rejection),
+    Failed(ApplyError),
+}
+
+/// One attempt: apply (retrying in place while the actor crashes), then make it durable.
+async fn attempt(name: &str, pipeline: &Pipeline, incoming: &Arc<Incoming>, received: Instant) -> Attempt {
+    let outcome = apply_retrying_crashes(&pipeline.registry, incoming).await;
+    // Everything committed so far, this event's commit included, is in the outbox up to here.
+    let outbox_mark = pipeline.store.outbox_high_water();
+    let counter_name = match outcome {
+        Ok(Outcome::Applied { .. }) => EVENTS_APPLIED,
+        Ok(Outcome::Duplicate) => EVENTS_DEDUPLICATED,
+        Ok(Outcome::Redelivered) => EVENTS_REDELIVERED,
+        Ok(Outcome::Rejected(rejection)) => return Attempt::Rejected(rejection),
+        Err(error) => return Attempt::Failed(error),
+    };
+    if let Err(error) = pipeline.store.flush().await {
+        return Attempt::Failed(error.into());
+    }
+    let event_type = incoming.envelope.event_type.clone();
+    counter!(counter_name, "input" => name.to_owned(), "event_type" => event_type).increment(1);
+    histogram!(PROCESSING_DURATION, "input" => name.to_owned()).record(received.elapsed().as_secs_f64());
+    // Checkpointed ack, when a changelog is kept: the changelog must cover this event first.
+    Attempt::Durable {
+        publish_through: pipeline.follower.is_some().then_some(outbox_mark),
     }
 }
 
@@ -469,55 +525,60 @@ fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<DeadLetters>
             follower.barrier().await;
             histogram!(CHANGELOG_BARRIER_WAIT).record(waiting.elapsed().as_secs_f64());
         }
-        let outcome = apply_retrying_crashes(&pipeline.registry, incoming).await;
-        // Everything committed so far, this event's commit included, is in the outbox up to here.
-        let outbox_mark = pipeline.store.outbox_high_water();
-        use Outcome::{Applied, Duplicate, Redelivered};
-        let verdict = match outcome {
-            Ok(Applied { .. } | Duplicate | Redelivered) => match pipeline.store.flush().await {
-                Ok(()) => {
-                    let counter_name = match outcome {
-                        Ok(Outcome::Duplicate) => EVENTS_DEDUPLICATED,
-                        Ok(Outcome::Redelivered) => EVENTS_REDELIVERED,
-                        _ => EVENTS_APPLIED,
-                    };
-                    counter!(counter_name, "input" => name.to_string(), "event_type" => event_type)
-                        .increment(1);
-                    histogram!(PROCESSING_DURATION, "input" => name.to_string())
-                        .record(received.elapsed().as_secs_f64());
-                    Verdict::Ack
+        let incoming = Arc::new(incoming);
+        let mut shutdown = dead_letters.shutdown.clone();
+        // Failed attempts so far; a store that cannot write is no failure of the message.
+        let mut failures = 0u32;
+        // Done (verdict, outbox mark to wait for), or the dead letter to send.
+        let ending = loop {
+            let error = match attempt(&name, &pipeline, &incoming, received).await {
+                Attempt::Durable { publish_through } => break Ok((Verdict::Ack, publish_through)),
+                Attempt::Rejected(rejection) => {
+                    break Err(Letter {
+                        reason: rejection.reason.as_str(),
+                        detail: rejection.detail,
+                        event_type: Some(event_type),
+                        counter: EVENTS_REJECTED,
+                    });
                 }
-                Err(error) => {
-                    tracing::error!(input = %name, error = %error, "Flush failed; not acking.");
-                    Verdict::Retry
+                Attempt::Failed(error) => error,
+            };
+            if let ApplyError::Store(store_error) = &error {
+                if store_error.is_unavailable() {
+                    pipeline.store.note_failure(store_error);
+                    tracing::warn!(input = %name, error = %error, "The store cannot write; the event waits for it.");
+                    tokio::select! {
+                        _ = pipeline.store.wait_writable() => continue,
+                        _ = shutdown.wait_for(|stop| *stop) => break Ok((Verdict::Leave, None)),
+                    }
                 }
-            },
-            Ok(Outcome::Rejected(rejection)) => {
-                let letter = Letter {
-                    reason: rejection.reason.as_str(),
-                    detail: rejection.detail,
-                    event_type: Some(event_type),
-                    counter: EVENTS_REJECTED,
-                };
-                return dead_letter(name, dead_letters, seq, message, letter)
-                    .await
-                    .with_key(key);
             }
-            Err(ApplyError::Crashed(_)) | Err(ApplyError::MailboxClosed) => Verdict::Retry,
-            Err(error) => {
-                tracing::error!(input = %name, error = %error, "Event not applied; it will be redelivered.");
-                Verdict::Retry
+            failures += 1;
+            if failures as usize > dead_letters.max_redeliveries {
+                break Err(Letter {
+                    reason: MAX_REDELIVERIES,
+                    detail: format!("{failures} attempts failed; the last: {error}"),
+                    event_type: Some(event_type),
+                    counter: EVENTS_DEAD_LETTERED,
+                });
+            }
+            counter!(EVENTS_RETRIED, "input" => name.to_string()).increment(1);
+            tracing::warn!(input = %name, error = %error, failures, "Event not applied; retrying it.");
+            if !dead_letters.backoff.wait(failures, &mut shutdown).await {
+                break Ok((Verdict::Leave, None));
             }
         };
-        // Checkpointed ack, when a changelog is kept: the changelog must cover this event first.
-        let publish_through =
-            (matches!(verdict, Verdict::Ack) && pipeline.follower.is_some()).then_some(outbox_mark);
-        Done {
-            seq,
-            message,
-            key,
-            verdict,
-            publish_through,
+        match ending {
+            Ok((verdict, publish_through)) => Done {
+                seq,
+                message,
+                key,
+                verdict,
+                publish_through,
+            },
+            Err(letter) => dead_letter(name, dead_letters, seq, message, letter)
+                .await
+                .with_key(key),
         }
     })
 }
@@ -529,6 +590,7 @@ impl Done {
     }
 }
 
+#[derive(Clone)]
 struct Letter {
     reason: &'static str,
     detail: String,
@@ -536,13 +598,6 @@ struct Letter {
     /// The message's outcome, counted by `reason` once the dead letter is stored:
     /// [`EVENTS_REJECTED`] for a business rule, [`EVENTS_DEAD_LETTERED`] for any other refusal.
     counter: &'static str,
-}
-
-/// An input's dead-letter producer, and the store that remembers which messages were
-/// dead-lettered (`SledStore::dead_lettered`).
-struct DeadLetters {
-    producer: Mutex<Producer>,
-    store: Arc<SledStore>,
 }
 
 /// Why a dead letter was not published and remembered: the message is retried.
@@ -627,19 +682,29 @@ async fn publish_dead_letter(
     Ok(())
 }
 
+/// Dead-letters `message` ([`publish_dead_letter`]), retrying while the broker or the store
+/// refuses it (a message is acked only once its dead letter is stored and remembered); on
+/// shutdown it is left unacked instead.
 fn dead_letter(
     name: Arc<str>,
-    letters: Arc<DeadLetters>,
+    dead_letters: Arc<DeadLetters>,
     seq: u64,
     message: Message<Vec<u8>>,
     letter: Letter,
 ) -> Work {
     Box::pin(async move {
-        let verdict = match publish_dead_letter(&name, &letters, &message, letter).await {
-            Ok(()) => Verdict::Ack,
-            Err(error) => {
-                tracing::error!(input = %name, error = %error, "Message not dead-lettered; not acking.");
-                Verdict::Retry
+        let mut shutdown = dead_letters.shutdown.clone();
+        let mut failures = 0;
+        let verdict = loop {
+            match publish_dead_letter(&name, &dead_letters, &message, letter.clone()).await {
+                Ok(()) => break Verdict::Ack,
+                Err(error) => {
+                    failures += 1;
+                    tracing::error!(input = %name, error = %error, failures, "Message not dead-lettered; not acking, retrying.");
+                    if !dead_letters.backoff.wait(failures, &mut shutdown).await {
+                        break Verdict::Leave;
+                    }
+                }
             }
         };
         Done {

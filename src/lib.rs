@@ -6,6 +6,7 @@
 //! - [`codec`]: Avro schemas (`schemas/`) and the wire codec to and from domain events.
 //! - [`store`]: sled implementation of the actors' `StateStore` port (state, idempotency window, outbox).
 //! - [`committer`]: the thread that writes actors' commits many per sled transaction.
+//! - [`backoff`]: the one exponential backoff with jitter that every retry loop waits by.
 //! - [`broker`]: Pulsar client, reconnect backoff, health probe, dead letters.
 //! - [`charges`]: the gateway worker, charging requested payments exactly once.
 //! - [`dispatch`]: per-aggregate ordering of concurrently processed messages.
@@ -16,6 +17,7 @@
 //! - [`generator`], [`produce`]: reproducible demo/test traffic and its expected state.
 //! - [`daemon`]: wiring and orderly shutdown.
 
+pub mod backoff;
 pub mod broker;
 pub mod changelog;
 pub mod charges;

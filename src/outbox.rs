@@ -6,12 +6,19 @@
 //! left for the next attempt. An entry is deleted only after the broker's receipt, so a crash
 //! re-publishes it; output ids are derived from the input event, so consumers deduplicate the
 //! re-publish by id, and a changelog record is imported by version, so a repeat changes nothing.
+//!
+//! An entry that can never be published (it does not parse or cannot be encoded: written by
+//! another version, or damaged) is poison: retried, it would hold every later entry, and every ack
+//! waiting for them, forever. It is set aside in the `outbox_poison` tree with its reason
+//! ([`SledStore::outbox_set_aside`]), counted (`aerostream_outbox_poisoned_total`) and logged, and
+//! the publisher goes on.
 
+use crate::backoff::Backoff;
 use crate::broker::{self, Client, Producer};
 use crate::codec::{Codec, Encoded};
 use crate::config::{BrokerConfig, ChangelogConfig, OutputsConfig};
 use crate::store::{OutboxEntry, SledStore};
-use crate::telemetry::{CHANGELOG_RECORD, OUTBOX_BACKLOG, OUTBOX_PUBLISHED};
+use crate::telemetry::{CHANGELOG_RECORD, OUTBOX_BACKLOG, OUTBOX_POISONED, OUTBOX_PUBLISHED};
 use aerostream_actors::OutputBody;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,7 +28,18 @@ use tokio::sync::watch;
 const BATCH: usize = 256;
 /// Longest wait between looks at an empty outbox (a commit wakes the publisher sooner).
 const IDLE_POLL: Duration = Duration::from_millis(50);
-const RETRY_DELAY: Duration = Duration::from_millis(500);
+/// Between attempts while publishing fails.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+
+/// The `kind` label of `aerostream_outbox_poisoned_total`: an output event, a changelog record,
+/// or an entry that does not parse (its kind unknown).
+pub const ENTRY_KINDS: [&str; 3] = ["output", "changelog", "unreadable"];
+
+/// Why an entry can never be published.
+struct Poison {
+    kind: &'static str,
+    reason: String,
+}
 
 fn topic_of<'a>(outputs: &'a OutputsConfig, body: &OutputBody) -> &'a str {
     match body {
@@ -50,7 +68,8 @@ struct Outgoing {
     event_type: &'static str,
 }
 
-fn outgoing(destinations: &Destinations, codec: &Codec, entry: OutboxEntry) -> Result<Outgoing, String> {
+fn outgoing(destinations: &Destinations, codec: &Codec, entry: OutboxEntry) -> Result<Outgoing, Poison> {
+    let poison = |kind| move |reason: String| Poison { kind, reason };
     match entry {
         OutboxEntry::Output(event) => {
             let Encoded {
@@ -60,7 +79,8 @@ fn outgoing(destinations: &Destinations, codec: &Codec, entry: OutboxEntry) -> R
                 key,
             } = codec
                 .encode_output(&event)
-                .map_err(|e| format!("{e} (output {})", event.id))?;
+                .map_err(|e| format!("cannot encode output {}: {e}", event.id))
+                .map_err(poison("output"))?;
             Ok(Outgoing {
                 topic: destinations
                     .broker
@@ -78,7 +98,9 @@ fn outgoing(destinations: &Destinations, codec: &Codec, entry: OutboxEntry) -> R
         OutboxEntry::Change(record) => Ok(Outgoing {
             topic: destinations.broker.topic(&destinations.changelog.topic),
             key: record.key(),
-            payload: serde_json::to_vec(&record).map_err(|e| e.to_string())?,
+            payload: serde_json::to_vec(&record)
+                .map_err(|e| format!("cannot encode changelog record: {e}"))
+                .map_err(poison("changelog"))?,
             properties: vec![("instance", record.instance.clone())],
             event_type: CHANGELOG_RECORD,
         }),
@@ -93,13 +115,19 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut producers: HashMap<String, Producer> = HashMap::new();
+    // Failed attempts in a row, for the backoff.
+    let mut failures = 0;
     loop {
         metrics::gauge!(OUTBOX_BACKLOG).set(store.outbox_len() as f64);
-        let batch = match store.outbox_batch(BATCH) {
+        let batch = match store.outbox_entries(BATCH) {
             Ok(batch) => batch,
             Err(error) => {
                 tracing::error!(error = %error, "Cannot read the outbox.");
-                Vec::new()
+                failures += 1;
+                if !BACKOFF.wait(failures, &mut shutdown).await {
+                    return;
+                }
+                continue;
             }
         };
         if batch.is_empty() {
@@ -113,14 +141,26 @@ pub async fn run(
         let mut receipts = Vec::with_capacity(batch.len());
         let mut failed = false;
         for (seq, entry) in batch {
-            let message = match outgoing(&destinations, &codec, entry) {
+            let message = entry
+                .map_err(|error| Poison {
+                    kind: "unreadable",
+                    reason: error.to_string(),
+                })
+                .and_then(|entry| outgoing(&destinations, &codec, entry));
+            let message = match message {
                 Ok(message) => message,
-                Err(error) => {
-                    // Cannot happen with shipped schemas; keep the entry and make it visible.
-                    tracing::error!(error = %error, "Cannot encode an outbox entry.");
-                    failed = true;
-                    break;
-                }
+                Err(poison) => match store.outbox_set_aside(&seq, &poison.reason) {
+                    Ok(()) => {
+                        metrics::counter!(OUTBOX_POISONED, "kind" => poison.kind).increment(1);
+                        tracing::error!(kind = poison.kind, reason = %poison.reason, "An outbox entry can never be published; set aside in the outbox_poison tree.");
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::error!(error = %error, "Cannot set a poison outbox entry aside.");
+                        failed = true;
+                        break;
+                    }
+                },
             };
             if !producers.contains_key(&message.topic) {
                 let built = broker::with_backoff("outbox producer", &mut shutdown, || {
@@ -157,10 +197,12 @@ pub async fn run(
             }
             match receipt.await {
                 Ok(_) => {
-                    if let Err(error) = store.outbox_remove(&seq) {
-                        tracing::error!(error = %error, "Cannot delete a published outbox entry.");
-                    }
                     metrics::counter!(OUTBOX_PUBLISHED, "event_type" => event_type).increment(1);
+                    if let Err(error) = store.outbox_remove(&seq) {
+                        // Published again later (deduplicable by id), once the store writes.
+                        tracing::error!(error = %error, "Cannot delete a published outbox entry.");
+                        failed = true;
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, topic = %topic, "Outbox publish failed; retrying.");
@@ -171,10 +213,12 @@ pub async fn run(
         }
         store.outbox_published();
         if failed {
-            tokio::select! {
-                _ = tokio::time::sleep(RETRY_DELAY) => {}
-                _ = shutdown.changed() => return,
+            failures += 1;
+            if !BACKOFF.wait(failures, &mut shutdown).await {
+                return;
             }
+        } else {
+            failures = 0;
         }
     }
 }

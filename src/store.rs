@@ -7,6 +7,7 @@
 //!   daemon made and for keys written before deliveries were recorded)
 //! - `seen_by_time`: first-seen ms (8 bytes BE) ‖ key → (), the index that eviction walks
 //! - `outbox`:  sequence (8 bytes BE) → output event (JSON), deleted once published
+//! - `outbox_poison`: same keys → an entry that can never be published, with its reason (JSON)
 //! - `ledgers`: affiliate id → commission ledger (JSON), moved by the output events of each commit
 //! - `charges`: payment id → payment to charge through the gateway (JSON), deleted once reported
 //! - `journal`: `<kind>/<id>/<version, 20 digits>` → applied event (JSON), for kinds with snapshots
@@ -21,6 +22,7 @@
 //!   (8 bytes BE), and `t` ‖ ms (8 bytes BE) ‖ message id → (), the index that eviction walks
 
 use crate::changelog::ChangeRecord;
+use crate::telemetry::STORE_WRITABLE;
 use aerostream_actors::events::{AggregateKey, DeliveryId};
 use aerostream_actors::gateway::Charge;
 use aerostream_actors::output::{OutputBody, OutputEvent};
@@ -73,6 +75,11 @@ pub struct SledStore {
     window_keys: AtomicU64,
     /// The thread that writes actors' commits in batches, once started (`committer::start`).
     pub(crate) committer: std::sync::OnceLock<crate::committer::Committer>,
+    /// Outbox entries that can never be published, set aside with their reason.
+    outbox_poison: sled::Tree,
+    /// `None` while the store writes; why it cannot, from a write that failed for want of
+    /// storage until a write check succeeds ([`SledStore::check_writable`]).
+    write_problem: tokio::sync::watch::Sender<Option<String>>,
 }
 
 /// What the outbox publishes: an output event, or a changelog record (after its commit's outputs).
@@ -81,6 +88,9 @@ pub enum OutboxEntry {
     Output(OutputEvent),
     Change(Box<ChangeRecord>),
 }
+
+/// An outbox entry as read back: the entry, or why it does not parse.
+pub type StoredEntry = Result<OutboxEntry, StoreError>;
 
 /// An aggregate whose versions from `from` on were withdrawn at start
 /// ([`SledStore::withdraw_unpublished`]): the changelog decides them.
@@ -102,16 +112,71 @@ impl Unconfirmed {
     }
 }
 
-fn store_error(e: impl std::fmt::Display) -> StoreError {
-    StoreError(e.to_string())
+/// Which [`StoreError`] class a failure of the store's dependencies belongs to.
+trait Classify: std::fmt::Display {
+    fn class(&self) -> fn(String) -> StoreError;
+}
+
+impl Classify for sled::Error {
+    fn class(&self) -> fn(String) -> StoreError {
+        match self {
+            sled::Error::Io(_) => StoreError::Unavailable,
+            // `Unsupported` is also what [`corrupt`] makes of a stored value that does not parse.
+            sled::Error::Corruption { .. } | sled::Error::Unsupported(_) => StoreError::Corrupt,
+            _ => StoreError::Internal,
+        }
+    }
+}
+
+impl Classify for serde_json::Error {
+    fn class(&self) -> fn(String) -> StoreError {
+        StoreError::Corrupt
+    }
+}
+
+impl Classify for tokio::task::JoinError {
+    fn class(&self) -> fn(String) -> StoreError {
+        StoreError::Internal
+    }
+}
+
+fn store_error(e: impl Classify) -> StoreError {
+    e.class()(e.to_string())
 }
 
 /// The error of a transaction that never aborts on purpose.
 fn unaborted_error(e: TransactionError<()>) -> StoreError {
     match e {
-        TransactionError::Abort(()) => StoreError("transaction aborted".into()),
+        TransactionError::Abort(()) => StoreError::Internal("transaction aborted".into()),
         TransactionError::Storage(e) => store_error(e),
     }
+}
+
+/// Fail point (the `fail` crate): every write of the store fails as on a full or read-only disk
+/// (commits, flushes, imports, outbox and charge deletions, the write check). Configured only
+/// through `POST /admin/chaos/failpoint`, which needs `chaos.enabled` and the admin token.
+pub const FAILPOINT_WRITE: &str = "store::write";
+/// Fail point: a commit transaction fails with the class its action names
+/// (`return(unavailable|corrupt|internal)`, internal by default), or is slowed (`sleep(ms)`).
+pub const FAILPOINT_COMMIT: &str = "store::commit";
+
+fn injected_write_failure() -> Result<(), StoreError> {
+    fail::fail_point!(FAILPOINT_WRITE, |_| Err(StoreError::Unavailable(format!(
+        "injected by fail point {FAILPOINT_WRITE}"
+    ))));
+    Ok(())
+}
+
+fn injected_commit_failure() -> Result<(), StoreError> {
+    fail::fail_point!(FAILPOINT_COMMIT, |class: Option<String>| {
+        let detail = format!("injected by fail point {FAILPOINT_COMMIT}");
+        Err(match class.as_deref() {
+            Some("unavailable") => StoreError::Unavailable(detail),
+            Some("corrupt") => StoreError::Corrupt(detail),
+            _ => StoreError::Internal(detail),
+        })
+    });
+    Ok(())
 }
 
 /// A stored value that no longer parses: surfaced as a storage error, so the event is retried
@@ -134,8 +199,11 @@ fn version_of(stored_key: &[u8]) -> Result<u64, StoreError> {
     std::str::from_utf8(&stored_key[stored_key.len().saturating_sub(20)..])
         .ok()
         .and_then(|digits| digits.parse().ok())
-        .ok_or_else(|| StoreError(format!("malformed versioned key {stored_key:?}")))
+        .ok_or_else(|| StoreError::Corrupt(format!("malformed versioned key {stored_key:?}")))
 }
+
+/// The key [`SledStore::check_writable`] writes, in the default tree.
+const HEALTH_KEY: &[u8] = b"__health";
 
 fn state_key(key: &AggregateKey) -> Vec<u8> {
     format!("{}/{}", key.kind.as_str(), key.id).into_bytes()
@@ -202,12 +270,13 @@ impl SledStore {
             .path(dir)
             .cache_capacity(cache_bytes)
             .open()
-            .map_err(|e| StoreError(format!("cannot open sled database at {}: {e}", dir.display())))?;
+            .map_err(|e| e.class()(format!("cannot open sled database at {}: {e}", dir.display())))?;
         let tree = |name: &str| db.open_tree(name).map_err(store_error);
         let outbox = tree("outbox")?;
         let seen = tree("seen")?;
         let unconfirmed = tree("unconfirmed")?;
         let dead_lettered = tree("dead_lettered")?;
+        let outbox_poison = tree("outbox_poison")?;
         Ok(SledStore {
             dead_lettered_len: AtomicU64::new(dead_lettered.scan_prefix(DEAD_LETTERED).count() as u64),
             dead_lettered,
@@ -236,6 +305,8 @@ impl SledStore {
             window_keys: AtomicU64::new(seen.len() as u64),
             seen,
             committer: std::sync::OnceLock::new(),
+            outbox_poison,
+            write_problem: tokio::sync::watch::Sender::new(None),
         })
     }
 
@@ -258,12 +329,84 @@ impl SledStore {
         }
         let covered = self.writes.load(Ordering::Acquire);
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(store_error)?
-            .map_err(store_error)?;
+        let flushed = match injected_write_failure() {
+            Ok(()) => tokio::task::spawn_blocking(move || db.flush())
+                .await
+                .map_err(store_error)
+                .and_then(|flushed| flushed.map_err(store_error)),
+            Err(error) => Err(error),
+        };
+        if let Err(error) = flushed {
+            self.note_failure(&error);
+            return Err(error);
+        }
         self.durable.fetch_max(covered, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// Why the store cannot write, when it cannot (for /health); `None` while it writes.
+    pub fn write_problem(&self) -> Option<String> {
+        self.write_problem.borrow().clone()
+    }
+
+    /// Follows [`write_problem`](Self::write_problem): consumption stops while it is `Some`.
+    pub fn writability(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.write_problem.subscribe()
+    }
+
+    /// Resolves once the store writes again (at once when it does).
+    pub async fn wait_writable(&self) {
+        let _ = self.writability().wait_for(Option::is_none).await;
+    }
+
+    /// A write failed: when the store as a whole cannot write, it is marked so until a write
+    /// check succeeds.
+    pub fn note_failure(&self, error: &StoreError) {
+        if !error.is_unavailable() {
+            return;
+        }
+        let reason = error.to_string();
+        self.write_problem.send_if_modified(|problem| {
+            if problem.is_none() {
+                tracing::error!(error = %reason, "The store cannot write: consumption stops until it can.");
+                metrics::gauge!(STORE_WRITABLE).set(0.0);
+            }
+            let changed = problem.as_deref() != Some(reason.as_str());
+            *problem = Some(reason);
+            changed
+        });
+    }
+
+    /// Writes a probe key and makes it durable: the health of the store is whether this works.
+    /// A success ends an earlier write problem (consumption resumes); a failure starts one.
+    pub async fn check_writable(&self) -> Result<(), StoreError> {
+        let written = injected_write_failure().and_then(|()| {
+            let now = self.clock.now_ms().to_be_bytes();
+            self.db.insert(HEALTH_KEY, &now).map_err(store_error)
+        });
+        let result = match written {
+            Ok(_) => {
+                self.wrote();
+                self.flush().await
+            }
+            Err(error) => Err(error),
+        };
+        match &result {
+            Ok(()) => {
+                self.write_problem.send_if_modified(|problem| {
+                    let was = problem.take();
+                    if was.is_some() {
+                        tracing::info!("The store writes again: consumption resumes.");
+                    }
+                    metrics::gauge!(STORE_WRITABLE).set(1.0);
+                    was.is_some()
+                });
+            }
+            // Any failure of this write means the store cannot write, whatever its class.
+            Err(error) if error.is_unavailable() => self.note_failure(error),
+            Err(error) => self.note_failure(&StoreError::Unavailable(error.to_string())),
+        }
+        result
     }
 
     fn wrote(&self) {
@@ -272,6 +415,7 @@ impl SledStore {
 
     /// Evicts idempotency keys first seen before the window; returns how many.
     pub fn evict_expired(&self) -> Result<usize, StoreError> {
+        injected_write_failure()?;
         let horizon = self.clock.now_ms() - self.window_ms;
         let mut evicted = 0;
         for entry in self.seen_by_time.range(..horizon.to_be_bytes().to_vec()) {
@@ -314,20 +458,70 @@ impl SledStore {
         self.outbox_pending.load(Ordering::Acquire) as usize
     }
 
-    /// The oldest `limit` outbox entries, with their sequence keys.
+    /// The oldest `limit` outbox entries, with their sequence keys; fails on an entry that does
+    /// not parse.
     pub fn outbox_batch(&self, limit: usize) -> Result<Vec<(sled::IVec, OutboxEntry)>, StoreError> {
+        self.outbox_entries(limit)?
+            .into_iter()
+            .map(|(seq, entry)| Ok((seq, entry?)))
+            .collect()
+    }
+
+    /// The oldest `limit` outbox entries, with their sequence keys; an entry that does not parse
+    /// (written by another version, or damaged) comes as its error, for the publisher to set
+    /// aside.
+    pub fn outbox_entries(&self, limit: usize) -> Result<Vec<(sled::IVec, StoredEntry)>, StoreError> {
         self.outbox
             .iter()
             .take(limit)
             .map(|entry| {
                 let (seq, value) = entry.map_err(store_error)?;
-                let event = serde_json::from_slice(&value).map_err(store_error)?;
-                Ok((seq, event))
+                Ok((seq, serde_json::from_slice(&value).map_err(store_error)))
             })
             .collect()
     }
 
+    /// Moves outbox entry `seq`, which can never be published, to the `outbox_poison` tree with
+    /// `reason` (JSON: `reason`, `set_aside_ms`, `entry` as it was stored). Nothing waits for it
+    /// any more: the publisher goes on with the next entries, and acks waiting for the outbox
+    /// ([`wait_published`](Self::wait_published)) go on once [`outbox_published`](Self::outbox_published)
+    /// has run.
+    pub fn outbox_set_aside(&self, seq: &[u8], reason: &str) -> Result<(), StoreError> {
+        injected_write_failure()?;
+        let at_ms = self.clock.now_ms();
+        let moved = (&self.outbox, &self.outbox_poison)
+            .transaction(|(outbox, poison)| {
+                let Some(entry) = outbox.remove(seq)? else {
+                    return Ok(false);
+                };
+                let record = serde_json::json!({
+                    "reason": reason,
+                    "set_aside_ms": at_ms,
+                    "entry": String::from_utf8_lossy(&entry),
+                });
+                poison.insert(seq, serde_json::to_vec(&record).expect("JSON values serialize"))?;
+                Ok(true)
+            })
+            .map_err(unaborted_error)?;
+        if moved {
+            self.outbox_pending.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.wrote();
+        Ok(())
+    }
+
+    /// Outbox entries set aside as poison, with their reasons (JSON, see
+    /// [`outbox_set_aside`](Self::outbox_set_aside)).
+    pub fn outbox_poison(&self) -> Result<Vec<serde_json::Value>, StoreError> {
+        self.outbox_poison
+            .iter()
+            .values()
+            .map(|value| serde_json::from_slice(&value.map_err(store_error)?).map_err(store_error))
+            .collect()
+    }
+
     pub fn outbox_remove(&self, seq: &[u8]) -> Result<(), StoreError> {
+        injected_write_failure()?;
         if self.outbox.remove(seq).map_err(store_error)?.is_some() {
             self.outbox_pending.fetch_sub(1, Ordering::AcqRel);
         }
@@ -364,14 +558,10 @@ impl SledStore {
 
     /// The charge of `payment_id` is reported (its `PagoProcesado` is committed).
     pub fn charge_done(&self, payment_id: &str) -> Result<(), StoreError> {
+        injected_write_failure()?;
         self.charges.remove(payment_id).map_err(store_error)?;
         self.wrote();
         Ok(())
-    }
-
-    /// Checks the database answers reads; for /health.
-    pub fn healthy(&self) -> bool {
-        self.db.get(b"__health").is_ok()
     }
 }
 
@@ -557,6 +747,14 @@ impl SledStore {
     /// does not parse, say), nothing was written and each commit is retried alone, so a failure
     /// only fails the commit it belongs to.
     pub fn commit_batch(&self, commits: &[Commit<'_>]) -> Vec<Result<CommitResult, StoreError>> {
+        let results = self.try_commit_batch(commits);
+        for error in results.iter().filter_map(|result| result.as_ref().err()) {
+            self.note_failure(error);
+        }
+        results
+    }
+
+    fn try_commit_batch(&self, commits: &[Commit<'_>]) -> Vec<Result<CommitResult, StoreError>> {
         match self.write_batch(commits) {
             Ok(results) => results.into_iter().map(Ok).collect(),
             Err(_) if commits.len() > 1 => commits
@@ -624,6 +822,8 @@ impl SledStore {
 
     /// One transaction for `commits`; see [`SledStore::commit_batch`].
     fn write_batch(&self, commits: &[Commit<'_>]) -> Result<Vec<CommitResult>, StoreError> {
+        injected_write_failure()?;
+        injected_commit_failure()?;
         let staged: Vec<Staged> = commits
             .iter()
             .map(|commit| self.stage(*commit))
@@ -858,6 +1058,7 @@ impl SledStore {
     /// the withdrawn ones restores it (its ledger moves and charges are in the store already), and
     /// any later one imports as new.
     pub fn import(&self, record: &ChangeRecord) -> Result<bool, StoreError> {
+        injected_write_failure()?;
         let key = state_key(&record.aggregate);
         let (old_journal, old_snapshots) = self.journal_and_snapshot_keys(&record.aggregate)?;
         let seen_value = encode_seen(record.seen_at_ms, &record.content_hash, record.delivery);
@@ -980,12 +1181,13 @@ impl SledStore {
     /// been read to its end. Output events stay in the outbox: they carry the ids their
     /// re-decided copies will have.
     pub fn withdraw_unpublished(&self) -> Result<usize, StoreError> {
+        // An entry that does not parse is left to the publisher, which sets it aside.
         let withdrawn: Vec<(sled::IVec, ChangeRecord)> = self
-            .outbox_batch(usize::MAX)?
+            .outbox_entries(usize::MAX)?
             .into_iter()
             .filter_map(|(seq, entry)| match entry {
-                OutboxEntry::Change(record) => Some((seq, *record)),
-                OutboxEntry::Output(_) => None,
+                Ok(OutboxEntry::Change(record)) => Some((seq, *record)),
+                Ok(OutboxEntry::Output(_)) | Err(_) => None,
             })
             .collect();
         if withdrawn.is_empty() {
@@ -1385,6 +1587,73 @@ mod tests {
         store.charge_done("p1").unwrap();
         assert!(store.pending_charges(10).unwrap().is_empty());
         assert_eq!(store.window_len(), 1);
+    }
+
+    #[test]
+    fn an_outbox_entry_that_does_not_parse_is_set_aside_and_nothing_waits_for_it() {
+        use futures::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TestClock(AtomicI64::new(7)));
+        // An entry this version cannot read, as a newer version might have written it.
+        let poison_seq = (u64::MAX - 1).to_be_bytes();
+        let poison = br#"{"Output":{"id":"o-2","body":{"Teleported":{}}}}"#;
+        {
+            let store = SledStore::open(dir.path(), 10, clock.clone()).unwrap();
+            let agg = key("c1");
+            let hash = hex::encode([3u8; 32]);
+            let outputs = [commission("o-1", 100)];
+            let with_output = Commit {
+                outbox: &outputs,
+                ..commit(&agg, "k1", &hash, 0)
+            };
+            assert_eq!(store.commit(with_output).unwrap(), CommitResult::Committed);
+            store.outbox.insert(poison_seq, &poison[..]).unwrap();
+            store.db.flush().unwrap();
+        }
+        // sled's flusher thread lets go of the database's file lock a moment after the last
+        // handle is dropped: reopen once it has.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let store = loop {
+            match SledStore::open(dir.path(), 10, clock.clone()) {
+                Ok(store) => break store,
+                Err(error) if std::time::Instant::now() < deadline && error.to_string().contains("lock") => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(error) => panic!("{error}"),
+            }
+        };
+        assert_eq!(store.outbox_len(), 2);
+        let entries = store.outbox_entries(10).unwrap();
+        assert!(matches!(entries[0].1, Ok(OutboxEntry::Output(ref out)) if out.id == "o-1"));
+        assert!(
+            matches!(entries[1].1, Err(StoreError::Corrupt(_))),
+            "{:?}",
+            entries[1].1
+        );
+        assert!(store.outbox_batch(10).is_err(), "outbox_batch refuses it");
+        assert_eq!(
+            store.withdraw_unpublished().unwrap(),
+            0,
+            "a start is not stopped by it"
+        );
+
+        let good_seq = entries[0].0.clone();
+        store.outbox_set_aside(&poison_seq, "cannot be read").unwrap();
+        assert_eq!(store.outbox_len(), 1);
+        let set_aside = store.outbox_poison().unwrap();
+        assert_eq!(set_aside.len(), 1);
+        assert_eq!(set_aside[0]["reason"], "cannot be read");
+        assert_eq!(set_aside[0]["set_aside_ms"], 7);
+        assert_eq!(set_aside[0]["entry"], std::str::from_utf8(poison).unwrap());
+
+        // Once the good entry is published, a wait for everything up to the poison's place ends.
+        store.outbox_remove(&good_seq).unwrap();
+        store.outbox_published();
+        assert_eq!(store.outbox_len(), 0);
+        assert!(
+            store.wait_published(u64::MAX - 1).now_or_never().is_some(),
+            "nothing waits for the set-aside entry"
+        );
     }
 
     fn payment_output(cause: &str, affiliate: &str) -> OutputEvent {

@@ -57,6 +57,8 @@ pub const IDEMPOTENCY_WINDOW_KEYS: &str = "aerostream_idempotency_window_keys";
 pub const IDEMPOTENCY_EVICTED: &str = "aerostream_idempotency_evicted_total";
 pub const OUTBOX_BACKLOG: &str = "aerostream_outbox_backlog_events";
 pub const OUTBOX_PUBLISHED: &str = "aerostream_outbox_published_total";
+pub const OUTBOX_POISONED: &str = "aerostream_outbox_poisoned_total";
+pub const STORE_WRITABLE: &str = "aerostream_store_writable";
 pub const BROKER_UP: &str = "aerostream_broker_up";
 pub const HTTP_REQUESTS: &str = "aerostream_http_requests_total";
 pub const GATEWAY_CALLS: &str = "aerostream_gateway_calls_total";
@@ -130,6 +132,8 @@ pub const METRICS: &[Described] = &[
     described(IDEMPOTENCY_EVICTED, Counter, COUNT, "Idempotency keys evicted past the window."),
     described(OUTBOX_BACKLOG, Gauge, COUNT, "Committed output events and changelog records not yet published."),
     described(OUTBOX_PUBLISHED, Counter, COUNT, "Output events and changelog records published, by event type (changelog for records)."),
+    described(OUTBOX_POISONED, Counter, COUNT, "Outbox entries that can never be published (unreadable or not encodable), set aside in the outbox_poison tree, by kind."),
+    described(STORE_WRITABLE, Gauge, None, "1 while the store's write check succeeds, 0 while it cannot write (consumption stopped)."),
     described(BROKER_UP, Gauge, None, "1 when the broker answered the last health probe, else 0."),
     described(HTTP_REQUESTS, Counter, COUNT, "HTTP requests served, by route and status."),
     described(GATEWAY_CALLS, Counter, COUNT, "Payment gateway calls, by result."),
@@ -171,7 +175,10 @@ pub fn input_event_types() -> impl Iterator<Item = &'static str> {
 /// new one here (expected: `ce_type`/`ce_dataschema` mismatches, a missing or wrong key,
 /// `max_redeliveries`). Rejections ([`RejectReason::ALL`]) are [`EVENTS_REJECTED`]'s.
 pub fn dead_letter_reasons() -> impl Iterator<Item = &'static str> {
-    DecodeReason::ALL.iter().map(|reason| reason.as_str())
+    DecodeReason::ALL
+        .iter()
+        .map(|reason| reason.as_str())
+        .chain([crate::ingest::MAX_REDELIVERIES])
 }
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -255,6 +262,9 @@ pub fn zero_counters<'a>(inputs: impl IntoIterator<Item = &'a str>) {
     counter!(CHANGELOG_RESUBSCRIPTIONS).increment(0);
     counter!(ACTORS_PASSIVATED).increment(0);
     counter!(IDEMPOTENCY_EVICTED).increment(0);
+    for kind in crate::outbox::ENTRY_KINDS {
+        counter!(OUTBOX_POISONED, "kind" => kind).increment(0);
+    }
 }
 
 /// Counts actor starts, stops and restarts.

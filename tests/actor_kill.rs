@@ -5,26 +5,20 @@
 mod support;
 
 use aerostream::codec::Codec;
-use aerostream::config::Config;
 use aerostream::generator::{self, Options};
 use aerostream::produce;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use std::time::Duration;
-use support::daemon::{self, wait_for, Daemon};
+use support::daemon::{wait_for, Daemon};
 use support::state::wait_for_state;
-use support::{free_port, LocalBroker};
+use support::Harness;
 
 const TOKEN: &str = "chaos-test-token";
 const KILL: &str = "/admin/chaos/kill-actor";
 /// Kills while 20 000 events stream over 20 campaigns.
 const KILLS: u32 = 20;
-
-/// Config lines appended after the `[http]` table of the test config.
-fn admin(token: &str, chaos: bool) -> String {
-    format!("admin_token = {token:?}\n\n[chaos]\nenabled = {chaos}\n")
-}
 
 fn restarts(daemon: &Daemon) -> f64 {
     daemon
@@ -34,13 +28,9 @@ fn restarts(daemon: &Daemon) -> f64 {
 
 #[test]
 fn killed_campaign_actors_restart_and_the_state_stays_exact() {
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let config_path = daemon::write_config(dir.path(), &broker.url(), port, &admin(TOKEN, true)).unwrap();
-    let config = Config::load(Some(&config_path)).unwrap();
-    let daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let harness = Harness::new().admin_token(TOKEN).chaos(true).build();
+    let config = harness.config();
+    let daemon = harness.start();
     let plan = generator::plan(&Options {
         seed: 41,
         campaigns: 20,
@@ -49,10 +39,10 @@ fn killed_campaign_actors_restart_and_the_state_stays_exact() {
         duplicate_fraction: 0.05,
         reorder_window: 4,
         conflict_fraction: 0.0,
-        ..Options::for_daemon(&config)
+        ..Options::for_daemon(config)
     });
 
-    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let runtime = harness.runtime();
     let publisher = {
         let (config, events) = (config.clone(), plan.stream.clone());
         runtime.spawn(async move { produce::publish(&config, &Codec::shipped(), &events, 1_500).await })
@@ -90,16 +80,10 @@ fn killed_campaign_actors_restart_and_the_state_stays_exact() {
 
 #[test]
 fn chaos_route_needs_the_admin_token_and_chaos_enabled() {
-    let broker = LocalBroker::start().unwrap();
+    let harness = Harness::new().admin_token(TOKEN).chaos(false).build();
     let body = json!({ "kind": "campaign", "id": "camp-00000" });
-    let start = |extra: &str| {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port().unwrap();
-        let config_path = daemon::write_config(dir.path(), &broker.url(), port, extra).unwrap();
-        (Daemon::start(&config_path, port).unwrap(), dir)
-    };
 
-    let (disabled, _dir) = start(&admin(TOKEN, false));
+    let disabled = harness.spawn();
     assert_eq!(disabled.post(KILL, None, &body).unwrap(), 401, "no token");
     assert_eq!(
         disabled.post(KILL, Some("wrong"), &body).unwrap(),
@@ -112,7 +96,8 @@ fn chaos_route_needs_the_admin_token_and_chaos_enabled() {
         "chaos disabled"
     );
 
-    let (no_token, _dir) = start("[chaos]\nenabled = true\n");
+    let no_token_node = harness.node_with(Harness::new().chaos(true));
+    let no_token = no_token_node.spawn();
     assert_eq!(
         no_token.post(KILL, Some(""), &body).unwrap(),
         403,

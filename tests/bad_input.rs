@@ -11,13 +11,12 @@ use aerostream_actors::{CampaignEvent, CampaignStatus, Envelope, Event, Money, P
 use pulsar::{Pulsar, SubType, TokioExecutor};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use support::daemon::{self, wait_for, Daemon};
+use support::daemon::{wait_for, Daemon};
 use support::events;
 use support::topic::{send_raw, send_raw_with_key, Received, TopicReader};
-use support::{free_port, LocalBroker};
+use support::Harness;
 
 const PAYMENTS: &str = "persistent://public/default/idempotencia.pagos.procesado.v1";
 const PAYMENTS_DLQ: &str = "persistent://public/default/idempotencia.pagos.procesado.v1-DLQ";
@@ -68,12 +67,8 @@ fn patch_long(value: &mut apache_avro::types::Value, field: &str, to: i64) {
 
 #[test]
 fn bad_payloads_are_dead_lettered_with_their_reason_and_consumption_goes_on() {
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let config = daemon::write_config(dir.path(), &broker.url(), port, "").unwrap();
-    let daemon = Daemon::start(&config, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let harness = Harness::started();
+    let daemon = harness.start();
 
     let registry = Arc::new(SchemaRegistry::shipped());
     let codec = Codec::new(registry.clone());
@@ -117,23 +112,18 @@ fn bad_payloads_are_dead_lettered_with_their_reason_and_consumption_goes_on() {
         )
         .unwrap();
 
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let client = runtime
-        .block_on(Pulsar::builder(broker.url(), TokioExecutor).build())
-        .unwrap();
-    let mut dlq = runtime
-        .block_on(TopicReader::subscribe(&client, PAYMENTS_DLQ))
-        .unwrap();
+    let (runtime, client) = (harness.runtime(), harness.client());
+    let mut dlq = harness.reader(PAYMENTS_DLQ);
     for (name, payload, dataschema, _) in &cases {
         let properties = [("ce_id", *name), ("ce_dataschema", *dataschema)];
         runtime
-            .block_on(send_raw(&client, PAYMENTS, name, &properties, payload.clone()))
+            .block_on(send_raw(client, PAYMENTS, name, &properties, payload.clone()))
             .unwrap();
     }
     let properties = [("ce_dataschema", valid.dataschema.as_str())];
     runtime
         .block_on(send_raw(
-            &client,
+            client,
             PAYMENTS,
             &valid.key,
             &properties,
@@ -181,12 +171,8 @@ fn bad_payloads_are_dead_lettered_with_their_reason_and_consumption_goes_on() {
 
 #[test]
 fn business_rule_violations_are_rejected_with_reason_and_state_unchanged() {
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let config = daemon::write_config(dir.path(), &broker.url(), port, "").unwrap();
-    let daemon = Daemon::start(&config, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let harness = Harness::started();
+    let daemon = harness.start();
     let codec = Codec::new(Arc::new(SchemaRegistry::shipped()));
     // A click for a campaign that does not exist.
     let click = codec
@@ -199,17 +185,12 @@ fn business_rule_violations_are_rejected_with_reason_and_state_unchanged() {
             }),
         )
         .unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let client = runtime
-        .block_on(Pulsar::builder(broker.url(), TokioExecutor).build())
-        .unwrap();
-    let mut dlq = runtime
-        .block_on(TopicReader::subscribe(&client, CAMPAIGNS_DLQ))
-        .unwrap();
+    let (runtime, client) = (harness.runtime(), harness.client());
+    let mut dlq = harness.reader(CAMPAIGNS_DLQ);
     let properties = [("ce_dataschema", click.dataschema.as_str())];
     runtime
         .block_on(send_raw(
-            &client,
+            client,
             CAMPAIGNS,
             &click.key,
             &properties,
@@ -278,18 +259,13 @@ impl Raw {
     }
 }
 
-/// A broker, a daemon on it, a client, and a reader of the payments dead-letter topic that
-/// subscribed before anything was published. Fields drop in order: the daemon before the broker.
+/// A harness, a daemon on it, and a reader of the payments dead-letter topic that subscribed
+/// before anything was published. Fields drop in order: the daemon before the harness's broker.
 struct Bench {
     dlq: TopicReader,
     dlq_topic: String,
-    client: Pulsar<TokioExecutor>,
-    runtime: tokio::runtime::Runtime,
     daemon: Daemon,
-    config_path: PathBuf,
-    port: u16,
-    _dir: tempfile::TempDir,
-    broker: LocalBroker,
+    harness: Harness,
 }
 
 impl Bench {
@@ -299,29 +275,13 @@ impl Bench {
 
     /// A bench whose reader reads the dead-letter topic `dlq`.
     fn start_reading(dlq_topic: &str) -> Bench {
-        let broker = LocalBroker::start().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port().unwrap();
-        let config_path = daemon::write_config(dir.path(), &broker.url(), port, "").unwrap();
-        let daemon = Daemon::start(&config_path, port).unwrap();
-        daemon.wait_healthy(Duration::from_secs(30)).unwrap();
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let client = runtime
-            .block_on(Pulsar::builder(broker.url(), TokioExecutor).build())
-            .unwrap();
-        let dlq = runtime
-            .block_on(TopicReader::subscribe(&client, dlq_topic))
-            .unwrap();
+        let harness = Harness::started();
+        let daemon = harness.start();
         Bench {
             dlq_topic: dlq_topic.to_owned(),
-            dlq,
-            client,
-            runtime,
+            dlq: harness.reader(dlq_topic),
             daemon,
-            config_path,
-            port,
-            _dir: dir,
-            broker,
+            harness,
         }
     }
 
@@ -329,9 +289,10 @@ impl Bench {
         let mut properties = vec![("ce_id", message.id.as_str())];
         properties.extend(message.ce_type.as_deref().map(|t| ("ce_type", t)));
         properties.extend(message.dataschema.as_deref().map(|d| ("ce_dataschema", d)));
-        self.runtime
+        self.harness
+            .runtime()
             .block_on(send_raw_with_key(
-                &self.client,
+                self.harness.client(),
                 topic,
                 message.key.as_deref(),
                 &properties,
@@ -342,7 +303,8 @@ impl Bench {
 
     /// Reads the dead-letter topic until `count` letters have arrived in all.
     fn dead_letters(&mut self, count: usize) -> &[Received] {
-        self.runtime
+        self.harness
+            .runtime()
             .block_on(
                 self.dlq
                     .collect_until(Duration::from_secs(60), |received| received.len() >= count),
@@ -357,8 +319,7 @@ impl Bench {
         let status = self.daemon.terminate(Duration::from_secs(30)).unwrap();
         assert!(status.success(), "{status}");
         rewind_subscription(self, input, topic);
-        self.daemon = Daemon::start(&self.config_path, self.port).unwrap();
-        self.daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+        self.daemon = self.harness.start();
         let labels = [format!("input=\"{input}\"")];
         wait_for("the messages delivered again", Duration::from_secs(60), || {
             let consumed = self
@@ -388,7 +349,8 @@ impl Bench {
 
     /// Reads the dead-letter topic until a letter for `ce_id` has arrived.
     fn dead_letter_of(&mut self, ce_id: &str) {
-        self.runtime
+        self.harness
+            .runtime()
             .block_on(self.dlq.collect_until(Duration::from_secs(60), |received| {
                 received.iter().any(|l| l.property("ce_id") == Some(ce_id))
             }))
@@ -537,13 +499,12 @@ fn a_message_keyed_by_another_id_than_its_aggregate_s_is_dead_lettered() {
 /// Rewinds the daemon's subscription of `input` to the start of `topic` (the daemon stopped): the
 /// broker delivers every message again, acked or not.
 fn rewind_subscription(bench: &Bench, input: &str, topic: &str) {
-    let config = aerostream::config::Config::load(Some(&bench.config_path)).unwrap();
-    let subscription = config.inputs[input].subscription.clone();
-    bench.runtime.block_on(async {
+    let subscription = bench.harness.config().inputs[input].subscription.clone();
+    bench.harness.runtime().block_on(async {
         // A client of its own, dropped at the end: the client's seek subscribes again afterwards
         // (under a new consumer id, hence none given here) and leaves the first consumer open
         // until its connection closes.
-        let client = Pulsar::builder(bench.broker.url(), TokioExecutor)
+        let client = Pulsar::builder(bench.harness.broker.url(), TokioExecutor)
             .build()
             .await
             .unwrap();

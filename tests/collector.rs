@@ -9,8 +9,8 @@ use aerostream_actors::CampaignStatus;
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::Duration;
-use support::daemon::{self, wait_for, Daemon};
-use support::{free_port, LocalBroker};
+use support::daemon::{wait_for, Daemon};
+use support::Harness;
 
 const PATH: &str = "/event-collector/events";
 
@@ -36,14 +36,11 @@ fn post_json(daemon: &Daemon, body: &Value) -> (u16, Value, Option<String>) {
 
 #[test]
 fn collected_events_are_validated_published_and_applied() {
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
     // A burst of 3 events, then one a second.
-    let extra = "[collector]\nrate_per_second = 1\nburst = 3\nmax_body_bytes = 16384\n";
-    let config_path = daemon::write_config(dir.path(), &broker.url(), port, extra).unwrap();
-    let daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let harness = Harness::new()
+        .extra("[collector]\nrate_per_second = 1\nburst = 3\nmax_body_bytes = 16384\n")
+        .build();
+    let daemon = harness.start();
 
     let created = event(
         "col-1",

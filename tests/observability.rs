@@ -7,17 +7,16 @@
 
 mod support;
 
-use aerostream::config::Config;
 use aerostream::generator::{self, Options};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use support::daemon::{self, wait_for, Daemon};
+use support::daemon::wait_for;
 use support::events;
 use support::state::wait_for_state;
 use support::topic::send_raw;
-use support::{free_port, LocalBroker};
+use support::{free_port, Harness};
 
 const TOKEN: &str = "observability-token";
 
@@ -137,17 +136,14 @@ fn dashboards_and_alerts_run_against_a_real_prometheus() {
     promtool(&["check", "config", repo("deploy/prometheus.yml").to_str().unwrap()]);
     promtool(&["check", "rules", repo("deploy/alerts.yml").to_str().unwrap()]);
 
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let extra = format!(
-        "admin_token = {TOKEN:?}\n\n[chaos]\nenabled = true\n\n[actors]\nidle_seconds = 1\n\n[snapshot]\nevery_events = 5\nkeep = 2\n"
-    );
-    let config_path = daemon::write_config(dir.path(), &broker.url(), port, &extra).unwrap();
-    let config = Config::load(Some(&config_path)).unwrap();
-    let daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
-    let prometheus = Prometheus::start(dir.path(), port);
+    let harness = Harness::new()
+        .admin_token(TOKEN)
+        .chaos(true)
+        .extra("[actors]\nidle_seconds = 1\n\n[snapshot]\nevery_events = 5\nkeep = 2\n")
+        .build();
+    let (config, runtime) = (harness.config(), harness.runtime());
+    let daemon = harness.start();
+    let prometheus = Prometheus::start(harness.dir(), harness.port());
 
     // Traffic that moves every metric: duplicates, conflicts, a bad payload, an actor kill.
     let plan = generator::plan(&Options {
@@ -158,20 +154,16 @@ fn dashboards_and_alerts_run_against_a_real_prometheus() {
         duplicate_fraction: 0.1,
         reorder_window: 4,
         conflict_fraction: 0.2,
-        ..Options::for_daemon(&config)
+        ..Options::for_daemon(config)
     });
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    events::publish(&runtime, &config, &plan.stream);
+    events::publish(runtime, config, &plan.stream);
     wait_for_state(&daemon, &plan.expected, Duration::from_secs(60));
-    events::publish(&runtime, &config, &plan.conflicts);
-    let client = runtime
-        .block_on(pulsar::Pulsar::builder(broker.url(), pulsar::TokioExecutor).build())
-        .unwrap();
+    events::publish(runtime, config, &plan.conflicts);
     let payments = config.broker.topic(&config.inputs["payments"].topic);
     let properties = [("ce_dataschema", "com.aeropartners.idempotencia.PagoSolicitado/v1")];
     runtime
         .block_on(send_raw(
-            &client,
+            harness.client(),
             &payments,
             "bad",
             &properties,
@@ -187,8 +179,8 @@ fn dashboards_and_alerts_run_against_a_real_prometheus() {
         // Passivated already: an event brings the actor back.
         wakes += 1;
         events::publish(
-            &runtime,
-            &config,
+            runtime,
+            config,
             &[events::impression("camp-00000", &format!("wake-{wakes}"))],
         );
         None
@@ -260,28 +252,26 @@ fn names_after(exposition: &str, prefix: &str) -> Vec<String> {
 /// while an input that applies stays quiet.
 #[test]
 fn a_fresh_daemon_whose_every_message_fails_trips_no_events_applied() {
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let config_path = daemon::write_config(dir.path(), &broker.url(), port, "").unwrap();
-    let config = Config::load(Some(&config_path)).unwrap();
-    let daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
-    let prometheus = Prometheus::start(dir.path(), port);
+    let harness = Harness::started();
+    let (config, runtime) = (harness.config(), harness.runtime());
+    let daemon = harness.start();
+    let prometheus = Prometheus::start(harness.dir(), harness.port());
     wait_for("Prometheus to scrape the daemon", Duration::from_secs(60), || {
         (prometheus.results(r#"aerostream_events_applied_total{input="payments"} == 0"#) > 0).then_some(())
     })
     .unwrap();
 
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let client = runtime
-        .block_on(pulsar::Pulsar::builder(broker.url(), pulsar::TokioExecutor).build())
-        .unwrap();
     let payments = config.broker.topic(&config.inputs["payments"].topic);
     let properties = [("ce_dataschema", "com.aeropartners.idempotencia.PagoSolicitado/v1")];
     for n in 0..5u8 {
         runtime
-            .block_on(send_raw(&client, &payments, "bad", &properties, vec![0xff, n]))
+            .block_on(send_raw(
+                harness.client(),
+                &payments,
+                "bad",
+                &properties,
+                vec![0xff, n],
+            ))
             .unwrap();
     }
     // Meanwhile campaigns apply: their events of a small generated stream.
@@ -292,14 +282,14 @@ fn a_fresh_daemon_whose_every_message_fails_trips_no_events_applied() {
         events: 40,
         duplicate_fraction: 0.0,
         reorder_window: 0,
-        ..Options::for_daemon(&config)
+        ..Options::for_daemon(config)
     });
     let campaign_events: Vec<_> = plan
         .stream
         .into_iter()
         .filter(|planned| planned.input == generator::Input::Campaigns)
         .collect();
-    events::publish(&runtime, &config, &campaign_events);
+    events::publish(runtime, config, &campaign_events);
     daemon
         .wait_metric(
             "aerostream_events_dead_lettered_total",

@@ -4,15 +4,14 @@
 
 mod support;
 
-use aerostream::config::Config;
 use aerostream::generator::{self, Options, Planned};
 use aerostream::views::CampaignView;
 use aerostream_actors::CampaignStatus;
 use std::time::Duration;
-use support::daemon::{self, wait_for, Daemon};
+use support::daemon::{wait_for, Daemon};
 use support::events;
 use support::state::wait_for_state;
-use support::{free_port, LocalBroker};
+use support::Harness;
 
 /// Active aggregate actors (the report service's one actor is never passivated).
 fn active(daemon: &Daemon) -> f64 {
@@ -28,14 +27,9 @@ fn active(daemon: &Daemon) -> f64 {
 
 #[test]
 fn idle_actors_passivate_and_come_back_with_exact_state() {
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let config_path =
-        daemon::write_config(dir.path(), &broker.url(), port, "[actors]\nidle_seconds = 1\n").unwrap();
-    let config = Config::load(Some(&config_path)).unwrap();
-    let daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let harness = Harness::new().extra("[actors]\nidle_seconds = 1\n").build();
+    let config = harness.config();
+    let daemon = harness.start();
     let plan = generator::plan(&Options {
         seed: 51,
         campaigns: 6,
@@ -44,10 +38,9 @@ fn idle_actors_passivate_and_come_back_with_exact_state() {
         duplicate_fraction: 0.0,
         reorder_window: 0,
         conflict_fraction: 0.0,
-        ..Options::for_daemon(&config)
+        ..Options::for_daemon(config)
     });
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let publish = |events: &[Planned]| events::publish(&runtime, &config, events);
+    let publish = |events: &[Planned]| events::publish(harness.runtime(), config, events);
 
     publish(&plan.stream);
     wait_for_state(&daemon, &plan.expected, Duration::from_secs(60));

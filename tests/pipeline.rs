@@ -5,9 +5,9 @@
 mod support;
 
 use std::time::{Duration, Instant};
-use support::daemon::{self, wait_for, Daemon};
+use support::daemon::{self, wait_for};
 use support::state::{read_expected, wait_for_state};
-use support::{free_port, LocalBroker};
+use support::Harness;
 
 /// "published N messages (D distinct events) ...": (N, D).
 fn produced_counts(stdout: &str) -> (f64, f64) {
@@ -25,23 +25,19 @@ fn produced_counts(stdout: &str) -> (f64, f64) {
 /// Key_Shared dispatcher stalls only when a consumer leaves mid-backlog (docs/TAKEOVER.md).
 #[test]
 fn generated_stream_with_duplicates_and_reordering_gives_the_exact_expected_state() {
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let config = daemon::write_config_with_inputs(dir.path(), &broker.url(), port, "").unwrap();
-    let loaded = aerostream::config::Config::load(Some(&config)).unwrap();
+    let harness = Harness::new().shipped_inputs().build();
     assert_eq!(
-        loaded.inputs["payments"].subscription_type,
+        harness.config().inputs["payments"].subscription_type,
         aerostream::config::SubscriptionKind::KeyShared,
         "the shipped payments input"
     );
-    let daemon = Daemon::start(&config, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let config = harness.config_path();
+    let daemon = harness.start();
 
-    let expected_path = dir.path().join("expected.json");
+    let expected_path = harness.dir().join("expected.json");
     let started = Instant::now();
     let stdout = daemon::produce(
-        &config,
+        config,
         &[
             "--seed",
             "11",
@@ -95,19 +91,16 @@ const BACKLOG_RSS_BOUND_BYTES: u64 = 160 * 1024 * 1024;
 
 #[test]
 fn backlog_is_consumed_in_bounded_memory_and_sigterm_mid_stream_loses_nothing() {
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let config = daemon::write_config(dir.path(), &broker.url(), port, "").unwrap();
-    let expected_path = dir.path().join("expected.json");
+    let harness = Harness::started();
+    let config = harness.config_path();
+    let expected_path = harness.dir().join("expected.json");
 
     // Subscribe first (so the backlog is retained for the subscription), then stop the daemon.
-    let mut first = Daemon::start(&config, port).unwrap();
-    first.wait_healthy(Duration::from_secs(30)).unwrap();
+    let mut first = harness.start();
     assert!(first.terminate(Duration::from_secs(30)).unwrap().success());
 
     let stdout = daemon::produce(
-        &config,
+        config,
         &[
             "--seed",
             "23",
@@ -128,7 +121,7 @@ fn backlog_is_consumed_in_bounded_memory_and_sigterm_mid_stream_loses_nothing() 
     .unwrap();
     let (published, distinct) = produced_counts(&stdout);
 
-    let mut second = Daemon::start(&config, port).unwrap();
+    let mut second = harness.spawn();
     wait_for("consumption to be under way", Duration::from_secs(120), || {
         (second.metric("aerostream_events_applied_total", &[]).ok()? > 5_000.0).then_some(())
     })
@@ -146,7 +139,7 @@ fn backlog_is_consumed_in_bounded_memory_and_sigterm_mid_stream_loses_nothing() 
         second.log_tail()
     );
 
-    let third = Daemon::start(&config, port).unwrap();
+    let third = harness.spawn();
     let expected = read_expected(&expected_path);
     wait_for_state(&third, &expected, Duration::from_secs(300));
     let peak = peak.max(third.peak_rss_bytes().unwrap());

@@ -4,7 +4,6 @@
 mod support;
 
 use aerostream::codec::Codec;
-use aerostream::config::Config;
 use aerostream::generator::{self, Options};
 use aerostream::views::StateView;
 use aerostream_actors::report::Report;
@@ -15,11 +14,11 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use support::daemon::{self, wait_for, Daemon};
+use support::daemon::{wait_for, Daemon};
 use support::events;
 use support::state::wait_for_state;
-use support::topic::{send_raw, TopicReader};
-use support::{free_port, LocalBroker};
+use support::topic::send_raw;
+use support::Harness;
 
 const TOKEN: &str = "report-admin";
 
@@ -86,14 +85,9 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 
 #[test]
 fn version_switches_under_load_fail_no_request_and_the_totals_end_exact() {
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let extra = format!("admin_token = {TOKEN:?}\n");
-    let config_path = daemon::write_config(dir.path(), &broker.url(), port, &extra).unwrap();
-    let config = Config::load(Some(&config_path)).unwrap();
-    let mut daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let harness = Harness::new().admin_token(TOKEN).build();
+    let (config, runtime) = (harness.config(), harness.runtime());
+    let mut daemon = harness.start();
     assert_eq!(active_version(&daemon), "v1");
 
     let plan = generator::plan(&Options {
@@ -104,15 +98,14 @@ fn version_switches_under_load_fail_no_request_and_the_totals_end_exact() {
         duplicate_fraction: 0.05,
         reorder_window: 4,
         conflict_fraction: 0.0,
-        ..Options::for_daemon(&config)
+        ..Options::for_daemon(config)
     });
-    let runtime = tokio::runtime::Runtime::new().unwrap();
     let reading = AtomicBool::new(true);
     let answers: Mutex<Vec<Answer>> = Mutex::new(Vec::new());
     let mut puts: Vec<(Instant, Instant)> = Vec::new();
 
     std::thread::scope(|scope| {
-        scope.spawn(|| events::publish(&runtime, &config, &plan.stream));
+        scope.spawn(|| events::publish(runtime, config, &plan.stream));
         scope.spawn(|| {
             while reading.load(Ordering::Relaxed) {
                 let start = Instant::now();
@@ -245,8 +238,7 @@ fn version_switches_under_load_fail_no_request_and_the_totals_end_exact() {
 
     // The active version (v2) survives a restart.
     assert!(daemon.terminate(Duration::from_secs(30)).unwrap().success());
-    let daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let daemon = harness.start();
     assert_eq!(active_version(&daemon), "v2");
     assert_eq!(
         validated(&daemon.get("/api/reports/payments").unwrap())
@@ -258,24 +250,11 @@ fn version_switches_under_load_fail_no_request_and_the_totals_end_exact() {
 
 #[test]
 fn control_topic_switches_and_report_requests_are_answered_on_the_output_topic() {
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let config_path = daemon::write_config(dir.path(), &broker.url(), port, "").unwrap();
-    let config = Config::load(Some(&config_path)).unwrap();
-    let daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let client = runtime
-        .block_on(pulsar::Pulsar::builder(broker.url(), pulsar::TokioExecutor).build())
-        .unwrap();
-    let topic = |name: &str| config.broker.topic(name);
-    let mut answers = runtime
-        .block_on(TopicReader::subscribe(
-            &client,
-            &topic(&config.outputs.reports_topic),
-        ))
-        .unwrap();
+    let harness = Harness::started();
+    let (config, runtime) = (harness.config(), harness.runtime());
+    let daemon = harness.start();
+    let topic = |name: &str| harness.topic(name);
+    let mut answers = harness.reader(&topic(&config.outputs.reports_topic));
     let codec = Codec::shipped();
     let send = |input: &str, id: &str, event_type: &str, schema_version: &str, event: Event| {
         let mut envelope = events::envelope(id, event_type, 1_767_225_600_000, None);
@@ -288,7 +267,7 @@ fn control_topic_switches_and_report_requests_are_answered_on_the_output_topic()
         ];
         runtime
             .block_on(send_raw(
-                &client,
+                harness.client(),
                 &topic(&config.inputs[input].topic),
                 &encoded.key,
                 &properties,

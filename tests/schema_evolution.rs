@@ -5,15 +5,14 @@
 mod support;
 
 use aerostream::codec::Codec;
-use aerostream::config::Config;
 use aerostream::generator::{Input, Planned};
 use aerostream::views::PaymentView;
 use aerostream_actors::events::processed_idempotency_key;
 use aerostream_actors::{Envelope, Event, Money, PaymentEvent, PaymentStatus};
 use std::time::Duration;
-use support::daemon::{self, wait_for, Daemon};
+use support::daemon::wait_for;
 use support::events;
-use support::{free_port, LocalBroker};
+use support::Harness;
 
 fn processed(payment_id: &str, status: PaymentStatus, schema_version: &str, at: i64) -> Planned {
     Planned {
@@ -42,13 +41,8 @@ fn processed(payment_id: &str, status: PaymentStatus, schema_version: &str, at: 
 
 #[test]
 fn v1_and_v2_producers_on_one_topic_are_both_applied() {
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let config_path = daemon::write_config(dir.path(), &broker.url(), port, "").unwrap();
-    let config = Config::load(Some(&config_path)).unwrap();
-    let daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    let harness = Harness::started();
+    let daemon = harness.start();
 
     let planned = [
         processed("pago-v1", PaymentStatus::Processing, "v1", 1),
@@ -70,7 +64,7 @@ fn v1_and_v2_producers_on_one_topic_are_both_applied() {
         dataschemas[0].ends_with("/v1") && dataschemas[1].ends_with("/v2"),
         "{dataschemas:?}"
     );
-    events::publish(&tokio::runtime::Runtime::new().unwrap(), &config, &planned);
+    events::publish(harness.runtime(), harness.config(), &planned);
 
     for (payment, status) in [
         ("pago-v1", PaymentStatus::Succeeded),

@@ -5,15 +5,14 @@
 
 mod support;
 
-use aerostream::config::Config;
 use aerostream::generator::{Input, Planned};
 use aerostream::views::PaymentView;
 use aerostream_actors::events::processed_idempotency_key;
 use aerostream_actors::{Event, Money, PaymentEvent, PaymentStatus};
 use std::time::Duration;
-use support::daemon::{self, wait_for, Daemon};
+use support::daemon::{wait_for, Daemon};
 use support::events;
-use support::{free_port, LocalBroker};
+use support::Harness;
 
 const WINDOW: &str = "[idempotency]\nwindow_seconds = 2\neviction_interval_seconds = 1\n";
 
@@ -52,16 +51,10 @@ fn version(daemon: &Daemon, payment_id: &str) -> Option<u64> {
 
 #[test]
 fn repeats_are_skipped_inside_the_window_and_applied_again_after_eviction() {
-    let broker = LocalBroker::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let config_path = daemon::write_config(dir.path(), &broker.url(), port, WINDOW).unwrap();
-    let config = Config::load(Some(&config_path)).unwrap();
-    let daemon = Daemon::start(&config_path, port).unwrap();
-    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let harness = Harness::new().extra(WINDOW).build();
+    let daemon = harness.start();
     let event = [processing("pago-w")];
-    let publish = || events::publish(&runtime, &config, &event);
+    let publish = || events::publish(harness.runtime(), harness.config(), &event);
     let metric = |name: &str| daemon.metric(name, &[]).unwrap();
 
     publish();

@@ -117,20 +117,14 @@ pub trait PaymentGateway: Send + Sync + 'static {
     fn latency(&self) -> Duration;
 }
 
-/// How a charge is retried while the gateway is unavailable.
+/// How a charge is retried while the gateway is unavailable: the daemon waits between attempts
+/// by its one backoff (`aerostream::backoff`), doubling from `initial_backoff` up to `max_backoff`,
+/// jittered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     pub max_attempts: u32,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
-}
-
-impl RetryPolicy {
-    /// Wait before attempt `attempt + 1`: doubling from `initial_backoff`, capped.
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let factor = 1u32 << attempt.saturating_sub(1).min(16);
-        (self.initial_backoff * factor).min(self.max_backoff)
-    }
 }
 
 /// The outcome of charging one payment under a retry policy.
@@ -279,12 +273,5 @@ mod tests {
             let outcome = outcome.unwrap_or(Charged::from_attempts(POLICY.max_attempts, None));
             assert_eq!(gw.predict(&format!("p{i}"), &POLICY), outcome);
         }
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        assert_eq!(POLICY.backoff(1), Duration::from_millis(10));
-        assert_eq!(POLICY.backoff(2), Duration::from_millis(20));
-        assert_eq!(POLICY.backoff(3), Duration::from_millis(25));
     }
 }

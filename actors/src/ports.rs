@@ -5,10 +5,40 @@ use crate::gateway::Charge;
 use crate::output::OutputEvent;
 use crate::readmodel::{Change, ReadModel};
 
-/// A failure of the state store. The event it concerned is not acked and will be retried.
+/// A failure of the state store. The event it concerned is not acked: what happens to it
+/// depends on the class.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("state store: {0}")]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    /// The store cannot write now (an I/O error: disk full, read-only or failing disk). Nothing
+    /// is wrong with the event: consumption stops and the event waits until the store writes
+    /// again, without counting against it.
+    #[error("state store cannot write: {0}")]
+    Unavailable(String),
+    /// A stored value does not parse. Retrying may not help: the event is retried a few times,
+    /// then dead-lettered.
+    #[error("state store holds a corrupt value: {0}")]
+    Corrupt(String),
+    /// Anything else (the committer stopped, a batch panicked): retried a few times, then
+    /// dead-lettered.
+    #[error("state store: {0}")]
+    Internal(String),
+}
+
+impl StoreError {
+    /// Whether the store as a whole cannot write, rather than this one operation failing.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+
+    /// The class as a short word (`unavailable`, `corrupt`, `internal`), for logs.
+    pub fn class(&self) -> &'static str {
+        match self {
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Corrupt(_) => "corrupt",
+            StoreError::Internal(_) => "internal",
+        }
+    }
+}
 
 /// What the idempotency window remembers of a key.
 #[derive(Debug, Clone, PartialEq, Eq)]

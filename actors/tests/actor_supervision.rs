@@ -102,7 +102,7 @@ impl StateStore for FaultyStore {
             panic!("injected: commit panicked");
         }
         if take_one(&self.fail_commits) {
-            return Err(StoreError("injected: disk full".into()));
+            return Err(StoreError::Unavailable("injected: disk full".into()));
         }
         self.inner.commit(commit)
     }

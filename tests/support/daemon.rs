@@ -34,30 +34,39 @@ const PULSAR_LITE_INPUTS: &str = "[inputs.payments]\nsubscription_type = \"failo
 
 /// A config file for a test daemon: its own data dir and HTTP port, the given broker, and `extra`
 /// TOML appended (it must not repeat a table header used here). Payments use Failover (see
-/// `PULSAR_LITE_INPUTS`): for tests that kill or restart daemons.
+/// `PULSAR_LITE_INPUTS`): for tests that kill or restart daemons. Tests build theirs with
+/// [`super::harness::Harness`]; this form is for those not moved to it yet.
 pub fn write_config(dir: &Path, broker_url: &str, http_port: u16, extra: &str) -> anyhow::Result<PathBuf> {
-    write_config_with_inputs(
+    write_config_file(
         dir,
         broker_url,
         http_port,
-        &format!("{extra}\n\n{PULSAR_LITE_INPUTS}"),
+        "shutdown_timeout_seconds = 20",
+        "",
+        extra,
+        false,
     )
 }
 
-/// Like [`write_config`], with every input's subscription as shipped (payments on Key_Shared):
-/// for tests without consumer churn.
-pub fn write_config_with_inputs(
+/// Writes `aerostream.toml` in `dir`: `[daemon]` with `data_dir = dir/data` and `daemon_keys`,
+/// `[broker]` at `broker_url`, `[http]` on `http_port` with `http_keys`, then `extra`; with
+/// payments on Failover unless `shipped_inputs` (see `PULSAR_LITE_INPUTS`).
+pub fn write_config_file(
     dir: &Path,
     broker_url: &str,
     http_port: u16,
+    daemon_keys: &str,
+    http_keys: &str,
     extra: &str,
+    shipped_inputs: bool,
 ) -> anyhow::Result<PathBuf> {
     let path = dir.join("aerostream.toml");
     let data_dir = dir.join("data");
+    let inputs = if shipped_inputs { "" } else { PULSAR_LITE_INPUTS };
     let body = format!(
-        "[daemon]\ndata_dir = {data:?}\nshutdown_timeout_seconds = 20\n\n\
+        "[daemon]\ndata_dir = {data:?}\n{daemon_keys}\n\n\
          [broker]\nurl = {broker_url:?}\nhealth_probe_interval_seconds = 1\n\n\
-         [http]\nlisten = \"127.0.0.1:{http_port}\"\n\n{extra}\n",
+         [http]\nlisten = \"127.0.0.1:{http_port}\"\n{http_keys}\n{extra}\n\n{inputs}",
         data = data_dir.display().to_string(),
     );
     std::fs::File::create(&path)?.write_all(body.as_bytes())?;

@@ -1,0 +1,275 @@
+//! Store faults (SPEC §9), against the real broker:
+//! - a store that cannot write (the `store::write` fail point: every write fails as on a full or
+//!   read-only disk) stops consumption, answers 503 naming the reason, acks nothing and counts
+//!   nothing against the messages it holds; once writes succeed again consumption resumes by itself
+//!   and the state is exact, each message received once;
+//! - an outbox entry that can never be published (here: one this version cannot read) is set aside
+//!   and counted, and the inputs, whose acks wait for the outbox, go on.
+
+mod support;
+
+use aerostream::generator::{self, Options};
+use aerostream::store::SledStore;
+use aerostream_actors::ports::SystemClock;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use support::daemon::{wait_for, Daemon};
+use support::events;
+use support::state::wait_for_state;
+use support::Harness;
+
+const TOKEN: &str = "store-faults-test-token";
+
+fn metric(daemon: &Daemon, name: &str) -> f64 {
+    daemon.metric(name, &[]).unwrap()
+}
+
+/// /health's status code and body.
+fn health(daemon: &Daemon) -> (u16, Value) {
+    let (status, body, _) = daemon
+        .send(reqwest::Method::GET, "/health", None, Vec::new())
+        .unwrap();
+    (status, body)
+}
+
+fn failpoint(daemon: &Daemon, name: &str, actions: &str) {
+    let body = json!({ "name": name, "actions": actions });
+    let status = daemon.post("/admin/chaos/failpoint", Some(TOKEN), &body).unwrap();
+    assert_eq!(status, 200, "setting fail point {name} to {actions}");
+}
+
+#[test]
+fn a_store_that_cannot_write_stops_consumption_answers_503_and_resumes_exactly() {
+    let harness = Harness::new().admin_token(TOKEN).chaos(true).build();
+    let (config, runtime) = (harness.config(), harness.runtime());
+    let daemon = harness.start();
+    let plan = generator::plan(&Options {
+        seed: 91,
+        campaigns: 5,
+        payments: 40,
+        events: 1_500,
+        duplicate_fraction: 0.05,
+        reorder_window: 4,
+        conflict_fraction: 0.0,
+        ..Options::for_daemon(config)
+    });
+    let (first, second) = plan.stream.split_at(plan.stream.len() / 2);
+
+    // The store stops writing while the first half streams in: what is in flight is held.
+    let publisher = {
+        let (config, first) = (config.clone(), first.to_vec());
+        runtime.spawn(async move {
+            aerostream::produce::publish(&config, &aerostream::codec::Codec::shipped(), &first, 1_000).await
+        })
+    };
+    wait_for("300 events applied", Duration::from_secs(60), || {
+        (metric(&daemon, "aerostream_events_applied_total") >= 300.0).then_some(())
+    })
+    .unwrap();
+    failpoint(&daemon, "store::write", "return");
+    let body = wait_for("/health to answer 503", Duration::from_secs(30), || {
+        let (status, body) = health(&daemon);
+        (status == 503).then_some(body)
+    })
+    .unwrap();
+    assert_eq!(body["status"], "unavailable");
+    assert_eq!(body["components"]["store"], false);
+    assert_eq!(body["components"]["broker"], true);
+    let reasons = body["reasons"].to_string();
+    assert!(
+        reasons.contains("store") && reasons.contains("cannot write") && reasons.contains("store::write"),
+        "the reason names the store and its error: {reasons}"
+    );
+    runtime.block_on(publisher).unwrap().unwrap();
+
+    // Nothing more is received: the second half, published now, stays at the broker.
+    let consumed = metric(&daemon, "aerostream_events_consumed_total");
+    events::publish(runtime, config, second);
+    assert_eq!(
+        metric(&daemon, "aerostream_events_consumed_total"),
+        consumed,
+        "nothing received while the store could not write"
+    );
+    assert_eq!(health(&daemon).0, 503, "still unable to write");
+    assert_eq!(daemon.metric("aerostream_store_writable", &[]).unwrap(), 0.0);
+
+    // Writes succeed again: consumption resumes by itself, and everything is applied once.
+    failpoint(&daemon, "store::write", "off");
+    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    wait_for_state(&daemon, &plan.expected, Duration::from_secs(120));
+    // Every message received ends applied or deduplicated, once: none dead-lettered, none given
+    // back. (A retry whose commit was written before its flush failed finds its key: deduplicated,
+    // or counted as a redelivery where that is counted apart. pulsar-lite itself now and then
+    // delivers a message twice, so more may be received than were published.)
+    let outcomes = || {
+        metric(&daemon, "aerostream_events_applied_total")
+            + metric(&daemon, "aerostream_events_deduplicated_total")
+            + metric(&daemon, "aerostream_events_redelivered_total")
+    };
+    let consumed = wait_for("every message's outcome", Duration::from_secs(30), || {
+        let consumed = metric(&daemon, "aerostream_events_consumed_total");
+        (consumed >= plan.stream.len() as f64 && outcomes() == consumed).then_some(consumed)
+    })
+    .unwrap();
+    println!("{} messages published, {consumed} received", plan.stream.len());
+    // Holding messages for the store counted nothing against them.
+    assert_eq!(metric(&daemon, "aerostream_events_retried_total"), 0.0);
+    assert_eq!(metric(&daemon, "aerostream_events_dead_lettered_total"), 0.0);
+    assert_eq!(daemon.metric("aerostream_store_writable", &[]).unwrap(), 1.0);
+}
+
+#[test]
+fn a_poison_outbox_entry_is_set_aside_counted_and_the_inputs_go_on() {
+    // Few messages held at once, so a stalled outbox would stop the inputs early.
+    let harness = Harness::new()
+        .extra("[inputs.campaigns]\nmax_in_flight = 8\n")
+        .build();
+    let (config, runtime) = (harness.config(), harness.runtime());
+
+    // The oldest outbox entry is one this version cannot read (as a newer version might have
+    // left it): every commit's changelog record, and so every ack, queues behind it.
+    let poison = br#"{"Output":{"id":"from-a-newer-version","body":{"Teleported":{"to":"nowhere"}}}}"#;
+    {
+        let db = sled::open(&config.daemon.data_dir).unwrap();
+        db.open_tree("outbox")
+            .unwrap()
+            .insert(0u64.to_be_bytes(), &poison[..])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let mut daemon = harness.start();
+    let plan = generator::plan(&Options {
+        seed: 93,
+        campaigns: 3,
+        payments: 20,
+        events: 400,
+        duplicate_fraction: 0.05,
+        reorder_window: 4,
+        conflict_fraction: 0.0,
+        ..Options::for_daemon(config)
+    });
+    events::publish(runtime, config, &plan.stream);
+    wait_for_state(&daemon, &plan.expected, Duration::from_secs(120));
+    wait_for("every message received", Duration::from_secs(30), || {
+        let consumed = metric(&daemon, "aerostream_events_consumed_total");
+        (consumed >= plan.stream.len() as f64).then_some(())
+    })
+    .unwrap();
+    daemon
+        .wait_metric("aerostream_outbox_poisoned_total", &["kind=\"unreadable\""], 1.0)
+        .unwrap();
+    assert_eq!(metric(&daemon, "aerostream_outbox_poisoned_total"), 1.0);
+    wait_for("the outbox published", Duration::from_secs(30), || {
+        (health(&daemon).1["outbox_backlog"] == 0).then_some(())
+    })
+    .unwrap();
+
+    // Set aside, with its reason and its bytes, for an operator to look at.
+    daemon.terminate(Duration::from_secs(30)).unwrap();
+    let store = SledStore::open(&config.daemon.data_dir, 60, Arc::new(SystemClock)).unwrap();
+    let set_aside = store.outbox_poison().unwrap();
+    assert_eq!(set_aside.len(), 1, "{set_aside:?}");
+    assert_eq!(set_aside[0]["entry"], std::str::from_utf8(poison).unwrap());
+    let reason = set_aside[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("Teleported"), "the reason says why: {reason}");
+    assert_eq!(store.outbox_len(), 0);
+}
+
+/// A small tmpfs mounted for the test (root only), unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test mounts a tmpfs, which needs root (as the project's machines and CI run)"
+        );
+        std::fs::create_dir_all(at).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount -t tmpfs at {}", at.display());
+        Tmpfs(at.to_owned())
+    }
+
+    /// Fills the filesystem with a ballast file until the disk is full.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut ballast = std::fs::File::create(self.0.join("ballast")).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while ballast.write_all(&block).is_ok() {}
+        let _ = ballast.sync_all();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.0.join("ballast")).unwrap();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The same on a real full disk (a tmpfs filled by a ballast file): consumption stops, /health
+/// answers 503 with the I/O error, nothing is acked or counted against the messages. sled 0.34
+/// keeps failing after an I/O error until the database is reopened (measured: writes still fail
+/// once space is freed, and succeed after a reopen), so here the daemon resumes at its restart,
+/// exactly.
+#[test]
+fn a_full_disk_stops_consumption_with_503_and_a_restart_after_freeing_space_resumes_exactly() {
+    let harness = Harness::started();
+    let (config, runtime) = (harness.config(), harness.runtime());
+    let disk = Tmpfs::mount(harness.data_dir(), "48m");
+    let mut daemon = harness.start();
+    let plan = generator::plan(&Options {
+        seed: 95,
+        campaigns: 4,
+        payments: 20,
+        events: 600,
+        duplicate_fraction: 0.05,
+        reorder_window: 4,
+        conflict_fraction: 0.0,
+        ..Options::for_daemon(config)
+    });
+    let (first, second) = plan.stream.split_at(plan.stream.len() / 2);
+    events::publish(runtime, config, first);
+    wait_for("the first half received", Duration::from_secs(60), || {
+        (metric(&daemon, "aerostream_events_consumed_total") >= first.len() as f64).then_some(())
+    })
+    .unwrap();
+
+    disk.fill();
+    events::publish(runtime, config, second);
+    let body = wait_for("/health to answer 503", Duration::from_secs(30), || {
+        let (status, body) = health(&daemon);
+        (status == 503).then_some(body)
+    })
+    .unwrap();
+    let reasons = body["reasons"].to_string();
+    assert!(
+        reasons.contains("store") && reasons.contains("No space left on device"),
+        "the reason names the store and the I/O error: {reasons}"
+    );
+    assert_eq!(body["components"]["store"], false);
+    assert_eq!(metric(&daemon, "aerostream_events_retried_total"), 0.0);
+    assert_eq!(metric(&daemon, "aerostream_events_dead_lettered_total"), 0.0);
+
+    // Space back: sled still refuses to write until reopened, so the daemon stays unavailable
+    // (and acks nothing) until it is restarted.
+    disk.free();
+    daemon.kill().unwrap();
+    let daemon = harness.start();
+    wait_for_state(&daemon, &plan.expected, Duration::from_secs(120));
+    assert_eq!(metric(&daemon, "aerostream_events_dead_lettered_total"), 0.0);
+    drop(daemon);
+    drop(disk);
+}
