@@ -309,6 +309,15 @@ fn faults_mid_stream_lose_nothing_and_apply_nothing_twice() {
     let published = collect_outputs(&runtime, &mut outputs, &plan.expected_outputs);
     assert_eq!(published.distinct, plan.expected_outputs, "output event ids");
 
+    // Nothing stuck: every message received was acked (an ack waits for the outbox), and /health
+    // says so.
+    wait_for("every input to hold no message", Duration::from_secs(60), || {
+        let (status, body) = health(&daemon)?;
+        let inputs = body["components"]["inputs"].as_object()?;
+        (status == 200 && inputs.values().all(|input| input["held"] == 0)).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", explain(&daemon)));
+
     let count = |pick: fn(&Fault) -> bool| injected.iter().filter(|(f, _)| pick(f)).count();
     let rows = [
         ("distinct events", plan.distinct.to_string()),
