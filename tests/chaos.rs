@@ -309,6 +309,15 @@ fn faults_mid_stream_lose_nothing_and_apply_nothing_twice() {
     let published = collect_outputs(&runtime, &mut outputs, &plan.expected_outputs);
     assert_eq!(published.distinct, plan.expected_outputs, "output event ids");
 
+    // Nothing stuck: every message received was acked (an ack waits for the outbox), and /health
+    // says so.
+    wait_for("every input to hold no message", Duration::from_secs(60), || {
+        let (status, body) = health(&daemon)?;
+        let inputs = body["components"]["inputs"].as_object()?;
+        (status == 200 && inputs.values().all(|input| input["held"] == 0)).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", explain(&daemon)));
+
     let count = |pick: fn(&Fault) -> bool| injected.iter().filter(|(f, _)| pick(f)).count();
     let rows = [
         ("distinct events", plan.distinct.to_string()),
@@ -429,10 +438,36 @@ fn explain(daemon: &Daemon) -> String {
         .filter(|line| !line.contains("pulsar::") && !line.trim_start().starts_with("at "))
         .collect();
     format!(
-        "/health: {health:?}\nmetrics:\n{metrics}\ndaemon log ({}), last lines without the client's:\n{}",
+        "/health: {health:?}\nmetrics:\n{metrics}\ndaemon log ({}), last lines without the client's:\n{}\n{}",
         daemon.log.display(),
-        lines[lines.len().saturating_sub(60)..].join("\n")
+        lines[lines.len().saturating_sub(60)..].join("\n"),
+        thread_dump(daemon)
     )
+}
+
+/// Every thread's stack of the running daemon, written next to its log when gdb is installed: where
+/// a stalled daemon waits.
+fn thread_dump(daemon: &Daemon) -> String {
+    let path = daemon.log.with_extension("threads.txt");
+    let dumped = std::process::Command::new("gdb")
+        .args([
+            "-p",
+            &daemon.pid().to_string(),
+            "-batch",
+            "-ex",
+            "thread apply all bt",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output();
+    match dumped {
+        Ok(output) if output.status.success() => match std::fs::write(&path, &output.stdout) {
+            Ok(()) => format!("thread stacks: {}", path.display()),
+            Err(e) => format!("thread stacks not written: {e}"),
+        },
+        Ok(output) => format!("no thread stacks: gdb exited with {}", output.status),
+        Err(e) => format!("no thread stacks (gdb: {e})"),
+    }
 }
 
 /// Kills a running actor of `kind` through the chaos route and waits for its supervisor to
