@@ -891,6 +891,13 @@ impl SledStore {
         self.wrote();
         let mut added = false;
         for (staged, (result, replaced_expired_key)) in staged.iter().zip(&results) {
+            tracing::debug!(
+                aggregate = ?staged.commit.aggregate,
+                version = staged.commit.version,
+                key = %staged.commit.idempotency_key,
+                result = ?result,
+                "Commit written."
+            );
             if *result != CommitResult::Committed {
                 continue;
             }
@@ -899,13 +906,16 @@ impl SledStore {
             }
             self.outbox_pending
                 .fetch_add(staged.outbox.len() as u64, Ordering::AcqRel);
-            if let (Some((first, _)), Some((last, _))) = (staged.outbox.first(), staged.outbox.last()) {
+            if let Some((last, _)) = staged.outbox.last() {
                 self.outbox_high.fetch_max(*last, Ordering::AcqRel);
-                self.outbox_low.send_modify(|low| *low = (*low).min(*first));
                 added = true;
             }
         }
         if added {
+            // Read from the tree, not lowered to this batch's first entry: the publisher may have
+            // published and deleted the batch's entries already, and a mark lowered to an entry
+            // that is gone would hold every later ack until the next deletion.
+            self.outbox_published();
             self.outbox_added.notify_one();
         }
         Ok(results.into_iter().map(|(result, _)| result).collect())
@@ -1042,8 +1052,9 @@ impl SledStore {
         let _ = self.outbox_low.subscribe().wait_for(|low| *low > through).await;
     }
 
-    /// The publisher deleted entries: recompute the oldest pending one. (Under the watch's lock,
-    /// so a commit adding older entries meanwhile cannot be overwritten.)
+    /// The outbox changed (a commit added entries, the publisher deleted some): recompute the
+    /// oldest pending entry from the tree. Every change is followed by a recompute under the
+    /// watch's lock, so the last one always reads a tree with every finished change in it.
     pub fn outbox_published(&self) {
         self.outbox_low.send_modify(|low| *low = first_seq(&self.outbox));
     }
@@ -1161,6 +1172,14 @@ impl SledStore {
             },
         );
         let (imported, newly_seen): (bool, bool) = result.map_err(unaborted_error)?;
+        tracing::debug!(
+            aggregate = %record.key(),
+            version = record.version,
+            from = %record.instance,
+            key = %record.idempotency_key,
+            imported,
+            "Changelog record read."
+        );
         if newly_seen {
             self.window_keys.fetch_add(1, Ordering::AcqRel);
         }
@@ -1232,6 +1251,9 @@ impl SledStore {
                 Ok(forgotten)
             })
             .map_err(unaborted_error)?;
+        for (_, record) in &withdrawn {
+            tracing::debug!(aggregate = %record.key(), version = record.version, key = %record.idempotency_key, "Commit withdrawn.");
+        }
         self.window_keys.fetch_sub(forgotten, Ordering::AcqRel);
         self.outbox_pending
             .fetch_sub(withdrawn.len() as u64, Ordering::AcqRel);
@@ -1265,6 +1287,7 @@ impl SledStore {
         for entry in self.unconfirmed.iter() {
             let (key, bytes) = entry.map_err(store_error)?;
             let mark = Unconfirmed::decode(&bytes).map_err(store_error)?;
+            tracing::debug!(aggregate = ?mark.aggregate, from = mark.from, resolved = mark.resolved, "Withdrawn aggregate settled.");
             if !mark.resolved && mark.from == 1 {
                 self.remove_aggregate(&mark.aggregate)?;
                 removed.push(mark.aggregate);

@@ -88,7 +88,7 @@ impl Builder {
 
     /// Starts the broker and writes and loads the config of the harness's first [`Node`].
     pub fn build(self) -> Harness {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let broker = LocalBroker::start_with(BrokerOptions {
             default_partitions: self.partitions,
             data_dir: self.broker_data_in_dir.then(|| dir.path().join("broker")),
@@ -215,6 +215,17 @@ impl Harness {
     }
 }
 
+/// A fresh directory for a test; with `AEROSTREAM_TEST_KEEP` set it outlives the test (its path is
+/// printed), for reading the daemons' logs and stores after a failure.
+fn test_dir() -> tempfile::TempDir {
+    let mut dir = tempfile::tempdir().unwrap();
+    if std::env::var_os("AEROSTREAM_TEST_KEEP").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("test directory kept: {}", dir.path().display());
+    }
+    dir
+}
+
 /// One daemon's directory, HTTP port and config file (written and loaded) on a broker.
 pub struct Node {
     pub config: Config,
@@ -226,7 +237,7 @@ pub struct Node {
 impl Node {
     /// `dir`: the directory to use (the harness's, which may hold the broker's data too), or a new one.
     fn new(broker: &LocalBroker, options: &Builder, dir: Option<tempfile::TempDir>) -> Node {
-        let dir = dir.unwrap_or_else(|| tempfile::tempdir().unwrap());
+        let dir = dir.unwrap_or_else(test_dir);
         let port = free_port().unwrap();
         let mut daemon_keys = options.daemon_keys.clone();
         if !daemon_keys
