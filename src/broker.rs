@@ -2,15 +2,83 @@
 
 use crate::backoff::Backoff;
 use crate::config::BrokerConfig;
-use crate::telemetry::BROKER_UP;
+use crate::telemetry::{BROKER_CLIENT_RENEWALS, BROKER_UP};
 use pulsar::{Pulsar, TokioExecutor};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 use tokio::sync::watch;
 
-pub type Client = Pulsar<TokioExecutor>;
 pub type Producer = pulsar::Producer<TokioExecutor>;
+
+/// The Pulsar client, shared by every task of the daemon, and replaced by a fresh one when its
+/// connection stays broken while the broker answers (see [`probe`]).
+///
+/// Why: the `pulsar` crate (6.9.1) can keep handing out a connection that died with a broker
+/// restart. Its consumer engine reads the connection's error with `Connection::error()`, which
+/// also clears it, so the connection manager takes the dead connection for a valid one; from
+/// then on every lookup on it fails with "Disconnected" without marking it again, and every
+/// subscribe and producer starts with a lookup. Seen about once in 60 broker restarts
+/// (`tests/restart.rs`). A fresh client has fresh connections; tasks pick it up at their next
+/// (re)subscription or producer, and those whose consumers still work keep them.
+#[derive(Clone)]
+pub struct Client {
+    current: Arc<RwLock<Pulsar<TokioExecutor>>>,
+    url: String,
+    renewals: Arc<AtomicU64>,
+}
+
+impl Client {
+    /// The client to build consumers and producers and look topics up with now.
+    pub fn get(&self) -> Pulsar<TokioExecutor> {
+        self.current.read().expect("client lock").clone()
+    }
+
+    /// Replaces the client by a freshly connected one; keeps the old one when connecting fails.
+    pub async fn renew(&self) -> Result<(), pulsar::Error> {
+        let fresh = build(&self.url).await?;
+        *self.current.write().expect("client lock") = fresh;
+        self.renewals.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(BROKER_CLIENT_RENEWALS).increment(1);
+        Ok(())
+    }
+
+    /// How often the client was replaced.
+    pub fn renewals(&self) -> u64 {
+        self.renewals.load(Ordering::Relaxed)
+    }
+
+    /// The number of partitions of `topic` (0 for a topic without partitions).
+    pub async fn partitions(&self, topic: &str) -> Result<u32, pulsar::Error> {
+        self.check_stuck()?;
+        self.get().lookup_partitioned_topic_number(topic).await
+    }
+
+    /// Looks `topic` up: whether the broker answers.
+    async fn lookup(&self, topic: &str) -> Result<(), pulsar::Error> {
+        self.check_stuck()?;
+        self.get().lookup_topic(topic).await.map(|_| ())
+    }
+
+    /// Fails as a stuck connection does while [`FAILPOINT_STUCK_CLIENT`] holds the daemon's first
+    /// client.
+    fn check_stuck(&self) -> Result<(), pulsar::Error> {
+        fail::fail_point!(FAILPOINT_STUCK_CLIENT, self.renewals() == 0, |_| Err(
+            pulsar::Error::Connection(pulsar::error::ConnectionError::Disconnected)
+        ));
+        Ok(())
+    }
+}
+
+async fn build(url: &str) -> Result<Pulsar<TokioExecutor>, pulsar::Error> {
+    Pulsar::builder(url.to_owned(), TokioExecutor)
+        .with_operation_retry_options(pulsar::OperationRetryOptions {
+            operation_timeout: Duration::from_secs(10),
+            ..Default::default()
+        })
+        .build()
+        .await
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -55,16 +123,12 @@ pub async fn connect(
     config: &BrokerConfig,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Client, BrokerError> {
-    let url = config.url.clone();
-    with_backoff("connect", shutdown, || {
-        Pulsar::builder(url.clone(), TokioExecutor)
-            .with_operation_retry_options(pulsar::OperationRetryOptions {
-                operation_timeout: Duration::from_secs(10),
-                ..Default::default()
-            })
-            .build()
+    let pulsar = with_backoff("connect", shutdown, || build(&config.url)).await?;
+    Ok(Client {
+        current: Arc::new(RwLock::new(pulsar)),
+        url: config.url.clone(),
+        renewals: Arc::default(),
     })
-    .await
 }
 
 /// A producer on `topic` that waits, instead of failing, when its send queue is full. On a
@@ -72,7 +136,9 @@ pub async fn connect(
 /// stay on one partition, in order (without a routing policy the client spreads keyed messages
 /// round robin).
 pub async fn producer(client: &Client, topic: String) -> Result<Producer, pulsar::Error> {
+    client.check_stuck()?;
     client
+        .get()
         .producer()
         .with_topic(topic)
         .with_options(pulsar::ProducerOptions {
@@ -143,7 +209,17 @@ impl BrokerHealth {
     }
 }
 
-/// Probes the broker (a topic lookup with a timeout) until shutdown.
+/// Fail point (chaos only): lookups and new producers on the daemon's first client fail, as on
+/// the dead connection [`Client`] describes, while the broker answers a fresh client.
+pub const FAILPOINT_STUCK_CLIENT: &str = "broker::stuck_client";
+
+/// Probes that fail in a row before the client is replaced by a fresh one ([`Client`]).
+const RENEW_AFTER_FAILED_PROBES: u32 = 3;
+
+/// Probes the broker (a topic lookup with a timeout) until shutdown. After
+/// [`RENEW_AFTER_FAILED_PROBES`] failed probes in a row it tries a fresh client: when the broker
+/// is down that fails to connect and the old client stays; when the broker is up again and only
+/// the old client's connection is stuck, the fresh one takes over.
 pub async fn probe(
     client: Client,
     config: BrokerConfig,
@@ -152,17 +228,27 @@ pub async fn probe(
 ) {
     let interval = Duration::from_secs(config.health_probe_interval_seconds);
     let topic = config.topic("aerostream.health");
+    let mut failed = 0u32;
     loop {
-        let answer = tokio::time::timeout(
-            interval.max(Duration::from_secs(1)),
-            client.lookup_topic(topic.clone()),
-        )
-        .await;
+        let answer = tokio::time::timeout(interval.max(Duration::from_secs(1)), client.lookup(&topic)).await;
         let up = matches!(answer, Ok(Ok(_)));
         if up != health.is_up() {
             tracing::info!(up, "Broker health changed.");
         }
         health.set(up);
+        failed = if up { 0 } else { failed + 1 };
+        if failed >= RENEW_AFTER_FAILED_PROBES {
+            match tokio::time::timeout(interval.max(Duration::from_secs(1)), client.renew()).await {
+                Ok(Ok(())) => {
+                    tracing::warn!(failed, "The broker answers a fresh client: the old client's connection was stuck; replaced it.");
+                    failed = 0;
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(error = %error, "A fresh client cannot connect either: the broker is down.")
+                }
+                Err(_) => tracing::debug!("A fresh client did not connect in time."),
+            }
+        }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.changed() => return,

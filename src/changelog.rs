@@ -284,7 +284,7 @@ struct Markers {
 impl Markers {
     async fn new(client: &Client, topic: &str, instance: &str) -> Result<Markers, pulsar::Error> {
         let writer = format!("{instance}/{}", uuid::Uuid::new_v4());
-        let partitions = client.lookup_partitioned_topic_number(topic).await?.max(1) as usize;
+        let partitions = client.partitions(topic).await?.max(1) as usize;
         let keys = (0..partitions)
             .map(|partition| {
                 (0u64..)

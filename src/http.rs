@@ -280,8 +280,10 @@ struct SetFailpoint {
 }
 
 /// The fail points a chaos request (or `chaos.failpoints`) may set.
-const FAILPOINTS: [&str; 3] = [
+const FAILPOINTS: [&str; 5] = [
+    crate::broker::FAILPOINT_STUCK_CLIENT,
     crate::store::FAILPOINT_WRITE,
+    crate::store::FAILPOINT_FLUSH,
     crate::store::FAILPOINT_COMMIT,
     crate::changelog::FAILPOINT_DEAF_SUBSCRIPTION,
 ];

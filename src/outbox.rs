@@ -7,6 +7,13 @@
 //! re-publishes it; output ids are derived from the input event, so consumers deduplicate the
 //! re-publish by id, and a changelog record is imported by version, so a repeat changes nothing.
 //!
+//! Only durable entries are published: the publisher flushes the store (the group commit the acks
+//! share) before it sends a batch. An entry published before its commit was durable could outlive
+//! that commit: after a crash the store would have lost the commit while the changelog and the
+//! output topics had its effects, and the follower does not import this daemon's own records (it
+//! holds them), so their ledger moves were lost (seen in the takeover test: a commission missing
+//! on a daemon restarted after a SIGKILL).
+//!
 //! An entry that can never be published (it does not parse or cannot be encoded: written by
 //! another version, or damaged) is poison: retried, it would hold every later entry, and every ack
 //! waiting for them, forever. It is set aside in the `outbox_poison` tree with its reason
@@ -136,6 +143,15 @@ pub async fn run(
                 _ = tokio::time::sleep(IDLE_POLL) => continue,
                 _ = shutdown.changed() => return,
             }
+        }
+        // The batch's commits durable first (see the module's doc).
+        if let Err(error) = store.flush().await {
+            tracing::error!(error = %error, "Cannot make the outbox durable before publishing it.");
+            failures += 1;
+            if !BACKOFF.wait(failures, &mut shutdown).await {
+                return;
+            }
+            continue;
         }
         // Send the whole batch, then take the receipts in order.
         let mut receipts = Vec::with_capacity(batch.len());

@@ -27,7 +27,7 @@ impl Partitions {
         topic: &str,
         build: impl Fn(ConsumerBuilder<TokioExecutor>, u64) -> ConsumerBuilder<TokioExecutor>,
     ) -> Result<Partitions, pulsar::Error> {
-        let partitions = client.lookup_partitioned_topic_number(topic).await?;
+        let partitions = client.partitions(topic).await?;
         let topics: Vec<String> = match partitions {
             0 => vec![topic.to_owned()],
             n => (0..n).map(|i| format!("{topic}-partition-{i}")).collect(),
@@ -35,7 +35,7 @@ impl Partitions {
         let mut consumers = Vec::with_capacity(topics.len());
         for partition in topics {
             let id = broker::unique_consumer_id();
-            let builder = client.consumer().with_topic(partition).with_consumer_id(id);
+            let builder = client.get().consumer().with_topic(partition).with_consumer_id(id);
             consumers.push(build(builder, id).build::<Vec<u8>>().await?);
         }
         Ok(Partitions { consumers })

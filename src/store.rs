@@ -160,6 +160,16 @@ pub const FAILPOINT_WRITE: &str = "store::write";
 /// (`return(unavailable|corrupt|internal)`, internal by default), or is slowed (`sleep(ms)`).
 pub const FAILPOINT_COMMIT: &str = "store::commit";
 
+/// Fail point: making writes durable fails (as an fsync can), while writes themselves succeed.
+pub const FAILPOINT_FLUSH: &str = "store::flush";
+
+fn injected_flush_failure() -> Result<(), StoreError> {
+    fail::fail_point!(FAILPOINT_FLUSH, |_| Err(StoreError::Unavailable(format!(
+        "injected by fail point {FAILPOINT_FLUSH}"
+    ))));
+    Ok(())
+}
+
 fn injected_write_failure() -> Result<(), StoreError> {
     fail::fail_point!(FAILPOINT_WRITE, |_| Err(StoreError::Unavailable(format!(
         "injected by fail point {FAILPOINT_WRITE}"
@@ -329,7 +339,7 @@ impl SledStore {
         }
         let covered = self.writes.load(Ordering::Acquire);
         let db = self.db.clone();
-        let flushed = match injected_write_failure() {
+        let flushed = match injected_write_failure().and_then(|()| injected_flush_failure()) {
             Ok(()) => tokio::task::spawn_blocking(move || db.flush())
                 .await
                 .map_err(store_error)

@@ -60,6 +60,7 @@ pub const OUTBOX_PUBLISHED: &str = "aerostream_outbox_published_total";
 pub const OUTBOX_POISONED: &str = "aerostream_outbox_poisoned_total";
 pub const STORE_WRITABLE: &str = "aerostream_store_writable";
 pub const BROKER_UP: &str = "aerostream_broker_up";
+pub const BROKER_CLIENT_RENEWALS: &str = "aerostream_broker_client_renewals_total";
 pub const HTTP_REQUESTS: &str = "aerostream_http_requests_total";
 pub const GATEWAY_CALLS: &str = "aerostream_gateway_calls_total";
 pub const GATEWAY_PENDING_CHARGES: &str = "aerostream_gateway_pending_charges";
@@ -135,6 +136,7 @@ pub const METRICS: &[Described] = &[
     described(OUTBOX_POISONED, Counter, COUNT, "Outbox entries that can never be published (unreadable or not encodable), set aside in the outbox_poison tree, by kind."),
     described(STORE_WRITABLE, Gauge, None, "1 while the store's write check succeeds, 0 while it cannot write (consumption stopped)."),
     described(BROKER_UP, Gauge, None, "1 when the broker answered the last health probe, else 0."),
+    described(BROKER_CLIENT_RENEWALS, Counter, COUNT, "Times the Pulsar client was replaced because its connection stayed broken while a fresh client reached the broker."),
     described(HTTP_REQUESTS, Counter, COUNT, "HTTP requests served, by route and status."),
     described(GATEWAY_CALLS, Counter, COUNT, "Payment gateway calls, by result."),
     described(GATEWAY_PENDING_CHARGES, Gauge, COUNT, "Requested payments waiting to be charged (up to one batch)."),
@@ -260,6 +262,7 @@ pub fn zero_counters<'a>(inputs: impl IntoIterator<Item = &'a str>) {
     counter!(CHANGELOG_IMPORTED).increment(0);
     counter!(CHANGELOG_BARRIERS).increment(0);
     counter!(CHANGELOG_RESUBSCRIPTIONS).increment(0);
+    counter!(BROKER_CLIENT_RENEWALS).increment(0);
     counter!(ACTORS_PASSIVATED).increment(0);
     counter!(IDEMPOTENCY_EVICTED).increment(0);
     for kind in crate::outbox::ENTRY_KINDS {

@@ -38,3 +38,40 @@ fn health_follows_the_broker_and_nothing_is_lost_across_a_restart() {
     publish(second);
     wait_for_state(&daemon, &plan.expected, Duration::from_secs(120));
 }
+
+/// The `pulsar` client can keep a connection that died with a broker restart and fail every
+/// lookup on it (src/broker.rs, `Client`). Here the fail point holds the daemon's first client in
+/// that state from the start: no input can subscribe, /health answers 503, and the probe replaces
+/// the client by a fresh one; every input then subscribes on it and the stream is applied exactly.
+#[test]
+fn a_client_stuck_on_a_dead_connection_is_replaced_and_consumption_resumes() {
+    let harness = Harness::new()
+        .extra("[chaos]\nenabled = true\nfailpoints = { \"broker::stuck_client\" = \"return\" }\n")
+        .build();
+    let config = harness.config();
+    let daemon = harness.spawn();
+    let plan = generator::plan(&Options {
+        seed: 62,
+        campaigns: 5,
+        payments: 50,
+        events: 500,
+        ..Options::for_daemon(config)
+    });
+    // Subscribed once the client was replaced (a new subscription starts at the latest message).
+    daemon.wait_healthy(Duration::from_secs(60)).unwrap();
+    events::publish(harness.runtime(), config, &plan.stream);
+    wait_for_state(&daemon, &plan.expected, Duration::from_secs(60));
+    assert_eq!(
+        daemon
+            .metric("aerostream_broker_client_renewals_total", &[])
+            .unwrap(),
+        1.0,
+        "{}",
+        daemon.log_tail()
+    );
+    assert!(
+        daemon.log_text().contains("replaced it"),
+        "the renewal is logged\n{}",
+        daemon.log_tail()
+    );
+}

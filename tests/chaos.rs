@@ -432,7 +432,7 @@ fn explain(daemon: &Daemon) -> String {
                 .join("\n")
         })
         .unwrap_or_else(|e| format!("no metrics: {e}"));
-    let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+    let log = daemon.log_text();
     let lines: Vec<&str> = log
         .lines()
         .filter(|line| !line.contains("pulsar::") && !line.trim_start().starts_with("at "))

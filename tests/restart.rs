@@ -48,10 +48,6 @@ fn publish(
     runtime.spawn(async move { produce::publish(&config, &Codec::shipped(), &events, 1_000).await })
 }
 
-fn log_text(daemon: &Daemon) -> String {
-    std::fs::read_to_string(&daemon.log).unwrap_or_default()
-}
-
 #[test]
 fn every_restart_after_withdrawals_settles_and_applies_again() {
     let kills: usize = std::env::var("AEROSTREAM_RESTART_KILLS")
@@ -87,7 +83,7 @@ fn every_restart_after_withdrawals_settles_and_applies_again() {
                     &serde_json::json!({ "kind": "campaign", "id": id }),
                 );
             }
-            let log = log_text(&daemon);
+            let log = daemon.log_text();
             if log.contains("Withdrew commits") {
                 withdrawing_restarts += 1;
                 assert!(
@@ -135,7 +131,8 @@ fn a_broker_restart_while_settling_does_not_stall_the_restarted_daemon() {
         daemon.kill().unwrap();
         daemon = harness.spawn();
         wait_for("the follower to subscribe", Duration::from_secs(30), || {
-            log_text(&daemon)
+            daemon
+                .log_text()
                 .contains("Following the changelog")
                 .then_some(())
         })
@@ -173,7 +170,7 @@ fn a_restart_that_cannot_settle_says_why_and_sigterm_still_ends_it_in_time() {
         broker.stop_broker().unwrap();
         daemon = harness.spawn();
         withdrew = wait_for("the withdrawal at start", Duration::from_secs(10), || {
-            let log = log_text(&daemon);
+            let log = daemon.log_text();
             log.contains("Starting.")
                 .then(|| log.contains("Withdrew commits"))
         })
@@ -278,7 +275,7 @@ fn a_changelog_subscription_that_delivers_nothing_is_replaced_and_the_restart_se
             "the deaf subscription was replaced\n{}",
             daemon.log_tail()
         );
-        let log = log_text(&daemon);
+        let log = daemon.log_text();
         if log.contains("Withdrew commits") {
             assert!(log.contains("Withdrawn commits settled"), "{}", daemon.log_tail());
             settled_restarts += 1;
@@ -333,7 +330,7 @@ fn sigterm_with_some_inputs_stuck_stops_cleanly() {
     let status = daemon
         .terminate(Duration::from_secs(4 + 10))
         .unwrap_or_else(|e| panic!("{e:#}"));
-    let log = log_text(&daemon);
+    let log = daemon.log_text();
     assert!(
         status.success() && log.contains("Stopped."),
         "{status:?}\n{}",

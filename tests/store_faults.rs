@@ -3,6 +3,8 @@
 //!   read-only disk) stops consumption, answers 503 naming the reason, acks nothing and counts
 //!   nothing against the messages it holds; once writes succeed again consumption resumes by itself
 //!   and the state is exact, each message received once;
+//! - nothing of a commit leaves the daemon before the commit is durable (the `store::flush` fail
+//!   point: writes succeed, making them durable fails): no changelog record, no output event;
 //! - an outbox entry that can never be published (here: one this version cannot read) is set aside
 //!   and counted, and the inputs, whose acks wait for the outbox, go on.
 
@@ -117,6 +119,61 @@ fn a_store_that_cannot_write_stops_consumption_answers_503_and_resumes_exactly()
     assert_eq!(metric(&daemon, "aerostream_events_retried_total"), 0.0);
     assert_eq!(metric(&daemon, "aerostream_events_dead_lettered_total"), 0.0);
     assert_eq!(daemon.metric("aerostream_store_writable", &[]).unwrap(), 1.0);
+}
+
+#[test]
+fn nothing_of_a_commit_is_published_before_it_is_durable() {
+    let harness = Harness::new().admin_token(TOKEN).chaos(true).build();
+    let (config, runtime) = (harness.config(), harness.runtime());
+    let daemon = harness.start();
+    let mut changelog = harness.reader(&harness.topic(&config.changelog.topic));
+    let plan = generator::plan(&Options {
+        seed: 93,
+        campaigns: 3,
+        payments: 10,
+        events: 120,
+        duplicate_fraction: 0.0,
+        conflict_fraction: 0.0,
+        ..Options::for_daemon(config)
+    });
+
+    // Commits are written but cannot be made durable: a crash now would lose them, so the
+    // changelog (and every output topic) must not have them either.
+    failpoint(&daemon, "store::flush", "return");
+    events::publish(runtime, config, &plan.stream);
+    let committed = wait_for("a commit written", Duration::from_secs(30), || {
+        let campaigns: Vec<Value> = daemon.get("/api/campaigns").ok()?;
+        (!campaigns.is_empty()).then_some(campaigns.len())
+    })
+    .unwrap();
+    // An observation window, not a readiness wait: published records would arrive within
+    // milliseconds of their commit.
+    let _ = runtime.block_on(changelog.collect_until(Duration::from_secs(2), |_| false));
+    let records = |changelog: &support::topic::TopicReader| {
+        changelog
+            .received
+            .iter()
+            .filter(|m| m.property("instance").is_some())
+            .count()
+    };
+    assert_eq!(
+        records(&changelog),
+        0,
+        "{committed} campaigns committed, not durable: none of their records may be published"
+    );
+
+    // Durable again: everything is published and applied once.
+    failpoint(&daemon, "store::flush", "off");
+    wait_for_state(&daemon, &plan.expected, Duration::from_secs(60));
+    runtime
+        .block_on(changelog.collect_until(Duration::from_secs(30), |received| {
+            received
+                .iter()
+                .filter(|m| m.property("instance").is_some())
+                .count()
+                >= plan.distinct
+        }))
+        .unwrap();
 }
 
 #[test]

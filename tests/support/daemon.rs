@@ -249,9 +249,14 @@ impl Daemon {
         Ok(kib * 1024)
     }
 
+    /// The daemon's whole log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The last lines of the daemon's log, for failure messages.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = self.log_text();
         let lines: Vec<&str> = text.lines().collect();
         format!(
             "daemon log tail:\n{}",
