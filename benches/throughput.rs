@@ -704,8 +704,8 @@ async fn publish(
     stamps: Option<&Stamps>,
 ) -> anyhow::Result<Published> {
     let topic = |name: &str| config.broker.topic(&config.inputs[name].topic);
-    let mut campaigns = broker::producer(client, topic("campaigns")).await?;
-    let mut payments = broker::producer(client, topic("payments")).await?;
+    let mut campaigns = broker::producer_on(client, topic("campaigns")).await?;
+    let mut payments = broker::producer_on(client, topic("payments")).await?;
     let mut published = Published::default();
     let mut receipts = FuturesUnordered::new();
     let started = Instant::now();

@@ -137,8 +137,12 @@ pub async fn connect(
 /// round robin).
 pub async fn producer(client: &Client, topic: String) -> Result<Producer, pulsar::Error> {
     client.check_stuck()?;
-    client
-        .get()
+    producer_on(&client.get(), topic).await
+}
+
+/// [`producer`] on a plain Pulsar client (tools and benchmarks).
+pub async fn producer_on(pulsar: &Pulsar<TokioExecutor>, topic: String) -> Result<Producer, pulsar::Error> {
+    pulsar
         .producer()
         .with_topic(topic)
         .with_options(pulsar::ProducerOptions {
