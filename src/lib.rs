@@ -14,7 +14,8 @@
 //! - [`ingest`]: one consumer per input: decode → actor → commit → flush → ack.
 //! - [`outbox`]: publishes committed output events.
 //! - [`http`], [`views`]: the HTTP API and its JSON views.
-//! - [`tables`]: the plain text tables the `dlq` command prints.
+//! - [`status`]: `aerostream status`, one screen about a running daemon from its HTTP API.
+//! - [`tables`]: the plain text tables those commands print.
 //! - [`telemetry`]: metric names, the Prometheus recorder, logging.
 //! - [`generator`], [`produce`]: reproducible demo/test traffic and its expected state.
 //! - [`daemon`]: wiring and orderly shutdown.
@@ -36,6 +37,7 @@ pub mod ingest;
 pub mod outbox;
 pub mod partitions;
 pub mod produce;
+pub mod status;
 pub mod store;
 pub mod tables;
 pub mod telemetry;

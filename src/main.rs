@@ -3,7 +3,7 @@
 use aerostream::codec::{compat, Codec, SchemaRegistry};
 use aerostream::config::Config;
 use aerostream::dlq::{self, DeadLetterId};
-use aerostream::{daemon, generator, produce, telemetry};
+use aerostream::{daemon, generator, produce, status, telemetry};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -69,6 +69,9 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// One screen about a running daemon: health, inputs and their rates, outbox backlog,
+    /// idempotency window, actors, report version.
+    Status(StatusArgs),
 }
 
 /// Which input's dead letters, on which broker.
@@ -173,6 +176,23 @@ impl DlqCommand {
             | DlqCommand::Replay { target, .. } => target,
         }
     }
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The daemon's HTTP address, e.g. http://127.0.0.1:8080; default: the configuration's
+    /// http.listen.
+    #[arg(long)]
+    url: Option<String>,
+    /// Configuration file whose http.listen is used when --url is not given.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Refresh every SECS seconds until interrupted (rates over each interval).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    watch: Option<u64>,
+    /// Without --watch: seconds between the two samples the rates are computed from.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    sample_seconds: f64,
 }
 
 #[derive(Subcommand)]
@@ -282,6 +302,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq { command } => dlq_command(command),
+        Command::Status(args) => status_command(args),
     }
 }
 
@@ -354,6 +375,49 @@ fn dlq_command(command: DlqCommand) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })
+}
+
+/// `aerostream status`: one screen, or one every `--watch` seconds.
+fn status_command(args: StatusArgs) -> anyhow::Result<()> {
+    let url = match args.url {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => {
+            let mut listen = load_config(args.config.as_deref())?.http.listen;
+            if listen.ip().is_unspecified() {
+                listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{listen}")
+        }
+    };
+    let client = reqwest::blocking::Client::builder()
+        .timeout(status::REQUEST_TIMEOUT)
+        .build()?;
+    let Some(every) = args.watch else {
+        let before = status::sample(&client, &url)?;
+        std::thread::sleep(std::time::Duration::from_secs_f64(args.sample_seconds.max(0.0)));
+        let now = status::sample(&client, &url)?;
+        print!("{}", status::render(&url, &before, &now));
+        anyhow::ensure!(now.healthy(), "the daemon at {url} is unavailable");
+        return Ok(());
+    };
+    use std::io::{IsTerminal, Write};
+    let terminal = std::io::stdout().is_terminal();
+    let mut before: Option<status::Sample> = None;
+    loop {
+        match status::sample(&client, &url) {
+            Ok(now) => {
+                if let Some(before) = &before {
+                    let screen = status::render(&url, before, &now);
+                    // Redrawn in place on a terminal; one screen after another otherwise.
+                    print!("{}{screen}", if terminal { "\x1b[2J\x1b[H" } else { "\n" });
+                }
+                before = Some(now);
+            }
+            Err(error) => println!("aerostream at {url}: unreachable: {error}"),
+        }
+        std::io::stdout().flush()?;
+        std::thread::sleep(std::time::Duration::from_secs(every));
+    }
 }
 
 /// Ends the process once `grace` has passed, whatever is still running: a shutdown never hangs.
