@@ -5,6 +5,7 @@
 
 mod support;
 
+use aerostream::dlq;
 use aerostream::generator::{Input, Planned};
 use aerostream::telemetry::{EVENTS_APPLIED, EVENTS_DEAD_LETTERED, EVENTS_DEDUPLICATED, EVENTS_REJECTED};
 use aerostream::views::CampaignView;
@@ -12,6 +13,7 @@ use aerostream_actors::events::CommissionRule;
 use aerostream_actors::{CampaignEvent, CampaignStatus, Event, Money};
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -136,6 +138,34 @@ fn impressions_metric(daemon: &Daemon, name: &str) -> f64 {
             &["input=\"campaigns\"", "event_type=\"ImpresionRegistrada\""],
         )
         .unwrap()
+}
+
+/// How many messages on `topic` (read whole) were replayed from each dead letter.
+fn replays_on(harness: &Harness, topic: &str) -> BTreeMap<String, usize> {
+    let mut replays = BTreeMap::new();
+    harness
+        .runtime()
+        .block_on(dlq::read(harness.client(), topic, |message| {
+            if let Some(from) = message.property("replayed_from") {
+                *replays.entry(from.to_owned()).or_default() += 1;
+            }
+            ControlFlow::Continue(())
+        }))
+        .unwrap();
+    replays
+}
+
+/// The campaigns input's counters and held messages, for failure messages.
+fn campaigns_counters(daemon: &Daemon) -> String {
+    let metrics = daemon.metrics_text().unwrap_or_default();
+    let counters = metrics
+        .lines()
+        .filter(|line| line.starts_with("aerostream_events_") && line.contains("input=\"campaigns\""))
+        .filter(|line| !line.ends_with(" 0"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let health: Value = daemon.get("/health").unwrap_or_default();
+    format!("{counters}\nhealth: {health}")
 }
 
 #[test]
@@ -348,15 +378,18 @@ fn dead_letters_are_listed_filtered_and_shown_and_a_replayed_one_applies_once() 
     }
     assert_eq!(impressions_metric(&daemon, EVENTS_APPLIED), 1.0);
 
-    // replay again: a duplicate, not applied twice.
+    // replay again: a duplicate, not applied twice. A click published after it is handled
+    // after it (one campaign: one partition, in order).
     dlq(path, &["replay", "--input", "campaigns", "--id", &imp_id]);
-    wait_for("the second replay deduplicated", Duration::from_secs(30), || {
-        (impressions_metric(&daemon, EVENTS_DEDUPLICATED) == 1.0).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
+    events::publish(runtime, config, &[click("c-late", "sentinel-2")]);
+    let view = campaign(&daemon, "c-late", |view| view.metrics.clicks == 2);
+    assert_eq!((view.metrics.impressions, view.version), (1, 5), "{view:?}");
     assert_eq!(impressions_metric(&daemon, EVENTS_APPLIED), 1.0);
-    let view = campaign(&daemon, "c-late", |_| true);
-    assert_eq!((view.metrics.impressions, view.version), (1, 4), "{view:?}");
+    assert!(
+        impressions_metric(&daemon, EVENTS_DEDUPLICATED) >= 1.0,
+        "{}",
+        campaigns_counters(&daemon)
+    );
 
     // An undecodable letter replayed is dead-lettered again, saying where it came from.
     dlq(
@@ -413,11 +446,9 @@ fn dead_letters_are_listed_filtered_and_shown_and_a_replayed_one_applies_once() 
         "{}",
         too_many.stderr
     );
-    assert_eq!(
-        impressions_metric(&daemon, EVENTS_DEDUPLICATED),
-        1.0,
-        "nothing more was replayed"
-    );
+    // What reached the input: the impression replayed twice, the garbage once, nothing else.
+    let expected = BTreeMap::from([(imp_id.clone(), 2), (garbage_id.clone(), 1)]);
+    assert_eq!(replays_on(&harness, &campaigns_topic), expected);
 }
 
 #[test]
@@ -475,13 +506,24 @@ fn a_partitioned_dead_letter_topic_is_read_whole_and_replayed_by_filter_once() {
         );
         assert!(out.contains("replayed 6 of 6"), "round {round}: {out}");
     }
-    wait_for("the second round deduplicated", Duration::from_secs(30), || {
-        (impressions_metric(&daemon, EVENTS_DEDUPLICATED) == 6.0).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
-    assert_eq!(impressions_metric(&daemon, EVENTS_APPLIED), 6.0);
+    // A click published after the replays is handled after them (per campaign, in order).
+    let clicks: Vec<Planned> = ids.iter().map(|id| click(id, &format!("click-{id}"))).collect();
+    events::publish(runtime, config, &clicks);
     for id in &ids {
-        let view = campaign(&daemon, id, |_| true);
-        assert_eq!((view.metrics.impressions, view.version), (1, 3), "{view:?}");
+        let view = campaign(&daemon, id, |view| view.metrics.clicks == 1);
+        assert_eq!((view.metrics.impressions, view.version), (1, 4), "{view:?}");
     }
+    assert_eq!(impressions_metric(&daemon, EVENTS_APPLIED), 6.0);
+    // Every second-round copy was a duplicate (so is a broker redelivery of one).
+    assert!(
+        impressions_metric(&daemon, EVENTS_DEDUPLICATED) >= 6.0,
+        "{}",
+        campaigns_counters(&daemon)
+    );
+    let letters: BTreeMap<String, usize> = all
+        .values()
+        .map(|entry| (entry["id"].as_str().unwrap().to_owned(), 2))
+        .collect();
+    let input_topic = harness.topic(&config.inputs["campaigns"].topic);
+    assert_eq!(replays_on(&harness, &input_topic), letters);
 }
