@@ -270,7 +270,8 @@ pub struct DeadLetter<'a> {
     pub properties: &'a [(String, String)],
 }
 
-/// Publishes `letter` and waits for the broker's receipt.
+/// Publishes `letter` and waits for the broker's receipt. A property added here is one
+/// `dlq replay` leaves out: list it in [`crate::dlq::DEAD_LETTER_PROPERTIES`].
 pub async fn send_dead_letter(producer: &mut Producer, letter: DeadLetter<'_>) -> Result<(), pulsar::Error> {
     let mut message = producer
         .create_message()

@@ -10,9 +10,12 @@
 //! - [`broker`]: Pulsar client, reconnect backoff, health probe, dead letters.
 //! - [`charges`]: the gateway worker, charging requested payments exactly once.
 //! - [`dispatch`]: per-aggregate ordering of concurrently processed messages.
+//! - [`dlq`]: dead-letter topics read back and replayed (`aerostream dlq`).
 //! - [`ingest`]: one consumer per input: decode → actor → commit → flush → ack.
 //! - [`outbox`]: publishes committed output events.
 //! - [`http`], [`views`]: the HTTP API and its JSON views.
+//! - [`status`]: `aerostream status`, one screen about a running daemon from its HTTP API.
+//! - [`tables`]: the plain text tables those commands print.
 //! - [`telemetry`]: metric names, the Prometheus recorder, logging.
 //! - [`generator`], [`produce`]: reproducible demo/test traffic and its expected state.
 //! - [`daemon`]: wiring and orderly shutdown.
@@ -27,12 +30,15 @@ pub mod committer;
 pub mod config;
 pub mod daemon;
 pub mod dispatch;
+pub mod dlq;
 pub mod generator;
 pub mod http;
 pub mod ingest;
 pub mod outbox;
 pub mod partitions;
 pub mod produce;
+pub mod status;
 pub mod store;
+pub mod tables;
 pub mod telemetry;
 pub mod views;

@@ -2,7 +2,8 @@
 
 use aerostream::codec::{compat, Codec, SchemaRegistry};
 use aerostream::config::Config;
-use aerostream::{daemon, generator, produce, telemetry};
+use aerostream::dlq::{self, DeadLetterId};
+use aerostream::{daemon, generator, produce, status, telemetry};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -62,6 +63,136 @@ enum Command {
         #[command(subcommand)]
         command: SchemasCommand,
     },
+    /// Read an input's dead-letter topic (without taking its messages from anyone) and send
+    /// chosen dead letters back to the input.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// One screen about a running daemon: health, inputs and their rates, outbox backlog,
+    /// idempotency window, actors, report version.
+    Status(StatusArgs),
+}
+
+/// Which input's dead letters, on which broker.
+#[derive(clap::Args)]
+struct DlqTarget {
+    /// Configuration file (the daemon's): the broker, the input's topic and dead-letter topic.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The input, as named in the configuration's `[inputs.<name>]` (campaigns, payments, …).
+    #[arg(long)]
+    input: String,
+}
+
+/// Which dead letters: every option given must hold; a repeated option takes any of its values.
+#[derive(clap::Args)]
+struct DlqFilter {
+    /// Only dead letters with this `reason` (unknown_campaign, invalid_avro, …).
+    #[arg(long = "reason", value_name = "REASON")]
+    reasons: Vec<String>,
+    /// Only dead letters of this event type (the record's, else the ce_type property), e.g.
+    /// ClickRegistrado; case-insensitive.
+    #[arg(long = "type", value_name = "TYPE")]
+    types: Vec<String>,
+    /// Only dead letters published at or after this time: RFC 3339 in UTC
+    /// (2026-01-31T12:00:00Z) or a duration ago (30m, 2h, 1d).
+    #[arg(long, value_name = "TIME", value_parser = dlq::parse_time)]
+    since: Option<u64>,
+    /// Only dead letters published before this time (same forms as --since).
+    #[arg(long, value_name = "TIME", value_parser = dlq::parse_time)]
+    until: Option<u64>,
+}
+
+impl DlqFilter {
+    fn filter(self, ids: Vec<DeadLetterId>) -> dlq::Filter {
+        dlq::Filter {
+            ids,
+            reasons: self.reasons,
+            types: self.types,
+            since_ms: self.since,
+            until_ms: self.until,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters, oldest first: id, publish time, reason, type, key, detail.
+    List {
+        #[command(flatten)]
+        target: DlqTarget,
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Show at most this many (the oldest); 0 shows all.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line (every property included) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter: its properties, its payload decoded to JSON, and what the daemon's
+    /// codec makes of it.
+    Show {
+        #[command(flatten)]
+        target: DlqTarget,
+        /// Its id, as `dlq list` prints it (ledger:entry:partition[:batch index]).
+        id: DeadLetterId,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish chosen dead letters to their input's topic again, with their key and properties
+    /// (less reason, detail and the other dead-letter properties). The daemon deduplicates them
+    /// like any message: an event applied before is not applied again.
+    Replay {
+        #[command(flatten)]
+        target: DlqTarget,
+        /// A dead letter to replay (repeatable), as `dlq list` prints its id.
+        #[arg(long = "id", value_name = "ID")]
+        ids: Vec<DeadLetterId>,
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Replay every dead letter of the input (needed when no --id or filter is given).
+        #[arg(long)]
+        all: bool,
+        /// Say what would be replayed, publish nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Refuse, replaying nothing, when more dead letters than this match.
+        #[arg(long, default_value_t = 10_000)]
+        max: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl DlqCommand {
+    fn target(&self) -> &DlqTarget {
+        match self {
+            DlqCommand::List { target, .. }
+            | DlqCommand::Show { target, .. }
+            | DlqCommand::Replay { target, .. } => target,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The daemon's HTTP address, e.g. http://127.0.0.1:8080; default: the configuration's
+    /// http.listen.
+    #[arg(long)]
+    url: Option<String>,
+    /// Configuration file whose http.listen is used when --url is not given.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Refresh every SECS seconds until interrupted (rates over each interval).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    watch: Option<u64>,
+    /// Without --watch: seconds between the two samples the rates are computed from.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    sample_seconds: f64,
 }
 
 #[derive(Subcommand)]
@@ -170,6 +301,122 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::ensure!(broken == 0, "{broken} incompatible schema version pair(s)");
             Ok(())
         }
+        Command::Dlq { command } => dlq_command(command),
+        Command::Status(args) => status_command(args),
+    }
+}
+
+/// `aerostream dlq …`: tables or JSON lines on stdout, warnings on stderr.
+fn dlq_command(command: DlqCommand) -> anyhow::Result<()> {
+    let target = command.target();
+    let config = load_config(target.config.as_deref())?;
+    // Only warnings and errors: the output is the tables. The client's own lines (a retry
+    // warning per subscription, an error for each consumer dropped at exit) say nothing the
+    // command's errors do not; RUST_LOG=pulsar=debug shows them.
+    telemetry::init_logging(&aerostream::config::DaemonConfig {
+        log_level: "warn,pulsar=off".into(),
+        ..config.daemon.clone()
+    });
+    let input = dlq::input(&config, &target.input)?.clone();
+    let dlq_topic = config.broker.topic(&input.dead_letter_topic);
+    let warn_incomplete = |stats: &dlq::ReadStats| {
+        for partition in &stats.incomplete {
+            eprintln!(
+                "aerostream: warning: {partition} sent nothing for {:?} before its last message; what follows was not read",
+                dlq::STALLED
+            );
+        }
+    };
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let client = dlq::connect(&config).await?;
+        match command {
+            DlqCommand::List {
+                filter, limit, json, ..
+            } => {
+                let listing = dlq::list(&client, &dlq_topic, &filter.filter(Vec::new()), limit).await?;
+                warn_incomplete(&listing.stats);
+                if json {
+                    print!("{}", listing.render_json()?);
+                } else {
+                    print!("{}", listing.render());
+                }
+            }
+            DlqCommand::Show { id, json, .. } => {
+                let shown = dlq::show(&client, &dlq_topic, id, &input, &Codec::shipped()).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&shown)?);
+                } else {
+                    print!("{}", shown.render()?);
+                }
+            }
+            DlqCommand::Replay {
+                ids,
+                filter,
+                all,
+                dry_run,
+                max,
+                json,
+                ..
+            } => {
+                let selection = dlq::Selection {
+                    filter: filter.filter(ids),
+                    all,
+                    max,
+                };
+                let input_topic = config.broker.topic(&input.topic);
+                let replay = dlq::replay(&client, &dlq_topic, &input_topic, &selection, dry_run).await?;
+                warn_incomplete(&replay.stats);
+                if json {
+                    print!("{}", replay.render_json()?);
+                } else {
+                    print!("{}", replay.render());
+                }
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// `aerostream status`: one screen, or one every `--watch` seconds.
+fn status_command(args: StatusArgs) -> anyhow::Result<()> {
+    let url = match args.url {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => {
+            let mut listen = load_config(args.config.as_deref())?.http.listen;
+            if listen.ip().is_unspecified() {
+                listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{listen}")
+        }
+    };
+    let client = reqwest::blocking::Client::builder()
+        .timeout(status::REQUEST_TIMEOUT)
+        .build()?;
+    let Some(every) = args.watch else {
+        let before = status::sample(&client, &url)?;
+        std::thread::sleep(std::time::Duration::from_secs_f64(args.sample_seconds.max(0.0)));
+        let now = status::sample(&client, &url)?;
+        print!("{}", status::render(&url, &before, &now));
+        anyhow::ensure!(now.healthy(), "the daemon at {url} is unavailable");
+        return Ok(());
+    };
+    use std::io::{IsTerminal, Write};
+    let terminal = std::io::stdout().is_terminal();
+    let mut before: Option<status::Sample> = None;
+    loop {
+        match status::sample(&client, &url) {
+            Ok(now) => {
+                if let Some(before) = &before {
+                    let screen = status::render(&url, before, &now);
+                    // Redrawn in place on a terminal; one screen after another otherwise.
+                    print!("{}{screen}", if terminal { "\x1b[2J\x1b[H" } else { "\n" });
+                }
+                before = Some(now);
+            }
+            Err(error) => println!("aerostream at {url}: unreachable: {error}"),
+        }
+        std::io::stdout().flush()?;
+        std::thread::sleep(std::time::Duration::from_secs(every));
     }
 }
 

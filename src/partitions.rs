@@ -10,6 +10,7 @@ use crate::broker::{self, Client};
 use futures::future::select_all;
 use futures::{FutureExt, StreamExt};
 use pulsar::consumer::Message;
+use pulsar::proto::MessageIdData;
 use pulsar::{Consumer, ConsumerBuilder, TokioExecutor};
 use std::time::{Duration, Instant};
 
@@ -72,6 +73,48 @@ impl Partitions {
     /// The topic of each partition (the topic itself when it is not partitioned).
     pub fn topics(&self) -> Vec<String> {
         self.consumers.iter().flat_map(|c| c.topics()).collect()
+    }
+
+    /// The id of the last message on each partition when asked, by partition topic: a reader that
+    /// started from the earliest message has read the partition to its end once it reaches it.
+    /// Each answer is bounded by `timeout`.
+    pub async fn last_message_ids(
+        &mut self,
+        timeout: Duration,
+    ) -> Vec<(String, Result<MessageIdData, pulsar::Error>)> {
+        let mut ids = Vec::with_capacity(self.consumers.len());
+        for consumer in &mut self.consumers {
+            let topic = consumer.topics().into_iter().next().unwrap_or_default();
+            let answer = match tokio::time::timeout(timeout, consumer.get_last_message_id()).await {
+                Ok(Ok(ids)) => ids
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| pulsar::Error::Custom("the broker answered no message id".into())),
+                Ok(Err(error)) => Err(error),
+                Err(_) => Err(pulsar::Error::Custom(format!(
+                    "no last message id within {timeout:?}"
+                ))),
+            };
+            ids.push((topic, answer));
+        }
+        ids
+    }
+
+    /// Ends every partition's subscription (a reader's own, which nobody else uses), each attempt
+    /// bounded by `attempt`. Like [`Partitions::close`], it drops what is still queued first.
+    pub async fn unsubscribe(&mut self, attempt: Duration) -> Result<(), pulsar::Error> {
+        for consumer in &mut self.consumers {
+            while let Some(Some(_dropped)) = consumer.next().now_or_never() {}
+            match tokio::time::timeout(attempt, consumer.unsubscribe()).await {
+                Ok(result) => result?,
+                Err(_) => {
+                    return Err(pulsar::Error::Custom(format!(
+                        "unsubscribing took more than {attempt:?}"
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Closes every partition's consumer after the acks already given have reached the broker.

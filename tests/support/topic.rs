@@ -39,9 +39,10 @@ pub async fn send_raw_with_key(
     Ok(())
 }
 
-/// One message as a test cares about it: its properties and payload.
+/// One message as a test cares about it: its key, properties and payload.
 #[derive(Debug, Clone)]
 pub struct Received {
+    pub key: Option<String>,
     pub properties: BTreeMap<String, String>,
     pub payload: Vec<u8>,
 }
@@ -97,6 +98,7 @@ impl TopicReader {
             };
             self.consumer.ack(&message).await?;
             self.received.push(Received {
+                key: message.key(),
                 properties: message
                     .payload
                     .metadata
