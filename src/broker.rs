@@ -23,7 +23,16 @@ pub enum BrokerError {
 /// Reconnecting, re-subscribing, building producers.
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
+/// Failures of one operation after which they are logged at WARN: the first ones are the
+/// quick retries of a broker that is (re)starting, logged at DEBUG.
+const WARN_AFTER_FAILURES: u32 = 3;
+
+/// Failures of operations that keep failing, logged at WARN at most this often.
+static FAILING: crate::logging::RateLimit = crate::logging::RateLimit::new(Duration::from_secs(30));
+
 /// Runs `attempt` until it succeeds, waiting [`BACKOFF`] between failures; gives up on shutdown.
+/// A broker outage is logged by the health probe ([`probe`]); an operation that keeps failing
+/// logs a WARN (rate-limited), and an INFO once it succeeds after that.
 pub async fn with_backoff<T, F, Fut>(
     what: &str,
     shutdown: &mut watch::Receiver<bool>,
@@ -39,10 +48,19 @@ where
             return Err(BrokerError::ShuttingDown);
         }
         match attempt().await {
-            Ok(value) => return Ok(value),
+            Ok(value) => {
+                if failures >= WARN_AFTER_FAILURES {
+                    tracing::info!(what, failures, "Broker operation succeeded after failing.");
+                }
+                return Ok(value);
+            }
             Err(error) => {
                 failures += 1;
-                tracing::warn!(what, error = %error, failures, "Broker operation failed; retrying.");
+                if failures < WARN_AFTER_FAILURES {
+                    tracing::debug!(what, error = %error, failures, "Broker operation failed; retrying.");
+                } else {
+                    crate::limited!(FAILING, warn, what, error = %error, failures, "Broker operation keeps failing; retrying.");
+                }
                 if !BACKOFF.wait(failures, shutdown).await {
                     return Err(BrokerError::ShuttingDown);
                 }
@@ -143,7 +161,8 @@ impl BrokerHealth {
     }
 }
 
-/// Probes the broker (a topic lookup with a timeout) until shutdown.
+/// Probes the broker (a topic lookup with a timeout) until shutdown. The broker going down is
+/// logged once at WARN, its coming back once at INFO, with how long it was down.
 pub async fn probe(
     client: Client,
     config: BrokerConfig,
@@ -152,6 +171,7 @@ pub async fn probe(
 ) {
     let interval = Duration::from_secs(config.health_probe_interval_seconds);
     let topic = config.topic("aerostream.health");
+    let mut down_since: Option<std::time::Instant> = None;
     loop {
         let answer = tokio::time::timeout(
             interval.max(Duration::from_secs(1)),
@@ -159,8 +179,20 @@ pub async fn probe(
         )
         .await;
         let up = matches!(answer, Ok(Ok(_)));
-        if up != health.is_up() {
-            tracing::info!(up, "Broker health changed.");
+        match (up, down_since) {
+            (false, None) => {
+                let error = match answer {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => "no answer within the probe's timeout".to_owned(),
+                };
+                tracing::warn!(url = %config.url, error = %error, "Broker down: consuming and publishing wait until it is back.");
+                down_since = Some(std::time::Instant::now());
+            }
+            (true, Some(since)) => {
+                tracing::info!(url = %config.url, down_seconds = since.elapsed().as_secs(), "Broker back.");
+                down_since = None;
+            }
+            _ => {}
         }
         health.set(up);
         tokio::select! {
