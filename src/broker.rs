@@ -69,20 +69,31 @@ where
     }
 }
 
+/// How long connecting may take before a WARN says the broker is not reachable yet (the client
+/// retries a connection for long within one attempt, and logs that at DEBUG only).
+const CONNECT_WARN_AFTER: Duration = Duration::from_secs(5);
+
+/// Connects to the broker, retrying until it answers or shutdown.
 pub async fn connect(
     config: &BrokerConfig,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Client, BrokerError> {
     let url = config.url.clone();
-    with_backoff("connect", shutdown, || {
+    let connecting = with_backoff("connect", shutdown, || {
         Pulsar::builder(url.clone(), TokioExecutor)
             .with_operation_retry_options(pulsar::OperationRetryOptions {
                 operation_timeout: Duration::from_secs(10),
                 ..Default::default()
             })
             .build()
-    })
-    .await
+    });
+    tokio::pin!(connecting);
+    tokio::select! {
+        connected = &mut connecting => return connected,
+        _ = tokio::time::sleep(CONNECT_WARN_AFTER) => {}
+    }
+    tracing::warn!(url = %config.url, waited_seconds = CONNECT_WARN_AFTER.as_secs(), "Broker not reachable yet; still trying.");
+    connecting.await
 }
 
 /// A producer on `topic` that waits, instead of failing, when its send queue is full. On a

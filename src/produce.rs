@@ -59,9 +59,15 @@ impl Progress {
         let now = Instant::now();
         let bar = std::io::stderr().is_terminal().then(|| {
             let style = indicatif::ProgressStyle::with_template(
-                "{spinner} {pos}/{len} published [{bar:30}] {per_sec}, {elapsed} elapsed, ETA {eta}",
+                "{spinner} {pos}/{len} published [{bar:30}] {rate}, {elapsed} elapsed, ETA {eta}",
             )
             .expect("a valid template")
+            .with_key(
+                "rate",
+                |state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write| {
+                    let _ = write!(out, "{:.0}/s", state.per_sec());
+                },
+            )
             .progress_chars("=> ");
             indicatif::ProgressBar::new(total).with_style(style)
         });

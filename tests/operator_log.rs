@@ -137,3 +137,32 @@ fn dead_letter_warnings_are_rate_limited_and_every_message_is_still_counted() {
         .sum();
     assert!(warnings.len() + suppressed <= BAD, "{log}");
 }
+
+/// A broker that does not answer at start: the client retries for long within one attempt (at
+/// DEBUG), so aerostream says it once, and /health answers 503 meanwhile.
+#[test]
+fn a_broker_unreachable_at_start_is_said_once_at_warn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker_port, http_port) = (support::free_port().unwrap(), support::free_port().unwrap());
+    let config = support::daemon::write_config(
+        dir.path(),
+        &format!("pulsar://127.0.0.1:{broker_port}"),
+        http_port,
+        "",
+    )
+    .unwrap();
+    let daemon = Daemon::start(&config, http_port).unwrap();
+    wait_for("the broker said unreachable", Duration::from_secs(30), || {
+        log_of(&daemon).contains("Broker not reachable yet").then_some(())
+    })
+    .unwrap();
+    assert_eq!(daemon.status("/health").unwrap(), 503);
+    let log = stop(daemon);
+    let warnings = lines_at(&log, "WARN");
+    assert!(warnings[0].contains("Broker not reachable yet"), "{log}");
+    assert!(
+        warnings[0].contains(&format!("url=pulsar://127.0.0.1:{broker_port}")),
+        "{log}"
+    );
+    assert_eq!(lines_at(&log, "ERROR"), Vec::<&str>::new(), "{log}");
+}
