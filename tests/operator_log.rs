@@ -166,3 +166,39 @@ fn a_broker_unreachable_at_start_is_said_once_at_warn() {
     );
     assert_eq!(lines_at(&log, "ERROR"), Vec::<&str>::new(), "{log}");
 }
+
+/// `produce` writing to a file (no terminal): plain progress lines, no redrawn bar, and a summary
+/// with the rate. At 250 events/s, 1 500 events take 6 s, past the first line's 5 s.
+#[test]
+fn produce_without_a_terminal_writes_plain_progress_lines_and_a_summary() {
+    let harness = Harness::started();
+    let expected = harness.dir().join("expected.json");
+    let out = std::process::Command::new(support::daemon::binary())
+        .args(["produce", "--config"])
+        .arg(harness.config_path())
+        .args(["--events", "1500", "--rate", "250", "--expected-out"])
+        .arg(&expected)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let progress: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("produce: "))
+        .collect();
+    assert!(!progress.is_empty(), "no progress line in:\n{stderr}");
+    for line in &progress {
+        for part in ["published (", "/s, ", "s elapsed, ETA "] {
+            assert!(line.contains(part), "{part:?} missing in {line:?}");
+        }
+    }
+    assert!(!stderr.contains('\r') && !stderr.contains('\x1b'), "{stderr:?}");
+    let summary = stdout.lines().last().unwrap_or_default();
+    assert!(
+        summary.starts_with("published ") && summary.contains("/s); expected state in"),
+        "{stdout}"
+    );
+}
