@@ -29,18 +29,25 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connects once to the broker at `url`.
+    pub async fn open(url: &str) -> Result<Client, pulsar::Error> {
+        Ok(Client {
+            current: Arc::new(RwLock::new(build(url).await?)),
+            url: url.to_owned(),
+            renewals: Arc::default(),
+        })
+    }
+
     /// The client to build consumers and producers and look topics up with now.
     pub fn get(&self) -> Pulsar<TokioExecutor> {
         self.current.read().expect("client lock").clone()
     }
 
-    /// Replaces the client by a freshly connected one; keeps the old one when connecting fails.
-    pub async fn renew(&self) -> Result<(), pulsar::Error> {
-        let fresh = build(&self.url).await?;
+    /// Puts `fresh` in the place of the current client.
+    fn replace(&self, fresh: Pulsar<TokioExecutor>) {
         *self.current.write().expect("client lock") = fresh;
         self.renewals.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(BROKER_CLIENT_RENEWALS).increment(1);
-        Ok(())
     }
 
     /// How often the client was replaced.
@@ -91,7 +98,16 @@ pub enum BrokerError {
 /// Reconnecting, re-subscribing, building producers.
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
+/// Failures of one operation after which they are logged at WARN: the first ones are the
+/// quick retries of a broker that is (re)starting, logged at DEBUG.
+const WARN_AFTER_FAILURES: u32 = 3;
+
+/// Failures of operations that keep failing, logged at WARN at most this often.
+static FAILING: crate::logging::RateLimit = crate::logging::RateLimit::new(Duration::from_secs(30));
+
 /// Runs `attempt` until it succeeds, waiting [`BACKOFF`] between failures; gives up on shutdown.
+/// A broker outage is logged by the health probe ([`probe`]); an operation that keeps failing
+/// logs a WARN (rate-limited), and an INFO once it succeeds after that.
 pub async fn with_backoff<T, F, Fut>(
     what: &str,
     shutdown: &mut watch::Receiver<bool>,
@@ -107,10 +123,19 @@ where
             return Err(BrokerError::ShuttingDown);
         }
         match attempt().await {
-            Ok(value) => return Ok(value),
+            Ok(value) => {
+                if failures >= WARN_AFTER_FAILURES {
+                    tracing::info!(what, failures, "Broker operation succeeded after failing.");
+                }
+                return Ok(value);
+            }
             Err(error) => {
                 failures += 1;
-                tracing::warn!(what, error = %error, failures, "Broker operation failed; retrying.");
+                if failures < WARN_AFTER_FAILURES {
+                    tracing::debug!(what, error = %error, failures, "Broker operation failed; retrying.");
+                } else {
+                    crate::limited!(FAILING, warn, what, error = %error, failures, "Broker operation keeps failing; retrying.");
+                }
                 if !BACKOFF.wait(failures, shutdown).await {
                     return Err(BrokerError::ShuttingDown);
                 }
@@ -119,16 +144,24 @@ where
     }
 }
 
+/// How long connecting may take before a WARN says the broker is not reachable yet (the client
+/// retries a connection for long within one attempt, and logs that at DEBUG only).
+const CONNECT_WARN_AFTER: Duration = Duration::from_secs(5);
+
+/// Connects to the broker, retrying until it answers or shutdown.
 pub async fn connect(
     config: &BrokerConfig,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Client, BrokerError> {
-    let pulsar = with_backoff("connect", shutdown, || build(&config.url)).await?;
-    Ok(Client {
-        current: Arc::new(RwLock::new(pulsar)),
-        url: config.url.clone(),
-        renewals: Arc::default(),
-    })
+    let connecting = with_backoff("connect", shutdown, || Client::open(&config.url));
+    tokio::pin!(connecting);
+    tokio::select! {
+        connected = &mut connecting => connected,
+        _ = tokio::time::sleep(CONNECT_WARN_AFTER) => {
+            tracing::warn!(url = %config.url, waited_seconds = CONNECT_WARN_AFTER.as_secs(), "Broker not reachable yet; still trying.");
+            connecting.await
+        }
+    }
 }
 
 /// A producer on `topic` that waits, instead of failing, when its send queue is full. On a
@@ -217,13 +250,14 @@ impl BrokerHealth {
 /// the dead connection [`Client`] describes, while the broker answers a fresh client.
 pub const FAILPOINT_STUCK_CLIENT: &str = "broker::stuck_client";
 
-/// Probes that fail in a row before the client is replaced by a fresh one ([`Client`]).
-const RENEW_AFTER_FAILED_PROBES: u32 = 3;
+/// Failed probes in a row, each while a fresh client did connect, before the client is replaced
+/// by a fresh one ([`Client`]): the old client's own reconnection after a broker restart gets
+/// that long.
+const RENEW_AFTER_STRIKES: u32 = 3;
 
-/// Probes the broker (a topic lookup with a timeout) until shutdown. After
-/// [`RENEW_AFTER_FAILED_PROBES`] failed probes in a row it tries a fresh client: when the broker
-/// is down that fails to connect and the old client stays; when the broker is up again and only
-/// the old client's connection is stuck, the fresh one takes over.
+/// Probes the broker (a topic lookup with a timeout) until shutdown. The broker going down is
+/// logged once at WARN, its coming back once at INFO, with how long it was down. A client whose
+/// probes keep failing while a fresh client connects is replaced (see [`RENEW_AFTER_STRIKES`]).
 pub async fn probe(
     client: Client,
     config: BrokerConfig,
@@ -232,27 +266,43 @@ pub async fn probe(
 ) {
     let interval = Duration::from_secs(config.health_probe_interval_seconds);
     let topic = config.topic("aerostream.health");
-    let mut failed = 0u32;
+    let mut strikes = 0u32;
+    let mut down_since: Option<std::time::Instant> = None;
     loop {
         let answer = tokio::time::timeout(interval.max(Duration::from_secs(1)), client.lookup(&topic)).await;
         let up = matches!(answer, Ok(Ok(_)));
-        if up != health.is_up() {
-            tracing::info!(up, "Broker health changed.");
+        match (up, down_since) {
+            (false, None) => {
+                let error = match answer {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => "no answer within the probe's timeout".to_owned(),
+                };
+                tracing::warn!(url = %config.url, error = %error, "Broker down: consuming and publishing wait until it is back.");
+                down_since = Some(std::time::Instant::now());
+            }
+            (true, Some(since)) => {
+                tracing::info!(url = %config.url, down_seconds = since.elapsed().as_secs(), "Broker back.");
+                down_since = None;
+            }
+            _ => {}
         }
         health.set(up);
-        failed = if up { 0 } else { failed + 1 };
-        if failed >= RENEW_AFTER_FAILED_PROBES {
-            match tokio::time::timeout(interval.max(Duration::from_secs(1)), client.renew()).await {
-                Ok(Ok(())) => {
-                    tracing::warn!(failed, "The broker answers a fresh client: the old client's connection was stuck; replaced it.");
-                    failed = 0;
+        // A failed probe while a fresh client reaches the broker is a strike against the current
+        // client; a probe that succeeds, or a broker no fresh client reaches, clears them.
+        strikes = match up {
+            true => 0,
+            false => {
+                match tokio::time::timeout(interval.max(Duration::from_secs(1)), build(&client.url)).await {
+                    Ok(Ok(fresh)) if strikes + 1 >= RENEW_AFTER_STRIKES => {
+                        client.replace(fresh);
+                        tracing::info!(url = %config.url, "Replaced the Pulsar client: its connection stayed broken while a fresh client reached the broker.");
+                        0
+                    }
+                    Ok(Ok(_)) => strikes + 1,
+                    _ => 0,
                 }
-                Ok(Err(error)) => {
-                    tracing::debug!(error = %error, "A fresh client cannot connect either: the broker is down.")
-                }
-                Err(_) => tracing::debug!("A fresh client did not connect in time."),
             }
-        }
+        };
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.changed() => return,

@@ -17,6 +17,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// Per-payment log lines, each let through once per period with a count of those held back.
+mod repeated {
+    use crate::logging::{RateLimit, REPEATED_EVERY};
+    pub static NOT_APPLIED: RateLimit = RateLimit::new(REPEATED_EVERY);
+    pub static RETRYING: RateLimit = RateLimit::new(REPEATED_EVERY);
+    pub static UNAVAILABLE: RateLimit = RateLimit::new(REPEATED_EVERY);
+}
+
 /// How often the worker looks for new charges when there are none.
 const IDLE_POLL: Duration = Duration::from_millis(20);
 /// Between rounds in which a charge could not be settled (its result not applied or not durable).
@@ -90,11 +98,11 @@ impl Worker {
             Ok(Outcome::Applied { .. } | Outcome::Duplicate | Outcome::Redelivered) => true,
             Ok(Outcome::Rejected(rejection)) => {
                 // The payment was settled otherwise meanwhile (a partner's PagoProcesado).
-                tracing::warn!(payment = %charge.payment_id, reason = rejection.reason.as_str(), detail = %rejection.detail, "Charge result not applied.");
+                crate::limited!(repeated::NOT_APPLIED, warn, payment = %charge.payment_id, reason = rejection.reason.as_str(), detail = %rejection.detail, "Charge result not applied.");
                 true
             }
             Err(error) => {
-                tracing::warn!(payment = %charge.payment_id, error = %error, "Charge result not applied; retrying.");
+                crate::limited!(repeated::RETRYING, warn, payment = %charge.payment_id, error = %error, "Charge result not applied; retrying.");
                 false
             }
         };
@@ -135,7 +143,7 @@ impl Worker {
             match answer {
                 Ok(result) => return Charged::from_attempts(attempt, Some(result)),
                 Err(_) if attempt >= self.policy.max_attempts => {
-                    tracing::warn!(payment = %charge.payment_id, attempts = attempt, "Gateway unavailable; payment failed.");
+                    crate::limited!(repeated::UNAVAILABLE, warn, payment = %charge.payment_id, attempts = attempt, "Gateway unavailable; payment failed.");
                     return Charged::from_attempts(attempt, None);
                 }
                 Err(_) => {

@@ -1,12 +1,19 @@
 //! Configuration: the shipped `config.toml` (embedded) overlaid by a user file and
-//! `AEROSTREAM__<TABLE>__<KEY>` environment variables. Unknown keys and bad values are errors that
-//! name the key.
+//! `AEROSTREAM__<TABLE>__<KEY>` environment variables.
+//!
+//! Loading checks everything and reports every problem at once, each named as the user wrote it:
+//! the file's dotted key (`daemon.cache_mb`) or the variable's name (`AEROSTREAM__HTTP__LISTNE`).
+//! Each value the user set is first tried alone on the shipped defaults, so an unknown key or a
+//! bad value is found wherever it is and whatever else is wrong; then the whole config is checked
+//! for what types cannot say ([`Config::validate`]). [`Loaded`] keeps where every value came from,
+//! for `aerostream config print`.
 
 use aerostream_actors::gateway::{RetryPolicy, SimulatedGateway};
 use aerostream_actors::snapshot::SnapshotPolicy;
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Value};
 use figment::Figment;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -16,15 +23,80 @@ use std::time::Duration;
 /// The shipped defaults, with a comment on every option.
 pub const DEFAULT_TOML: &str = include_str!("../config.toml");
 
+/// The prefix of the environment variables that override options.
+pub const ENV_PREFIX: &str = "AEROSTREAM__";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration file {0} does not exist")]
     Missing(PathBuf),
-    #[error("invalid configuration:\n{0}")]
-    Invalid(String),
+    #[error("cannot read configuration file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration, {} problem(s):\n{}", .0.len(), Problem::list(.0))]
+    Invalid(Vec<Problem>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+impl ConfigError {
+    /// The problems found (none for a missing or unreadable file).
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid(problems) => problems,
+            _ => &[],
+        }
+    }
+}
+
+/// One thing wrong with the configuration, named as the user wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file's dotted key with the file (`` `daemon.cache_mb` in my.toml ``), the environment
+    /// variable (`AEROSTREAM__HTTP__LISTNE`), or a key left at its default.
+    pub name: String,
+    pub message: String,
+}
+
+impl Problem {
+    fn list(problems: &[Problem]) -> String {
+        problems
+            .iter()
+            .map(|problem| format!("  - {problem}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.name, self.message)
+    }
+}
+
+/// Where a value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The shipped `config.toml`.
+    Default,
+    /// The `--config` file.
+    File(PathBuf),
+    /// An environment variable, by its exact name.
+    Env(String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("default"),
+            Origin::File(path) => write!(f, "file {}", path.display()),
+            Origin::Env(name) => write!(f, "env {name}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub daemon: DaemonConfig,
@@ -43,7 +115,7 @@ pub struct Config {
 }
 
 /// State hand-over between daemons through Pulsar (docs/TAKEOVER.md).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChangelogConfig {
     pub enabled: bool,
@@ -58,7 +130,7 @@ pub struct ChangelogConfig {
 
 /// `POST /event-collector/events`: which input's topic each kind of event is published to, and
 /// the request limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CollectorConfig {
     pub campaign_input: String,
@@ -69,7 +141,7 @@ pub struct CollectorConfig {
     pub burst: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonConfig {
     /// Names this daemon on the changelog; empty: the host name and the data directory.
@@ -87,14 +159,14 @@ pub struct DaemonConfig {
     pub log_level: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     Human,
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
     pub url: String,
@@ -114,14 +186,14 @@ impl BrokerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdempotencyConfig {
     pub window_seconds: u64,
     pub eviction_interval_seconds: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActorsConfig {
     pub mailbox_capacity: usize,
@@ -131,7 +203,7 @@ pub struct ActorsConfig {
     pub idle_seconds: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
@@ -139,7 +211,7 @@ pub struct HttpConfig {
     pub admin_token: Secret,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChaosConfig {
     pub enabled: bool,
@@ -150,7 +222,7 @@ pub struct ChaosConfig {
 }
 
 /// Campaign snapshots (`CampanaEstadoCompleto`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotConfig {
     /// A snapshot every this many events of a campaign (and whenever it is paused or completed).
@@ -169,7 +241,7 @@ impl SnapshotConfig {
 }
 
 /// The payment gateway that charges payments requested with `PagoSolicitado` (simulated).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// How long one call takes.
@@ -207,7 +279,7 @@ impl GatewayConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SubscriptionKind {
     Failover,
@@ -226,7 +298,7 @@ impl SubscriptionKind {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InputConfig {
     pub topic: String,
@@ -256,7 +328,7 @@ impl InputConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputsConfig {
     /// Campaign full-state snapshots (CampanaEstadoCompleto), keyed by campaign id.
@@ -268,10 +340,19 @@ pub struct OutputsConfig {
     pub reports_topic: String,
 }
 
-/// A secret string whose Debug output is redacted.
+/// A secret string whose Debug output and serialized form (`config print`) are redacted.
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+/// What a secret shows instead of its value.
+pub const REDACTED: &str = "<redacted>";
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(if self.0.is_empty() { "" } else { REDACTED })
+    }
+}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
@@ -304,38 +385,17 @@ impl fmt::Debug for Secret {
 }
 
 impl Config {
-    /// Shipped defaults, then `path` (if given), then the environment.
+    /// Shipped defaults, then `path` (if given), then the environment; every problem at once.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        Self::load_with_env(path, Env::prefixed("AEROSTREAM__").split("__"))
+        Ok(Loaded::read(path, std::env::vars_os())?.config)
     }
 
-    fn load_with_env(path: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
-        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
-        if let Some(path) = path {
-            if !path.exists() {
-                return Err(ConfigError::Missing(path.to_owned()));
-            }
-            figment = figment.merge(Toml::file(path));
-        }
-        let config: Config = figment.merge(env).extract().map_err(|errors| {
-            ConfigError::Invalid(
-                errors
-                    .into_iter()
-                    .map(|e| format!("  - {e}"))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            )
-        })?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Checks what types cannot say; reports every problem at once.
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks what types cannot say, naming each key as dotted path.
+    fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
         let mut positive = |key: String, value: u64| {
             if value == 0 {
-                problems.push(format!("  - `{key}` must be greater than 0"));
+                problems.push((key, "must be greater than 0".to_owned()));
             }
         };
         positive(
@@ -375,10 +435,13 @@ impl Config {
             u64::from(collector.rate_per_second),
         );
         positive("collector.burst".into(), u64::from(collector.burst));
-        if !self.broker.url.starts_with("pulsar://") && !self.broker.url.starts_with("pulsar+ssl://") {
-            problems.push(format!(
-                "  - `broker.url` must start with pulsar:// or pulsar+ssl://, got {:?}",
-                self.broker.url
+        if let Err(problem) = check_broker_url(&self.broker.url) {
+            problems.push(("broker.url".into(), problem));
+        }
+        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.daemon.log_level) {
+            problems.push((
+                "daemon.log_level".into(),
+                format!("not a tracing filter ({error}): {:?}", self.daemon.log_level),
             ));
         }
         for (key, rate) in [
@@ -386,17 +449,20 @@ impl Config {
             ("gateway.decline_rate", self.gateway.decline_rate),
         ] {
             if !(0.0..=1.0).contains(&rate) {
-                problems.push(format!("  - `{key}` must be between 0.0 and 1.0, got {rate}"));
+                problems.push((key.into(), format!("must be between 0.0 and 1.0, got {rate}")));
             }
         }
         if self.inputs.is_empty() {
-            problems.push("  - `inputs` must name at least one input topic".into());
+            problems.push(("inputs".into(), "must name at least one input topic".into()));
         }
         for (name, input) in &self.inputs {
             if input.retry_max_delay_ms < input.retry_delay_ms {
-                problems.push(format!(
-                    "  - `inputs.{name}.retry_max_delay_ms` ({}) must be at least `inputs.{name}.retry_delay_ms` ({})",
-                    input.retry_max_delay_ms, input.retry_delay_ms
+                problems.push((
+                    format!("inputs.{name}.retry_max_delay_ms"),
+                    format!(
+                        "({}) must be at least `inputs.{name}.retry_delay_ms` ({})",
+                        input.retry_max_delay_ms, input.retry_delay_ms
+                    ),
                 ));
             }
         }
@@ -406,14 +472,10 @@ impl Config {
             ("report_input", &collector.report_input),
         ] {
             if !self.inputs.contains_key(input) {
-                problems.push(format!("  - `collector.{key}` names no input: {input:?}"));
+                problems.push((format!("collector.{key}"), format!("names no input: {input:?}")));
             }
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(problems.join("\n")))
-        }
+        problems
     }
 
     /// `daemon.instance_id`, or the host name and data directory when it is empty.
@@ -435,20 +497,382 @@ impl Config {
     }
 }
 
+/// Refuses a broker URL the client cannot connect to: another scheme, or no host
+/// (`pulsar://`), which would otherwise be retried for ever.
+fn check_broker_url(url: &str) -> Result<(), String> {
+    let parsed = url::Url::parse(url).map_err(|error| format!("not a URL ({error}): {url:?}"))?;
+    if !matches!(parsed.scheme(), "pulsar" | "pulsar+ssl") {
+        return Err(format!("must start with pulsar:// or pulsar+ssl://, got {url:?}"));
+    }
+    if parsed.host_str().filter(|host| !host.is_empty()).is_none() {
+        return Err(format!(
+            "names no host, got {url:?} (e.g. pulsar://127.0.0.1:6650)"
+        ));
+    }
+    Ok(())
+}
+
+/// One value the user set: its key path, the value, and where it was written.
+#[derive(Debug, Clone)]
+struct Assignment {
+    path: Vec<String>,
+    value: Value,
+    origin: Origin,
+}
+
+impl Assignment {
+    /// The key as the user wrote it: the file's dotted key (with the file) or the variable.
+    fn name(&self) -> String {
+        name_in(&self.origin, &self.path)
+    }
+
+    /// The value alone, nested under its path, to merge over the defaults.
+    fn provider(&self) -> Serialized<Value> {
+        let nested = self.path.iter().rev().fold(self.value.clone(), |inner, key| {
+            let mut dict = Dict::new();
+            dict.insert(key.clone(), inner);
+            Value::from(dict)
+        });
+        Serialized::defaults(nested)
+    }
+}
+
+/// `path` as it is written where `origin` says.
+fn name_in(origin: &Origin, path: &[String]) -> String {
+    let dotted = dotted(path);
+    match origin {
+        Origin::Default => format!("`{dotted}` (default)"),
+        Origin::File(file) => format!("`{dotted}` in {}", file.display()),
+        // A key under a variable's (a map's entry, a table set as a whole) is named after it.
+        Origin::Env(name) => name.clone(),
+    }
+}
+
+/// TOML's dotted form of a key path, quoting the parts that need it.
+fn dotted(path: &[String]) -> String {
+    path.iter()
+        .map(|key| {
+            let bare = !key.is_empty()
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if bare {
+                key.clone()
+            } else {
+                format!("{key:?}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// The shipped defaults as a tree, to tell which keys are tables.
+fn shipped_tree() -> &'static toml::Table {
+    static TREE: std::sync::OnceLock<toml::Table> = std::sync::OnceLock::new();
+    TREE.get_or_init(|| toml::from_str(DEFAULT_TOML).expect("the shipped config.toml parses"))
+}
+
+/// Whether `path` is a table in the shipped defaults.
+fn is_default_table(path: &[String]) -> bool {
+    let mut table = shipped_tree();
+    for key in path {
+        match table.get(key) {
+            Some(toml::Value::Table(inner)) => table = inner,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// The part of `path` checked as one: down to its first key that the defaults have no table
+/// for. An input named in no default (`inputs.orders`) is checked whole, a known option alone.
+fn unit_of(path: &[String]) -> &[String] {
+    (1..=path.len())
+        .find(|&len| !is_default_table(&path[..len]))
+        .map_or(path, |len| &path[..len])
+}
+
+/// A configuration loaded, with where each of its values came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    /// The file's values, then the environment's (a later one wins).
+    assignments: Vec<Assignment>,
+}
+
+impl Loaded {
+    /// Loads the shipped defaults overlaid by `path` and by the `AEROSTREAM__` variables among
+    /// `vars`, checking everything: every problem is reported, named as the user wrote it.
+    pub fn read(
+        path: Option<&Path>,
+        vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    ) -> Result<Loaded, ConfigError> {
+        let mut problems = Vec::new();
+        let mut assignments = Vec::new();
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(ConfigError::Missing(path.to_owned()));
+            }
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            match text.parse::<toml::Table>() {
+                Ok(table) => file_assignments(path, &table, &mut Vec::new(), &mut assignments, &mut problems),
+                Err(error) => problems.push(Problem {
+                    name: path.display().to_string(),
+                    message: format!("not valid TOML: {}", error.to_string().trim_end()),
+                }),
+            }
+        }
+        let mut vars: Vec<(String, String)> = vars
+            .into_iter()
+            .map(|(name, value)| {
+                (
+                    name.to_string_lossy().into_owned(),
+                    value.to_string_lossy().into_owned(),
+                )
+            })
+            .filter(|(name, _)| {
+                name.len() >= ENV_PREFIX.len() && name[..ENV_PREFIX.len()].eq_ignore_ascii_case(ENV_PREFIX)
+            })
+            .collect();
+        vars.sort();
+        for (name, value) in vars {
+            let path: Vec<String> = name[ENV_PREFIX.len()..]
+                .split("__")
+                .map(str::to_ascii_lowercase)
+                .collect();
+            if path.iter().any(String::is_empty) {
+                problems.push(Problem {
+                    name,
+                    message: format!("names no option: write {ENV_PREFIX}<TABLE>__<KEY>"),
+                });
+                continue;
+            }
+            let value = value
+                .parse::<Value>()
+                .expect("parsing an env value is infallible");
+            assignments.push(Assignment {
+                path,
+                value,
+                origin: Origin::Env(name),
+            });
+        }
+
+        let defaults = Figment::from(Toml::string(DEFAULT_TOML));
+        // Every error figment found (it chains them), each to be described.
+        let extract = |parts: &[&Assignment]| -> Result<Config, Vec<figment::Error>> {
+            parts
+                .iter()
+                .fold(defaults.clone(), |figment, part| figment.merge(part.provider()))
+                .extract()
+                .map_err(|errors| errors.into_iter().collect())
+        };
+        // Each known option alone; the keys of a table the defaults do not have (a new input)
+        // together, wherever they were written.
+        let mut units: Vec<(&[String], Vec<&Assignment>)> = Vec::new();
+        for assignment in &assignments {
+            let unit = unit_of(&assignment.path);
+            if unit.len() == assignment.path.len() {
+                units.push((unit, vec![assignment]));
+            } else if let Some((_, parts)) = units.iter_mut().find(|(u, _)| *u == unit) {
+                parts.push(assignment);
+            } else {
+                units.push((unit, vec![assignment]));
+            }
+        }
+        // Values that fail alone are reported; the others make the config checked as a whole.
+        let mut valid = Vec::new();
+        for (_, parts) in &units {
+            match extract(parts) {
+                Ok(_) => valid.extend(parts.iter().copied()),
+                Err(error) => problems.extend(error.into_iter().map(|error| described(&error, parts))),
+            }
+        }
+        let config = extract(&valid).map_err(|errors| {
+            let mut problems = problems.clone();
+            problems.extend(errors.into_iter().map(|error| described(&error, &valid)));
+            ConfigError::Invalid(problems)
+        })?;
+        let loaded = Loaded {
+            config,
+            assignments: valid.into_iter().cloned().collect(),
+        };
+        problems.extend(loaded.config.validate().into_iter().map(|(key, message)| {
+            let path: Vec<String> = key.split('.').map(str::to_owned).collect();
+            Problem {
+                name: name_in(&loaded.origin(&path), &path),
+                message,
+            }
+        }));
+        if problems.is_empty() {
+            Ok(loaded)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The `AEROSTREAM__` variables that set values.
+    pub fn env_vars(&self) -> impl Iterator<Item = &str> {
+        self.assignments
+            .iter()
+            .filter_map(|assignment| match &assignment.origin {
+                Origin::Env(name) => Some(name.as_str()),
+                _ => None,
+            })
+    }
+
+    /// Where the value at `path` came from: the last variable or file value that set it (or a
+    /// table above it), else the shipped default.
+    pub fn origin(&self, path: &[String]) -> Origin {
+        self.assignments
+            .iter()
+            .rev()
+            .find(|assignment| path.starts_with(&assignment.path))
+            .map_or(Origin::Default, |assignment| assignment.origin.clone())
+    }
+
+    /// The effective configuration as TOML, secrets masked, each value followed by where it
+    /// came from (`# default`, `# file PATH`, `# env AEROSTREAM__…`).
+    pub fn print(&self) -> String {
+        let mut document =
+            toml_edit::ser::to_document(&self.config).expect("the configuration serializes to TOML");
+        self.annotate(document.as_table_mut(), &mut Vec::new());
+        document.to_string()
+    }
+
+    fn annotate(&self, table: &mut toml_edit::Table, path: &mut Vec<String>) {
+        for (key, item) in table.iter_mut() {
+            path.push(key.get().to_owned());
+            // A table of its own per struct and map, as in the shipped file, not inline.
+            if let toml_edit::Item::Value(toml_edit::Value::InlineTable(inline)) = item {
+                *item = toml_edit::Item::Table(std::mem::take(inline).into_table());
+            }
+            match item {
+                toml_edit::Item::Table(inner) => self.annotate(inner, path),
+                toml_edit::Item::Value(value) => {
+                    let origin = self.origin(path);
+                    value.decor_mut().set_suffix(format!("  # {origin}"));
+                }
+                _ => {}
+            }
+            path.pop();
+        }
+    }
+}
+
+/// The values of the file under `path`, leaf by leaf (a table the defaults do not have counts
+/// as one value, see [`unit_of`]).
+fn file_assignments(
+    file: &Path,
+    table: &toml::Table,
+    path: &mut Vec<String>,
+    assignments: &mut Vec<Assignment>,
+    problems: &mut Vec<Problem>,
+) {
+    for (key, value) in table {
+        path.push(key.clone());
+        match value {
+            toml::Value::Table(inner) if is_default_table(path) => {
+                file_assignments(file, inner, path, assignments, problems)
+            }
+            _ => match Value::serialize(value) {
+                Ok(value) => assignments.push(Assignment {
+                    path: path.clone(),
+                    value,
+                    origin: Origin::File(file.to_owned()),
+                }),
+                Err(error) => problems.push(Problem {
+                    name: name_in(&Origin::File(file.to_owned()), path),
+                    message: error.kind.to_string(),
+                }),
+            },
+        }
+        path.pop();
+    }
+}
+
+/// `error`, met while loading `parts` over the defaults, named after the part it is about.
+fn described(error: &figment::Error, parts: &[&Assignment]) -> Problem {
+    let at = &error.path;
+    // The part whose key leads to the error (the longest), else the one the error leads into.
+    let part = parts
+        .iter()
+        .filter(|part| at.starts_with(&part.path))
+        .max_by_key(|part| part.path.len())
+        .or_else(|| parts.iter().find(|part| part.path.starts_with(at)))
+        .or(parts.first());
+    let name = match part {
+        // A file's table set whole (a new input): name the key inside it.
+        Some(
+            part @ Assignment {
+                origin: Origin::File(_),
+                ..
+            },
+        ) if at.starts_with(&part.path) => name_in(&part.origin, at),
+        Some(part) => part.name(),
+        None => name_in(&Origin::Default, at),
+    };
+    let message = match &error.kind {
+        figment::error::Kind::UnknownField(field, expected) => format!(
+            "unknown key `{field}`; the keys here are {}",
+            expected
+                .iter()
+                .map(|key| format!("`{key}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        figment::error::Kind::MissingField(field) => format!("missing key `{field}`"),
+        figment::error::Kind::UnknownVariant(found, expected) => format!(
+            "unknown value {found:?}; one of {}",
+            expected
+                .iter()
+                .map(|value| format!("{value:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        kind => kind.to_string(),
+    };
+    Problem { name, message }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsString;
     use std::io::Write;
 
-    fn load_str(toml: &str) -> Result<Config, ConfigError> {
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+        pairs.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
+    }
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> (tempfile::NamedTempFile, Result<Loaded, ConfigError>) {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         file.write_all(toml.as_bytes()).unwrap();
-        Config::load_with_env(Some(file.path()), Env::prefixed("AEROSTREAM_TEST_NONE__"))
+        let loaded = Loaded::read(Some(file.path()), vars(env));
+        (file, loaded)
+    }
+
+    fn load_str(toml: &str) -> Result<Config, ConfigError> {
+        load(toml, &[]).1.map(|loaded| loaded.config)
+    }
+
+    /// The names of the problems loading `toml` with `env` finds.
+    fn problem_names(toml: &str, env: &[(&str, &str)]) -> Vec<String> {
+        let (file, loaded) = load(toml, env);
+        let at = format!(" in {}", file.path().display());
+        loaded
+            .unwrap_err()
+            .problems()
+            .iter()
+            .map(|problem| problem.name.replace(&at, ""))
+            .collect()
     }
 
     #[test]
     fn shipped_config_parses_and_uses_both_subscription_kinds() {
-        let config = Config::load_with_env(None, Env::prefixed("AEROSTREAM_TEST_NONE__")).unwrap();
+        let config = Loaded::read(None, vars(&[])).unwrap().config;
         let kinds: Vec<_> = config.inputs.values().map(|i| i.subscription_type).collect();
         assert!(kinds.contains(&SubscriptionKind::Failover));
         assert!(kinds
@@ -461,15 +885,145 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let err = load_str("[http]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n").unwrap_err();
-        assert!(err.to_string().contains("lisen"), "{err}");
+        assert!(err.to_string().contains("`http.lisen`"), "{err}");
     }
 
     #[test]
     fn bad_value_is_named() {
         let err = load_str("[actors]\nmailbox_capacity = \"many\"\n").unwrap_err();
-        assert!(err.to_string().contains("mailbox_capacity"), "{err}");
+        assert!(err.to_string().contains("`actors.mailbox_capacity`"), "{err}");
         let err = load_str("[idempotency]\nwindow_seconds = 0\n").unwrap_err();
         assert!(err.to_string().contains("idempotency.window_seconds"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_named_as_written_in_the_file_and_the_environment() {
+        let names = problem_names(
+            "[broker]\nurl = \"pulsar://\"\n\n[daemon]\ncache_mb = 5\nlog_format = \"xml\"\n\n\
+             [http]\nlisten = \"nowhere\"\n\n[inputs.payments]\nmax_in_flight = \"lots\"\n",
+            &[
+                ("AEROSTREAM__HTTP__LISTNE", "127.0.0.1:1"),
+                ("AEROSTREAM__ACTORS__ARBITERS", "two"),
+                ("AEROSTREAM_DEMO_EVENTS", "5"),
+                ("PATH", "/bin"),
+            ],
+        );
+        assert_eq!(
+            names,
+            [
+                "`daemon.cache_mb`",
+                "`daemon.log_format`",
+                "`http.listen`",
+                "`inputs.payments.max_in_flight`",
+                "AEROSTREAM__ACTORS__ARBITERS",
+                "AEROSTREAM__HTTP__LISTNE",
+                // Checked with the values that are valid alone.
+                "`broker.url`",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_new_input_is_checked_whole_with_its_keys_named() {
+        let input = "topic = \"t\"\nsubscription = \"s\"\nsubscription_type = \"failover\"\n\
+                     max_in_flight = 8\nmax_redeliveries = 1\ndead_letter_topic = \"t-DLQ\"\n\
+                     retry_delay_ms = 10\nretry_max_delay_ms = 20\ndefault_dataschema = \"\"\n";
+        let (_file, loaded) = load(&format!("[inputs.orders]\n{input}"), &[]);
+        assert_eq!(loaded.unwrap().config.inputs["orders"].max_in_flight, 8);
+        let names = problem_names(
+            &format!(
+                "[inputs.orders]\n{}",
+                input.replace("max_in_flight = 8", "max_in_flight = -1")
+            ),
+            &[],
+        );
+        assert_eq!(names, ["`inputs.orders.max_in_flight`"]);
+        // Set by variables alone, the new input's keys are checked together.
+        let env: Vec<(String, String)> = input
+            .lines()
+            .map(|line| {
+                let (key, value) = line.split_once(" = ").unwrap();
+                (
+                    format!("AEROSTREAM__INPUTS__ORDERS__{}", key.to_uppercase()),
+                    value.trim_matches('"').to_owned(),
+                )
+            })
+            .collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let loaded = Loaded::read(None, vars(&env)).unwrap();
+        assert_eq!(loaded.config.inputs["orders"].dead_letter_topic, "t-DLQ");
+    }
+
+    #[test]
+    fn a_broker_url_without_a_host_is_refused() {
+        for url in ["pulsar://", "pulsar:///x", "http://broker:6650", "127.0.0.1:6650"] {
+            let names = problem_names("", &[("AEROSTREAM__BROKER__URL", url)]);
+            assert_eq!(names, ["AEROSTREAM__BROKER__URL"], "{url}");
+        }
+        let names = problem_names("[broker]\nurl = \"pulsar://\"\n", &[]);
+        assert_eq!(names, ["`broker.url`"]);
+        for url in [
+            "pulsar://127.0.0.1:6650",
+            "pulsar+ssl://broker.example:6651",
+            "pulsar://b",
+        ] {
+            let (_file, loaded) = load(&format!("[broker]\nurl = {url:?}\n"), &[]);
+            assert!(loaded.is_ok(), "{url}");
+        }
+    }
+
+    #[test]
+    fn a_value_checked_with_others_is_named_where_it_was_set() {
+        let names = problem_names(
+            "[inputs.campaigns]\nretry_max_delay_ms = 1\n",
+            &[("AEROSTREAM__GATEWAY__DECLINE_RATE", "2.0")],
+        );
+        assert_eq!(
+            names,
+            [
+                "AEROSTREAM__GATEWAY__DECLINE_RATE",
+                "`inputs.campaigns.retry_max_delay_ms`"
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_toml_is_one_problem_naming_the_file() {
+        let (file, loaded) = load("[http\nlisten = 1\n", &[]);
+        let problems = loaded.unwrap_err().problems().to_vec();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].name, file.path().display().to_string());
+    }
+
+    #[test]
+    fn print_names_every_source_and_masks_secrets() {
+        let (file, loaded) = load(
+            "[http]\nadmin_token = \"hunter2\"\n\n[chaos.failpoints]\n\"store::commit\" = \"off\"\n",
+            &[("AEROSTREAM__BROKER__URL", "pulsar://b:1")],
+        );
+        let printed = loaded.unwrap().print();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        let line = |start: &str| {
+            printed
+                .lines()
+                .find(|line| line.starts_with(start))
+                .unwrap_or_else(|| panic!("no {start:?} in\n{printed}"))
+                .to_owned()
+        };
+        let file = file.path().display().to_string();
+        assert_eq!(
+            line("admin_token"),
+            format!("admin_token = \"{REDACTED}\"  # file {file}")
+        );
+        assert_eq!(
+            line("url"),
+            "url = \"pulsar://b:1\"  # env AEROSTREAM__BROKER__URL"
+        );
+        assert_eq!(line("cache_mib"), "cache_mib = 64  # default");
+        assert!(line("\"store::commit\"").ends_with(&format!("# file {file}")));
+        // What is printed loads back to the same configuration (less the secret).
+        let reloaded: Config = toml::from_str(&printed).unwrap();
+        assert_eq!(reloaded.broker.url, "pulsar://b:1");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use futures::stream::FuturesOrdered;
 use futures::TryStreamExt;
 use pulsar::consumer::{InitialPosition, Message};
 use pulsar::proto::MessageIdData;
-use pulsar::{ConsumerOptions, Pulsar, SubType, TokioExecutor};
+use pulsar::{ConsumerOptions, SubType};
 use serde::Serialize;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -317,8 +317,7 @@ impl End {
 /// Connects to the broker of `config`, giving up after [`BROKER_TIMEOUT`].
 pub async fn connect(config: &Config) -> Result<Client, DlqError> {
     let url = config.broker.url.clone();
-    let build = Pulsar::builder(url.clone(), TokioExecutor).build();
-    tokio::time::timeout(BROKER_TIMEOUT, build)
+    tokio::time::timeout(BROKER_TIMEOUT, Client::open(&url))
         .await
         .map_err(|_| DlqError::BrokerTimeout(url))?
         .map_err(DlqError::from)

@@ -36,6 +36,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Mutex};
+use tracing::Instrument as _;
+
+/// Per-message log lines, each let through once per period with a count of those held back.
+mod repeated {
+    use crate::logging::{RateLimit, REPEATED_EVERY};
+    pub static DEAD_LETTERING: RateLimit = RateLimit::new(REPEATED_EVERY);
+    pub static NOT_DEAD_LETTERED: RateLimit = RateLimit::new(REPEATED_EVERY);
+    pub static DEAD_LETTERED_COPY: RateLimit = RateLimit::new(REPEATED_EVERY);
+    pub static RETRYING: RateLimit = RateLimit::new(REPEATED_EVERY);
+    pub static STORE_WAIT: RateLimit = RateLimit::new(REPEATED_EVERY);
+    pub static ACK_FAILED: RateLimit = RateLimit::new(REPEATED_EVERY);
+}
 
 /// What the processing of every input shares.
 pub struct Pipeline {
@@ -428,7 +440,7 @@ async fn finish(name: &str, consumer: &mut Partitions, message: Message<Vec<u8>>
     if let Verdict::Ack = verdict {
         if let Err(error) = consumer.ack(&message).await {
             // The broker will redeliver; the idempotency window makes that harmless.
-            tracing::warn!(input = %name, error = %error, "Ack failed; the message will be redelivered.");
+            crate::limited!(repeated::ACK_FAILED, warn, input = %name, error = %error, "Ack failed; the message will be redelivered.");
         }
     }
 }
@@ -494,7 +506,16 @@ async fn attempt(name: &str, pipeline: &Pipeline, incoming: &Arc<Incoming>, rece
 }
 
 fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<DeadLetters>, ready: Ready) -> Work {
+    // Everything logged about this event, in any of its attempts, carries these (a debug log
+    // follows one event).
+    let span = tracing::debug_span!(
+        "event",
+        input = %name,
+        aggregate = %ready.incoming.aggregate().id,
+        event_id = %ready.incoming.envelope.id,
+    );
     Box::pin(async move {
+        tracing::debug!(event_type = %ready.incoming.envelope.event_type, "Event received.");
         let Ready {
             seq,
             message,
@@ -546,7 +567,7 @@ fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<DeadLetters>
             if let ApplyError::Store(store_error) = &error {
                 if store_error.is_unavailable() {
                     pipeline.store.note_failure(store_error);
-                    tracing::warn!(input = %name, error = %error, "The store cannot write; the event waits for it.");
+                    crate::limited!(repeated::STORE_WAIT, warn, input = %name, error = %error, "The store cannot write; the event waits for it.");
                     tokio::select! {
                         _ = pipeline.store.wait_writable() => continue,
                         _ = shutdown.wait_for(|stop| *stop) => break Ok((Verdict::Leave, None)),
@@ -563,24 +584,28 @@ fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<DeadLetters>
                 });
             }
             counter!(EVENTS_RETRIED, "input" => name.to_string()).increment(1);
-            tracing::warn!(input = %name, error = %error, failures, "Event not applied; retrying it.");
+            crate::limited!(repeated::RETRYING, warn, input = %name, error = %error, failures, "Event not applied; retrying it.");
             if !dead_letters.backoff.wait(failures, &mut shutdown).await {
                 break Ok((Verdict::Leave, None));
             }
         };
         match ending {
-            Ok((verdict, publish_through)) => Done {
-                seq,
-                message,
-                key,
-                verdict,
-                publish_through,
-            },
+            Ok((verdict, publish_through)) => {
+                tracing::debug!(acked = matches!(verdict, Verdict::Ack), "Event done.");
+                Done {
+                    seq,
+                    message,
+                    key,
+                    verdict,
+                    publish_through,
+                }
+            }
             Err(letter) => dead_letter(name, dead_letters, seq, message, letter)
                 .await
                 .with_key(key),
         }
-    })
+    }
+    .instrument(span))
 }
 
 impl Done {
@@ -621,7 +646,7 @@ fn already_dead_lettered(
     match store.dead_lettered(&message_ref(message)) {
         Ok(remembered) => {
             if remembered {
-                tracing::info!(input = %name, source_message_id = %source_message_id(message), "Message dead-lettered already; acking this copy.");
+                crate::limited!(repeated::DEAD_LETTERED_COPY, info, input = %name, source_message_id = %source_message_id(message), "Message dead-lettered already; acking this copy.");
                 let event_type = event_type.unwrap_or(UNDECODED_EVENT_TYPE).to_owned();
                 counter!(EVENTS_REDELIVERED, "input" => name.to_owned(), "event_type" => event_type)
                     .increment(1);
@@ -652,7 +677,7 @@ async fn publish_dead_letter(
         if already_dead_lettered(name, &letters.store, message, letter.event_type.as_deref()) {
             return Ok(());
         }
-        tracing::warn!(input = %name, reason = letter.reason, detail = %letter.detail, "Dead-lettering message.");
+        crate::limited!(repeated::DEAD_LETTERING, warn, input = %name, reason = letter.reason, detail = %letter.detail, "Dead-lettering message.");
         let properties: Vec<(String, String)> = message
             .payload
             .metadata
@@ -692,6 +717,8 @@ fn dead_letter(
     message: Message<Vec<u8>>,
     letter: Letter,
 ) -> Work {
+    let span =
+        tracing::debug_span!("message", input = %name, source_message_id = %source_message_id(&message));
     Box::pin(async move {
         let mut shutdown = dead_letters.shutdown.clone();
         let mut failures = 0;
@@ -700,7 +727,7 @@ fn dead_letter(
                 Ok(()) => break Verdict::Ack,
                 Err(error) => {
                     failures += 1;
-                    tracing::error!(input = %name, error = %error, failures, "Message not dead-lettered; not acking, retrying.");
+                    crate::limited!(repeated::NOT_DEAD_LETTERED, error, input = %name, error = %error, failures, "Message not dead-lettered; not acking, retrying.");
                     if !dead_letters.backoff.wait(failures, &mut shutdown).await {
                         break Verdict::Leave;
                     }
@@ -714,5 +741,6 @@ fn dead_letter(
             verdict,
             publish_through: None,
         }
-    })
+    }
+    .instrument(span))
 }

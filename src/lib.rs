@@ -2,7 +2,8 @@
 //! actix actors (the `aerostream_actors` crate). This crate holds all the I/O.
 //!
 //! # Layout
-//! - [`config`]: the shipped `config.toml`, overlays, validation.
+//! - [`config`]: the shipped `config.toml`, overlays, validation naming every problem, where each
+//!   value came from (`config check`, `config print`).
 //! - [`codec`]: Avro schemas (`schemas/`) and the wire codec to and from domain events.
 //! - [`store`]: sled implementation of the actors' `StateStore` port (state, idempotency window, outbox).
 //! - [`committer`]: the thread that writes actors' commits many per sled transaction.
@@ -16,7 +17,8 @@
 //! - [`http`], [`views`]: the HTTP API and its JSON views.
 //! - [`status`]: `aerostream status`, one screen about a running daemon from its HTTP API.
 //! - [`tables`]: the plain text tables those commands print.
-//! - [`telemetry`]: metric names, the Prometheus recorder, logging.
+//! - [`telemetry`]: metric names, the Prometheus recorder.
+//! - [`logging`]: log set-up, the pulsar client's records at DEBUG, rate-limited repeated lines.
 //! - [`generator`], [`produce`]: reproducible demo/test traffic and its expected state.
 //! - [`daemon`]: wiring and orderly shutdown.
 
@@ -34,6 +36,7 @@ pub mod dlq;
 pub mod generator;
 pub mod http;
 pub mod ingest;
+pub mod logging;
 pub mod outbox;
 pub mod partitions;
 pub mod produce;

@@ -1,7 +1,7 @@
 //! The `aerostream` binary: parses arguments and calls into the library.
 
 use aerostream::codec::{compat, Codec, SchemaRegistry};
-use aerostream::config::Config;
+use aerostream::config::{Config, Loaded};
 use aerostream::dlq::{self, DeadLetterId};
 use aerostream::{daemon, generator, produce, status, telemetry};
 use anyhow::Context;
@@ -20,23 +20,38 @@ struct Cli {
     command: Command,
 }
 
+/// Said under every command that reads the configuration.
+const CONFIG_HELP: &str = "Configuration: the shipped defaults (config.toml, built in), overlaid by \
+--config FILE, overlaid by environment variables named AEROSTREAM__<TABLE>__<KEY> (for example \
+AEROSTREAM__BROKER__URL=pulsar://broker:6650 or AEROSTREAM__HTTP__ADMIN_TOKEN=secret). \
+RUST_LOG overrides daemon.log_level. `aerostream config check` names every problem; \
+`aerostream config print` shows each value and where it came from.";
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon.
+    #[command(after_help = CONFIG_HELP)]
     Run {
-        /// Configuration file, overlaid on the shipped defaults.
-        #[arg(long)]
+        /// Configuration file, overlaid on the shipped defaults (see below).
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Publish a generated, reproducible event stream and write the state it must produce.
+    ///
+    /// Shows a progress line (rate, published, elapsed, ETA) on a terminal and a plain line every
+    /// few seconds otherwise, then a summary.
+    #[command(after_help = CONFIG_HELP)]
     Produce {
-        #[arg(long)]
+        /// Configuration file: the broker and the input topics to publish to (see below).
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// Random seed: the same seed gives the same stream.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Campaigns in the stream (ids camp-00000, camp-00001, …).
         #[arg(long, default_value_t = 50)]
         campaigns: usize,
+        /// Payments in the stream (ids pago-000000, pago-000001, …).
         #[arg(long, default_value_t = 500)]
         payments: usize,
         /// Distinct events in all.
@@ -55,10 +70,15 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         conflicts: f64,
         /// Where to write the expected final state (JSON).
-        #[arg(long, default_value = "expected-state.json")]
+        #[arg(long, default_value = "expected-state.json", value_name = "FILE")]
         expected_out: PathBuf,
     },
-    /// Work with the Avro schemas under schemas/.
+    /// Check or show the configuration without starting the daemon.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Work with the Avro schemas (those built into this binary, or a directory of them).
     Schemas {
         #[command(subcommand)]
         command: SchemasCommand,
@@ -196,11 +216,33 @@ struct StatusArgs {
 }
 
 #[derive(Subcommand)]
-enum SchemasCommand {
-    /// Load and parse every schema in the manifest.
+enum ConfigCommand {
+    /// Load the configuration as `run` would and name every problem; exits non-zero on any.
+    #[command(after_help = CONFIG_HELP)]
     Check {
-        #[arg(long, default_value = "schemas")]
-        dir: PathBuf,
+        /// Configuration file, overlaid on the shipped defaults.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Print the effective configuration as TOML, secrets masked, each value followed by where
+    /// it came from (default, file, or env variable).
+    #[command(after_help = CONFIG_HELP)]
+    Print {
+        /// Configuration file, overlaid on the shipped defaults.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SchemasCommand {
+    /// Parse every schema in the manifest and check each subject's compatibility rule between its
+    /// versions.
+    Check {
+        /// A directory holding manifest.toml and the .avsc files; without it, the schemas built
+        /// into this binary.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -269,19 +311,53 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &expected_out,
             ))?;
             println!(
-                "published {} messages ({} distinct events, {} conflicts) in {:.1}s; expected state in {}",
+                "published {} messages ({} distinct events, {} conflicts) in {:.1}s ({:.0}/s); expected state in {}",
                 report.published,
                 report.distinct,
                 report.conflicts,
                 report.elapsed.as_secs_f64(),
+                report.published as f64 / report.elapsed.as_secs_f64().max(0.001),
                 expected_out.display()
             );
             Ok(())
         }
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => {
+            let loaded = Loaded::read(config.as_deref(), std::env::vars_os())?;
+            let file = config.map_or("no file".to_owned(), |path| path.display().to_string());
+            println!(
+                "configuration ok (shipped defaults, {file}, {} environment variable(s)); {} input(s), broker {}",
+                loaded.env_vars().count(),
+                loaded.config.inputs.len(),
+                loaded.config.broker.url
+            );
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Print { config },
+        } => {
+            let loaded = Loaded::read(config.as_deref(), std::env::vars_os())?;
+            let written = std::io::Write::write_all(&mut std::io::stdout(), loaded.print().as_bytes());
+            match written {
+                // Read by a pager or `head` that stopped early.
+                Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                written => Ok(written?),
+            }
+        }
         Command::Schemas {
             command: SchemasCommand::Check { dir },
         } => {
-            let registry = SchemaRegistry::load(&dir)?;
+            let registry = match &dir {
+                Some(dir) => {
+                    println!("schemas in {}", dir.display());
+                    SchemaRegistry::load(dir)?
+                }
+                None => {
+                    println!("schemas built into this binary");
+                    SchemaRegistry::shipped()
+                }
+            };
             let mut broken = 0;
             for subject in registry.subjects() {
                 let versions: Vec<&str> = subject.versions.iter().map(|v| v.version.as_str()).collect();

@@ -28,7 +28,7 @@
 //! has no outcome here: its next delivery is consumed and counted again.
 
 use crate::codec::{DecodeReason, WireType};
-use crate::config::{DaemonConfig, LogFormat};
+use crate::config::DaemonConfig;
 use aerostream_actors::ports::ActorObserver;
 use aerostream_actors::{AggregateKind, RejectReason, ReportVersion};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
@@ -311,17 +311,10 @@ impl ActorObserver for MetricsObserver {
     }
 }
 
-/// Initialises `tracing` as configured; `RUST_LOG` overrides the configured level.
+/// Initialises `tracing` as configured (see [`crate::logging`]); `RUST_LOG` overrides the
+/// configured level.
 pub fn init_logging(config: &DaemonConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match config.log_format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
+    crate::logging::init(config);
 }
 
 #[cfg(test)]

@@ -70,7 +70,7 @@ fn a_client_stuck_on_a_dead_connection_is_replaced_and_consumption_resumes() {
         daemon.log_tail()
     );
     assert!(
-        daemon.log_text().contains("replaced it"),
+        daemon.log_text().contains("Replaced the Pulsar client"),
         "the renewal is logged\n{}",
         daemon.log_tail()
     );

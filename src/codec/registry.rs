@@ -118,7 +118,8 @@ const SHIPPED_FILES: [(&str, &str); 20] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
-    #[error("cannot read {path}: {source}")]
+    // The cause is the source, shown once by whoever prints the chain.
+    #[error("cannot read {path}")]
     Io {
         path: PathBuf,
         #[source]
