@@ -27,14 +27,8 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
     }
 }
 
-/// pulsar-lite's Key_Shared dispatcher stalls when a consumer leaves mid-backlog (README, "Known
-/// limitation of the local broker"), and these tests kill and restart daemons: payments use a
-/// Failover subscription here instead of the shipped Key_Shared.
-const PULSAR_LITE_INPUTS: &str = "[inputs.payments]\nsubscription_type = \"failover\"\n";
-
 /// A config file for a test daemon: its own data dir and HTTP port, the given broker, and `extra`
-/// TOML appended (it must not repeat a table header used here). Payments use Failover (see
-/// `PULSAR_LITE_INPUTS`): for tests that kill or restart daemons. Tests build theirs with
+/// TOML appended (it must not repeat a table header used here). Tests build theirs with
 /// [`super::harness::Harness`]; this form is for those not moved to it yet.
 pub fn write_config(dir: &Path, broker_url: &str, http_port: u16, extra: &str) -> anyhow::Result<PathBuf> {
     write_config_file(
@@ -44,13 +38,12 @@ pub fn write_config(dir: &Path, broker_url: &str, http_port: u16, extra: &str) -
         "shutdown_timeout_seconds = 20",
         "",
         extra,
-        false,
     )
 }
 
 /// Writes `aerostream.toml` in `dir`: `[daemon]` with `data_dir = dir/data` and `daemon_keys`,
-/// `[broker]` at `broker_url`, `[http]` on `http_port` with `http_keys`, then `extra`; with
-/// payments on Failover unless `shipped_inputs` (see `PULSAR_LITE_INPUTS`).
+/// `[broker]` at `broker_url`, `[http]` on `http_port` with `http_keys`, then `extra`; every input
+/// as shipped unless `extra` says otherwise.
 pub fn write_config_file(
     dir: &Path,
     broker_url: &str,
@@ -58,15 +51,13 @@ pub fn write_config_file(
     daemon_keys: &str,
     http_keys: &str,
     extra: &str,
-    shipped_inputs: bool,
 ) -> anyhow::Result<PathBuf> {
     let path = dir.join("aerostream.toml");
     let data_dir = dir.join("data");
-    let inputs = if shipped_inputs { "" } else { PULSAR_LITE_INPUTS };
     let body = format!(
         "[daemon]\ndata_dir = {data:?}\n{daemon_keys}\n\n\
          [broker]\nurl = {broker_url:?}\nhealth_probe_interval_seconds = 1\n\n\
-         [http]\nlisten = \"127.0.0.1:{http_port}\"\n{http_keys}\n{extra}\n\n{inputs}",
+         [http]\nlisten = \"127.0.0.1:{http_port}\"\n{http_keys}\n{extra}\n",
         data = data_dir.display().to_string(),
     );
     std::fs::File::create(&path)?.write_all(body.as_bytes())?;

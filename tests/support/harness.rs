@@ -28,7 +28,6 @@ pub const HEALTHY_WITHIN: Duration = Duration::from_secs(30);
 pub struct Builder {
     partitions: u32,
     broker_data_in_dir: bool,
-    shipped_inputs: bool,
     admin_token: Option<String>,
     chaos: Option<bool>,
     daemon_keys: Vec<String>,
@@ -46,13 +45,6 @@ impl Builder {
     /// `stop_broker`/`start_broker`.
     pub fn broker_data_in_dir(mut self) -> Self {
         self.broker_data_in_dir = true;
-        self
-    }
-
-    /// Every input's subscription as shipped (payments on Key_Shared): for tests without consumer
-    /// churn. The default is payments on Failover (see `daemon::write_config`).
-    pub fn shipped_inputs(mut self) -> Self {
-        self.shipped_inputs = true;
         self
     }
 
@@ -80,7 +72,7 @@ impl Builder {
     }
 
     /// TOML appended to the config: tables other than `[daemon]`, `[broker]`, `[http]`, `[chaos]`
-    /// (and `[inputs.payments]` unless [`Builder::shipped_inputs`]).
+    /// (and any `[inputs.*]` it names is overlaid on the shipped one).
     pub fn extra(mut self, toml: &str) -> Self {
         self.extra = toml.to_owned();
         self
@@ -262,7 +254,6 @@ impl Node {
             &daemon_keys.join("\n"),
             &http,
             &extra,
-            options.shipped_inputs,
         )
         .unwrap();
         let config = Config::load(Some(&config_path)).unwrap();
