@@ -44,7 +44,6 @@ pub const UNDECODED_EVENT_TYPE: &str = "undecoded";
 pub const EVENTS_REJECTED: &str = "aerostream_events_rejected_total";
 pub const EVENTS_DEAD_LETTERED: &str = "aerostream_events_dead_lettered_total";
 pub const EVENTS_RETRIED: &str = "aerostream_events_retried_total";
-pub const CONSUMER_REDELIVERIES: &str = "aerostream_consumer_redeliveries_total";
 pub const PROCESSING_DURATION: &str = "aerostream_processing_duration_seconds";
 pub const ACTORS_ACTIVE: &str = "aerostream_actors_active";
 pub const ACTOR_RESTARTS: &str = "aerostream_actor_restarts_total";
@@ -120,7 +119,6 @@ pub const METRICS: &[Described] = &[
     described(EVENTS_REJECTED, Counter, COUNT, "Events refused by a business rule, by reason; each is dead-lettered with that reason."),
     described(EVENTS_DEAD_LETTERED, Counter, COUNT, "Messages dead-lettered before reaching an aggregate (undecodable or invalid), by reason; rejections are counted as rejected."),
     described(EVENTS_RETRIED, Counter, COUNT, "Messages given back to the broker for redelivery after a failure."),
-    described(CONSUMER_REDELIVERIES, Counter, COUNT, "Messages given back by this consumer that the broker delivered again."),
     described(PROCESSING_DURATION, Histogram, SECONDS, "Time from receiving a message to its durable commit (applied, deduplicated or redelivered)."),
     described(ACTORS_ACTIVE, Gauge, COUNT, "Running aggregate actors."),
     described(ACTOR_RESTARTS, Counter, COUNT, "Aggregate actors restarted by their supervisor after a panic."),
@@ -220,7 +218,6 @@ pub fn zero_counters<'a>(inputs: impl IntoIterator<Item = &'a str>) {
     for input in inputs {
         counter!(EVENTS_CONSUMED, "input" => input.to_owned()).increment(0);
         counter!(EVENTS_RETRIED, "input" => input.to_owned()).increment(0);
-        counter!(CONSUMER_REDELIVERIES, "input" => input.to_owned()).increment(0);
         for event_type in input_event_types() {
             for name in [EVENTS_APPLIED, EVENTS_DEDUPLICATED, EVENTS_REDELIVERED] {
                 counter!(name, "input" => input.to_owned(), "event_type" => event_type).increment(0);
