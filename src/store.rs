@@ -160,6 +160,10 @@ pub const FAILPOINT_WRITE: &str = "store::write";
 /// (`return(unavailable|corrupt|internal)`, internal by default), or is slowed (`sleep(ms)`).
 pub const FAILPOINT_COMMIT: &str = "store::commit";
 
+/// Fail point (tests only): between a commit's transaction and its update of the outbox's
+/// published mark, where the publisher may delete the commit's entries first.
+pub const FAILPOINT_OUTBOX_MARK: &str = "store::outbox_mark";
+
 /// Fail point: making writes durable fails (as an fsync can), while writes themselves succeed.
 pub const FAILPOINT_FLUSH: &str = "store::flush";
 
@@ -925,6 +929,7 @@ impl SledStore {
             // Read from the tree, not lowered to this batch's first entry: the publisher may have
             // published and deleted the batch's entries already, and a mark lowered to an entry
             // that is gone would hold every later ack until the next deletion.
+            fail::fail_point!(FAILPOINT_OUTBOX_MARK);
             self.outbox_published();
             self.outbox_added.notify_one();
         }
@@ -1774,6 +1779,56 @@ mod tests {
             model.summary["n"].count, 3,
             "the committed commits' changes, each once"
         );
+    }
+
+    /// The publisher deletes a commit's entries before the commit has updated the published mark:
+    /// the mark must not be left on the deleted entries, or the acks waiting for it would wait for
+    /// ever (seen after a SIGKILL restart in the chaos run).
+    #[tokio::test]
+    async fn entries_published_before_their_commit_updates_the_mark_hold_no_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            SledStore::open(dir.path(), 10, Arc::new(TestClock(AtomicI64::new(0))))
+                .unwrap()
+                .with_changelog("here".into()),
+        );
+        // Only the committing thread below stops at the fail point, until told to go on.
+        let (reached, at_point) = std::sync::mpsc::channel();
+        let (go, wait_go) = std::sync::mpsc::channel::<()>();
+        let wait_go = std::sync::Mutex::new(wait_go);
+        fail::cfg_callback(FAILPOINT_OUTBOX_MARK, move || {
+            if std::thread::current().name() == Some("racing-commit") {
+                reached.send(()).unwrap();
+                wait_go.lock().unwrap().recv().unwrap();
+            }
+        })
+        .unwrap();
+        let committing = {
+            let store = store.clone();
+            std::thread::Builder::new()
+                .name("racing-commit".into())
+                .spawn(move || {
+                    let hash = hex::encode([5u8; 32]);
+                    let aggregate = key("race");
+                    store.commit_batch(&[commit(&aggregate, "k-race", &hash, 0)]);
+                })
+                .unwrap()
+        };
+        at_point.recv().unwrap();
+        // The publisher's turn: it publishes and deletes the entries, and recomputes the mark.
+        for (seq, _) in store.outbox_entries(100).unwrap() {
+            store.outbox_remove(&seq).unwrap();
+        }
+        store.outbox_published();
+        go.send(()).unwrap();
+        committing.join().unwrap();
+        fail::remove(FAILPOINT_OUTBOX_MARK);
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            store.wait_published(store.outbox_high_water()),
+        )
+        .await
+        .expect("nothing left in the outbox: nothing to wait for");
     }
 
     #[test]
