@@ -256,6 +256,9 @@ fn a_changelog_subscription_that_delivers_nothing_is_replaced_and_the_restart_se
     let (config, runtime) = (harness.config(), harness.runtime());
     let plan = plan(config, 8, 10, 200, 14_000);
     let mut daemon = harness.spawn();
+    // Not healthy yet (its first barrier waits for the deaf subscription to be replaced), but
+    // subscribed: what is published from now on is delivered.
+    daemon.wait_subscribed(Duration::from_secs(30)).unwrap();
     let publisher = publish(runtime, config, &plan);
     // Each life starts on a deaf subscription; a SIGKILL mid-stream leaves withdrawn commits.
     let mut settled_restarts = 0;

@@ -123,6 +123,19 @@ impl Daemon {
         .with_context(|| self.log_tail())
     }
 
+    /// Waits until every input has subscribed (/health's `components.inputs.*.subscribed`),
+    /// whatever else /health says: messages published before a subscription exists are not
+    /// delivered to it.
+    pub fn wait_subscribed(&self, timeout: Duration) -> anyhow::Result<()> {
+        wait_for("every input subscribed", timeout, || {
+            let response = self.http.get(format!("{}/health", self.base_url)).send().ok()?;
+            let body: serde_json::Value = response.json().ok()?;
+            let inputs = body["components"]["inputs"].as_object()?;
+            (!inputs.is_empty() && inputs.values().all(|input| input["subscribed"] == true)).then_some(())
+        })
+        .with_context(|| self.log_tail())
+    }
+
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let response = self.http.get(format!("{}{path}", self.base_url)).send()?;
         let status = response.status();
