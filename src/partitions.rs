@@ -7,17 +7,22 @@
 //! unique (`broker::unique_consumer_id`).
 
 use crate::broker::{self, Client};
-use futures::future::select_all;
 use futures::{FutureExt, StreamExt};
 use pulsar::consumer::Message;
 use pulsar::proto::MessageIdData;
 use pulsar::{Consumer, ConsumerBuilder, TokioExecutor};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 type PartitionConsumer = Consumer<Vec<u8>, TokioExecutor>;
 
 pub struct Partitions {
     consumers: Vec<PartitionConsumer>,
+    /// The topic of each consumer's partition, in the order of `consumers`.
+    topics: Vec<String>,
+    /// The consumer [`Partitions::next`] polls first: each in turn, so that no partition waits
+    /// behind a busy one.
+    next_first: usize,
 }
 
 impl Partitions {
@@ -34,25 +39,41 @@ impl Partitions {
             n => (0..n).map(|i| format!("{topic}-partition-{i}")).collect(),
         };
         let mut consumers = Vec::with_capacity(topics.len());
-        for partition in topics {
+        for partition in &topics {
             let id = broker::unique_consumer_id();
             let builder = client.get().consumer().with_topic(partition).with_consumer_id(id);
             consumers.push(build(builder, id).build::<Vec<u8>>().await?);
         }
-        Ok(Partitions { consumers })
+        // As the client names them on the messages it delivers.
+        let topics = consumers.iter().flat_map(|c| c.topics()).collect();
+        Ok(Partitions {
+            consumers,
+            topics,
+            next_first: 0,
+        })
     }
 
     /// The next message of any partition; `None` once a partition's stream ended.
     pub async fn next(&mut self) -> Option<Result<Message<Vec<u8>>, pulsar::Error>> {
-        let (received, _, _) = select_all(self.consumers.iter_mut().map(|c| c.next())).await;
-        received
+        std::future::poll_fn(|cx| {
+            let count = self.consumers.len();
+            for turn in 0..count {
+                let at = (self.next_first + turn) % count;
+                if let Poll::Ready(received) = self.consumers[at].poll_next_unpin(cx) {
+                    self.next_first = (at + 1) % count;
+                    return Poll::Ready(received);
+                }
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     fn of(&mut self, message: &Message<Vec<u8>>) -> &mut PartitionConsumer {
         let at = self
-            .consumers
+            .topics
             .iter()
-            .position(|c| c.topics().contains(&message.topic))
+            .position(|topic| *topic == message.topic)
             .unwrap_or(0);
         &mut self.consumers[at]
     }
@@ -72,7 +93,7 @@ impl Partitions {
 
     /// The topic of each partition (the topic itself when it is not partitioned).
     pub fn topics(&self) -> Vec<String> {
-        self.consumers.iter().flat_map(|c| c.topics()).collect()
+        self.topics.clone()
     }
 
     /// The id of the last message on each partition when asked, by partition topic: a reader that
