@@ -1,6 +1,7 @@
 //! The HTTP listener: health, metrics, the read API, reports, the event collector and admin routes
-//! (SPEC §8). Aggregate reads come from the store; reports and version switches go through the
-//! report service's actor.
+//! (SPEC §8). Aggregate reads come from the store, on actix's blocking pool (`web::block`) so that
+//! a page being read never delays /health or /metrics on the worker; lists are paged (`limit`,
+//! `after`). Reports and version switches go through the report service's actor.
 
 use crate::broker::BrokerHealth;
 use crate::codec::decode::content_hash;
@@ -8,7 +9,7 @@ use crate::collector::{CollectError, Collector};
 use crate::config::Secret;
 use crate::store::SledStore;
 use crate::telemetry::HTTP_REQUESTS;
-use crate::views::{CampaignView, LedgerView, PaymentView};
+use crate::views::{CampaignView, LedgerView, Page, PaymentView};
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::error::JsonPayloadError;
@@ -24,7 +25,7 @@ use aerostream_actors::{
 use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -136,17 +137,53 @@ async fn health(state: web::Data<HttpState>) -> HttpResponse {
     }
 }
 
+/// What each input holds now (`subscribed`, `held`): what a 404 can tell of events in flight.
+fn inputs_now(state: &HttpState) -> serde_json::Value {
+    state
+        .inputs
+        .iter()
+        .map(|(name, input)| {
+            let status = json!({
+                "subscribed": input.subscribed.load(Ordering::Relaxed),
+                "held": input.held.load(Ordering::Relaxed),
+            });
+            (name.clone(), status)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.prometheus.render())
 }
 
-/// What an API request can fail with; rendered as `{"error": ..., "detail": ...}`.
+/// What an API request can fail with; rendered as `{"error": ..., "detail": ...}`, and a 404 of
+/// the read API or kill-actor with its `reason` (`not_applied`, `not_in_memory`).
 #[derive(Debug, thiserror::Error)]
 enum ApiError {
-    #[error("{0}")]
-    NotFound(String),
+    /// No state for this aggregate or ledger. The daemon cannot tell an id never sent from one
+    /// whose events are not applied yet; it says so, with what its inputs hold now.
+    #[error(
+        "{what}. The daemon cannot tell an id that was never sent from one whose events are not \
+         applied yet: they may still wait in an input's backlog or be in flight (`inputs`: what \
+         each input holds now), or have been dead-lettered or rejected (the input's dead-letter \
+         topic, with a `reason`)"
+    )]
+    NotApplied {
+        /// What is missing, in a sentence.
+        what: String,
+        inputs: serde_json::Value,
+    },
+    /// The chaos route found no actor of this aggregate in memory.
+    #[error("{}", not_in_memory(*.kind, .id, *.stored))]
+    NotInMemory {
+        kind: AggregateKind,
+        id: String,
+        /// Whether the store holds the aggregate's state.
+        stored: bool,
+    },
     #[error("{0}")]
     Store(String),
     #[error("{0}")]
@@ -161,10 +198,24 @@ enum ApiError {
     Collect(#[from] CollectError),
 }
 
+/// Why kill-actor found no actor: an aggregate that exists runs an actor only while it is used.
+fn not_in_memory(kind: AggregateKind, id: &str, stored: bool) -> String {
+    let kind = kind.as_str();
+    if stored {
+        format!(
+            "no {kind} actor {id} in memory: the aggregate has state, but its actor is not running \
+             (stopped after actors.idle_seconds without events, or not needed since the daemon \
+             started); its next event starts it again, and then it can be killed"
+        )
+    } else {
+        format!("no {kind} {id} in this daemon's state, so no actor to kill")
+    }
+}
+
 impl actix_web::ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NotApplied { .. } | ApiError::NotInMemory { .. } => StatusCode::NOT_FOUND,
             ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -181,7 +232,7 @@ impl actix_web::ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let code = match self {
-            ApiError::NotFound(_) => "not_found",
+            ApiError::NotApplied { .. } | ApiError::NotInMemory { .. } => "not_found",
             ApiError::Store(_) => "store",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Unauthorized => "unauthorized",
@@ -189,7 +240,18 @@ impl actix_web::ResponseError for ApiError {
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::Collect(collect) => collect.code(),
         };
-        let mut response = error(self.status_code(), code, self.to_string());
+        let mut body = json!({ "error": code, "detail": self.to_string() });
+        match self {
+            ApiError::NotApplied { inputs, .. } => {
+                body["reason"] = json!("not_applied");
+                body["inputs"] = inputs.clone();
+            }
+            ApiError::NotInMemory { stored, .. } => {
+                body["reason"] = json!(if *stored { "not_in_memory" } else { "not_applied" });
+            }
+            _ => {}
+        }
+        let mut response = HttpResponse::build(self.status_code()).json(body);
         if let ApiError::Collect(CollectError::RateLimited { retry_after, .. }) = self {
             let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             if let Ok(value) = header::HeaderValue::from_str(&seconds.to_string()) {
@@ -204,41 +266,178 @@ fn store_error(e: impl std::fmt::Display) -> ApiError {
     ApiError::Store(e.to_string())
 }
 
-fn load<A: DeserializeOwned>(store: &SledStore, kind: AggregateKind, id: String) -> Result<A, ApiError> {
-    let key = AggregateKey { kind, id };
-    let bytes = store
-        .load(&key)
-        .map_err(store_error)?
-        .ok_or_else(|| ApiError::NotFound(format!("no {} {}", key.kind.as_str(), key.id)))?;
-    serde_json::from_slice(&bytes).map_err(store_error)
+/// Runs `read` on actix's blocking pool: store reads (a page scan, a cold page from disk) never
+/// hold the worker that answers /health and /metrics.
+async fn off_worker<R: Send + 'static>(
+    state: &HttpState,
+    read: impl FnOnce(&SledStore) -> Result<R, ApiError> + Send + 'static,
+) -> Result<R, ApiError> {
+    let store = state.store.clone();
+    web::block(move || read(&store)).await.map_err(store_error)?
 }
 
-async fn campaigns(state: web::Data<HttpState>) -> Result<HttpResponse, ApiError> {
-    let mut views = Vec::new();
-    for bytes in state.store.states(AggregateKind::Campaign) {
-        let campaign: Campaign = serde_json::from_slice(&bytes.map_err(store_error)?).map_err(store_error)?;
-        views.push(CampaignView::from(&campaign));
+/// The state of aggregate (`kind`, `id`), or [`ApiError::NotApplied`].
+async fn load<A: DeserializeOwned + Send + 'static>(
+    state: &HttpState,
+    kind: AggregateKind,
+    id: String,
+) -> Result<A, ApiError> {
+    let key = AggregateKey { kind, id };
+    let what = format!(
+        "{} {} has no state in this daemon: none of its events has been applied here nor imported \
+         from another daemon's changelog",
+        key.kind.as_str(),
+        key.id
+    );
+    let loaded = off_worker(state, move |store| {
+        let Some(bytes) = store.load(&key).map_err(store_error)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(store_error)
+    })
+    .await?;
+    loaded.ok_or_else(|| ApiError::NotApplied {
+        what,
+        inputs: inputs_now(state),
+    })
+}
+
+/// Items a list route answers when the request names no `limit`.
+pub const DEFAULT_PAGE_LIMIT: usize = 100;
+/// The largest `limit` a list route takes: a page is read and encoded in one piece.
+pub const MAX_PAGE_LIMIT: usize = 1_000;
+
+/// Bounds the pages read at once to half the cores (at least one): however many clients list,
+/// their scans leave CPU to the worker that answers /health and /metrics, and to consumption.
+/// Further page requests wait for a permit without holding the worker.
+pub struct PageReads(tokio::sync::Semaphore);
+
+impl PageReads {
+    fn for_this_machine() -> PageReads {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        PageReads(tokio::sync::Semaphore::new((cores / 2).max(1)))
     }
-    Ok(HttpResponse::Ok().json(views))
+}
+
+/// `?limit=N&after=ID` of a list route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    limit: Option<usize>,
+    /// The `next` of the previous page: this page starts after that id.
+    after: Option<String>,
+}
+
+/// Reads one page off the worker: `read(store, after, n)` answers up to `n` items with their ids
+/// in id order; one more than `limit` is read to know whether a next page exists. The page is
+/// encoded to JSON there too.
+async fn page<T: Serialize + Send + 'static>(
+    state: &HttpState,
+    reads: &PageReads,
+    query: PageQuery,
+    read: impl FnOnce(&SledStore, Option<&str>, usize) -> Result<Vec<(String, T)>, ApiError> + Send + 'static,
+) -> Result<HttpResponse, ApiError> {
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE_LIMIT);
+    if !(1..=MAX_PAGE_LIMIT).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_PAGE_LIMIT} (default {DEFAULT_PAGE_LIMIT}), not {limit}"
+        )));
+    }
+    let _permit = reads.0.acquire().await.map_err(store_error)?;
+    let body = off_worker(state, move |store| {
+        let mut rows = read(store, query.after.as_deref(), limit + 1)?;
+        let next = (rows.len() > limit).then(|| {
+            rows.truncate(limit);
+            rows.last().map(|(id, _)| id.clone())
+        });
+        let page = Page {
+            items: rows.into_iter().map(|(_, item)| item).collect(),
+            next: next.flatten(),
+        };
+        serde_json::to_vec(&page).map_err(store_error)
+    })
+    .await?;
+    Ok(HttpResponse::Ok().content_type("application/json").body(body))
+}
+
+/// Parses stored states of `A` and makes each a view.
+fn views<A: DeserializeOwned, V>(
+    rows: Vec<(String, Vec<u8>)>,
+    view: impl Fn(&A) -> V,
+) -> Result<Vec<(String, V)>, ApiError> {
+    rows.into_iter()
+        .map(|(id, bytes)| {
+            let aggregate: A = serde_json::from_slice(&bytes).map_err(store_error)?;
+            Ok((id, view(&aggregate)))
+        })
+        .collect()
+}
+
+async fn campaigns(
+    state: web::Data<HttpState>,
+    reads: web::Data<PageReads>,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    page(&state, &reads, query.into_inner(), |store, after, limit| {
+        let rows = store
+            .states_after(AggregateKind::Campaign, after, limit)
+            .map_err(store_error)?;
+        views(rows, |c: &Campaign| CampaignView::from(c))
+    })
+    .await
+}
+
+async fn payments(
+    state: web::Data<HttpState>,
+    reads: web::Data<PageReads>,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    page(&state, &reads, query.into_inner(), |store, after, limit| {
+        let rows = store
+            .states_after(AggregateKind::Payment, after, limit)
+            .map_err(store_error)?;
+        views(rows, |p: &Payment| PaymentView::from(p))
+    })
+    .await
+}
+
+async fn affiliates(
+    state: web::Data<HttpState>,
+    reads: web::Data<PageReads>,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    page(&state, &reads, query.into_inner(), |store, after, limit| {
+        let ledgers = store.ledgers_after(after, limit).map_err(store_error)?;
+        Ok(ledgers
+            .into_iter()
+            .map(|(id, ledger)| (id, LedgerView::from(&ledger)))
+            .collect())
+    })
+    .await
 }
 
 async fn campaign(state: web::Data<HttpState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let campaign: Campaign = load(&state.store, AggregateKind::Campaign, id.into_inner())?;
+    let campaign: Campaign = load(&state, AggregateKind::Campaign, id.into_inner()).await?;
     Ok(HttpResponse::Ok().json(CampaignView::from(&campaign)))
 }
 
 async fn payment(state: web::Data<HttpState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let payment: Payment = load(&state.store, AggregateKind::Payment, id.into_inner())?;
+    let payment: Payment = load(&state, AggregateKind::Payment, id.into_inner()).await?;
     Ok(HttpResponse::Ok().json(PaymentView::from(&payment)))
 }
 
 async fn commissions(state: web::Data<HttpState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
-    let ledger = state
-        .store
-        .ledger(&id)
-        .map_err(store_error)?
-        .ok_or_else(|| ApiError::NotFound(format!("no commissions for affiliate {id}")))?;
+    let affiliate = id.clone();
+    let ledger = off_worker(&state, move |store| store.ledger(&affiliate).map_err(store_error)).await?;
+    let ledger = ledger.ok_or_else(|| ApiError::NotApplied {
+        what: format!(
+            "affiliate {id} has no commission ledger in this daemon: no commission earned by it \
+             and no payment to it has been applied here nor imported from another daemon's \
+             changelog"
+        ),
+        inputs: inputs_now(&state),
+    })?;
     Ok(HttpResponse::Ok().json(LedgerView::from(&ledger)))
 }
 
@@ -324,11 +523,16 @@ async fn kill_actor(
     authorize_chaos(&state, &request)?;
     let kind: AggregateKind = body.kind.parse().map_err(ApiError::BadRequest)?;
     if !state.registry.crash(kind, &body.id).await {
-        return Err(ApiError::NotFound(format!(
-            "no running {} actor {}",
-            kind.as_str(),
-            body.id
-        )));
+        let key = AggregateKey {
+            kind,
+            id: body.id.clone(),
+        };
+        let stored = off_worker(&state, move |store| store.load(&key).map_err(store_error)).await?;
+        return Err(ApiError::NotInMemory {
+            kind,
+            id: body.id.clone(),
+            stored: stored.is_some(),
+        });
     }
     tracing::warn!(kind = kind.as_str(), id = %body.id, "Chaos: actor killed.");
     Ok(HttpResponse::Accepted().json(json!({ "killed": { "kind": kind.as_str(), "id": body.id } })))
@@ -455,9 +659,11 @@ const MAX_JSON_BYTES: usize = 64 * 1024;
 /// Starts the listener on `listener` (bound by the caller, so tests can use port 0).
 pub fn serve(listener: TcpListener, state: HttpState) -> std::io::Result<actix_web::dev::Server> {
     let data = web::Data::new(state);
+    let page_reads = web::Data::new(PageReads::for_this_machine());
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            .app_data(page_reads.clone())
             .app_data(
                 web::JsonConfig::default()
                     .limit(MAX_JSON_BYTES)
@@ -472,12 +678,20 @@ pub fn serve(listener: TcpListener, state: HttpState) -> std::io::Result<actix_w
                         }
                     }),
             )
+            .app_data(web::QueryConfig::default().error_handler(|error, _| {
+                ApiError::BadRequest(format!(
+                    "{error}; list routes take `limit` (1 to {MAX_PAGE_LIMIT}) and `after` (an id)"
+                ))
+                .into()
+            }))
             .wrap(from_fn(count_requests))
             .route("/health", web::get().to(health))
             .route("/metrics", web::get().to(metrics))
             .route("/api/campaigns", web::get().to(campaigns))
             .route("/api/campaigns/{id}", web::get().to(campaign))
+            .route("/api/payments", web::get().to(payments))
             .route("/api/payments/{id}", web::get().to(payment))
+            .route("/api/affiliates", web::get().to(affiliates))
             .route("/api/affiliates/{id}/commissions", web::get().to(commissions))
             .route("/api/reports/payments", web::get().to(report))
             .route("/api/reports/version", web::get().to(report_version))
@@ -487,6 +701,8 @@ pub fn serve(listener: TcpListener, state: HttpState) -> std::io::Result<actix_w
             .route("/admin/chaos/failpoint", web::post().to(set_failpoint))
             .default_service(web::to(not_found))
     })
+    // One worker is enough once every store read runs on the blocking pool: with two, /health
+    // answered no faster while six clients read pages (issue #18; docs/OPERATIONS.md, "HTTP").
     .workers(1)
     .disable_signals()
     .listen(listener)?

@@ -216,6 +216,29 @@ fn version_of(stored_key: &[u8]) -> Result<u64, StoreError> {
         .ok_or_else(|| StoreError::Corrupt(format!("malformed versioned key {stored_key:?}")))
 }
 
+/// Up to `limit` entries of `tree` under `prefix` whose rest of the key (an id) sorts after
+/// `after`, with that id; every entry when `after` is `None`.
+fn page_after(
+    tree: &sled::Tree,
+    prefix: &[u8],
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    let start = match after {
+        Some(after) => std::ops::Bound::Excluded([prefix, after.as_bytes()].concat()),
+        None => std::ops::Bound::Included(prefix.to_vec()),
+    };
+    tree.range((start, std::ops::Bound::Unbounded))
+        .take_while(|entry| entry.as_ref().map_or(true, |(key, _)| key.starts_with(prefix)))
+        .take(limit)
+        .map(|entry| {
+            let (key, value) = entry.map_err(store_error)?;
+            let id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            Ok((id, value.to_vec()))
+        })
+        .collect()
+}
+
 /// The key [`SledStore::check_writable`] writes, in the default tree.
 const HEALTH_KEY: &[u8] = b"__health";
 
@@ -543,12 +566,30 @@ impl SledStore {
         Ok(())
     }
 
-    /// The stored state of every aggregate of `kind`, as raw JSON.
-    pub fn states(&self, kind: AggregateKind) -> impl Iterator<Item = Result<Vec<u8>, StoreError>> {
-        self.state
-            .scan_prefix(format!("{}/", kind.as_str()))
-            .values()
-            .map(|v| v.map(|v| v.to_vec()).map_err(store_error))
+    /// Up to `limit` stored states of `kind` (raw JSON) with their ids, in id order (bytewise),
+    /// starting after id `after` (from the first when `None`). A range scan: a page costs its
+    /// own size, wherever it starts.
+    pub fn states_after(
+        &self,
+        kind: AggregateKind,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let prefix = format!("{}/", kind.as_str()).into_bytes();
+        page_after(&self.state, &prefix, after, limit)
+    }
+
+    /// Up to `limit` commission ledgers in affiliate id order (bytewise), starting after
+    /// affiliate `after` (from the first when `None`).
+    pub fn ledgers_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, CommissionLedger)>, StoreError> {
+        page_after(&self.ledgers, b"", after, limit)?
+            .into_iter()
+            .map(|(id, bytes)| Ok((id, serde_json::from_slice(&bytes).map_err(store_error)?)))
+            .collect()
     }
 
     /// The commission ledger of `affiliate_id`, if it has earned or been paid anything.
@@ -1989,5 +2030,49 @@ mod tests {
         assert_eq!(store.evict_dead_letters().unwrap(), 1);
         assert!(!store.dead_lettered(first).unwrap());
         assert_eq!(store.dead_lettered.len(), 0, "the time index is emptied too");
+    }
+
+    #[test]
+    fn pages_of_states_hold_every_aggregate_of_their_kind_once_in_id_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 60, Arc::new(TestClock(AtomicI64::new(1_000)))).unwrap();
+        let hash = hex::encode([7u8; 32]);
+        // Ids that share prefixes, hold the separator, or sort around the kind's prefix.
+        let ids = ["a", "a/b", "a0", "ab", "b", "\u{10ffff}"];
+        for (n, id) in ids.iter().enumerate() {
+            let campaign = key(id);
+            let payment = AggregateKey {
+                kind: AggregateKind::Payment,
+                id: (*id).into(),
+            };
+            for (agg, idem) in [(&campaign, format!("c{n}")), (&payment, format!("p{n}"))] {
+                let committed = store.commit(commit(agg, &idem, &hash, 1_000)).unwrap();
+                assert_eq!(committed, CommitResult::Committed);
+            }
+        }
+        for limit in 1..=ids.len() + 1 {
+            let mut read = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let page = store
+                    .states_after(AggregateKind::Campaign, after.as_deref(), limit)
+                    .unwrap();
+                assert!(page.len() <= limit);
+                let Some((last, _)) = page.last() else { break };
+                after = Some(last.clone());
+                read.extend(page.into_iter().map(|(id, _)| id));
+            }
+            assert_eq!(read, ids, "pages of {limit}");
+        }
+        // A cursor that names no stored id still starts right after it.
+        let page = store
+            .states_after(AggregateKind::Payment, Some("a1"), 10)
+            .unwrap();
+        let ids_after: Vec<&str> = page.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids_after, ["ab", "b", "\u{10ffff}"]);
+        assert!(store
+            .states_after(AggregateKind::Report, None, 10)
+            .unwrap()
+            .is_empty());
     }
 }

@@ -90,3 +90,13 @@ pub struct StateView {
     #[serde(default)]
     pub affiliates: Vec<LedgerView>,
 }
+
+/// One page of a list route (`GET /api/campaigns`, `/api/payments`, `/api/affiliates`): items in
+/// id order, and the cursor of the next page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// The id of the page's last item, to pass as `after` for the next page; `None` on the last
+    /// page.
+    pub next: Option<String>,
+}

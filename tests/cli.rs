@@ -154,10 +154,13 @@ fn docker_compose_is_well_formed_and_its_files_exist() {
     );
     for (name, service) in services {
         for volume in service["volumes"].as_sequence().into_iter().flatten() {
-            let host = volume.as_str().unwrap().split(':').next().unwrap();
+            let volume = volume.as_str().unwrap();
+            let host = volume.split(':').next().unwrap();
             if host.starts_with("./") {
+                // What a service reads must be in the repository; an output directory is made by
+                // Docker.
                 assert!(
-                    root.join(host).exists(),
+                    !volume.ends_with(":ro") || root.join(host).exists(),
                     "{name:?} mounts {host}, which does not exist"
                 );
             } else {
@@ -169,6 +172,84 @@ fn docker_compose_is_well_formed_and_its_files_exist() {
                     "{name:?} uses volume {host}, which is not declared"
                 );
             }
+        }
+    }
+    // The demo producer's expected state lands in a directory of the host, where the user reads it.
+    let producer = &compose["services"]["producer"];
+    let command: Vec<&str> = producer["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|arg| arg.as_str().unwrap())
+        .collect();
+    let out = command
+        .iter()
+        .position(|arg| *arg == "--expected-out")
+        .map(|at| std::path::Path::new(command[at + 1]))
+        .expect("the producer writes its expected state");
+    let mounted = producer["volumes"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|volume| volume.as_str()?.split_once(':'))
+        .any(|(host, inside)| host.starts_with("./") && out.starts_with(inside.trim_end_matches(":rw")));
+    assert!(
+        mounted,
+        "{} is in no directory mounted from the host",
+        out.display()
+    );
+}
+
+/// docker-compose.yml is accepted by docker-compose 1.29 (the Debian package, which refuses a
+/// top-level `name:`) and by Compose v2 (`docker compose`), each where it is installed
+/// (scripts/prereqs installs docker-compose where apt has it; Compose v2 comes with Docker's own
+/// packages). `config` only reads and resolves the file: no container runs.
+#[test]
+fn docker_compose_config_is_accepted_by_compose_1_29_and_v2() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let compose: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(root.join("docker-compose.yml")).unwrap()).unwrap();
+    // The top-level keys both read (extensions aside).
+    for key in compose.as_mapping().unwrap().keys() {
+        let key = key.as_str().unwrap();
+        assert!(
+            ["services", "volumes", "networks", "configs", "secrets"].contains(&key) || key.starts_with("x-"),
+            "top-level {key:?} is not accepted by docker-compose 1.29"
+        );
+    }
+    for (tool, subcommand) in [("docker-compose", None), ("docker", Some("compose"))] {
+        let installed = Command::new(tool)
+            .args(subcommand)
+            .arg("version")
+            .output()
+            .is_ok_and(|out| out.status.success());
+        if !installed {
+            eprintln!(
+                "{tool} {}: not installed here, not checked",
+                subcommand.unwrap_or("")
+            );
+            continue;
+        }
+        for profile in [None, Some("demo")] {
+            let out = Command::new(tool)
+                .args(subcommand)
+                .args(
+                    profile
+                        .map(|profile| ["--profile", profile])
+                        .into_iter()
+                        .flatten(),
+                )
+                .args(["config", "--quiet"])
+                .current_dir(root)
+                .env_remove("COMPOSE_FILE")
+                .env_remove("COMPOSE_PROFILES")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{tool} {subcommand:?} (profile {profile:?}) config refuses docker-compose.yml:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 }

@@ -142,7 +142,7 @@ fn nothing_of_a_commit_is_published_before_it_is_durable() {
     failpoint(&daemon, "store::flush", "return");
     events::publish(runtime, config, &plan.stream);
     let committed = wait_for("a commit written", Duration::from_secs(30), || {
-        let campaigns: Vec<Value> = daemon.get("/api/campaigns").ok()?;
+        let campaigns: Vec<Value> = support::state::every_page(&daemon, "/api/campaigns", 100).ok()?;
         (!campaigns.is_empty()).then_some(campaigns.len())
     })
     .unwrap();

@@ -137,10 +137,22 @@ impl Daemon {
     }
 
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let response = self.http.get(format!("{}{path}", self.base_url)).send()?;
+        self.get_query(path, &[])
+    }
+
+    /// GET `path` with `query` (percent-encoded) as its query string.
+    pub fn get_query<T: DeserializeOwned>(&self, path: &str, query: &[(&str, &str)]) -> anyhow::Result<T> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base_url))
+            .query(query)
+            .send()?;
         let status = response.status();
         if !status.is_success() {
-            bail!("GET {path}: {status}: {}", response.text().unwrap_or_default());
+            bail!(
+                "GET {path} {query:?}: {status}: {}",
+                response.text().unwrap_or_default()
+            );
         }
         Ok(response.json()?)
     }

@@ -1,13 +1,14 @@
 //! The daemon's served state compared with a generator's expected state.
 
 use super::daemon::{wait_for, Daemon};
-use aerostream::views::{CampaignView, LedgerView, PaymentView, StateView};
+use aerostream::views::{CampaignView, LedgerView, Page, PaymentView, StateView};
+use serde::de::DeserializeOwned;
 use std::path::Path;
 use std::time::Duration;
 
 /// Reads the daemon's state for the aggregates in `expected`.
 pub fn served_state(daemon: &Daemon, expected: &StateView) -> anyhow::Result<StateView> {
-    let mut campaigns: Vec<CampaignView> = daemon.get("/api/campaigns")?;
+    let mut campaigns: Vec<CampaignView> = every_page(daemon, "/api/campaigns", 1_000)?;
     campaigns.sort_by(|a, b| a.id.cmp(&b.id));
     let payments = expected
         .payments
@@ -24,6 +25,23 @@ pub fn served_state(daemon: &Daemon, expected: &StateView) -> anyhow::Result<Sta
         payments,
         affiliates,
     })
+}
+
+/// Every item of list route `path` (`/api/campaigns`, …), read page after page of `limit`.
+pub fn every_page<T: DeserializeOwned>(daemon: &Daemon, path: &str, limit: usize) -> anyhow::Result<Vec<T>> {
+    let mut items = Vec::new();
+    let limit = limit.to_string();
+    let mut after: Option<String> = None;
+    loop {
+        let mut query = vec![("limit", limit.as_str())];
+        query.extend(after.as_deref().map(|after| ("after", after)));
+        let page: Page<T> = daemon.get_query(path, &query)?;
+        items.extend(page.items);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Ok(items),
+        }
+    }
 }
 
 pub fn read_expected(path: &Path) -> StateView {
