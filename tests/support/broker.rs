@@ -283,6 +283,10 @@ impl BrokerProcess {
             .arg(self.addr.to_string())
             .arg("--db-path")
             .arg(self.data_dir.join("pulsar-lite"))
+            // pulsar-lite logs every message and ack at info: warn by default keeps the broker's
+            // CPU for the work; AEROSTREAM_BROKER_LOG=debug (or info) for an investigation.
+            .arg("--log-level")
+            .arg(std::env::var("AEROSTREAM_BROKER_LOG").unwrap_or_else(|_| "warn".into()))
             .current_dir(&self.data_dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
