@@ -479,8 +479,9 @@ struct SetFailpoint {
 }
 
 /// The fail points a chaos request (or `chaos.failpoints`) may set.
-const FAILPOINTS: [&str; 5] = [
+const FAILPOINTS: [&str; 6] = [
     crate::broker::FAILPOINT_STUCK_CLIENT,
+    crate::ingest::FAILPOINT_STARVE,
     crate::store::FAILPOINT_WRITE,
     crate::store::FAILPOINT_FLUSH,
     crate::store::FAILPOINT_COMMIT,

@@ -43,6 +43,7 @@ pub const EVENTS_REDELIVERED: &str = "aerostream_events_redelivered_total";
 pub const UNDECODED_EVENT_TYPE: &str = "undecoded";
 pub const EVENTS_REJECTED: &str = "aerostream_events_rejected_total";
 pub const EVENTS_DEAD_LETTERED: &str = "aerostream_events_dead_lettered_total";
+pub const INPUT_RESUBSCRIPTIONS: &str = "aerostream_input_resubscriptions_total";
 pub const EVENTS_RETRIED: &str = "aerostream_events_retried_total";
 pub const PROCESSING_DURATION: &str = "aerostream_processing_duration_seconds";
 pub const ACTORS_ACTIVE: &str = "aerostream_actors_active";
@@ -118,6 +119,7 @@ pub const METRICS: &[Described] = &[
     described(EVENTS_REDELIVERED, Counter, COUNT, "Messages skipped because this same message was applied before (a broker redelivery)."),
     described(EVENTS_REJECTED, Counter, COUNT, "Events refused by a business rule, by reason; each is dead-lettered with that reason."),
     described(EVENTS_DEAD_LETTERED, Counter, COUNT, "Messages dead-lettered before reaching an aggregate (undecodable or invalid), by reason; rejections are counted as rejected."),
+    described(INPUT_RESUBSCRIPTIONS, Counter, COUNT, "Times an input subscribed again because the broker held messages beyond the last one received and sent none for a while."),
     described(EVENTS_RETRIED, Counter, COUNT, "Messages given back to the broker for redelivery after a failure."),
     described(PROCESSING_DURATION, Histogram, SECONDS, "Time from receiving a message to its durable commit (applied, deduplicated or redelivered)."),
     described(ACTORS_ACTIVE, Gauge, COUNT, "Running aggregate actors."),
@@ -218,6 +220,7 @@ pub fn zero_counters<'a>(inputs: impl IntoIterator<Item = &'a str>) {
     for input in inputs {
         counter!(EVENTS_CONSUMED, "input" => input.to_owned()).increment(0);
         counter!(EVENTS_RETRIED, "input" => input.to_owned()).increment(0);
+        counter!(INPUT_RESUBSCRIPTIONS, "input" => input.to_owned()).increment(0);
         for event_type in input_event_types() {
             for name in [EVENTS_APPLIED, EVENTS_DEDUPLICATED, EVENTS_REDELIVERED] {
                 counter!(name, "input" => input.to_owned(), "event_type" => event_type).increment(0);

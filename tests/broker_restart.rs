@@ -75,3 +75,36 @@ fn a_client_stuck_on_a_dead_connection_is_replaced_and_consumption_resumes() {
         daemon.log_tail()
     );
 }
+
+/// A broker that stops dispatching to a Failover consumer with permits and a backlog (seen with
+/// pulsar-lite: `ingest::starved_partitions`). The fail point drops every message after the
+/// 100th of the first subscription unseen, as such a broker leaves it: the input holds nothing,
+/// hears nothing, finds the broker's last message beyond the last one it received, and subscribes
+/// again; the broker redelivers what was not acknowledged and the state is exact.
+#[test]
+fn an_input_the_broker_stops_serving_subscribes_again_and_loses_nothing() {
+    let harness = Harness::new()
+        .extra("[chaos]\nenabled = true\nfailpoints = { \"ingest::starve\" = \"return(campaigns:100)\" }\n")
+        .build();
+    let config = harness.config();
+    let daemon = harness.start();
+    let plan = generator::plan(&Options {
+        seed: 63,
+        campaigns: 3,
+        payments: 0,
+        events: 400,
+        duplicate_fraction: 0.0,
+        conflict_fraction: 0.0,
+        ..Options::for_daemon(config)
+    });
+    events::publish(harness.runtime(), config, &plan.stream);
+    wait_for_state(&daemon, &plan.expected, Duration::from_secs(60));
+    assert_eq!(
+        daemon
+            .metric("aerostream_input_resubscriptions_total", &["input=\"campaigns\""])
+            .unwrap(),
+        1.0,
+        "{}",
+        daemon.log_tail()
+    );
+}
