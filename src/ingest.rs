@@ -443,9 +443,9 @@ fn position(message: &Message<Vec<u8>>) -> MessagePosition {
 ///
 /// Why: pulsar-lite's Failover dispatcher was seen to stop sending to a consumer that had permits
 /// and a backlog (its debug log: "Dispatching messages for subscription …, consumers=1,
-/// permits=257", then nothing, for good; about 1 backlog run in 3 of the throughput bench). The
-/// daemon then held nothing and waited for ever, /health answering 200. A new subscription is
-/// served again, from the first message not acknowledged.
+/// permits=257", then nothing, for good; about 1 backlog run in 3 of the throughput bench; not
+/// reproduced with the raw client yet). The daemon then held nothing and waited for ever, /health
+/// answering 200. A new subscription is served again, from the first message not acknowledged.
 async fn starved_partitions(
     consumer: &mut Partitions,
     last_received: &HashMap<String, (u64, u64)>,
