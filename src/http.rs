@@ -373,30 +373,19 @@ fn views<A: DeserializeOwned, V>(
         .collect()
 }
 
-async fn campaigns(
+/// A page of the stored states of aggregate kind `A`, each as its view `V`.
+async fn aggregates<A, V>(
     state: web::Data<HttpState>,
     reads: web::Data<PageReads>,
     query: web::Query<PageQuery>,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<HttpResponse, ApiError>
+where
+    A: aerostream_actors::Aggregate + DeserializeOwned,
+    V: for<'a> From<&'a A> + Serialize + Send + 'static,
+{
     page(&state, &reads, query.into_inner(), |store, after, limit| {
-        let rows = store
-            .states_after(AggregateKind::Campaign, after, limit)
-            .map_err(store_error)?;
-        views(rows, |c: &Campaign| CampaignView::from(c))
-    })
-    .await
-}
-
-async fn payments(
-    state: web::Data<HttpState>,
-    reads: web::Data<PageReads>,
-    query: web::Query<PageQuery>,
-) -> Result<HttpResponse, ApiError> {
-    page(&state, &reads, query.into_inner(), |store, after, limit| {
-        let rows = store
-            .states_after(AggregateKind::Payment, after, limit)
-            .map_err(store_error)?;
-        views(rows, |p: &Payment| PaymentView::from(p))
+        let rows = store.states_after(A::KIND, after, limit).map_err(store_error)?;
+        views(rows, |aggregate: &A| V::from(aggregate))
     })
     .await
 }
@@ -688,9 +677,12 @@ pub fn serve(listener: TcpListener, state: HttpState) -> std::io::Result<actix_w
             .wrap(from_fn(count_requests))
             .route("/health", web::get().to(health))
             .route("/metrics", web::get().to(metrics))
-            .route("/api/campaigns", web::get().to(campaigns))
+            .route(
+                "/api/campaigns",
+                web::get().to(aggregates::<Campaign, CampaignView>),
+            )
             .route("/api/campaigns/{id}", web::get().to(campaign))
-            .route("/api/payments", web::get().to(payments))
+            .route("/api/payments", web::get().to(aggregates::<Payment, PaymentView>))
             .route("/api/payments/{id}", web::get().to(payment))
             .route("/api/affiliates", web::get().to(affiliates))
             .route("/api/affiliates/{id}/commissions", web::get().to(commissions))

@@ -53,13 +53,9 @@ async fn consumer(
         .expect("consumer subscribes")
 }
 
-/// Sends `(key, payload)` pairs and waits for every receipt.
-async fn produce(
-    pulsar: &Pulsar<TokioExecutor>,
-    topic: &str,
-    messages: impl IntoIterator<Item = (Option<String>, String)>,
-) {
-    let mut producer = pulsar
+/// A producer on `topic` that waits when its queue is full.
+async fn producer(pulsar: &Pulsar<TokioExecutor>, topic: &str) -> pulsar::Producer<TokioExecutor> {
+    pulsar
         .producer()
         .with_topic(topic)
         .with_options(ProducerOptions {
@@ -69,7 +65,16 @@ async fn produce(
         })
         .build()
         .await
-        .expect("producer registers");
+        .expect("producer registers")
+}
+
+/// Sends `(key, payload)` pairs and waits for every receipt.
+async fn produce(
+    pulsar: &Pulsar<TokioExecutor>,
+    topic: &str,
+    messages: impl IntoIterator<Item = (Option<String>, String)>,
+) {
+    let mut producer = producer(pulsar, topic).await;
     let mut receipts = Vec::new();
     for (key, payload) in messages {
         let mut message = producer.create_message().with_content(payload);
@@ -567,16 +572,7 @@ async fn failover_consumer_holding_unacked_messages_receives_the_whole_backlog()
     // On the same connection, as the daemon's changelog: a record published per message received,
     // read back by an exclusive consumer that acks cumulatively every 64.
     let side = "persistent://public/default/failover-backlog-side";
-    let mut records = pulsar
-        .producer()
-        .with_topic(side)
-        .with_options(ProducerOptions {
-            block_queue_if_full: true,
-            ..Default::default()
-        })
-        .build()
-        .await
-        .expect("producer registers");
+    let mut records = producer(&pulsar, side).await;
     let mut follower = consumer(&pulsar, side, "side", SubType::Exclusive, 1000).await;
     let following = tokio::spawn(async move {
         let mut read = 0u64;

@@ -6,11 +6,10 @@
 mod support;
 
 use aerostream::dlq;
-use aerostream::generator::{Input, Planned};
+use aerostream::generator::Planned;
 use aerostream::telemetry::{EVENTS_APPLIED, EVENTS_DEAD_LETTERED, EVENTS_DEDUPLICATED, EVENTS_REJECTED};
 use aerostream::views::CampaignView;
-use aerostream_actors::events::CommissionRule;
-use aerostream_actors::{CampaignEvent, CampaignStatus, Event, Money};
+use aerostream_actors::{CampaignEvent, CampaignStatus};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -24,43 +23,16 @@ use support::Harness;
 
 const IMPRESSION_SCHEMA: &str = "com.aeropartners.tracking.ImpresionRegistrada/v1";
 
-fn planned(id: &str, event_type: &str, event: CampaignEvent) -> Planned {
-    let subject = event.campaign_id().to_owned();
-    Planned {
-        input: Input::Campaigns,
-        envelope: events::envelope(id, event_type, 1_767_225_600_000, Some(&subject)),
-        idempotency_key: None,
-        event: Event::Campaign(event),
-    }
-}
-
 fn created(campaign_id: &str) -> Planned {
-    planned(
-        &format!("created-{campaign_id}"),
-        "CampanaCreada",
-        CampaignEvent::Created {
-            campaign_id: campaign_id.into(),
-            name: format!("Campaign {campaign_id}"),
-            budget: Money::positive(1_000_000, "USD").unwrap(),
-            cost_per_click_minor: 10,
-            cost_per_conversion_minor: 100,
-            commission: CommissionRule::Percentage { basis_points: 1_000 },
-        },
-    )
+    events::created(campaign_id, &format!("created-{campaign_id}"))
 }
 
 fn activated(campaign_id: &str) -> Planned {
-    planned(
-        &format!("activated-{campaign_id}"),
-        "CampanaActivada",
-        CampaignEvent::Activated {
-            campaign_id: campaign_id.into(),
-        },
-    )
+    events::activated(campaign_id, &format!("activated-{campaign_id}"))
 }
 
 fn click(campaign_id: &str, id: &str) -> Planned {
-    planned(
+    events::campaign_event(
         id,
         "ClickRegistrado",
         CampaignEvent::ClickRecorded {

@@ -9,10 +9,8 @@
 
 mod support;
 
-use aerostream::generator::{Input, Planned};
 use aerostream::views::CampaignView;
-use aerostream_actors::events::CommissionRule;
-use aerostream_actors::{CampaignEvent, CampaignStatus, Event, Money};
+use aerostream_actors::CampaignStatus;
 use serde_json::json;
 use std::time::Duration;
 use support::daemon::{wait_for, Daemon};
@@ -45,44 +43,6 @@ fn failpoint(daemon: &Daemon, name: &str, actions: &str) {
     assert_eq!(status, 200, "setting fail point {name} to {actions}");
 }
 
-fn planned(id: &str, event: CampaignEvent) -> Planned {
-    let event_type = match event {
-        CampaignEvent::Created { .. } => "CampanaCreada",
-        CampaignEvent::Activated { .. } => "CampanaActivada",
-        _ => "ImpresionRegistrada",
-    };
-    let subject = event.campaign_id().to_owned();
-    Planned {
-        input: Input::Campaigns,
-        envelope: events::envelope(id, event_type, 1_767_225_600_000, Some(&subject)),
-        idempotency_key: None,
-        event: Event::Campaign(event),
-    }
-}
-
-fn created(campaign_id: &str, id: &str) -> Planned {
-    planned(
-        id,
-        CampaignEvent::Created {
-            campaign_id: campaign_id.into(),
-            name: format!("Campaign {campaign_id}"),
-            budget: Money::positive(1_000_000, "USD").unwrap(),
-            cost_per_click_minor: 10,
-            cost_per_conversion_minor: 100,
-            commission: CommissionRule::Percentage { basis_points: 1_000 },
-        },
-    )
-}
-
-fn activated(campaign_id: &str, id: &str) -> Planned {
-    planned(
-        id,
-        CampaignEvent::Activated {
-            campaign_id: campaign_id.into(),
-        },
-    )
-}
-
 fn metric(daemon: &Daemon, name: &str, labels: &[&str]) -> f64 {
     daemon.metric(name, labels).unwrap()
 }
@@ -96,7 +56,7 @@ fn a_commit_that_keeps_failing_is_dead_lettered_by_the_daemon_and_one_that_recov
 
     // 5 failures: the first attempt and the 4 retries allowed. Dead-lettered by the daemon.
     failpoint(&daemon, "store::commit", "5*return(corrupt)");
-    events::publish(runtime, config, &[created("camp-dead", "ev-dead")]);
+    events::publish(runtime, config, &[events::created("camp-dead", "ev-dead")]);
     runtime
         .block_on(dlq.collect_until(Duration::from_secs(60), |received| !received.is_empty()))
         .unwrap();
@@ -121,7 +81,7 @@ fn a_commit_that_keeps_failing_is_dead_lettered_by_the_daemon_and_one_that_recov
 
     // 4 failures: the fifth attempt, the last retry allowed, commits. Applied once, no dead letter.
     failpoint(&daemon, "store::commit", "4*return(corrupt)");
-    events::publish(runtime, config, &[created("camp-late", "ev-late")]);
+    events::publish(runtime, config, &[events::created("camp-late", "ev-late")]);
     let late: CampaignView = wait_for("camp-late applied", Duration::from_secs(60), || {
         daemon.get("/api/campaigns/camp-late").ok()
     })
@@ -137,7 +97,7 @@ fn a_commit_that_keeps_failing_is_dead_lettered_by_the_daemon_and_one_that_recov
     // message's key (so its partition) comes after anything left unacked there.
     daemon.terminate(Duration::from_secs(30)).unwrap();
     let daemon = harness.start();
-    events::publish(runtime, config, &[created("camp-dead", "ev-sentinel")]);
+    events::publish(runtime, config, &[events::created("camp-dead", "ev-sentinel")]);
     wait_for("the sentinel applied", Duration::from_secs(60), || {
         daemon.get::<CampaignView>("/api/campaigns/camp-dead").ok()
     })
@@ -192,8 +152,8 @@ fn a_message_held_for_10_seconds_is_neither_redelivered_nor_dead_lettered() {
     // The first commit takes 10 s (a stalled disk); the campaign's later events wait behind it.
     failpoint(&daemon, "store::commit", "1*sleep(10000)");
     let mut stream = vec![
-        created("camp-held", "held-created"),
-        activated("camp-held", "held-activated"),
+        events::created("camp-held", "held-created"),
+        events::activated("camp-held", "held-activated"),
     ];
     stream.extend((0..3).map(|i| events::impression("camp-held", &format!("held-imp-{i}"))));
     events::publish(runtime, config, &stream);

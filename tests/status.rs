@@ -5,12 +5,10 @@
 
 mod support;
 
-use aerostream::generator::{Input, Planned};
+use aerostream::generator::Planned;
 use aerostream::telemetry::{
     ACTORS_ACTIVE, EVENTS_APPLIED, EVENTS_CONSUMED, EVENTS_DEDUPLICATED, EVENTS_REDELIVERED, EVENTS_REJECTED,
 };
-use aerostream_actors::events::CommissionRule;
-use aerostream_actors::{CampaignEvent, Event, Money};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -20,24 +18,7 @@ use support::daemon::{binary, wait_for, Daemon};
 use support::{events, free_port, Harness};
 
 fn created(campaign_id: &str) -> Planned {
-    Planned {
-        input: Input::Campaigns,
-        envelope: events::envelope(
-            &format!("created-{campaign_id}"),
-            "CampanaCreada",
-            1_767_225_600_000,
-            Some(campaign_id),
-        ),
-        idempotency_key: None,
-        event: Event::Campaign(CampaignEvent::Created {
-            campaign_id: campaign_id.into(),
-            name: format!("Campaign {campaign_id}"),
-            budget: Money::positive(1_000_000, "USD").unwrap(),
-            cost_per_click_minor: 10,
-            cost_per_conversion_minor: 100,
-            commission: CommissionRule::Percentage { basis_points: 1_000 },
-        }),
-    }
+    events::created(campaign_id, &format!("created-{campaign_id}"))
 }
 
 struct Run {

@@ -4,7 +4,8 @@ use aerostream::codec::Codec;
 use aerostream::config::Config;
 use aerostream::generator::{Input, Planned};
 use aerostream::produce;
-use aerostream_actors::{CampaignEvent, Envelope, Event};
+use aerostream_actors::events::CommissionRule;
+use aerostream_actors::{CampaignEvent, Envelope, Event, Money};
 
 /// An envelope from the test source, written with schema v1.
 pub fn envelope(id: &str, event_type: &str, time_ms: i64, subject: Option<&str>) -> Envelope {
@@ -18,6 +19,46 @@ pub fn envelope(id: &str, event_type: &str, time_ms: i64, subject: Option<&str>)
         causation_id: None,
         schema_version: "v1".into(),
     }
+}
+
+/// Campaign event `event` of type `event_type` (its CloudEvents type), with event id `id`, keyed by
+/// its campaign.
+pub fn campaign_event(id: &str, event_type: &str, event: CampaignEvent) -> Planned {
+    let subject = event.campaign_id().to_owned();
+    Planned {
+        input: Input::Campaigns,
+        envelope: envelope(id, event_type, 1_767_225_600_000, Some(&subject)),
+        idempotency_key: None,
+        event: Event::Campaign(event),
+    }
+}
+
+/// `CampanaCreada` for `campaign_id` (a budget of 1 000 000 USD cents, a 10 % commission), with
+/// event id `id`.
+pub fn created(campaign_id: &str, id: &str) -> Planned {
+    campaign_event(
+        id,
+        "CampanaCreada",
+        CampaignEvent::Created {
+            campaign_id: campaign_id.into(),
+            name: format!("Campaign {campaign_id}"),
+            budget: Money::positive(1_000_000, "USD").unwrap(),
+            cost_per_click_minor: 10,
+            cost_per_conversion_minor: 100,
+            commission: CommissionRule::Percentage { basis_points: 1_000 },
+        },
+    )
+}
+
+/// `CampanaActivada` for `campaign_id`, with event id `id`.
+pub fn activated(campaign_id: &str, id: &str) -> Planned {
+    campaign_event(
+        id,
+        "CampanaActivada",
+        CampaignEvent::Activated {
+            campaign_id: campaign_id.into(),
+        },
+    )
 }
 
 /// An impression for `campaign_id`, with event id `id`.
