@@ -15,7 +15,7 @@ use serde_json::json;
 use std::time::Duration;
 use support::daemon::{wait_for, Daemon};
 use support::events;
-use support::topic::send_raw;
+use support::topic::{send_raw, TopicReader};
 use support::Harness;
 
 const TOKEN: &str = "retries-test-token";
@@ -112,26 +112,19 @@ fn a_commit_that_keeps_failing_is_dead_lettered_by_the_daemon_and_one_that_recov
     );
     assert_eq!(metric(&daemon, "aerostream_events_dead_lettered_total", &[]), 0.0);
     // The client dead-letters nothing itself: the daemon's letter is the only one.
-    send_sentinel_letter(&harness);
-    runtime
-        .block_on(dlq.collect_until(Duration::from_secs(60), |received| {
-            received
-                .iter()
-                .any(|m| m.property("ce_id") == Some("bad-sentinel"))
-        }))
-        .unwrap();
-    let ids: Vec<_> = dlq.received.iter().map(|m| m.property("ce_id")).collect();
-    assert_eq!(ids, [Some("ev-dead"), Some("bad-sentinel")]);
+    let ids = dead_letters_up_to_a_sentinel(&harness, &mut dlq);
+    assert_eq!(ids, [Some("ev-dead".into()), Some("bad-sentinel".into())]);
 }
 
-/// An undecodable message: its dead letter marks a point after everything published before it.
-fn send_sentinel_letter(harness: &Harness) {
+/// The `ce_id` of every dead letter `dlq` read, up to that of an undecodable message sent now: its
+/// dead letter marks a point after everything published before it.
+fn dead_letters_up_to_a_sentinel(harness: &Harness, dlq: &mut TopicReader) -> Vec<Option<String>> {
     let properties = [
         ("ce_id", "bad-sentinel"),
         ("ce_dataschema", "com.aeropartners.marketing.CampanaCreada/v1"),
     ];
-    harness
-        .runtime()
+    let runtime = harness.runtime();
+    runtime
         .block_on(send_raw(
             harness.client(),
             CAMPAIGNS,
@@ -140,6 +133,17 @@ fn send_sentinel_letter(harness: &Harness) {
             vec![0xff, 0x01],
         ))
         .unwrap();
+    runtime
+        .block_on(dlq.collect_until(Duration::from_secs(60), |received| {
+            received
+                .iter()
+                .any(|m| m.property("ce_id") == Some("bad-sentinel"))
+        }))
+        .unwrap();
+    dlq.received
+        .iter()
+        .map(|m| m.property("ce_id").map(str::to_owned))
+        .collect()
 }
 
 #[test]
@@ -179,16 +183,12 @@ fn a_message_held_for_10_seconds_is_neither_redelivered_nor_dead_lettered() {
     );
 
     // Each message received once, applied once: no redelivered copy, no dead letter.
-    send_sentinel_letter(&harness);
-    runtime
-        .block_on(dlq.collect_until(Duration::from_secs(60), |received| {
-            received
-                .iter()
-                .any(|m| m.property("ce_id") == Some("bad-sentinel"))
-        }))
-        .unwrap();
-    let ids: Vec<_> = dlq.received.iter().map(|m| m.property("ce_id")).collect();
-    assert_eq!(ids, [Some("bad-sentinel")], "only the sentinel was dead-lettered");
+    let ids = dead_letters_up_to_a_sentinel(&harness, &mut dlq);
+    assert_eq!(
+        ids,
+        [Some("bad-sentinel".into())],
+        "only the sentinel was dead-lettered"
+    );
     daemon
         .wait_metric("aerostream_events_dead_lettered_total", &[], 1.0)
         .unwrap();
