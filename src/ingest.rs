@@ -372,7 +372,13 @@ async fn consume(
                 Some(Ok(message)) => {
                     quiet_since = Instant::now();
                     let (ledger, entry, _, _) = position(&message);
-                    last_received.insert(message.topic.clone(), (ledger, entry));
+                    // Per message: the partition's name is copied only the first time.
+                    match last_received.get_mut(&message.topic) {
+                        Some(at) => *at = (ledger, entry),
+                        None => {
+                            last_received.insert(message.topic.clone(), (ledger, entry));
+                        }
+                    }
                     counter!(EVENTS_CONSUMED, "input" => name.to_string()).increment(1);
                     let received = Instant::now();
                     let seq = acks.receive();
