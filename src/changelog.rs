@@ -18,6 +18,7 @@ use crate::partitions::Partitions;
 use crate::store::SledStore;
 use crate::telemetry::{CHANGELOG_BARRIERS, CHANGELOG_IMPORTED, CHANGELOG_RESUBSCRIPTIONS};
 use aerostream_actors::gateway::Charge;
+use aerostream_actors::ports::{AppliedEvent, Commit, EventRef};
 use aerostream_actors::{AggregateKey, DeliveryId, OutputEvent, Registry};
 use pulsar::consumer::InitialPosition;
 use pulsar::{ConsumerOptions, SubType};
@@ -57,9 +58,59 @@ pub struct ChangeRecord {
     pub charges: Vec<Charge>,
     /// Already published (before this record); carried for the ledgers they move.
     pub outputs: Vec<OutputEvent>,
+    /// The events the commit applied before the one named above, in order (a commit may apply
+    /// several events of its aggregate); absent in records of older versions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<AppliedEvent>,
 }
 
 impl ChangeRecord {
+    /// The record of `commit`, made by `instance`.
+    pub fn of(instance: &str, commit: &Commit<'_>) -> ChangeRecord {
+        ChangeRecord {
+            instance: instance.to_owned(),
+            aggregate: commit.aggregate.clone(),
+            version: commit.version,
+            state: String::from_utf8_lossy(commit.state).into_owned(),
+            idempotency_key: commit.idempotency_key.to_owned(),
+            content_hash: commit.content_hash.to_owned(),
+            seen_at_ms: commit.seen_at_ms,
+            delivery: commit.delivery,
+            charges: commit.charges.to_vec(),
+            outputs: commit.outbox.to_vec(),
+            earlier: commit
+                .earlier
+                .iter()
+                .map(|event| AppliedEvent {
+                    journal: None,
+                    ..event.clone()
+                })
+                .collect(),
+        }
+    }
+
+    /// Every event the record's commit applied, oldest first.
+    pub fn events(&self) -> impl Iterator<Item = EventRef<'_>> {
+        self.earlier
+            .iter()
+            .map(AppliedEvent::as_ref)
+            .chain(std::iter::once(EventRef {
+                version: self.version,
+                idempotency_key: &self.idempotency_key,
+                content_hash: &self.content_hash,
+                seen_at_ms: self.seen_at_ms,
+                delivery: self.delivery,
+                outputs: &self.outputs,
+                charges: &self.charges,
+                journal: None,
+            }))
+    }
+
+    /// The version of the record's first event.
+    pub fn first_version(&self) -> u64 {
+        self.version.saturating_sub(self.earlier.len() as u64)
+    }
+
     /// The message key: the aggregate, so a compacted topic keeps its latest state.
     pub fn key(&self) -> String {
         format!("{}/{}", self.aggregate.kind.as_str(), self.aggregate.id)

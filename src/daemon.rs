@@ -55,7 +55,7 @@ pub async fn run(
         }
     }
     let store = Arc::new(store);
-    crate::committer::start(&store).context("starting the committer thread")?;
+    store.start_committer().context("starting the committer thread")?;
     tracing::info!(%instance, changelog = config.changelog.enabled, "Starting.");
     for (name, input) in &config.inputs {
         if config.changelog.enabled && input.subscription_type == crate::config::SubscriptionKind::Shared {

@@ -1,6 +1,6 @@
 //! Ordering for concurrent processing, pure bookkeeping with no I/O:
-//! - [`KeyedQueue`]: events of one aggregate run one after another, events of different aggregates
-//!   run concurrently;
+//! - [`KeyedQueue`]: events of one aggregate run one batch after another, in order, batches of
+//!   different aggregates run concurrently;
 //! - [`InOrder`]: what finished is released (acked) in the order it was received, so the broker's
 //!   acknowledged range stays contiguous and a successor resumes from one position instead of a
 //!   scatter of individually acked messages.
@@ -8,9 +8,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 
-/// Holds the items waiting behind a busy key.
+/// Holds items per key until their key is free, then hands them out as one batch: a key has at
+/// most one batch running, and the items that arrive meanwhile make its next batch.
 pub struct KeyedQueue<K, T> {
-    busy: HashMap<K, VecDeque<T>>,
+    /// Keys with a batch running, and the items waiting behind it.
+    busy: HashMap<K, Vec<T>>,
+    /// Free keys with items: the batches ready to start, in arrival order of their first item.
+    ready: Vec<(K, Vec<T>)>,
     parked: usize,
 }
 
@@ -18,43 +22,46 @@ impl<K: Hash + Eq + Clone, T> Default for KeyedQueue<K, T> {
     fn default() -> Self {
         KeyedQueue {
             busy: HashMap::new(),
+            ready: Vec::new(),
             parked: 0,
         }
     }
 }
 
 impl<K: Hash + Eq + Clone, T> KeyedQueue<K, T> {
-    /// Returns `Some(item)` when it may start now (its key becomes busy), `None` when it was parked.
-    pub fn admit(&mut self, key: &K, item: T) -> Option<T> {
-        match self.busy.get_mut(key) {
-            Some(waiting) => {
-                waiting.push_back(item);
-                self.parked += 1;
-                None
-            }
-            None => {
-                self.busy.insert(key.clone(), VecDeque::new());
-                Some(item)
+    /// Adds `item` to the next batch of `key`.
+    pub fn park(&mut self, key: &K, item: T) {
+        self.parked += 1;
+        if let Some(waiting) = self.busy.get_mut(key) {
+            waiting.push(item);
+            return;
+        }
+        match self.ready.iter_mut().find(|(k, _)| k == key) {
+            Some((_, batch)) => batch.push(item),
+            None => self.ready.push((key.clone(), vec![item])),
+        }
+    }
+
+    /// The batches that may start now, one per free key; their keys become busy.
+    pub fn start(&mut self) -> Vec<(K, Vec<T>)> {
+        let ready = std::mem::take(&mut self.ready);
+        for (key, batch) in &ready {
+            self.parked -= batch.len();
+            self.busy.insert(key.clone(), Vec::new());
+        }
+        ready
+    }
+
+    /// The batch of `key` finished: the items that waited behind it are ready to start.
+    pub fn finish(&mut self, key: &K) {
+        if let Some(waiting) = self.busy.remove(key) {
+            if !waiting.is_empty() {
+                self.ready.push((key.clone(), waiting));
             }
         }
     }
 
-    /// The item for `key` finished: returns the next one to start, keeping the key busy, if any.
-    pub fn finish(&mut self, key: &K) -> Option<T> {
-        let waiting = self.busy.get_mut(key)?;
-        match waiting.pop_front() {
-            Some(next) => {
-                self.parked -= 1;
-                Some(next)
-            }
-            None => {
-                self.busy.remove(key);
-                None
-            }
-        }
-    }
-
-    /// Items parked behind a busy key.
+    /// Items waiting to start.
     pub fn parked(&self) -> usize {
         self.parked
     }
@@ -100,9 +107,13 @@ impl<T> InOrder<T> {
         released
     }
 
-    /// Finished items waiting for an earlier one.
-    pub fn waiting(&self) -> usize {
-        self.slots.iter().filter(|slot| slot.is_some()).count()
+    /// Items received and not released yet.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
     }
 }
 
@@ -115,27 +126,32 @@ mod tests {
         let mut order = InOrder::default();
         let (a, b, c) = (order.receive(), order.receive(), order.receive());
         assert!(order.finish(b, "b").is_empty(), "waits for a");
-        assert_eq!(order.waiting(), 1);
+        assert_eq!(order.len(), 3);
         assert_eq!(order.finish(a, "a"), vec!["a", "b"]);
         let d = order.receive();
         assert!(order.finish(d, "d").is_empty(), "waits for c");
         assert_eq!(order.finish(c, "c"), vec!["c", "d"]);
-        assert_eq!(order.waiting(), 0);
+        assert!(order.is_empty());
     }
 
     #[test]
-    fn same_key_runs_in_order_other_keys_run_at_once() {
+    fn a_key_runs_one_batch_at_a_time_and_what_arrives_meanwhile_is_its_next_batch() {
         let mut q = KeyedQueue::default();
-        assert_eq!(q.admit(&"a", 1), Some(1));
-        assert_eq!(q.admit(&"a", 2), None);
-        assert_eq!(q.admit(&"b", 3), Some(3));
-        assert_eq!(q.admit(&"a", 4), None);
-        assert_eq!(q.parked(), 2);
-        assert_eq!(q.finish(&"a"), Some(2));
-        assert_eq!(q.finish(&"a"), Some(4));
-        assert_eq!(q.finish(&"a"), None);
-        assert_eq!(q.admit(&"a", 5), Some(5), "key is free again");
-        assert_eq!(q.finish(&"b"), None);
+        q.park(&"a", 1);
+        q.park(&"b", 2);
+        q.park(&"a", 3);
+        assert_eq!(q.parked(), 3);
+        assert_eq!(q.start(), vec![("a", vec![1, 3]), ("b", vec![2])]);
         assert_eq!(q.parked(), 0);
+        q.park(&"a", 4);
+        q.park(&"a", 5);
+        assert!(q.start().is_empty(), "a is busy");
+        q.finish(&"b");
+        assert!(q.start().is_empty(), "nothing waits for b");
+        q.finish(&"a");
+        assert_eq!(q.start(), vec![("a", vec![4, 5])]);
+        q.finish(&"a");
+        q.park(&"a", 6);
+        assert_eq!(q.start(), vec![("a", vec![6])], "a is free again");
     }
 }

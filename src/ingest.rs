@@ -23,13 +23,13 @@ use crate::dispatch::{InOrder, KeyedQueue};
 use crate::partitions::Partitions;
 use crate::store::SledStore;
 use crate::telemetry::*;
-use aerostream_actors::{AggregateKey, ApplyError, DeliveryId, Incoming, Outcome, Registry, Rejection};
+use aerostream_actors::{AggregateKey, ApplyError, DeliveryId, Incoming, Outcome, Registry};
 use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use metrics::{counter, histogram};
 use pulsar::consumer::Message;
 use pulsar::ConsumerOptions;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -135,14 +135,14 @@ struct DeadLetters {
     shutdown: watch::Receiver<bool>,
 }
 
+/// What a piece of work finished: messages with their verdicts.
 struct Done {
-    /// Receive sequence number: acks are sent in this order (see [`InOrder`]).
-    seq: u64,
-    message: Message<Vec<u8>>,
+    /// The aggregate whose batch this was (free again), `None` for a message that did not decode.
     key: Option<AggregateKey>,
-    verdict: Verdict,
-    /// Checkpointed ack: the ack waits until the outbox has published everything up to here
-    /// (the event's changelog record and output events included).
+    /// Receive sequence number (acks are sent in this order, see [`InOrder`]), message, verdict.
+    messages: Vec<(u64, Message<Vec<u8>>, Verdict)>,
+    /// Checkpointed ack: the acks wait until the outbox has published everything up to here
+    /// (the events' changelog records and output events included).
     publish_through: Option<u64>,
 }
 
@@ -152,7 +152,7 @@ type Work = Pin<Box<dyn Future<Output = Done>>>;
 struct Ready {
     seq: u64,
     message: Message<Vec<u8>>,
-    incoming: Incoming,
+    incoming: Arc<Incoming>,
     received: Instant,
     /// The aggregate was not handled lately here: catch up from the changelog first.
     catch_up: bool,
@@ -295,11 +295,6 @@ async fn consume(
     let mut recent = Recent::new(pipeline.takeover_gap);
     // Committed, waiting for the outbox before their ack.
     let mut publishing: FuturesUnordered<Work> = FuturesUnordered::new();
-    let held =
-        |running: &FuturesUnordered<Work>,
-         publishing: &FuturesUnordered<Work>,
-         order: &KeyedQueue<_, _>,
-         acks: &InOrder<_>| { running.len() + publishing.len() + order.parked() + acks.waiting() };
     let mut stopping = *shutdown.borrow();
     let mut stream_ended = false;
     // The starvation watchdog: the position of the last message received per partition, and
@@ -319,8 +314,17 @@ async fn consume(
         None
     })();
     let mut arrived = 0usize;
+    let mut receiver = Receiver {
+        name,
+        input,
+        pipeline,
+        dead_letters,
+        recent: &mut recent,
+        last_received: &mut last_received,
+    };
     loop {
-        let in_flight = held(&running, &publishing, &order, &acks);
+        // Received and not acked yet (or left): every message held, whatever it waits for.
+        let in_flight = acks.len();
         status.holding(in_flight);
         if (stopping || stream_ended) && in_flight == 0 {
             return !stream_ended;
@@ -331,9 +335,10 @@ async fn consume(
             _ = shutdown.changed(), if !stopping => stopping = true,
             Ok(()) = store_problem.changed() => {}
             Some(mut done) = running.next(), if !running.is_empty() => {
-                // The aggregate is free as soon as its event is committed; the ack may wait.
-                if let Some(next) = done.key.take().and_then(|key| order.finish(&key)) {
-                    running.push(apply(name.clone(), pipeline.clone(), dead_letters.clone(), next));
+                // The aggregate is free as soon as its events are durable; the acks may wait.
+                if let Some(key) = done.key.take() {
+                    order.finish(&key);
+                    start_ready(&mut order, &mut running, &receiver);
                 }
                 match done.publish_through.take() {
                     Some(through) => {
@@ -350,8 +355,8 @@ async fn consume(
                 release(name, status, consumer, &mut acks, done).await;
             }
             _ = starve_check.tick(), if watch_starvation && can_receive && in_flight == 0 => {
-                if quiet_since.elapsed() >= STARVED_AFTER && !last_received.is_empty() {
-                    let starved = starved_partitions(consumer, &last_received).await;
+                if quiet_since.elapsed() >= STARVED_AFTER && !receiver.last_received.is_empty() {
+                    let starved = starved_partitions(consumer, receiver.last_received).await;
                     if !starved.is_empty() {
                         counter!(INPUT_RESUBSCRIPTIONS, "input" => name.to_string()).increment(1);
                         tracing::warn!(
@@ -364,51 +369,124 @@ async fn consume(
                     }
                 }
             }
-            received = consumer.next(), if can_receive => match received {
-                Some(Ok(_)) if starve_after.is_some_and(|after| {
-                    arrived += 1;
-                    arrived > after
-                }) => {}
-                Some(Ok(message)) => {
-                    quiet_since = Instant::now();
-                    let (ledger, entry, _, _) = position(&message);
-                    // Per message: the partition's name is copied only the first time.
-                    match last_received.get_mut(&message.topic) {
-                        Some(at) => *at = (ledger, entry),
-                        None => {
-                            last_received.insert(message.topic.clone(), (ledger, entry));
-                        }
-                    }
-                    counter!(EVENTS_CONSUMED, "input" => name.to_string()).increment(1);
-                    let received = Instant::now();
-                    let seq = acks.receive();
-                    let dataschema = property(&message, "ce_dataschema")
-                        .or_else(|| (!input.default_dataschema.is_empty()).then(|| input.default_dataschema.clone()));
-                    let (key, ce_type) = (message_key(&message), property(&message, "ce_type"));
-                    let meta = MessageMeta {
-                        key: key.as_deref(),
-                        ce_type: ce_type.as_deref(),
-                        dataschema: dataschema.as_deref(),
-                    };
-                    match pipeline.codec.decode_message(meta, &message.payload.data) {
-                        Ok(mut incoming) => {
-                            incoming.delivery = Some(delivery(&message));
-                            let catch_up = recent.touch(&incoming.aggregate(), received);
-                            let ready = Ready { seq, message, incoming, received, catch_up };
-                            if let Some(ready) = order.admit(&ready.incoming.aggregate(), ready) {
-                                running.push(apply(name.clone(), pipeline.clone(), dead_letters.clone(), ready));
+            received = consumer.next(), if can_receive => {
+                // This message and whatever else has arrived already, as one batch.
+                let mut next = Some(received);
+                let mut room = input.max_in_flight - in_flight;
+                while let Some(received) = next.take() {
+                    match received {
+                        Some(Ok(_)) if starve_after.is_some_and(|after| {
+                            arrived += 1;
+                            arrived > after
+                        }) => {}
+                        Some(Ok(message)) => {
+                            quiet_since = Instant::now();
+                            let seq = acks.receive();
+                            if let Some(work) = receiver.receive(seq, message, &mut order) {
+                                running.push(work);
                             }
+                            room -= 1;
                         }
-                        Err(error) => {
-                            let letter = Letter { reason: error.reason(), detail: error.to_string(), event_type: None, counter: EVENTS_DEAD_LETTERED };
-                            running.push(dead_letter(name.clone(), dead_letters.clone(), seq, message, letter));
-                        }
+                        Some(Err(error)) => tracing::warn!(input = %name, error = %error, "Receive failed."),
+                        None => stream_ended = true,
+                    }
+                    if room > 0 && !stream_ended {
+                        next = consumer.next().now_or_never();
                     }
                 }
-                Some(Err(error)) => tracing::warn!(input = %name, error = %error, "Receive failed."),
-                None => stream_ended = true,
-            },
+                start_ready(&mut order, &mut running, &receiver);
+            }
         }
+    }
+}
+
+/// What the receive loop needs to turn a message into work.
+struct Receiver<'a> {
+    name: &'a Arc<str>,
+    input: &'a InputConfig,
+    pipeline: &'a Arc<Pipeline>,
+    dead_letters: &'a Arc<DeadLetters>,
+    recent: &'a mut Recent,
+    last_received: &'a mut HashMap<String, (u64, u64)>,
+}
+
+impl Receiver<'_> {
+    /// Decodes `message` and parks it for its aggregate's next batch; a message that does not
+    /// decode becomes its dead-lettering, returned as work to run.
+    fn receive(
+        &mut self,
+        seq: u64,
+        message: Message<Vec<u8>>,
+        order: &mut KeyedQueue<AggregateKey, Ready>,
+    ) -> Option<Work> {
+        let name = self.name;
+        let (ledger, entry, _, _) = position(&message);
+        // Per message: the partition's name is copied only the first time.
+        match self.last_received.get_mut(&message.topic) {
+            Some(at) => *at = (ledger, entry),
+            None => {
+                self.last_received.insert(message.topic.clone(), (ledger, entry));
+            }
+        }
+        counter!(EVENTS_CONSUMED, "input" => name.to_string()).increment(1);
+        let received = Instant::now();
+        let dataschema = property(&message, "ce_dataschema").or_else(|| {
+            (!self.input.default_dataschema.is_empty()).then(|| self.input.default_dataschema.clone())
+        });
+        let (key, ce_type) = (message_key(&message), property(&message, "ce_type"));
+        let meta = MessageMeta {
+            key: key.as_deref(),
+            ce_type: ce_type.as_deref(),
+            dataschema: dataschema.as_deref(),
+        };
+        match self.pipeline.codec.decode_message(meta, &message.payload.data) {
+            Ok(mut incoming) => {
+                incoming.delivery = Some(delivery(&message));
+                let aggregate = incoming.aggregate();
+                let catch_up = self.recent.touch(&aggregate, received);
+                let ready = Ready {
+                    seq,
+                    message,
+                    incoming: Arc::new(incoming),
+                    received,
+                    catch_up,
+                };
+                order.park(&aggregate, ready);
+                None
+            }
+            Err(error) => {
+                let letter = Letter {
+                    reason: error.reason(),
+                    detail: error.to_string(),
+                    event_type: None,
+                    counter: EVENTS_DEAD_LETTERED,
+                };
+                Some(dead_letter(
+                    name.clone(),
+                    self.dead_letters.clone(),
+                    seq,
+                    message,
+                    letter,
+                ))
+            }
+        }
+    }
+}
+
+/// Starts a batch for every aggregate that is free and has messages waiting.
+fn start_ready(
+    order: &mut KeyedQueue<AggregateKey, Ready>,
+    running: &mut FuturesUnordered<Work>,
+    receiver: &Receiver<'_>,
+) {
+    for (key, batch) in order.start() {
+        running.push(apply_batch(
+            receiver.name.clone(),
+            receiver.pipeline.clone(),
+            receiver.dead_letters.clone(),
+            key,
+            batch,
+        ));
     }
 }
 
@@ -515,9 +593,11 @@ async fn release(
     acks: &mut InOrder<(Message<Vec<u8>>, Verdict)>,
     done: Done,
 ) {
-    for (message, verdict) in acks.finish(done.seq, (done.message, done.verdict)) {
-        status.progressed();
-        finish(name, consumer, message, verdict).await;
+    for (seq, message, verdict) in done.messages {
+        for (message, verdict) in acks.finish(seq, (message, verdict)) {
+            status.progressed();
+            finish(name, consumer, message, verdict).await;
+        }
     }
 }
 
@@ -535,168 +615,179 @@ const CRASH_ATTEMPTS: u32 = 5;
 /// Between those attempts, while the supervisor restarts the actor.
 const CRASH_BACKOFF: Backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
 
-/// Applies `incoming`, retrying in place while its actor crashes: the supervisor restarts the
-/// actor from its committed state, and retrying here keeps the aggregate's later events behind
-/// this one, in order.
-async fn apply_retrying_crashes(
-    registry: &Registry,
-    incoming: &Arc<Incoming>,
-) -> Result<Outcome, ApplyError> {
-    let mut attempt = 1;
-    loop {
-        match registry.apply(incoming.clone()).await {
-            // A stale actor has reloaded: retry at once.
-            Err(ApplyError::Stale(_)) if attempt < CRASH_ATTEMPTS => attempt += 1,
-            Err(ApplyError::Crashed(_) | ApplyError::MailboxClosed) if attempt < CRASH_ATTEMPTS => {
-                tokio::time::sleep(CRASH_BACKOFF.delay(attempt)).await;
-                attempt += 1;
-            }
-            outcome => return outcome,
-        }
-    }
-}
-
-/// How one attempt at a decoded message ended.
-enum Attempt {
-    /// Applied (or a duplicate) and durable; the ack waits for the outbox up to the mark, if any.
-    Durable {
-        publish_through: Option<u64>,
-    },
-    Rejected(Rejection),
-    Failed(ApplyError),
-}
-
-/// One attempt: apply (retrying in place while the actor crashes), then make it durable.
-async fn attempt(name: &str, pipeline: &Pipeline, incoming: &Arc<Incoming>, received: Instant) -> Attempt {
-    let outcome = apply_retrying_crashes(&pipeline.registry, incoming).await;
-    // Everything committed so far, this event's commit included, is in the outbox up to here.
-    let outbox_mark = pipeline.store.outbox_high_water();
-    let counter_name = match outcome {
-        Ok(Outcome::Applied { .. }) => EVENTS_APPLIED,
-        Ok(Outcome::Duplicate) => EVENTS_DEDUPLICATED,
-        Ok(Outcome::Redelivered) => EVENTS_REDELIVERED,
-        Ok(Outcome::Rejected(rejection)) => return Attempt::Rejected(rejection),
-        Err(error) => return Attempt::Failed(error),
-    };
-    if let Err(error) = pipeline.store.flush().await {
-        return Attempt::Failed(error.into());
-    }
-    let event_type = incoming.envelope.event_type.clone();
-    counter!(counter_name, "input" => name.to_owned(), "event_type" => event_type).increment(1);
-    histogram!(PROCESSING_DURATION, "input" => name.to_owned()).record(received.elapsed().as_secs_f64());
-    // Checkpointed ack, when a changelog is kept: the changelog must cover this event first.
-    Attempt::Durable {
-        publish_through: pipeline.follower.is_some().then_some(outbox_mark),
-    }
-}
-
-fn apply(name: Arc<str>, pipeline: Arc<Pipeline>, dead_letters: Arc<DeadLetters>, ready: Ready) -> Work {
-    // Everything logged about this event, in any of its attempts, carries these (a debug log
-    // follows one event).
-    let span = tracing::debug_span!(
-        "event",
-        input = %name,
-        aggregate = %ready.incoming.aggregate().id,
-        event_id = %ready.incoming.envelope.id,
-    );
+/// Applies a batch of one aggregate's messages, in order, in one message to its actor, and makes
+/// them durable with one flush. An event whose attempt fails is retried in place with the events
+/// behind it: at once when its actor reloaded (stale), after a short pause while the supervisor
+/// restarts a crashed actor, after the input's backoff otherwise (dead-lettered once
+/// `max_redeliveries` retries failed), or once the store writes again. Rejected events are
+/// dead-lettered where they stand; the others go on.
+fn apply_batch(
+    name: Arc<str>,
+    pipeline: Arc<Pipeline>,
+    dead_letters: Arc<DeadLetters>,
+    key: AggregateKey,
+    batch: Vec<Ready>,
+) -> Work {
+    // Everything logged about these events carries these (a debug log follows an aggregate).
+    let span = tracing::debug_span!("events", input = %name, aggregate = %key.id, count = batch.len());
     Box::pin(async move {
-        tracing::debug!(event_type = %ready.incoming.envelope.event_type, "Event received.");
-        let Ready {
-            seq,
-            message,
-            incoming,
-            received,
-            catch_up,
-        } = ready;
-        let key = Some(incoming.aggregate());
-        // A copy of a message rejected and dead-lettered already (an aggregate's messages are
-        // applied in order, so an earlier copy has finished): acked, never applied after all.
-        if already_dead_lettered(
-            &name,
-            &pipeline.store,
-            &message,
-            Some(&incoming.envelope.event_type),
-        ) {
-            return Done {
-                seq,
-                message,
-                key,
-                verdict: Verdict::Ack,
-                publish_through: None,
-            };
+        let mut messages = Vec::with_capacity(batch.len());
+        let mut pending: VecDeque<Ready> = VecDeque::with_capacity(batch.len());
+        let catch_up = batch.iter().any(|ready| ready.catch_up);
+        for ready in batch {
+            tracing::debug!(event_id = %ready.incoming.envelope.id, event_type = %ready.incoming.envelope.event_type, "Event received.");
+            // A copy of a message rejected and dead-lettered already (an aggregate's messages are
+            // applied in order, so an earlier copy has finished): acked, never applied after all.
+            if already_dead_lettered(&name, &pipeline.store, &ready.message, Some(&ready.incoming.envelope.event_type)) {
+                messages.push((ready.seq, ready.message, Verdict::Ack));
+            } else {
+                pending.push_back(ready);
+            }
         }
-        let event_type = incoming.envelope.event_type.clone();
-        if let (true, Some(follower)) = (catch_up, &pipeline.follower) {
+        if let (true, false, Some(follower)) = (catch_up, pending.is_empty(), &pipeline.follower) {
             let waiting = Instant::now();
             follower.barrier().await;
             histogram!(CHANGELOG_BARRIER_WAIT).record(waiting.elapsed().as_secs_f64());
         }
-        let incoming = Arc::new(incoming);
         let mut shutdown = dead_letters.shutdown.clone();
-        // Failed attempts so far; a store that cannot write is no failure of the message.
+        // Applied (or duplicates), durable once flushed: with the counter of their outcome.
+        let mut applied: Vec<(Ready, &'static str)> = Vec::with_capacity(pending.len());
+        // The front event's attempts: while its actor crashes or reloads, and failed ones.
+        let mut crashes = 1u32;
         let mut failures = 0u32;
-        // Done (verdict, outbox mark to wait for), or the dead letter to send.
-        let ending = loop {
-            let error = match attempt(&name, &pipeline, &incoming, received).await {
-                Attempt::Durable { publish_through } => break Ok((Verdict::Ack, publish_through)),
-                Attempt::Rejected(rejection) => {
-                    break Err(Letter {
-                        reason: rejection.reason.as_str(),
-                        detail: rejection.detail,
-                        event_type: Some(event_type),
-                        counter: EVENTS_REJECTED,
-                    });
+        let mut leave = false;
+        while !pending.is_empty() {
+            let events = pending.iter().map(|ready| ready.incoming.clone()).collect();
+            let mut error = None;
+            for result in pipeline.registry.apply_batch(events).await {
+                let counter_name = match result {
+                    Ok(Outcome::Applied { .. }) => EVENTS_APPLIED,
+                    Ok(Outcome::Duplicate) => EVENTS_DEDUPLICATED,
+                    Ok(Outcome::Redelivered) => EVENTS_REDELIVERED,
+                    Ok(Outcome::Rejected(rejection)) => {
+                        let ready = pending.pop_front().expect("one result per event");
+                        let letter = Letter {
+                            reason: rejection.reason.as_str(),
+                            detail: rejection.detail,
+                            event_type: Some(ready.incoming.envelope.event_type.clone()),
+                            counter: EVENTS_REJECTED,
+                        };
+                        let verdict = send_dead_letter(&name, &dead_letters, &ready.message, letter).await;
+                        messages.push((ready.seq, ready.message, verdict));
+                        (crashes, failures) = (1, 0);
+                        continue;
+                    }
+                    Err(failed) => {
+                        error = Some(failed);
+                        break;
+                    }
+                };
+                applied.push((pending.pop_front().expect("one result per event"), counter_name));
+                (crashes, failures) = (1, 0);
+            }
+            let Some(error) = error else { continue };
+            match &error {
+                // A stale actor has reloaded: retry at once.
+                ApplyError::Stale(_) if crashes < CRASH_ATTEMPTS => {
+                    crashes += 1;
+                    continue;
                 }
-                Attempt::Failed(error) => error,
-            };
-            if let ApplyError::Store(store_error) = &error {
-                if store_error.is_unavailable() {
+                // The supervisor restarts the actor from its committed state.
+                ApplyError::Crashed(_) | ApplyError::MailboxClosed if crashes < CRASH_ATTEMPTS => {
+                    tokio::time::sleep(CRASH_BACKOFF.delay(crashes)).await;
+                    crashes += 1;
+                    continue;
+                }
+                // A store that cannot write is no failure of the event.
+                ApplyError::Store(store_error) if store_error.is_unavailable() => {
                     pipeline.store.note_failure(store_error);
                     crate::limited!(repeated::STORE_WAIT, warn, input = %name, error = %error, "The store cannot write; the event waits for it.");
                     tokio::select! {
                         _ = pipeline.store.wait_writable() => continue,
-                        _ = shutdown.wait_for(|stop| *stop) => break Ok((Verdict::Leave, None)),
+                        _ = shutdown.wait_for(|stop| *stop) => {
+                            leave = true;
+                            break;
+                        }
                     }
                 }
+                _ => {}
             }
+            crashes = 1;
             failures += 1;
             if failures as usize > dead_letters.max_redeliveries {
-                break Err(Letter {
+                let ready = pending.pop_front().expect("the failed event");
+                let letter = Letter {
                     reason: MAX_REDELIVERIES,
                     detail: format!("{failures} attempts failed; the last: {error}"),
-                    event_type: Some(event_type),
+                    event_type: Some(ready.incoming.envelope.event_type.clone()),
                     counter: EVENTS_DEAD_LETTERED,
-                });
+                };
+                let verdict = send_dead_letter(&name, &dead_letters, &ready.message, letter).await;
+                messages.push((ready.seq, ready.message, verdict));
+                failures = 0;
+                continue;
             }
             counter!(EVENTS_RETRIED, "input" => name.to_string()).increment(1);
             crate::limited!(repeated::RETRYING, warn, input = %name, error = %error, failures, "Event not applied; retrying it.");
             if !dead_letters.backoff.wait(failures, &mut shutdown).await {
-                break Ok((Verdict::Leave, None));
+                leave = true;
+                break;
             }
-        };
-        match ending {
-            Ok((verdict, publish_through)) => {
-                tracing::debug!(acked = matches!(verdict, Verdict::Ack), "Event done.");
-                Done {
-                    seq,
-                    message,
-                    key,
-                    verdict,
-                    publish_through,
-                }
+        }
+        // Shutting down: what is not done is left unacked, for the broker to redeliver.
+        messages.extend(pending.into_iter().map(|ready| (ready.seq, ready.message, Verdict::Leave)));
+        if applied.is_empty() {
+            return Done { key: Some(key), messages, publish_through: None };
+        }
+        // Everything committed so far, these events' commits included, is in the outbox up to here.
+        let outbox_mark = pipeline.store.outbox_high_water();
+        let durable = !leave && flushed(&name, &pipeline.store, &dead_letters.backoff, &mut shutdown).await;
+        for (ready, counter_name) in applied {
+            if !durable {
+                messages.push((ready.seq, ready.message, Verdict::Leave));
+                continue;
             }
-            Err(letter) => dead_letter(name, dead_letters, seq, message, letter)
-                .await
-                .with_key(key),
+            let event_type = ready.incoming.envelope.event_type.clone();
+            counter!(counter_name, "input" => name.to_string(), "event_type" => event_type).increment(1);
+            histogram!(PROCESSING_DURATION, "input" => name.to_string()).record(ready.received.elapsed().as_secs_f64());
+            messages.push((ready.seq, ready.message, Verdict::Ack));
+        }
+        tracing::debug!(count = messages.len(), durable, "Events done.");
+        Done {
+            key: Some(key),
+            messages,
+            // Checkpointed acks, when a changelog is kept: the changelog must cover these events.
+            publish_through: (durable && pipeline.follower.is_some()).then_some(outbox_mark),
         }
     }
     .instrument(span))
 }
 
-impl Done {
-    fn with_key(mut self, key: Option<AggregateKey>) -> Done {
-        self.key = key;
-        self
+/// Makes the store's writes durable, waiting while it cannot write and retrying failed flushes
+/// after `backoff` (the writes are made: only their durability is missing). False on shutdown.
+async fn flushed(
+    name: &str,
+    store: &SledStore,
+    backoff: &Backoff,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let mut failures = 0;
+    loop {
+        let error = match store.flush().await {
+            Ok(()) => return true,
+            Err(error) => error,
+        };
+        crate::limited!(repeated::STORE_WAIT, warn, input = %name, error = %error, "The store cannot make writes durable; the events wait for it.");
+        if error.is_unavailable() {
+            tokio::select! {
+                _ = store.wait_writable() => continue,
+                _ = shutdown.wait_for(|stop| *stop) => return false,
+            }
+        }
+        failures += 1;
+        if !backoff.wait(failures, shutdown).await {
+            return false;
+        }
     }
 }
 
@@ -795,6 +886,29 @@ async fn publish_dead_letter(
 /// Dead-letters `message` ([`publish_dead_letter`]), retrying while the broker or the store
 /// refuses it (a message is acked only once its dead letter is stored and remembered); on
 /// shutdown it is left unacked instead.
+async fn send_dead_letter(
+    name: &str,
+    dead_letters: &DeadLetters,
+    message: &Message<Vec<u8>>,
+    letter: Letter,
+) -> Verdict {
+    let mut shutdown = dead_letters.shutdown.clone();
+    let mut failures = 0;
+    loop {
+        match publish_dead_letter(name, dead_letters, message, letter.clone()).await {
+            Ok(()) => return Verdict::Ack,
+            Err(error) => {
+                failures += 1;
+                crate::limited!(repeated::NOT_DEAD_LETTERED, error, input = %name, error = %error, failures, "Message not dead-lettered; not acking, retrying.");
+                if !dead_letters.backoff.wait(failures, &mut shutdown).await {
+                    return Verdict::Leave;
+                }
+            }
+        }
+    }
+}
+
+/// [`send_dead_letter`] as work of its own, for a message that did not decode.
 fn dead_letter(
     name: Arc<str>,
     dead_letters: Arc<DeadLetters>,
@@ -804,28 +918,15 @@ fn dead_letter(
 ) -> Work {
     let span =
         tracing::debug_span!("message", input = %name, source_message_id = %source_message_id(&message));
-    Box::pin(async move {
-        let mut shutdown = dead_letters.shutdown.clone();
-        let mut failures = 0;
-        let verdict = loop {
-            match publish_dead_letter(&name, &dead_letters, &message, letter.clone()).await {
-                Ok(()) => break Verdict::Ack,
-                Err(error) => {
-                    failures += 1;
-                    crate::limited!(repeated::NOT_DEAD_LETTERED, error, input = %name, error = %error, failures, "Message not dead-lettered; not acking, retrying.");
-                    if !dead_letters.backoff.wait(failures, &mut shutdown).await {
-                        break Verdict::Leave;
-                    }
-                }
+    Box::pin(
+        async move {
+            let verdict = send_dead_letter(&name, &dead_letters, &message, letter).await;
+            Done {
+                key: None,
+                messages: vec![(seq, message, verdict)],
+                publish_through: None,
             }
-        };
-        Done {
-            seq,
-            message,
-            key: None,
-            verdict,
-            publish_through: None,
         }
-    }
-    .instrument(span))
+        .instrument(span),
+    )
 }

@@ -5,8 +5,9 @@
 //! - [`config`]: the shipped `config.toml`, overlays, validation naming every problem, where each
 //!   value came from (`config check`, `config print`).
 //! - [`codec`]: Avro schemas (`schemas/`) and the wire codec to and from domain events.
-//! - [`store`]: sled implementation of the actors' `StateStore` port (state, idempotency window, outbox).
-//! - [`committer`]: the thread that writes actors' commits many per sled transaction.
+//! - [`store`]: sled implementation of the actors' `StateStore` port (state, idempotency window,
+//!   outbox), its committer thread (many commits per sled transaction) and flusher thread (group
+//!   commit).
 //! - [`backoff`]: the one exponential backoff with jitter that every retry loop waits by.
 //! - [`broker`]: Pulsar client, reconnect backoff, health probe, dead letters.
 //! - [`charges`]: the gateway worker, charging requested payments exactly once.
@@ -28,7 +29,6 @@ pub mod changelog;
 pub mod charges;
 pub mod codec;
 pub mod collector;
-pub mod committer;
 pub mod config;
 pub mod daemon;
 pub mod dispatch;

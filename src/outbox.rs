@@ -206,6 +206,8 @@ pub async fn run(
                 }
             }
         }
+        // Published entries are deleted at once, in one write.
+        let mut published = Vec::with_capacity(receipts.len());
         for (seq, topic, event_type, receipt) in receipts {
             if failed {
                 // An earlier entry is not published: later ones are published again with it.
@@ -214,11 +216,7 @@ pub async fn run(
             match receipt.await {
                 Ok(_) => {
                     metrics::counter!(OUTBOX_PUBLISHED, "event_type" => event_type).increment(1);
-                    if let Err(error) = store.outbox_remove(&seq) {
-                        // Published again later (deduplicable by id), once the store writes.
-                        tracing::error!(error = %error, "Cannot delete a published outbox entry.");
-                        failed = true;
-                    }
+                    published.push(seq);
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, topic = %topic, "Outbox publish failed; retrying.");
@@ -226,6 +224,11 @@ pub async fn run(
                     failed = true;
                 }
             }
+        }
+        if let Err(error) = store.outbox_remove(&published) {
+            // Published again later (deduplicable by id), once the store writes.
+            tracing::error!(error = %error, "Cannot delete published outbox entries.");
+            failed = true;
         }
         store.outbox_published();
         if failed {

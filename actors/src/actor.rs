@@ -10,12 +10,13 @@ use crate::events::Envelope;
 use crate::events::{AggregateKey, Incoming};
 use crate::outcome::{Outcome, RejectReason, Rejection};
 use crate::ports::{
-    ActorObserver, Clock, CommitFuture, CommitResult, OwnedCommit, SeenEntry, StateStore, StoreError,
+    ActorObserver, AppliedEvent, Clock, CommitResult, OwnedCommit, SeenEntry, StateStore, StoreError,
 };
 use crate::snapshot::{JournalEntry, Snapshot, SnapshotPlan, SnapshotPolicy};
 use actix::dev::{MessageResponse, OneshotSender};
 use actix::prelude::*;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
@@ -45,7 +46,7 @@ pub struct ActorEnv {
     pub snapshots: SnapshotPolicy,
 }
 
-/// Apply one event to the actor's aggregate.
+/// Apply one event (the report service's; aggregate actors take [`ApplyBatch`]).
 #[derive(Debug)]
 pub struct Apply(pub Arc<Incoming>);
 
@@ -81,19 +82,30 @@ pub struct AggregateActor<A: Aggregate> {
     retained: Vec<u64>,
 }
 
-/// What [`AggregateActor::decide`] found: an outcome, or a commit being written.
-enum Step<A> {
-    Done(Outcome),
-    Committing(CommitFuture, Decided<A>),
+/// A batch's commits being written, and what the actor keeps of each until the store answers.
+struct Committing<A> {
+    /// Per event of the batch: its outcome when known without a commit, else `None` (its chunk's).
+    outcomes: Vec<Option<Result<Outcome, ApplyError>>>,
+    chunks: Vec<Chunk<A>>,
+    /// One per chunk, handed to the store.
+    commits: Vec<OwnedCommit>,
 }
 
-/// What the actor keeps of a decision while its commit is being written.
-struct Decided<A> {
+/// Consecutive events of a batch folded into one commit, and the state they lead to.
+struct Chunk<A> {
+    /// The events' indices in the batch, with the output events each made.
+    members: Vec<(usize, usize)>,
     state: A,
-    outputs: usize,
     snapshot_written: bool,
     /// Snapshot versions retained once the commit is written.
     retained: Vec<u64>,
+}
+
+/// The chunk being built: its events so far and the state before its first one.
+struct OpenChunk<A> {
+    before: Option<A>,
+    events: Vec<AppliedEvent>,
+    members: Vec<(usize, usize)>,
 }
 
 /// A journal entry as written, borrowing the event being applied.
@@ -182,36 +194,59 @@ impl<A: Aggregate> AggregateActor<A> {
         Ok(state)
     }
 
-    /// Decides `incoming` on the current state: either an outcome at once (a duplicate, a
-    /// rejection), or its commit handed to the store and what to keep of the decision until the
-    /// store answers.
-    fn decide(&mut self, incoming: &Incoming) -> Result<Step<A>, ApplyError> {
-        if let Some(seen) = self.env.store.seen(&incoming.idempotency_key)? {
-            return Ok(Step::Done(seen_outcome(incoming, &seen)));
-        }
-        let Some(event) = A::select(&incoming.event) else {
-            unreachable!(
-                "event for {:?} routed to a {:?} actor",
-                incoming.aggregate(),
-                A::KIND
-            )
-        };
-        let current = self.loaded()?;
-        let mut decision = match A::decide(current, event, &incoming.envelope) {
-            Ok(decision) => decision,
-            Err(rejection) => return Ok(Step::Done(Outcome::Rejected(rejection))),
-        };
-        let forced = A::snapshot_now(current, &decision.state);
-        let read_model = A::read_model_changes(current, &decision.state);
-        let state = serde_json::to_vec(&decision.state).map_err(|e| self.corrupt(e))?;
-        let version = decision.state.version();
-        let (journal, plan, snapshot) = if A::SNAPSHOTS {
-            let entry = JournalRef {
-                envelope: &incoming.envelope,
-                event,
+    /// Decides `events` (all of this actor's aggregate) in order on the current state, without
+    /// writing: duplicates and rejections are answered at once; the applied events are folded into
+    /// commits, one per run of events between snapshots, each carrying every event's idempotency
+    /// record, outputs and journal entry and the state after its last event.
+    fn decide(&mut self, events: &[Arc<Incoming>]) -> Result<Committing<A>, ApplyError> {
+        let mut outcomes: Vec<Option<Result<Outcome, ApplyError>>> = Vec::with_capacity(events.len());
+        let mut current: Option<A> = self.loaded()?.cloned();
+        let mut retained = self.retained.clone();
+        // Keys applied earlier in this batch, not in the store yet.
+        let mut applied: HashMap<&str, SeenEntry> = HashMap::new();
+        let mut open: Option<OpenChunk<A>> = None;
+        let mut commits = Vec::new();
+        let mut chunks = Vec::new();
+        for (index, incoming) in events.iter().enumerate() {
+            let seen = match applied.get(incoming.idempotency_key.as_str()) {
+                Some(seen) => Some(seen.clone()),
+                None => self.env.store.seen(&incoming.idempotency_key)?,
             };
-            let journal = serde_json::to_vec(&entry).map_err(|e| self.corrupt(e))?;
-            let plan = self.env.snapshots.plan(&self.retained, version, forced);
+            if let Some(seen) = seen {
+                outcomes.push(Some(Ok(seen_outcome(incoming, &seen))));
+                continue;
+            }
+            let Some(event) = A::select(&incoming.event) else {
+                unreachable!(
+                    "event for {:?} routed to a {:?} actor",
+                    incoming.aggregate(),
+                    A::KIND
+                )
+            };
+            let mut decision = match A::decide(current.as_ref(), event, &incoming.envelope) {
+                Ok(decision) => decision,
+                Err(rejection) => {
+                    outcomes.push(Some(Ok(Outcome::Rejected(rejection))));
+                    continue;
+                }
+            };
+            outcomes.push(None);
+            let version = decision.state.version();
+            let forced = A::snapshot_now(current.as_ref(), &decision.state);
+            let plan = if A::SNAPSHOTS {
+                self.env.snapshots.plan(&retained, version, forced)
+            } else {
+                SnapshotPlan::default()
+            };
+            let journal = if A::SNAPSHOTS {
+                let entry = JournalRef {
+                    envelope: &incoming.envelope,
+                    event,
+                };
+                Some(serde_json::to_vec(&entry).map_err(|e| self.corrupt(e))?)
+            } else {
+                None
+            };
             let snapshot = match plan.snapshot_at {
                 Some(_) => {
                     let snapshot = Snapshot::of(&decision.state);
@@ -222,66 +257,161 @@ impl<A: Aggregate> AggregateActor<A> {
                 }
                 None => None,
             };
-            (Some(journal), plan, snapshot)
-        } else {
-            (None, SnapshotPlan::default(), None)
-        };
-        let decided = Decided {
-            outputs: decision.outputs.len(),
-            snapshot_written: snapshot.is_some(),
-            retained: plan.retained,
-            state: decision.state,
-        };
-        let commit = OwnedCommit {
-            aggregate: self.key.clone(),
-            state,
-            version,
-            idempotency_key: incoming.idempotency_key.clone(),
-            content_hash: incoming.content_hash.clone(),
-            seen_at_ms: self.env.clock.now_ms(),
-            delivery: incoming.delivery,
-            outbox: decision.outputs,
-            charges: decision.charges,
-            journal: journal.map(|entry| (version, entry)),
-            snapshot: snapshot.map(|snapshot| (version, snapshot)),
-            drop_snapshots: plan.drop_snapshots,
-            truncate_journal: plan.truncate_journal,
-            read_model,
-        };
-        Ok(Step::Committing(self.env.store.commit_batched(commit), decided))
+            let chunk = open.get_or_insert_with(|| OpenChunk {
+                before: current.clone(),
+                events: Vec::new(),
+                members: Vec::new(),
+            });
+            chunk.members.push((index, decision.outputs.len()));
+            let seen_at_ms = self.env.clock.now_ms();
+            applied.insert(
+                &incoming.idempotency_key,
+                SeenEntry {
+                    content_hash: incoming.content_hash.clone(),
+                    first_seen_ms: seen_at_ms,
+                    delivery: incoming.delivery,
+                },
+            );
+            chunk.events.push(AppliedEvent {
+                version,
+                idempotency_key: incoming.idempotency_key.clone(),
+                content_hash: incoming.content_hash.clone(),
+                seen_at_ms,
+                delivery: incoming.delivery,
+                outputs: decision.outputs,
+                charges: decision.charges,
+                journal,
+            });
+            current = Some(decision.state);
+            // A snapshot ends the chunk: it is written at its event's version, as if alone.
+            if let Some(snapshot) = snapshot {
+                retained = plan.retained;
+                let chunk = open.take().expect("opened above");
+                let state = current.clone().expect("decided above");
+                let mut commit = self.close(chunk.before.as_ref(), &state, chunk.events)?;
+                commit.snapshot = Some((version, snapshot));
+                commit.drop_snapshots = plan.drop_snapshots;
+                commit.truncate_journal = plan.truncate_journal;
+                commits.push(commit);
+                chunks.push(Chunk {
+                    members: chunk.members,
+                    state,
+                    snapshot_written: true,
+                    retained: retained.clone(),
+                });
+            }
+        }
+        if let Some(chunk) = open.take() {
+            let state = current.expect("a chunk holds a decided event");
+            commits.push(self.close(chunk.before.as_ref(), &state, chunk.events)?);
+            chunks.push(Chunk {
+                members: chunk.members,
+                state,
+                snapshot_written: false,
+                retained,
+            });
+        }
+        Ok(Committing {
+            outcomes,
+            chunks,
+            commits,
+        })
     }
 
-    /// Takes the store's answer to the commit of `decided`: the new state on success; a reload
-    /// when the stored state moved under the actor.
+    /// The commit of `events`, which lead from `before` to `after`.
+    fn close(
+        &self,
+        before: Option<&A>,
+        after: &A,
+        mut events: Vec<AppliedEvent>,
+    ) -> Result<OwnedCommit, ApplyError> {
+        let last = events.pop().expect("a chunk holds an event");
+        Ok(OwnedCommit {
+            aggregate: self.key.clone(),
+            state: serde_json::to_vec(after).map_err(|e| self.corrupt(e))?,
+            version: last.version,
+            idempotency_key: last.idempotency_key,
+            content_hash: last.content_hash,
+            seen_at_ms: last.seen_at_ms,
+            delivery: last.delivery,
+            outbox: last.outputs,
+            charges: last.charges,
+            journal: last.journal.map(|entry| (last.version, entry)),
+            snapshot: None,
+            drop_snapshots: Vec::new(),
+            truncate_journal: None,
+            read_model: A::read_model_changes(before, after),
+            earlier: events,
+        })
+    }
+
+    /// Takes the store's answers to a batch's commits: each event's outcome. A refused commit
+    /// refuses the ones after it (they were decided on it): their events are retried, with the
+    /// state reloaded when the stored one moved under the actor.
     fn committed(
         &mut self,
-        incoming: &Incoming,
-        decided: Decided<A>,
-        result: Result<CommitResult, StoreError>,
-    ) -> Result<Outcome, ApplyError> {
-        match result {
-            Ok(CommitResult::Committed) => {
-                if A::SNAPSHOTS {
-                    if decided.snapshot_written {
-                        self.env.observer.snapshot_written(A::KIND);
+        events: &[Arc<Incoming>],
+        committing: Committing<A>,
+        results: Vec<Result<CommitResult, StoreError>>,
+    ) -> Vec<Result<Outcome, ApplyError>> {
+        let Committing {
+            mut outcomes, chunks, ..
+        } = committing;
+        let mut refused: Option<ApplyError> = None;
+        let mut results = results.into_iter();
+        for chunk in chunks {
+            let result = results
+                .next()
+                .unwrap_or_else(|| Err(StoreError::Internal("the store left a commit unanswered".into())));
+            if refused.is_none() {
+                match result {
+                    Ok(CommitResult::Committed) => {
+                        if A::SNAPSHOTS {
+                            if chunk.snapshot_written {
+                                self.env.observer.snapshot_written(A::KIND);
+                            }
+                            self.retained = chunk.retained;
+                        }
+                        self.state = Some(Some(chunk.state));
                     }
-                    self.retained = decided.retained;
+                    // A lone event whose key was recorded meanwhile: a duplicate after all.
+                    Ok(CommitResult::AlreadySeen(seen)) if chunk.members.len() == 1 => {
+                        let (index, _) = chunk.members[0];
+                        outcomes[index] = Some(Ok(seen_outcome(&events[index], &seen)));
+                        refused = Some(ApplyError::Stale(self.key.clone()));
+                        continue;
+                    }
+                    // Nothing was written; the state in memory is still the committed one.
+                    Ok(CommitResult::AlreadySeen(_)) => refused = Some(ApplyError::Stale(self.key.clone())),
+                    Ok(CommitResult::Stale) => {
+                        self.state = None;
+                        self.retained.clear();
+                        refused = Some(ApplyError::Stale(self.key.clone()));
+                    }
+                    // The commit may or may not have been written: reload, and a retry of its
+                    // events finds their keys if it was.
+                    Err(error) => {
+                        self.state = None;
+                        self.retained.clear();
+                        for (index, _) in &chunk.members {
+                            outcomes[*index] = Some(Err(error.clone().into()));
+                        }
+                        refused = Some(ApplyError::Stale(self.key.clone()));
+                        continue;
+                    }
                 }
-                self.state = Some(Some(decided.state));
-                Ok(Outcome::Applied {
-                    outputs: decided.outputs,
-                })
             }
-            Ok(CommitResult::AlreadySeen(seen)) => Ok(seen_outcome(incoming, &seen)),
-            Ok(CommitResult::Stale) => {
-                self.state = None;
-                self.retained.clear();
-                Err(ApplyError::Stale(self.key.clone()))
+            for (index, outputs) in chunk.members {
+                outcomes[index] = Some(match &refused {
+                    Some(error) => Err(error.clone()),
+                    None => Ok(Outcome::Applied { outputs }),
+                });
             }
-            // The commit may or may not have been written: the next commit's version check
-            // finds out, and a retry of this event finds its key if it was.
-            Err(error) => Err(error.into()),
         }
+        outcomes
+            .into_iter()
+            .map(|outcome| outcome.unwrap_or(Err(ApplyError::Stale(self.key.clone()))))
+            .collect()
     }
 
     /// Runs `f`, turning a panic into a restart of this actor.
@@ -362,43 +492,78 @@ impl<A: Aggregate> Supervised for AggregateActor<A> {
     }
 }
 
-/// Decides at once, then waits for the commit without holding the arbiter: the store may write it
-/// in one transaction with other actors' commits (`StateStore::commit_batched`), and the arbiter
-/// runs those actors meanwhile. The wait is atomic: this actor handles no other message until its
-/// commit is answered, so it always decides on its committed state.
-impl<A: Aggregate> Handler<Apply> for AggregateActor<A> {
-    type Result = Reply<A>;
-
-    fn handle(&mut self, msg: Apply, ctx: &mut Context<Self>) -> Self::Result {
-        let incoming = msg.0;
-        match self.guarded(ctx, |actor| actor.decide(&incoming)) {
-            Ok(Step::Committing(written, decided)) => Reply::Later(AtomicResponse::new(Box::pin(
-                written.into_actor(self).map(move |result, actor, ctx| {
-                    actor.guarded(ctx, |actor| actor.committed(&incoming, decided, result))
+impl<A: Aggregate> AggregateActor<A> {
+    /// Decides `events` at once, then waits for their commits without holding the arbiter: the
+    /// store may write them in one transaction with other actors' commits
+    /// (`StateStore::commit_batched`), and the arbiter runs those actors meanwhile. The wait is
+    /// atomic: this actor handles no other message until its commits are answered, so it always
+    /// decides on its committed state.
+    fn apply_batch(&mut self, events: Vec<Arc<Incoming>>, ctx: &mut Context<Self>) -> Reply<A> {
+        let n = events.len();
+        let decided = self.guarded(ctx, |actor| {
+            let mut committing = actor.decide(&events)?;
+            let written = (!committing.commits.is_empty()).then(|| {
+                actor
+                    .env
+                    .store
+                    .commit_batched(std::mem::take(&mut committing.commits))
+            });
+            Ok((committing, written))
+        });
+        match decided {
+            Ok((committing, Some(written))) => Reply::Later(AtomicResponse::new(Box::pin(
+                written.into_actor(self).map(move |results, actor, ctx| {
+                    actor
+                        .guarded(ctx, |actor| Ok(actor.committed(&events, committing, results)))
+                        .unwrap_or_else(|error| vec![Err(error); n])
                 }),
             ))),
-            Ok(Step::Done(outcome)) => Reply::Now(Ok(outcome)),
-            Err(error) => Reply::Now(Err(error)),
+            Ok((committing, None)) => Reply::Now(
+                committing
+                    .outcomes
+                    .into_iter()
+                    .map(|outcome| outcome.expect("no commit: every outcome is known"))
+                    .collect(),
+            ),
+            Err(error) => Reply::Now(vec![Err(error); n]),
         }
     }
 }
 
-/// The answer to an [`Apply`]: now (a duplicate, a rejection, a crash — answered even by an actor
-/// that is stopping), or once the commit is written.
-pub enum Reply<A: Aggregate> {
-    Now(Result<Outcome, ApplyError>),
-    Later(AtomicResponse<AggregateActor<A>, Result<Outcome, ApplyError>>),
+/// Applies a batch of events of this actor's aggregate, in order; one answer per event.
+#[derive(Debug)]
+pub struct ApplyBatch(pub Vec<Arc<Incoming>>);
+
+impl Message for ApplyBatch {
+    type Result = Vec<Result<Outcome, ApplyError>>;
 }
 
-impl<A: Aggregate> MessageResponse<AggregateActor<A>, Apply> for Reply<A> {
+impl<A: Aggregate> Handler<ApplyBatch> for AggregateActor<A> {
+    type Result = Reply<A>;
+
+    fn handle(&mut self, msg: ApplyBatch, ctx: &mut Context<Self>) -> Self::Result {
+        self.apply_batch(msg.0, ctx)
+    }
+}
+
+/// The answers to an [`ApplyBatch`]: now (duplicates, rejections, a crash — answered even by an
+/// actor that is stopping), or once the commits are written.
+pub enum Reply<A: Aggregate> {
+    Now(Vec<Result<Outcome, ApplyError>>),
+    Later(AtomicResponse<AggregateActor<A>, Vec<Result<Outcome, ApplyError>>>),
+}
+
+impl<A: Aggregate> MessageResponse<AggregateActor<A>, ApplyBatch> for Reply<A> {
     fn handle(
         self,
         ctx: &mut Context<AggregateActor<A>>,
-        tx: Option<OneshotSender<Result<Outcome, ApplyError>>>,
+        tx: Option<OneshotSender<Vec<Result<Outcome, ApplyError>>>>,
     ) {
         match self {
-            Reply::Now(result) => MessageResponse::<AggregateActor<A>, Apply>::handle(result, ctx, tx),
-            Reply::Later(response) => MessageResponse::<AggregateActor<A>, Apply>::handle(response, ctx, tx),
+            Reply::Now(results) => MessageResponse::<AggregateActor<A>, ApplyBatch>::handle(results, ctx, tx),
+            Reply::Later(response) => {
+                MessageResponse::<AggregateActor<A>, ApplyBatch>::handle(response, ctx, tx)
+            }
         }
     }
 }

@@ -4,6 +4,7 @@ use crate::events::{AggregateKey, AggregateKind, DeliveryId, ReportVersion};
 use crate::gateway::Charge;
 use crate::output::OutputEvent;
 use crate::readmodel::{Change, ReadModel};
+use serde::{Deserialize, Serialize};
 
 /// A failure of the state store. The event it concerned is not acked: what happens to it
 /// depends on the class.
@@ -50,7 +51,73 @@ pub struct SeenEntry {
     pub delivery: Option<DeliveryId>,
 }
 
-/// Everything one applied event changes, committed in one atomic step.
+/// An event a commit applied before its last one: a commit may apply several consecutive events of
+/// its aggregate (an actor's batch), and the idempotency window, the journal, the ledgers and the
+/// changelog keep each of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedEvent {
+    /// The aggregate's version once this event was applied.
+    pub version: u64,
+    pub idempotency_key: String,
+    pub content_hash: String,
+    pub seen_at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliveryId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<OutputEvent>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub charges: Vec<Charge>,
+    /// Snapshot kinds: the journal entry (kept locally, never carried by the changelog).
+    #[serde(skip)]
+    pub journal: Option<Vec<u8>>,
+}
+
+/// One event of a commit, as the store writes it: an [`AppliedEvent`] or the commit's last event.
+#[derive(Debug, Clone, Copy)]
+pub struct EventRef<'a> {
+    pub version: u64,
+    pub idempotency_key: &'a str,
+    pub content_hash: &'a str,
+    pub seen_at_ms: i64,
+    pub delivery: Option<DeliveryId>,
+    pub outputs: &'a [OutputEvent],
+    pub charges: &'a [Charge],
+    pub journal: Option<&'a [u8]>,
+}
+
+impl AppliedEvent {
+    pub fn as_ref(&self) -> EventRef<'_> {
+        EventRef {
+            version: self.version,
+            idempotency_key: &self.idempotency_key,
+            content_hash: &self.content_hash,
+            seen_at_ms: self.seen_at_ms,
+            delivery: self.delivery,
+            outputs: &self.outputs,
+            charges: &self.charges,
+            journal: self.journal.as_deref(),
+        }
+    }
+}
+
+impl EventRef<'_> {
+    pub fn to_owned(&self) -> AppliedEvent {
+        AppliedEvent {
+            version: self.version,
+            idempotency_key: self.idempotency_key.to_owned(),
+            content_hash: self.content_hash.to_owned(),
+            seen_at_ms: self.seen_at_ms,
+            delivery: self.delivery,
+            outputs: self.outputs.to_vec(),
+            charges: self.charges.to_vec(),
+            journal: self.journal.map(<[u8]>::to_vec),
+        }
+    }
+}
+
+/// Everything applied events change, committed in one atomic step: the aggregate's new state and
+/// each event's idempotency record, outputs, charges and journal entry. The fields below name the
+/// commit's last event; `earlier` holds the events it applied before that one, in order.
 #[derive(Debug, Clone, Copy)]
 pub struct Commit<'a> {
     pub aggregate: &'a AggregateKey,
@@ -75,8 +142,10 @@ pub struct Commit<'a> {
     pub drop_snapshots: &'a [u64],
     /// Journal versions to delete, inclusive.
     pub truncate_journal: Option<(u64, u64)>,
-    /// Read-model counters this event moves (see [`crate::readmodel`]).
+    /// Read-model counters the commit moves (see [`crate::readmodel`]).
     pub read_model: &'a [Change],
+    /// Events applied before the last one, versions `version - earlier.len()` on, in order.
+    pub earlier: &'a [AppliedEvent],
 }
 
 impl<'a> Commit<'a> {
@@ -105,7 +174,30 @@ impl<'a> Commit<'a> {
             drop_snapshots: &[],
             truncate_journal: None,
             read_model: &[],
+            earlier: &[],
         }
+    }
+
+    /// Every event the commit applies, oldest first (the last one is named by the commit's fields).
+    pub fn events(&self) -> impl Iterator<Item = EventRef<'a>> + '_ {
+        self.earlier
+            .iter()
+            .map(AppliedEvent::as_ref)
+            .chain(std::iter::once(EventRef {
+                version: self.version,
+                idempotency_key: self.idempotency_key,
+                content_hash: self.content_hash,
+                seen_at_ms: self.seen_at_ms,
+                delivery: self.delivery,
+                outputs: self.outbox,
+                charges: self.charges,
+                journal: self.journal.map(|(_, entry)| entry),
+            }))
+    }
+
+    /// The version before the commit's first event.
+    pub fn base_version(&self) -> u64 {
+        self.version.saturating_sub(self.earlier.len() as u64 + 1)
     }
 }
 
@@ -127,6 +219,7 @@ pub struct OwnedCommit {
     pub drop_snapshots: Vec<u64>,
     pub truncate_journal: Option<(u64, u64)>,
     pub read_model: Vec<Change>,
+    pub earlier: Vec<AppliedEvent>,
 }
 
 impl OwnedCommit {
@@ -152,12 +245,13 @@ impl OwnedCommit {
             drop_snapshots: &self.drop_snapshots,
             truncate_journal: self.truncate_journal,
             read_model: &self.read_model,
+            earlier: &self.earlier,
         }
     }
 }
 
-/// The answer to a [`StateStore::commit_batched`], once the commit is written or refused.
-pub type CommitFuture = futures::future::BoxFuture<'static, Result<CommitResult, StoreError>>;
+/// The answers to a [`StateStore::commit_batched`], one per commit in order, once written or refused.
+pub type CommitFuture = futures::future::BoxFuture<'static, Vec<Result<CommitResult, StoreError>>>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitResult {
@@ -179,12 +273,17 @@ pub trait StateStore: Send + Sync + 'static {
     /// Writes state, idempotency record and outbox atomically, unless the key is already recorded.
     fn commit(&self, commit: Commit<'_>) -> Result<CommitResult, StoreError>;
 
-    /// Commits as [`StateStore::commit`] does, but may write `commit` in one transaction with
-    /// other actors' commits and answers when it is written, so the caller's thread is free
-    /// meanwhile. Each commit keeps its own answer: one refused commit refuses no other. The
-    /// default commits at once, alone.
-    fn commit_batched(&self, commit: OwnedCommit) -> CommitFuture {
-        Box::pin(std::future::ready(self.commit(commit.borrow())))
+    /// Commits as [`StateStore::commit`] does, in order, but may write `commits` in one
+    /// transaction with other actors' commits and answers when they are written, so the caller's
+    /// thread is free meanwhile. Each commit keeps its own answer: one refused commit refuses no
+    /// other (a later commit of the same aggregate then finds the version it was decided on
+    /// missing). The default commits at once, one by one.
+    fn commit_batched(&self, commits: Vec<OwnedCommit>) -> CommitFuture {
+        let results = commits
+            .iter()
+            .map(|commit| self.commit(commit.borrow()))
+            .collect();
+        Box::pin(std::future::ready(results))
     }
 
     /// The stored snapshots of `key`, newest first, as (version, bytes).

@@ -11,7 +11,7 @@
 //! lock that admits applies, so an apply either keeps the actor alive or finds no actor and starts
 //! a fresh one from the stored state.
 
-use crate::actor::{ActorEnv, AggregateActor, Apply, ApplyError, Crash, GetState};
+use crate::actor::{ActorEnv, AggregateActor, Apply, ApplyBatch, ApplyError, Crash, GetState};
 use crate::aggregate::Aggregate;
 use crate::campaign::Campaign;
 use crate::events::{AggregateKind, Incoming};
@@ -139,13 +139,27 @@ impl Registry {
     /// Applies `incoming` on its aggregate's actor, waiting while the actor's mailbox is full.
     /// Shared, so that a caller retrying after a crash does not copy the event.
     pub async fn apply(&self, incoming: Arc<Incoming>) -> Result<Outcome, ApplyError> {
-        let key = incoming.aggregate();
+        let mut results = self.apply_batch(vec![incoming]).await;
+        results.pop().unwrap_or(Err(ApplyError::MailboxClosed))
+    }
+
+    /// Applies `events`, all of one aggregate, in order, in one message to its actor (which
+    /// commits them together); one answer per event. Waits while the actor's mailbox is full.
+    pub async fn apply_batch(&self, events: Vec<Arc<Incoming>>) -> Vec<Result<Outcome, ApplyError>> {
+        let Some(key) = events.first().map(|incoming| incoming.aggregate()) else {
+            return Vec::new();
+        };
+        debug_assert!(events.iter().all(|incoming| incoming.aggregate() == key));
         match key.kind {
-            AggregateKind::Campaign => self.send_apply(&self.campaigns, &key.id, incoming).await,
-            AggregateKind::Payment => self.send_apply(&self.payments, &key.id, incoming).await,
+            AggregateKind::Campaign => self.send_apply(&self.campaigns, &key.id, events).await,
+            AggregateKind::Payment => self.send_apply(&self.payments, &key.id, events).await,
             AggregateKind::Report => {
-                let sent = self.reports.send(Apply(incoming)).await;
-                sent.unwrap_or(Err(ApplyError::MailboxClosed))
+                let mut results = Vec::with_capacity(events.len());
+                for incoming in events {
+                    let sent = self.reports.send(Apply(incoming)).await;
+                    results.push(sent.unwrap_or(Err(ApplyError::MailboxClosed)));
+                }
+                results
             }
         }
     }
@@ -170,8 +184,8 @@ impl Registry {
         &self,
         kind: &Kind<A>,
         id: &str,
-        incoming: Arc<Incoming>,
-    ) -> Result<Outcome, ApplyError>
+        events: Vec<Arc<Incoming>>,
+    ) -> Vec<Result<Outcome, ApplyError>>
     where
         AggregateActor<A>: Actor<Context = Context<AggregateActor<A>>>,
     {
@@ -190,9 +204,10 @@ impl Registry {
             })
             .clone();
         let _permit = in_flight.acquire(self.env.clock.clone()).await;
-        let sent = self.addr(kind, id).send(Apply(incoming)).await;
-        // A closed mailbox means the actor went away mid-message: the event was not committed.
-        sent.unwrap_or(Err(ApplyError::MailboxClosed))
+        let n = events.len();
+        let sent = self.addr(kind, id).send(ApplyBatch(events)).await;
+        // A closed mailbox means the actor went away mid-message: the events were not committed.
+        sent.unwrap_or_else(|_| vec![Err(ApplyError::MailboxClosed); n])
     }
 
     pub async fn campaign(&self, id: &str) -> Result<Option<Campaign>, ApplyError> {

@@ -108,20 +108,24 @@ impl StateStore for MemoryStore {
 
     fn commit(&self, commit: Commit<'_>) -> Result<CommitResult, StoreError> {
         let mut data = self.data.lock().unwrap();
-        if let Some(seen) = data.window.get(commit.idempotency_key) {
-            return Ok(CommitResult::AlreadySeen(seen.clone()));
+        for event in commit.events() {
+            if let Some(seen) = data.window.get(event.idempotency_key) {
+                return Ok(CommitResult::AlreadySeen(seen.clone()));
+            }
         }
         data.states
             .insert(commit.aggregate.clone(), commit.state.to_vec());
-        data.window.insert(
-            commit.idempotency_key.to_owned(),
-            SeenEntry {
-                content_hash: commit.content_hash.to_owned(),
-                first_seen_ms: commit.seen_at_ms,
-                delivery: commit.delivery,
-            },
-        );
-        data.outbox.extend_from_slice(commit.outbox);
+        for event in commit.events() {
+            data.window.insert(
+                event.idempotency_key.to_owned(),
+                SeenEntry {
+                    content_hash: event.content_hash.to_owned(),
+                    first_seen_ms: event.seen_at_ms,
+                    delivery: event.delivery,
+                },
+            );
+            data.outbox.extend_from_slice(event.outputs);
+        }
         data.read_model.apply(commit.read_model);
         self.commits.fetch_add(1, SeqCst);
         Ok(CommitResult::Committed)

@@ -557,14 +557,14 @@ fn apply_future_is_send(registry: &Registry, incoming: Incoming) {
     is_send(registry.apply(Arc::new(incoming)));
 }
 
-/// Where a handed-over commit's answer goes.
-type Answer = futures::channel::oneshot::Sender<Result<CommitResult, StoreError>>;
+/// Where handed-over commits' answers go.
+type Answer = futures::channel::oneshot::Sender<Vec<Result<CommitResult, StoreError>>>;
 
 /// Hands commits over and holds them until the test answers them, as a batching store does.
 #[derive(Default)]
 struct DeferredStore {
     inner: MemStore,
-    handed_over: Mutex<Vec<(OwnedCommit, Answer)>>,
+    handed_over: Mutex<Vec<(Vec<OwnedCommit>, Answer)>>,
 }
 
 impl DeferredStore {
@@ -574,8 +574,13 @@ impl DeferredStore {
 
     /// Writes every commit handed over so far and answers each.
     fn answer(&self) {
-        for (commit, answer) in self.handed_over.lock().unwrap().drain(..) {
-            let _ = answer.send(self.inner.commit(commit.borrow()));
+        for (commits, answer) in self.handed_over.lock().unwrap().drain(..) {
+            let _ = answer.send(
+                commits
+                    .iter()
+                    .map(|commit| self.inner.commit(commit.borrow()))
+                    .collect(),
+            );
         }
     }
 }
@@ -593,9 +598,9 @@ impl StateStore for DeferredStore {
         self.inner.commit(commit)
     }
 
-    fn commit_batched(&self, commit: OwnedCommit) -> CommitFuture {
+    fn commit_batched(&self, commits: Vec<OwnedCommit>) -> CommitFuture {
         let (answer, answered) = futures::channel::oneshot::channel();
-        self.handed_over.lock().unwrap().push((commit, answer));
+        self.handed_over.lock().unwrap().push((commits, answer));
         Box::pin(async move { answered.await.expect("the test answers every commit") })
     }
 }

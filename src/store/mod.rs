@@ -21,6 +21,9 @@
 //!   redelivered copy is acked without a second dead letter: `m` ‖ message id → dead-lettered ms
 //!   (8 bytes BE), and `t` ‖ ms (8 bytes BE) ‖ message id → (), the index that eviction walks
 
+mod committer;
+mod flusher;
+
 use crate::changelog::ChangeRecord;
 use crate::telemetry::STORE_WRITABLE;
 use aerostream_actors::events::{AggregateKey, DeliveryId};
@@ -66,15 +69,13 @@ pub struct SledStore {
     outbox_low: tokio::sync::watch::Sender<u64>,
     outbox_added: tokio::sync::Notify,
     clock: std::sync::Arc<dyn aerostream_actors::ports::Clock>,
-    /// Group commit: writes made so far, writes known durable, and the one flush in progress.
-    writes: AtomicU64,
-    durable: AtomicU64,
-    flushing: tokio::sync::Mutex<()>,
+    /// Group commit: the thread that makes writes durable for every waiter at once.
+    flusher: flusher::Flusher,
     outbox_pending: AtomicU64,
     /// Keys in the `seen` tree (kept as a counter: `Tree::len` is a scan).
     window_keys: AtomicU64,
     /// The thread that writes actors' commits in batches, once started (`committer::start`).
-    pub(crate) committer: std::sync::OnceLock<crate::committer::Committer>,
+    committer: std::sync::OnceLock<committer::Committer>,
     /// Outbox entries that can never be published, set aside with their reason.
     outbox_poison: sled::Tree,
     /// `None` while the store writes; why it cannot, from a write that failed for want of
@@ -314,6 +315,15 @@ impl SledStore {
         let unconfirmed = tree("unconfirmed")?;
         let dead_lettered = tree("dead_lettered")?;
         let outbox_poison = tree("outbox_poison")?;
+        let flusher = {
+            let db = db.clone();
+            flusher::Flusher::start(move || {
+                injected_write_failure()?;
+                injected_flush_failure()?;
+                db.flush().map(drop).map_err(store_error)
+            })
+            .map_err(|e| StoreError::Internal(format!("cannot start the flusher thread: {e}")))?
+        };
         Ok(SledStore {
             dead_lettered_len: AtomicU64::new(dead_lettered.scan_prefix(DEAD_LETTERED).count() as u64),
             dead_lettered,
@@ -334,9 +344,7 @@ impl SledStore {
             outbox_low: tokio::sync::watch::Sender::new(first_seq(&outbox)),
             outbox_added: tokio::sync::Notify::new(),
             clock,
-            writes: AtomicU64::new(0),
-            durable: AtomicU64::new(0),
-            flushing: tokio::sync::Mutex::new(()),
+            flusher,
             outbox_pending: AtomicU64::new(outbox.len() as u64),
             outbox,
             window_keys: AtomicU64::new(seen.len() as u64),
@@ -355,30 +363,20 @@ impl SledStore {
 
     /// Makes every commit so far durable. The ack of an event waits for this.
     ///
-    /// Group commit: one flush runs at a time and covers every write made before it started, so
-    /// callers that arrive during a flush share the next one. (Concurrent `flush_async` calls can
-    /// also exhaust sled's I/O pool and deadlock it.)
+    /// Group commit: one thread flushes (`flusher`), each flush covering every write made before
+    /// it started, so callers that arrive during a flush share the next one.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let wanted = self.writes.load(Ordering::Acquire);
-        let _flushing = self.flushing.lock().await;
-        if self.durable.load(Ordering::Acquire) >= wanted {
-            return Ok(());
+        let flushed = self.flusher.flush().await;
+        if let Err(error) = &flushed {
+            self.note_failure(error);
         }
-        let covered = self.writes.load(Ordering::Acquire);
-        let db = self.db.clone();
-        let flushed = match injected_write_failure().and_then(|()| injected_flush_failure()) {
-            Ok(()) => tokio::task::spawn_blocking(move || db.flush())
-                .await
-                .map_err(store_error)
-                .and_then(|flushed| flushed.map_err(store_error)),
-            Err(error) => Err(error),
-        };
-        if let Err(error) = flushed {
-            self.note_failure(&error);
-            return Err(error);
-        }
-        self.durable.fetch_max(covered, Ordering::AcqRel);
-        Ok(())
+        flushed
+    }
+
+    /// Starts the committer thread: from now on `commit_batched` goes through it (see
+    /// [`committer`]). Calling it again does nothing.
+    pub fn start_committer(self: &std::sync::Arc<Self>) -> std::io::Result<()> {
+        committer::start(self)
     }
 
     /// Why the store cannot write, when it cannot (for /health); `None` while it writes.
@@ -447,7 +445,7 @@ impl SledStore {
     }
 
     fn wrote(&self) {
-        self.writes.fetch_add(1, Ordering::AcqRel);
+        self.flusher.wrote();
     }
 
     /// Evicts idempotency keys first seen before the window; returns how many.
@@ -557,11 +555,18 @@ impl SledStore {
             .collect()
     }
 
-    pub fn outbox_remove(&self, seq: &[u8]) -> Result<(), StoreError> {
+    pub fn outbox_remove(&self, seqs: &[sled::IVec]) -> Result<(), StoreError> {
         injected_write_failure()?;
-        if self.outbox.remove(seq).map_err(store_error)?.is_some() {
-            self.outbox_pending.fetch_sub(1, Ordering::AcqRel);
+        let mut batch = sled::Batch::default();
+        for seq in seqs {
+            batch.remove(seq.clone());
         }
+        self.outbox.apply_batch(batch).map_err(store_error)?;
+        let _ = self
+            .outbox_pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(seqs.len() as u64))
+            });
         self.wrote();
         Ok(())
     }
@@ -764,10 +769,13 @@ impl StateStore for SledStore {
 
     /// Hands `commit` to the committer thread when it runs (`committer::start`), so that it is
     /// written in one transaction with the commits other actors hand over meanwhile.
-    fn commit_batched(&self, commit: OwnedCommit) -> CommitFuture {
+    fn commit_batched(&self, commits: Vec<OwnedCommit>) -> CommitFuture {
         match self.committer.get() {
-            Some(committer) => committer.submit(commit),
-            None => Box::pin(std::future::ready(self.commit(commit.borrow()))),
+            Some(committer) => committer.submit(commits),
+            None => {
+                let borrowed: Vec<_> = commits.iter().map(OwnedCommit::borrow).collect();
+                Box::pin(std::future::ready(self.commit_batch(&borrowed)))
+            }
         }
     }
 }
@@ -776,11 +784,12 @@ impl StateStore for SledStore {
 struct Staged<'a> {
     commit: Commit<'a>,
     state_key: Vec<u8>,
-    seen_value: Vec<u8>,
-    index_key: Vec<u8>,
+    /// Per event: its key, its `seen` value and its time-index key.
+    keys: Vec<(&'a str, Vec<u8>, Vec<u8>)>,
     outbox: Vec<(u64, Vec<u8>)>,
     charges: Vec<(&'a str, Vec<u8>)>,
-    journal_key: Option<Vec<u8>>,
+    /// Per event of a snapshot kind: its journal key and entry.
+    journal: Vec<(Vec<u8>, &'a [u8])>,
     snapshot_key: Option<Vec<u8>>,
     dropped: Vec<Vec<u8>>,
     truncated: Vec<Vec<u8>>,
@@ -824,21 +833,13 @@ impl SledStore {
     }
 
     fn stage<'a>(&self, commit: Commit<'a>) -> Result<Staged<'a>, StoreError> {
-        // The commit's output events, then its changelog record: published in this order.
-        let mut entries: Vec<OutboxEntry> = commit.outbox.iter().cloned().map(OutboxEntry::Output).collect();
+        // Each event's output events, then the commit's changelog record: published in this order.
+        let mut entries: Vec<OutboxEntry> = commit
+            .events()
+            .flat_map(|event| event.outputs.iter().cloned().map(OutboxEntry::Output))
+            .collect();
         if let Some(instance) = &self.changelog {
-            entries.push(OutboxEntry::Change(Box::new(ChangeRecord {
-                instance: instance.clone(),
-                aggregate: commit.aggregate.clone(),
-                version: commit.version,
-                state: String::from_utf8_lossy(commit.state).into_owned(),
-                idempotency_key: commit.idempotency_key.to_owned(),
-                content_hash: commit.content_hash.to_owned(),
-                seen_at_ms: commit.seen_at_ms,
-                delivery: commit.delivery,
-                charges: commit.charges.to_vec(),
-                outputs: commit.outbox.to_vec(),
-            })));
+            entries.push(OutboxEntry::Change(Box::new(ChangeRecord::of(instance, &commit))));
         }
         let outbox = entries
             .iter()
@@ -847,24 +848,34 @@ impl SledStore {
                 Ok((id, serde_json::to_vec(entry).map_err(store_error)?))
             })
             .collect::<Result<_, StoreError>>()?;
-        let charges = commit
-            .charges
-            .iter()
-            .map(|charge| {
-                (
-                    charge.payment_id.as_str(),
-                    serde_json::to_vec(charge).expect("charges serialize"),
-                )
-            })
-            .collect();
         let versioned = |version: &u64| versioned_key(commit.aggregate, *version);
         Ok(Staged {
             state_key: state_key(commit.aggregate),
-            seen_value: encode_seen(commit.seen_at_ms, commit.content_hash, commit.delivery),
-            index_key: time_index_key(commit.seen_at_ms, commit.idempotency_key),
+            keys: commit
+                .events()
+                .map(|event| {
+                    (
+                        event.idempotency_key,
+                        encode_seen(event.seen_at_ms, event.content_hash, event.delivery),
+                        time_index_key(event.seen_at_ms, event.idempotency_key),
+                    )
+                })
+                .collect(),
             outbox,
-            charges,
-            journal_key: commit.journal.as_ref().map(|(version, _)| versioned(version)),
+            charges: commit
+                .events()
+                .flat_map(|event| event.charges)
+                .map(|charge| {
+                    (
+                        charge.payment_id.as_str(),
+                        serde_json::to_vec(charge).expect("charges serialize"),
+                    )
+                })
+                .collect(),
+            journal: commit
+                .events()
+                .filter_map(|event| Some((versioned(&event.version), event.journal?)))
+                .collect(),
             snapshot_key: commit.snapshot.as_ref().map(|(version, _)| versioned(version)),
             dropped: commit.drop_snapshots.iter().map(versioned).collect(),
             truncated: commit
@@ -884,45 +895,50 @@ impl SledStore {
             .map(|commit| self.stage(*commit))
             .collect::<Result<_, _>>()?;
         let horizon = self.clock.now_ms() - self.window_ms;
-        // Per commit: its result, and whether it replaced a key already past the window.
+        // Per commit: its result, and how many of its keys replaced one already past the window.
         let result = self.trees().transaction(
             |(report, state, seen, by_time, out, ledgers, pending_charges, journal, snapshots, versions)| {
                 let mut results = Vec::with_capacity(staged.len());
                 // The batch's read-model changes, added up: each group is read and written once.
                 let mut read_model: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
-                for staged in &staged {
+                'commits: for staged in &staged {
                     let commit = &staged.commit;
-                    let expired = match seen.get(commit.idempotency_key)? {
-                        Some(existing) => {
+                    // Keys of the commit that replace one past the window.
+                    let mut expired = 0;
+                    for (key, _, _) in &staged.keys {
+                        if let Some(existing) = seen.get(key.as_bytes())? {
                             let entry = decode_seen(&existing);
                             if entry.first_seen_ms > horizon {
-                                results.push((CommitResult::AlreadySeen(entry), false));
-                                continue;
+                                results.push((CommitResult::AlreadySeen(entry), 0));
+                                continue 'commits;
                             }
-                            true
+                            expired += 1;
                         }
-                        None => false,
-                    };
+                    }
                     // Optimistic concurrency: the change was decided on the version stored now.
                     if let Some(stored) = versions.get(staged.state_key.as_slice())? {
-                        if commit.version != decode_version(&stored) + 1 {
-                            results.push((CommitResult::Stale, false));
+                        if commit.base_version() != decode_version(&stored) {
+                            results.push((CommitResult::Stale, 0));
                             continue;
                         }
                     }
                     state.insert(staged.state_key.as_slice(), commit.state)?;
                     versions.insert(staged.state_key.as_slice(), &commit.version.to_be_bytes())?;
-                    seen.insert(commit.idempotency_key.as_bytes(), staged.seen_value.as_slice())?;
-                    by_time.insert(staged.index_key.as_slice(), &[])?;
+                    for (key, value, index) in &staged.keys {
+                        seen.insert(key.as_bytes(), value.as_slice())?;
+                        by_time.insert(index.as_slice(), &[])?;
+                    }
                     for (seq, value) in &staged.outbox {
                         out.insert(&seq.to_be_bytes(), value.as_slice())?;
                     }
-                    move_ledgers(ledgers, commit.outbox)?;
+                    for event in commit.events() {
+                        move_ledgers(ledgers, event.outputs)?;
+                    }
                     for (payment_id, charge) in &staged.charges {
                         pending_charges.insert(payment_id.as_bytes(), charge.as_slice())?;
                     }
-                    if let (Some(key), Some((_, entry))) = (&staged.journal_key, commit.journal) {
-                        journal.insert(key.as_slice(), entry)?;
+                    for (key, entry) in &staged.journal {
+                        journal.insert(key.as_slice(), *entry)?;
                     }
                     if let (Some(key), Some((_, snapshot))) = (&staged.snapshot_key, commit.snapshot) {
                         snapshots.insert(key.as_slice(), snapshot)?;
@@ -945,7 +961,7 @@ impl SledStore {
         let results = result.map_err(unaborted_error)?;
         self.wrote();
         let mut added = false;
-        for (staged, (result, replaced_expired_key)) in staged.iter().zip(&results) {
+        for (staged, (result, replaced_expired_keys)) in staged.iter().zip(&results) {
             tracing::debug!(
                 aggregate = ?staged.commit.aggregate,
                 version = staged.commit.version,
@@ -956,9 +972,10 @@ impl SledStore {
             if *result != CommitResult::Committed {
                 continue;
             }
-            if !replaced_expired_key {
-                self.window_keys.fetch_add(1, Ordering::AcqRel);
-            }
+            self.window_keys.fetch_add(
+                (staged.keys.len() - replaced_expired_keys) as u64,
+                Ordering::AcqRel,
+            );
             self.outbox_pending
                 .fetch_add(staged.outbox.len() as u64, Ordering::AcqRel);
             if let Some((last, _)) = staged.outbox.last() {
@@ -1128,8 +1145,16 @@ impl SledStore {
         injected_write_failure()?;
         let key = state_key(&record.aggregate);
         let (old_journal, old_snapshots) = self.journal_and_snapshot_keys(&record.aggregate)?;
-        let seen_value = encode_seen(record.seen_at_ms, &record.content_hash, record.delivery);
-        let index_key = time_index_key(record.seen_at_ms, &record.idempotency_key);
+        let keys: Vec<(&str, Vec<u8>, Vec<u8>)> = record
+            .events()
+            .map(|event| {
+                (
+                    event.idempotency_key,
+                    encode_seen(event.seen_at_ms, event.content_hash, event.delivery),
+                    time_index_key(event.seen_at_ms, event.idempotency_key),
+                )
+            })
+            .collect();
         let kind = record.aggregate.kind;
         let snapshot = match kind {
             AggregateKind::Campaign => {
@@ -1173,20 +1198,28 @@ impl SledStore {
                 versions,
                 unconfirmed,
             )| {
-                let newly_seen = seen.get(record.idempotency_key.as_bytes())?.is_none();
-                if newly_seen {
-                    seen.insert(record.idempotency_key.as_bytes(), seen_value.as_slice())?;
-                    by_time.insert(index_key.as_slice(), &[])?;
+                let mut newly_seen = 0u64;
+                for (key, value, index) in &keys {
+                    if seen.get(key.as_bytes())?.is_none() {
+                        seen.insert(key.as_bytes(), value.as_slice())?;
+                        by_time.insert(index.as_slice(), &[])?;
+                        newly_seen += 1;
+                    }
                 }
                 let withdrawn = match unconfirmed.get(key.as_slice())? {
                     Some(bytes) => Some(Unconfirmed::decode(&bytes)?).filter(|mark| !mark.resolved),
                     None => None,
                 };
-                let (newer, restores) = match &withdrawn {
-                    Some(mark) => (record.version >= mark.from, record.version + 1 == mark.from),
+                // `base`: the version the store's ledgers and charges count up to.
+                let (newer, restores, base) = match &withdrawn {
+                    Some(mark) => (
+                        record.version >= mark.from,
+                        record.version + 1 == mark.from,
+                        mark.from - 1,
+                    ),
                     None => {
                         let local = versions.get(key.as_slice())?.map_or(0, |v| decode_version(&v));
-                        (record.version > local, false)
+                        (record.version > local, false, local)
                     }
                 };
                 if !newer && !restores {
@@ -1199,10 +1232,13 @@ impl SledStore {
                 versions.insert(key.as_slice(), &record.version.to_be_bytes())?;
                 move_read_model(report, &by_group(&changes))?;
                 if newer {
-                    move_ledgers(ledgers, &record.outputs)?;
-                    for charge in &record.charges {
-                        let bytes = serde_json::to_vec(charge).expect("charges serialize");
-                        pending_charges.insert(charge.payment_id.as_bytes(), bytes)?;
+                    // Only the events the store does not count yet move ledgers and charges.
+                    for event in record.events().filter(|event| event.version > base) {
+                        move_ledgers(ledgers, event.outputs)?;
+                        for charge in event.charges {
+                            let bytes = serde_json::to_vec(charge).expect("charges serialize");
+                            pending_charges.insert(charge.payment_id.as_bytes(), bytes)?;
+                        }
                     }
                 }
                 if let Some(payment_id) = &settled {
@@ -1227,7 +1263,7 @@ impl SledStore {
                 Ok((true, newly_seen))
             },
         );
-        let (imported, newly_seen): (bool, bool) = result.map_err(unaborted_error)?;
+        let (imported, newly_seen): (bool, u64) = result.map_err(unaborted_error)?;
         tracing::debug!(
             aggregate = %record.key(),
             version = record.version,
@@ -1236,9 +1272,7 @@ impl SledStore {
             imported,
             "Changelog record read."
         );
-        if newly_seen {
-            self.window_keys.fetch_add(1, Ordering::AcqRel);
-        }
+        self.window_keys.fetch_add(newly_seen, Ordering::AcqRel);
         self.wrote();
         Ok(imported)
     }
@@ -1272,10 +1306,10 @@ impl SledStore {
         for (_, record) in &withdrawn {
             marks
                 .entry(state_key(&record.aggregate))
-                .and_modify(|mark| mark.from = mark.from.min(record.version))
+                .and_modify(|mark| mark.from = mark.from.min(record.first_version()))
                 .or_insert_with(|| Unconfirmed {
                     aggregate: record.aggregate.clone(),
-                    from: record.version,
+                    from: record.first_version(),
                     resolved: false,
                 });
         }
@@ -1291,11 +1325,13 @@ impl SledStore {
                 let mut forgotten = 0u64;
                 for (seq, record) in &withdrawn {
                     out.remove(seq)?;
-                    if seen.remove(record.idempotency_key.as_bytes())?.is_some() {
-                        forgotten += 1;
+                    for event in record.events() {
+                        if seen.remove(event.idempotency_key.as_bytes())?.is_some() {
+                            forgotten += 1;
+                        }
+                        by_time.remove(time_index_key(event.seen_at_ms, event.idempotency_key))?;
+                        revert_ledgers(ledgers, event.outputs)?;
                     }
-                    by_time.remove(time_index_key(record.seen_at_ms, &record.idempotency_key))?;
-                    revert_ledgers(ledgers, &record.outputs)?;
                 }
                 for (key, mark) in &marks {
                     let from = match unconfirmed.get(key.as_slice())? {
@@ -1308,7 +1344,7 @@ impl SledStore {
             })
             .map_err(unaborted_error)?;
         for (_, record) in &withdrawn {
-            tracing::debug!(aggregate = %record.key(), version = record.version, key = %record.idempotency_key, "Commit withdrawn.");
+            tracing::debug!(aggregate = %record.key(), from = record.first_version(), version = record.version, key = %record.idempotency_key, "Commit withdrawn.");
         }
         self.window_keys.fetch_sub(forgotten, Ordering::AcqRel);
         self.outbox_pending
@@ -1565,9 +1601,92 @@ mod tests {
             if let OutboxEntry::Change(record) = entry {
                 records.push(*record);
             }
-            store.outbox_remove(&seq).unwrap();
+            store.outbox_remove(std::slice::from_ref(&seq)).unwrap();
         }
         records
+    }
+
+    fn applied(version: u64, key: &str, output: OutputEvent) -> aerostream_actors::ports::AppliedEvent {
+        aerostream_actors::ports::AppliedEvent {
+            version,
+            idempotency_key: key.into(),
+            content_hash: hex::encode([3u8; 32]),
+            seen_at_ms: 0,
+            delivery: None,
+            outputs: vec![output],
+            charges: Vec::new(),
+            journal: None,
+        }
+    }
+
+    /// A commit of several events: every key recorded, every output in the ledgers and in the
+    /// outbox, one changelog record; withdrawn whole; imported elsewhere counting only the events
+    /// the importer does not hold yet.
+    #[test]
+    fn a_commit_of_several_events_is_recorded_withdrawn_and_imported_event_by_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TestClock(AtomicI64::new(0)));
+        let store = SledStore::open(dir.path(), 60, clock.clone())
+            .unwrap()
+            .with_changelog("a".into());
+        let hash = hex::encode([3u8; 32]);
+        let x = report_key("x");
+        let earlier = [
+            applied(1, "k1", commission("o1", 10)),
+            applied(2, "k2", commission("o2", 20)),
+        ];
+        let last = [commission("o3", 30)];
+        let commit = Commit {
+            outbox: &last,
+            earlier: &earlier,
+            ..Commit::of(&x, br#"{"n":3}"#, 3, "k3", &hash, 0)
+        };
+        assert_eq!(commit.base_version(), 0);
+        assert_eq!(store.commit(commit).unwrap(), CommitResult::Committed);
+        assert_eq!(earned_by_af1(&store), 60);
+        assert_eq!(store.window_len(), 3);
+        let entries = store.outbox_batch(100).unwrap();
+        assert_eq!(entries.len(), 4, "three outputs, then one record");
+        let OutboxEntry::Change(record) = &entries[3].1 else {
+            panic!("the record comes last")
+        };
+        assert_eq!(
+            (record.first_version(), record.version, record.earlier.len()),
+            (1, 3, 2)
+        );
+        let record = (**record).clone();
+
+        // A crash before it was published: the whole commit is withdrawn.
+        assert_eq!(store.withdraw_unpublished().unwrap(), 1);
+        for key in ["k1", "k2", "k3"] {
+            assert_eq!(store.seen(key).unwrap(), None, "{key} given back");
+        }
+        assert!(
+            store.ledger("af-1").unwrap().is_none(),
+            "every ledger move reverted"
+        );
+        assert!(store.is_unconfirmed(&x).unwrap());
+
+        // Another daemon's store imports it, then a record that overlaps what it holds.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = SledStore::open(other_dir.path(), 60, clock).unwrap();
+        let first_two = ChangeRecord {
+            version: 2,
+            idempotency_key: "k2".into(),
+            outputs: vec![commission("o2", 20)],
+            earlier: vec![applied(1, "k1", commission("o1", 10))],
+            ..record.clone()
+        };
+        assert!(other.import(&first_two).unwrap());
+        assert_eq!(earned_by_af1(&other), 30);
+        assert!(other.import(&record).unwrap(), "version 3 is newer");
+        assert_eq!(
+            earned_by_af1(&other),
+            60,
+            "only version 3's commission moves the ledger"
+        );
+        assert!(other.seen("k3").unwrap().is_some());
+        assert_eq!(other.window_len(), 3);
     }
 
     #[test]
@@ -1726,7 +1845,7 @@ mod tests {
         assert_eq!(set_aside[0]["entry"], std::str::from_utf8(poison).unwrap());
 
         // Once the good entry is published, a wait for everything up to the poison's place ends.
-        store.outbox_remove(&good_seq).unwrap();
+        store.outbox_remove(std::slice::from_ref(&good_seq)).unwrap();
         store.outbox_published();
         assert_eq!(store.outbox_len(), 0);
         assert!(
@@ -1858,7 +1977,7 @@ mod tests {
         at_point.recv().unwrap();
         // The publisher's turn: it publishes and deletes the entries, and recomputes the mark.
         for (seq, _) in store.outbox_entries(100).unwrap() {
-            store.outbox_remove(&seq).unwrap();
+            store.outbox_remove(std::slice::from_ref(&seq)).unwrap();
         }
         store.outbox_published();
         go.send(()).unwrap();
@@ -1957,7 +2076,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store =
             Arc::new(SledStore::open(dir.path(), 10, Arc::new(TestClock(AtomicI64::new(0)))).unwrap());
-        crate::committer::start(&store).unwrap();
+        store.start_committer().unwrap();
         let hash = hex::encode([6u8; 32]);
         let owned = |id: &str, idem: &str| OwnedCommit {
             aggregate: key(id),
@@ -1974,16 +2093,20 @@ mod tests {
             drop_snapshots: Vec::new(),
             truncate_journal: None,
             read_model: Vec::new(),
+            earlier: Vec::new(),
         };
-        let answers = futures::future::join_all((0..50).map(|i| {
+        let answers: Vec<_> = futures::future::join_all((0..50).map(|i| {
             let idem = if i == 25 {
                 "k0".to_string()
             } else {
                 format!("k{i}")
             };
-            store.commit_batched(owned(&format!("c{i}"), &idem))
+            store.commit_batched(vec![owned(&format!("c{i}"), &idem)])
         }))
-        .await;
+        .await
+        .into_iter()
+        .map(|mut answer| answer.remove(0))
+        .collect();
         assert_eq!(
             answers
                 .iter()

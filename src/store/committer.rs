@@ -12,7 +12,7 @@
 //! each of its commits with an error (the event is retried; if its commit was written, the retry
 //! finds its idempotency key, and the actor's next commit finds the moved version).
 
-use crate::store::SledStore;
+use super::SledStore;
 use aerostream_actors::ports::{CommitFuture, CommitResult, OwnedCommit, StoreError};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
@@ -23,30 +23,37 @@ use tokio::sync::oneshot;
 /// (imports, the report actor, eviction) wait for sled's lock.
 const MAX_BATCH: usize = 512;
 
-type Answer = oneshot::Sender<Result<CommitResult, StoreError>>;
+type Answer = oneshot::Sender<Vec<Result<CommitResult, StoreError>>>;
+
+/// One actor's commits, in order, and where their answers go.
+type Job = (Vec<OwnedCommit>, Answer);
 
 /// The handle the store keeps: where commits are handed over.
 pub struct Committer {
-    jobs: mpsc::Sender<(OwnedCommit, Answer)>,
+    jobs: mpsc::Sender<Job>,
 }
 
 impl Committer {
-    /// Queues `commit` for the next batch; the future resolves with its result once written.
-    pub fn submit(&self, commit: OwnedCommit) -> CommitFuture {
+    /// Queues `commits` for the next batch; the future resolves with their results once written.
+    pub fn submit(&self, commits: Vec<OwnedCommit>) -> CommitFuture {
+        let n = commits.len();
         let (answer, answered) = oneshot::channel();
-        let queued = self.jobs.send((commit, answer));
+        let queued = self.jobs.send((commits, answer));
         Box::pin(async move {
-            queued.map_err(|_| StoreError::Internal("the committer has stopped".into()))?;
+            let failed = |why: &str| vec![Err(StoreError::Internal(why.into())); n];
+            if queued.is_err() {
+                return failed("the committer has stopped");
+            }
             answered
                 .await
-                .map_err(|_| StoreError::Internal("the committer dropped a commit unanswered".into()))?
+                .unwrap_or_else(|_| failed("the committer dropped a commit unanswered"))
         })
     }
 }
 
 /// Starts the committer thread of `store`: from now on its `commit_batched` goes through it. The
 /// thread ends once the store is dropped. Calling it again does nothing.
-pub fn start(store: &Arc<SledStore>) -> std::io::Result<()> {
+pub(super) fn start(store: &Arc<SledStore>) -> std::io::Result<()> {
     let (jobs, queue) = mpsc::channel();
     if store.committer.set(Committer { jobs }).is_err() {
         return Ok(());
@@ -58,35 +65,44 @@ pub fn start(store: &Arc<SledStore>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn run(store: Weak<SledStore>, queue: mpsc::Receiver<(OwnedCommit, Answer)>) {
+fn run(store: Weak<SledStore>, queue: mpsc::Receiver<Job>) {
     // The store holds the sending side, so `recv` fails once the store is gone.
     while let Ok(first) = queue.recv() {
+        let mut size = first.0.len();
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        while size < MAX_BATCH {
             match queue.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(job) => {
+                    size += job.0.len();
+                    batch.push(job);
+                }
                 Err(_) => break,
             }
         }
         let Some(store) = store.upgrade() else {
             return;
         };
-        let commits: Vec<_> = batch.iter().map(|(commit, _)| commit.borrow()).collect();
+        let commits: Vec<_> = batch
+            .iter()
+            .flat_map(|(commits, _)| commits.iter().map(OwnedCommit::borrow))
+            .collect();
         let results = catch_unwind(AssertUnwindSafe(|| store.commit_batch(&commits)));
         drop(commits);
         match results {
             Ok(results) => {
-                for ((_, answer), result) in batch.into_iter().zip(results) {
-                    let _ = answer.send(result);
+                let mut results = results.into_iter();
+                for (commits, answer) in batch {
+                    let _ = answer.send(results.by_ref().take(commits.len()).collect());
                 }
             }
             Err(_) => {
                 tracing::error!(
-                    commits = batch.len(),
+                    commits = size,
                     "A commit batch panicked; its events will be retried."
                 );
-                for (_, answer) in batch {
-                    let _ = answer.send(Err(StoreError::Internal("the commit batch panicked".into())));
+                for (commits, answer) in batch {
+                    let panicked = StoreError::Internal("the commit batch panicked".into());
+                    let _ = answer.send(vec![Err(panicked); commits.len()]);
                 }
             }
         }
