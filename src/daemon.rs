@@ -7,7 +7,9 @@ use crate::config::Config;
 use crate::http::{self, HttpState, InputsUp};
 use crate::ingest::{self, Pipeline};
 use crate::store::SledStore;
-use crate::telemetry::{self, ACTORS_PASSIVATED, IDEMPOTENCY_EVICTED, IDEMPOTENCY_WINDOW_KEYS};
+use crate::telemetry::{
+    self, ACTORS_PASSIVATED, IDEMPOTENCY_EVICTED, IDEMPOTENCY_WINDOW_KEYS, STORE_DISK_BYTES,
+};
 use actix::Arbiter;
 use aerostream_actors::ports::SystemClock;
 use aerostream_actors::{ActorEnv, Registry};
@@ -305,6 +307,10 @@ async fn evict(store: Arc<SledStore>, interval_seconds: u64, mut shutdown: watch
             tracing::error!(error = %error, "Dead-letter memory eviction failed.");
         }
         metrics::gauge!(IDEMPOTENCY_WINDOW_KEYS).set(store.window_len() as f64);
+        match store.disk_bytes() {
+            Ok(bytes) => metrics::gauge!(STORE_DISK_BYTES).set(bytes as f64),
+            Err(error) => tracing::warn!(error = %error, "Cannot measure the data directory."),
+        }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.changed() => return,

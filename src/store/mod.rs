@@ -2,10 +2,10 @@
 //!
 //! Trees:
 //! - `state`:   `<kind>/<id>` → aggregate state (JSON)
-//! - `seen`:    idempotency key → first-seen ms (8 bytes BE) ‖ SHA-256 of the content (32 bytes)
+//! - `seen@<bucket>`: the idempotency window, one tree per quarter of it ([`window`]): the first 16
+//!   bytes of the key's SHA-256 → first-seen ms (8 bytes BE) ‖ SHA-256 of the content (32 bytes)
 //!   ‖ the [`DeliveryId`] of the message applied under the key (8 bytes BE; absent for events the
 //!   daemon made and for keys written before deliveries were recorded)
-//! - `seen_by_time`: first-seen ms (8 bytes BE) ‖ key → (), the index that eviction walks
 //! - `outbox`:  sequence (8 bytes BE) → output event (JSON), deleted once published
 //! - `outbox_poison`: same keys → an entry that can never be published, with its reason (JSON)
 //! - `ledgers`: affiliate id → commission ledger (JSON), moved by the output events of each commit
@@ -23,6 +23,7 @@
 
 mod committer;
 mod flusher;
+mod window;
 
 use crate::changelog::ChangeRecord;
 use crate::telemetry::STORE_WRITABLE;
@@ -45,8 +46,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 pub struct SledStore {
     db: sled::Db,
     state: sled::Tree,
-    seen: sled::Tree,
-    seen_by_time: sled::Tree,
+    window: window::Window,
+    /// The data directory.
+    dir: std::path::PathBuf,
     outbox: sled::Tree,
     ledgers: sled::Tree,
     charges: sled::Tree,
@@ -72,8 +74,6 @@ pub struct SledStore {
     /// Group commit: the thread that makes writes durable for every waiter at once.
     flusher: flusher::Flusher,
     outbox_pending: AtomicU64,
-    /// Keys in the `seen` tree (kept as a counter: `Tree::len` is a scan).
-    window_keys: AtomicU64,
     /// The thread that writes actors' commits in batches, once started (`committer::start`).
     committer: std::sync::OnceLock<committer::Committer>,
     /// Outbox entries that can never be published, set aside with their reason.
@@ -209,6 +209,37 @@ fn versioned_prefix(key: &AggregateKey) -> Vec<u8> {
     format!("{}/{}/", key.kind.as_str(), key.id).into_bytes()
 }
 
+/// Marks a journal value holding the entries of a commit's consecutive events (keyed by the first
+/// one's version), each as a 4-byte big-endian length then the entry; a value without it is one
+/// entry (JSON, as written before commits held several events).
+const JOURNAL_RUN: u8 = 0xff;
+
+fn journal_run<'a>(entries: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut value = vec![JOURNAL_RUN];
+    for entry in entries {
+        value.extend_from_slice(&(entry.len() as u32).to_be_bytes());
+        value.extend_from_slice(entry);
+    }
+    value
+}
+
+/// The entries of a journal value, oldest first.
+fn journal_entries(value: &[u8]) -> Result<Vec<&[u8]>, StoreError> {
+    let Some(mut rest) = value.strip_prefix(&[JOURNAL_RUN]) else {
+        return Ok(vec![value]);
+    };
+    let mut entries = Vec::new();
+    while !rest.is_empty() {
+        let malformed = || StoreError::Corrupt("malformed journal run".into());
+        let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(malformed)?;
+        let len = u32::from_be_bytes(*len) as usize;
+        let (entry, tail) = tail.split_at_checked(len).ok_or_else(malformed)?;
+        entries.push(entry);
+        rest = tail;
+    }
+    Ok(entries)
+}
+
 /// Reads the version back from a [`versioned_key`].
 fn version_of(stored_key: &[u8]) -> Result<u64, StoreError> {
     std::str::from_utf8(&stored_key[stored_key.len().saturating_sub(20)..])
@@ -281,12 +312,6 @@ fn decode_seen(value: &[u8]) -> SeenEntry {
     }
 }
 
-fn time_index_key(first_seen_ms: i64, key: &str) -> Vec<u8> {
-    let mut index = first_seen_ms.to_be_bytes().to_vec();
-    index.extend_from_slice(key.as_bytes());
-    index
-}
-
 impl SledStore {
     /// Opens the store with sled's default page cache (1 GiB).
     pub fn open(
@@ -311,7 +336,9 @@ impl SledStore {
             .map_err(|e| e.class()(format!("cannot open sled database at {}: {e}", dir.display())))?;
         let tree = |name: &str| db.open_tree(name).map_err(store_error);
         let outbox = tree("outbox")?;
-        let seen = tree("seen")?;
+        let window_ms = (window_seconds as i64).saturating_mul(1_000);
+        let window = window::Window::open(&db, window_ms)?;
+        migrate_window(&db, &window, window_ms, clock.now_ms())?;
         let unconfirmed = tree("unconfirmed")?;
         let dead_lettered = tree("dead_lettered")?;
         let outbox_poison = tree("outbox_poison")?;
@@ -328,7 +355,6 @@ impl SledStore {
             dead_lettered_len: AtomicU64::new(dead_lettered.scan_prefix(DEAD_LETTERED).count() as u64),
             dead_lettered,
             state: tree("state")?,
-            seen_by_time: tree("seen_by_time")?,
             ledgers: tree("ledgers")?,
             charges: tree("charges")?,
             journal: tree("journal")?,
@@ -338,7 +364,7 @@ impl SledStore {
             any_unconfirmed: AtomicBool::new(!unconfirmed.is_empty()),
             unconfirmed,
             db,
-            window_ms: (window_seconds as i64).saturating_mul(1_000),
+            window_ms,
             changelog: None,
             outbox_high: AtomicU64::new(0),
             outbox_low: tokio::sync::watch::Sender::new(first_seq(&outbox)),
@@ -347,8 +373,8 @@ impl SledStore {
             flusher,
             outbox_pending: AtomicU64::new(outbox.len() as u64),
             outbox,
-            window_keys: AtomicU64::new(seen.len() as u64),
-            seen,
+            window,
+            dir: dir.to_path_buf(),
             committer: std::sync::OnceLock::new(),
             outbox_poison,
             write_problem: tokio::sync::watch::Sender::new(None),
@@ -448,39 +474,38 @@ impl SledStore {
         self.flusher.wrote();
     }
 
-    /// Evicts idempotency keys first seen before the window; returns how many.
+    /// Forgets the idempotency keys past the window, a bucket at a time; returns how many.
     pub fn evict_expired(&self) -> Result<usize, StoreError> {
         injected_write_failure()?;
-        let horizon = self.clock.now_ms() - self.window_ms;
-        let mut evicted = 0;
-        for entry in self.seen_by_time.range(..horizon.to_be_bytes().to_vec()) {
-            let (index, _) = entry.map_err(store_error)?;
-            let key = &index[8..];
-            // Remove the key only if it still belongs to this index entry: a commit may have
-            // recorded it afresh since (compare-and-swap, so that race cannot be lost).
-            if let Some(value) = self.seen.get(key).map_err(store_error)? {
-                if value[..8] == index[..8] {
-                    let removed = self
-                        .seen
-                        .compare_and_swap(key, Some(&value), None as Option<&[u8]>)
-                        .map_err(store_error)?;
-                    if removed.is_ok() {
-                        self.window_keys.fetch_sub(1, Ordering::AcqRel);
-                    }
-                }
-            }
-            self.seen_by_time.remove(index).map_err(store_error)?;
-            evicted += 1;
-        }
+        let evicted = self.window.evict(self.clock.now_ms())?;
         if evicted > 0 {
             self.wrote();
         }
-        Ok(evicted)
+        Ok(evicted as usize)
     }
 
-    /// Idempotency keys currently remembered.
+    /// Idempotency keys currently remembered (keys past the window until their bucket goes).
     pub fn window_len(&self) -> usize {
-        self.window_keys.load(Ordering::Acquire) as usize
+        self.window.len() as usize
+    }
+
+    /// Disk space the data directory takes: the blocks allocated to its files (what `du` shows;
+    /// sled's files are sparse, so their lengths say more than the disk holds).
+    pub fn disk_bytes(&self) -> std::io::Result<u64> {
+        fn walk(dir: &Path) -> std::io::Result<u64> {
+            let mut bytes = 0;
+            for entry in std::fs::read_dir(dir)? {
+                let entry = entry?;
+                let metadata = entry.metadata()?;
+                bytes += if metadata.is_dir() {
+                    walk(&entry.path())?
+                } else {
+                    std::os::unix::fs::MetadataExt::blocks(&metadata) * 512
+                };
+            }
+            Ok(bytes)
+        }
+        walk(&self.dir)
     }
 
     /// Bytes the database takes on disk.
@@ -734,16 +759,17 @@ impl StateStore for SledStore {
     }
 
     fn journal(&self, key: &AggregateKey, after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let start = versioned_key(key, after.saturating_add(1));
-        let prefix = versioned_prefix(key);
-        self.journal
-            .range(start..)
-            .take_while(|entry| entry.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
-            .map(|entry| {
-                let (stored_key, value) = entry.map_err(store_error)?;
-                Ok((version_of(&stored_key)?, value.to_vec()))
-            })
-            .collect()
+        let mut entries = Vec::new();
+        for stored in self.journal.scan_prefix(versioned_prefix(key)) {
+            let (stored_key, value) = stored.map_err(store_error)?;
+            let first = version_of(&stored_key)?;
+            for (version, entry) in (first..).zip(journal_entries(&value)?) {
+                if version > after {
+                    entries.push((version, entry.to_vec()));
+                }
+            }
+        }
+        Ok(entries)
     }
 
     fn load(&self, key: &AggregateKey) -> Result<Option<Vec<u8>>, StoreError> {
@@ -754,7 +780,7 @@ impl StateStore for SledStore {
     }
 
     fn seen(&self, idempotency_key: &str) -> Result<Option<SeenEntry>, StoreError> {
-        let Some(value) = self.seen.get(idempotency_key).map_err(store_error)? else {
+        let Some(value) = self.window.get(self.clock.now_ms(), idempotency_key)? else {
             return Ok(None);
         };
         let entry = decode_seen(&value);
@@ -784,15 +810,18 @@ impl StateStore for SledStore {
 struct Staged<'a> {
     commit: Commit<'a>,
     state_key: Vec<u8>,
-    /// Per event: its key, its `seen` value and its time-index key.
-    keys: Vec<(&'a str, Vec<u8>, Vec<u8>)>,
+    /// Per event: its key's digest and its `seen` value.
+    keys: Vec<(window::Digest16, Vec<u8>)>,
     outbox: Vec<(u64, Vec<u8>)>,
     charges: Vec<(&'a str, Vec<u8>)>,
-    /// Per event of a snapshot kind: its journal key and entry.
-    journal: Vec<(Vec<u8>, &'a [u8])>,
+    /// Snapshot kinds: the journal run of the commit's events, under its first version.
+    journal: Option<(Vec<u8>, Vec<u8>)>,
     snapshot_key: Option<Vec<u8>>,
     dropped: Vec<Vec<u8>>,
+    /// Journal runs to delete: those stored now, and the bounds of their keys (for runs written
+    /// by earlier commits of the same batch).
     truncated: Vec<Vec<u8>>,
+    truncated_range: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl SledStore {
@@ -855,9 +884,8 @@ impl SledStore {
                 .events()
                 .map(|event| {
                     (
-                        event.idempotency_key,
+                        window::digest(event.idempotency_key),
                         encode_seen(event.seen_at_ms, event.content_hash, event.delivery),
-                        time_index_key(event.seen_at_ms, event.idempotency_key),
                     )
                 })
                 .collect(),
@@ -872,18 +900,32 @@ impl SledStore {
                     )
                 })
                 .collect(),
-            journal: commit
-                .events()
-                .filter_map(|event| Some((versioned(&event.version), event.journal?)))
-                .collect(),
+            journal: commit.journal.is_some().then(|| {
+                let first = commit.base_version() + 1;
+                let entries = commit.events().filter_map(|event| event.journal);
+                (versioned(&first), journal_run(entries))
+            }),
             snapshot_key: commit.snapshot.as_ref().map(|(version, _)| versioned(version)),
             dropped: commit.drop_snapshots.iter().map(versioned).collect(),
-            truncated: commit
+            truncated: match commit.truncate_journal {
+                Some((from, to)) => self.journal_keys(commit.aggregate, from, to)?,
+                None => Vec::new(),
+            },
+            truncated_range: commit
                 .truncate_journal
-                .map(|(from, to)| (from..=to).map(|v| versioned(&v)).collect())
-                .unwrap_or_default(),
+                .map(|(from, to)| (versioned(&from), versioned(&to))),
             commit,
         })
+    }
+
+    /// The keys of `aggregate`'s journal runs that start at versions `from` to `to`. (A run ends
+    /// where a snapshot is written, so a truncation up to a snapshot's version takes whole runs.)
+    fn journal_keys(&self, aggregate: &AggregateKey, from: u64, to: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.journal
+            .range(versioned_key(aggregate, from)..=versioned_key(aggregate, to))
+            .keys()
+            .map(|key| key.map(|key| key.to_vec()).map_err(store_error))
+            .collect()
     }
 
     /// One transaction for `commits`; see [`SledStore::commit_batch`].
@@ -894,74 +936,91 @@ impl SledStore {
             .iter()
             .map(|commit| self.stage(*commit))
             .collect::<Result<_, _>>()?;
-        let horizon = self.clock.now_ms() - self.window_ms;
-        // Per commit: its result, and how many of its keys replaced one already past the window.
-        let result = self.trees().transaction(
-            |(report, state, seen, by_time, out, ledgers, pending_charges, journal, snapshots, versions)| {
-                let mut results = Vec::with_capacity(staged.len());
-                // The batch's read-model changes, added up: each group is read and written once.
-                let mut read_model: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
-                'commits: for staged in &staged {
-                    let commit = &staged.commit;
-                    // Keys of the commit that replace one past the window.
-                    let mut expired = 0;
-                    for (key, _, _) in &staged.keys {
-                        if let Some(existing) = seen.get(key.as_bytes())? {
-                            let entry = decode_seen(&existing);
-                            if entry.first_seen_ms > horizon {
-                                results.push((CommitResult::AlreadySeen(entry), 0));
-                                continue 'commits;
-                            }
-                            expired += 1;
+        let now = self.clock.now_ms();
+        let horizon = now - self.window_ms;
+        // Every key of the batch goes to the bucket of now (a commit's keys are stamped before).
+        let bucket = self.window.bucket_for(now, now);
+        let live = self.window.live(now, [bucket])?;
+        let target = live.position(bucket);
+        let mut trees = self.trees().to_vec();
+        trees.extend(live.recent.iter().map(|(_, tree)| tree));
+        // Per commit: its result, and how many keys it recorded.
+        let result = trees.as_slice().transaction(|views| {
+            let (fixed, recent) = views.split_at(TREES);
+            let [report, state, out, ledgers, pending_charges, journal, snapshots, versions] = fixed else {
+                unreachable!("the store's trees, then the window's")
+            };
+            let seen = window_view(recent, &live.older);
+            let mut results = Vec::with_capacity(staged.len());
+            // The batch's read-model changes, added up: each group is read and written once.
+            let mut read_model: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
+            // Journal runs written by this batch's commits so far.
+            let mut runs_written: Vec<&[u8]> = Vec::new();
+            'commits: for staged in &staged {
+                let commit = &staged.commit;
+                for (key, _) in &staged.keys {
+                    if let Some(existing) = seen(key)? {
+                        let entry = decode_seen(&existing);
+                        if entry.first_seen_ms > horizon {
+                            results.push((CommitResult::AlreadySeen(entry), 0));
+                            continue 'commits;
                         }
                     }
-                    // Optimistic concurrency: the change was decided on the version stored now.
-                    if let Some(stored) = versions.get(staged.state_key.as_slice())? {
-                        if commit.base_version() != decode_version(&stored) {
-                            results.push((CommitResult::Stale, 0));
-                            continue;
-                        }
-                    }
-                    state.insert(staged.state_key.as_slice(), commit.state)?;
-                    versions.insert(staged.state_key.as_slice(), &commit.version.to_be_bytes())?;
-                    for (key, value, index) in &staged.keys {
-                        seen.insert(key.as_bytes(), value.as_slice())?;
-                        by_time.insert(index.as_slice(), &[])?;
-                    }
-                    for (seq, value) in &staged.outbox {
-                        out.insert(&seq.to_be_bytes(), value.as_slice())?;
-                    }
-                    for event in commit.events() {
-                        move_ledgers(ledgers, event.outputs)?;
-                    }
-                    for (payment_id, charge) in &staged.charges {
-                        pending_charges.insert(payment_id.as_bytes(), charge.as_slice())?;
-                    }
-                    for (key, entry) in &staged.journal {
-                        journal.insert(key.as_slice(), *entry)?;
-                    }
-                    if let (Some(key), Some((_, snapshot))) = (&staged.snapshot_key, commit.snapshot) {
-                        snapshots.insert(key.as_slice(), snapshot)?;
-                    }
-                    for key in &staged.dropped {
-                        snapshots.remove(key.as_slice())?;
-                    }
-                    for key in &staged.truncated {
-                        journal.remove(key.as_slice())?;
-                    }
-                    for change in commit.read_model {
-                        read_model.entry(change.group.as_str()).or_default().push(change);
-                    }
-                    results.push((CommitResult::Committed, expired));
                 }
-                move_read_model::<()>(report, &read_model)?;
-                Ok(results)
-            },
-        );
+                // Optimistic concurrency: the change was decided on the version stored now.
+                if let Some(stored) = versions.get(staged.state_key.as_slice())? {
+                    if commit.base_version() != decode_version(&stored) {
+                        results.push((CommitResult::Stale, 0));
+                        continue;
+                    }
+                }
+                state.insert(staged.state_key.as_slice(), commit.state)?;
+                versions.insert(staged.state_key.as_slice(), &commit.version.to_be_bytes())?;
+                for (key, value) in &staged.keys {
+                    recent[target].insert(key.as_slice(), value.as_slice())?;
+                }
+                for (seq, value) in &staged.outbox {
+                    out.insert(&seq.to_be_bytes(), value.as_slice())?;
+                }
+                for event in commit.events() {
+                    move_ledgers(ledgers, event.outputs)?;
+                }
+                for (payment_id, charge) in &staged.charges {
+                    pending_charges.insert(payment_id.as_bytes(), charge.as_slice())?;
+                }
+                if let Some((key, run)) = &staged.journal {
+                    journal.insert(key.as_slice(), run.as_slice())?;
+                    runs_written.push(key.as_slice());
+                }
+                if let (Some(key), Some((_, snapshot))) = (&staged.snapshot_key, commit.snapshot) {
+                    snapshots.insert(key.as_slice(), snapshot)?;
+                }
+                for key in &staged.dropped {
+                    snapshots.remove(key.as_slice())?;
+                }
+                for key in &staged.truncated {
+                    journal.remove(key.as_slice())?;
+                }
+                if let Some((from, to)) = &staged.truncated_range {
+                    for key in runs_written
+                        .iter()
+                        .filter(|key| (from.as_slice()..=to.as_slice()).contains(*key))
+                    {
+                        journal.remove(*key)?;
+                    }
+                }
+                for change in commit.read_model {
+                    read_model.entry(change.group.as_str()).or_default().push(change);
+                }
+                results.push((CommitResult::Committed, staged.keys.len()));
+            }
+            move_read_model::<()>(report, &read_model)?;
+            Ok(results)
+        });
         let results = result.map_err(unaborted_error)?;
         self.wrote();
         let mut added = false;
-        for (staged, (result, replaced_expired_keys)) in staged.iter().zip(&results) {
+        for (staged, (result, recorded)) in staged.iter().zip(&results) {
             tracing::debug!(
                 aggregate = ?staged.commit.aggregate,
                 version = staged.commit.version,
@@ -972,10 +1031,7 @@ impl SledStore {
             if *result != CommitResult::Committed {
                 continue;
             }
-            self.window_keys.fetch_add(
-                (staged.keys.len() - replaced_expired_keys) as u64,
-                Ordering::AcqRel,
-            );
+            self.window.counted(*recorded as i64);
             self.outbox_pending
                 .fetch_add(staged.outbox.len() as u64, Ordering::AcqRel);
             if let Some((last, _)) = staged.outbox.last() {
@@ -992,6 +1048,73 @@ impl SledStore {
             self.outbox_added.notify_one();
         }
         Ok(results.into_iter().map(|(result, _)| result).collect())
+    }
+}
+
+/// Moves the idempotency keys of a store written before the window had buckets (a `seen` tree by
+/// key and a `seen_by_time` index) into the buckets, then drops the old trees. Runs at open.
+fn migrate_window(
+    db: &sled::Db,
+    window: &window::Window,
+    window_ms: i64,
+    now: i64,
+) -> Result<(), StoreError> {
+    if !db.tree_names().iter().any(|name| name.as_ref() == b"seen") {
+        return Ok(());
+    }
+    let legacy = db.open_tree("seen").map_err(store_error)?;
+    let mut batches: BTreeMap<i64, sled::Batch> = BTreeMap::new();
+    let mut moved = 0;
+    for entry in legacy.iter() {
+        let (key, value) = entry.map_err(store_error)?;
+        let first_seen = decode_seen(&value).first_seen_ms;
+        if first_seen <= now - window_ms {
+            continue;
+        }
+        let digest = window::digest(&String::from_utf8_lossy(&key));
+        batches
+            .entry(window.bucket_for(first_seen, first_seen))
+            .or_default()
+            .insert(digest.as_slice(), value);
+        moved += 1;
+    }
+    for (bucket, batch) in batches {
+        window.tree(bucket)?.apply_batch(batch).map_err(store_error)?;
+    }
+    window.counted(moved);
+    tracing::info!(
+        keys = moved,
+        "Idempotency keys moved to the window's time buckets."
+    );
+    for name in ["seen", "seen_by_time"] {
+        db.drop_tree(name).map_err(store_error)?;
+    }
+    db.flush().map_err(store_error)?;
+    Ok(())
+}
+
+/// Trees a commit writes besides the window's ([`SledStore::trees`]).
+const TREES: usize = 8;
+
+/// Looks a key up in the window inside a transaction: the recent buckets through the transaction
+/// (writers may still write them), the older ones directly (no writer touches them any more).
+fn window_view<'a>(
+    recent: &'a [TransactionalTree],
+    older: &'a [sled::Tree],
+) -> impl Fn(&window::Digest16) -> Result<Option<sled::IVec>, sled::transaction::UnabortableTransactionError> + 'a
+{
+    move |key| {
+        for tree in recent {
+            if let Some(value) = tree.get(key)? {
+                return Ok(Some(value));
+            }
+        }
+        for tree in older {
+            if let Some(value) = tree.get(key)? {
+                return Ok(Some(value));
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -1095,19 +1218,18 @@ fn read_model_changes(
 }
 
 impl SledStore {
-    fn trees(&self) -> TreeSet<'_> {
-        (
+    /// The trees a commit writes besides the window's, in the order `write_batch` names them.
+    fn trees(&self) -> [&sled::Tree; TREES] {
+        [
             &self.report,
             &self.state,
-            &self.seen,
-            &self.seen_by_time,
             &self.outbox,
             &self.ledgers,
             &self.charges,
             &self.journal,
             &self.snapshots,
             &self.versions,
-        )
+        ]
     }
 
     /// Resolves when a commit has added outbox entries since the last call (or now, if one did).
@@ -1145,16 +1267,19 @@ impl SledStore {
         injected_write_failure()?;
         let key = state_key(&record.aggregate);
         let (old_journal, old_snapshots) = self.journal_and_snapshot_keys(&record.aggregate)?;
-        let keys: Vec<(&str, Vec<u8>, Vec<u8>)> = record
+        let now = self.clock.now_ms();
+        // Per key: its digest, its value and the window's bucket it goes to.
+        let keys: Vec<(window::Digest16, Vec<u8>, i64)> = record
             .events()
             .map(|event| {
                 (
-                    event.idempotency_key,
+                    window::digest(event.idempotency_key),
                     encode_seen(event.seen_at_ms, event.content_hash, event.delivery),
-                    time_index_key(event.seen_at_ms, event.idempotency_key),
+                    self.window.bucket_for(now, event.seen_at_ms),
                 )
             })
             .collect();
+        let live = self.window.live(now, keys.iter().map(|(_, _, bucket)| *bucket))?;
         let kind = record.aggregate.kind;
         let snapshot = match kind {
             AggregateKind::Campaign => {
@@ -1173,97 +1298,88 @@ impl SledStore {
             }
             _ => None,
         };
-        let trees = (
+        let mut trees = vec![
             &self.report,
             &self.state,
-            &self.seen,
-            &self.seen_by_time,
             &self.ledgers,
             &self.charges,
             &self.journal,
             &self.snapshots,
             &self.versions,
             &self.unconfirmed,
-        );
-        let result = trees.transaction(
-            |(
-                report,
-                state,
-                seen,
-                by_time,
-                ledgers,
-                pending_charges,
-                journal,
-                snapshots,
-                versions,
-                unconfirmed,
-            )| {
-                let mut newly_seen = 0u64;
-                for (key, value, index) in &keys {
-                    if seen.get(key.as_bytes())?.is_none() {
-                        seen.insert(key.as_bytes(), value.as_slice())?;
-                        by_time.insert(index.as_slice(), &[])?;
-                        newly_seen += 1;
+        ];
+        trees.extend(live.recent.iter().map(|(_, tree)| tree));
+        let result = trees.as_slice().transaction(|views| {
+            let (fixed, recent) = views.split_at(8);
+            let [report, state, ledgers, pending_charges, journal, snapshots, versions, unconfirmed] = fixed
+            else {
+                unreachable!("the import's trees, then the window's")
+            };
+            let seen = window_view(recent, &live.older);
+            let mut newly_seen = 0i64;
+            for (key, value, bucket) in &keys {
+                if seen(key)?.is_none() {
+                    recent[live.position(*bucket)].insert(key.as_slice(), value.as_slice())?;
+                    newly_seen += 1;
+                }
+            }
+            let withdrawn = match unconfirmed.get(key.as_slice())? {
+                Some(bytes) => Some(Unconfirmed::decode(&bytes)?).filter(|mark| !mark.resolved),
+                None => None,
+            };
+            // `base`: the version the store's ledgers and charges count up to.
+            let (newer, restores, base) = match &withdrawn {
+                Some(mark) => (
+                    record.version >= mark.from,
+                    record.version + 1 == mark.from,
+                    mark.from - 1,
+                ),
+                None => {
+                    let local = versions.get(key.as_slice())?.map_or(0, |v| decode_version(&v));
+                    (record.version > local, false, local)
+                }
+            };
+            if !newer && !restores {
+                return Ok((false, newly_seen));
+            }
+            let before = state.get(key.as_slice())?;
+            let changes = read_model_changes(kind, before.as_deref(), record.state.as_bytes())
+                .map_err(|e| ConflictableTransactionError::Storage(corrupt("imported state", e)))?;
+            state.insert(key.as_slice(), record.state.as_bytes())?;
+            versions.insert(key.as_slice(), &record.version.to_be_bytes())?;
+            move_read_model(report, &by_group(&changes))?;
+            if newer {
+                // Only the events the store does not count yet move ledgers and charges.
+                for event in record.events().filter(|event| event.version > base) {
+                    move_ledgers(ledgers, event.outputs)?;
+                    for charge in event.charges {
+                        let bytes = serde_json::to_vec(charge).expect("charges serialize");
+                        pending_charges.insert(charge.payment_id.as_bytes(), bytes)?;
                     }
                 }
-                let withdrawn = match unconfirmed.get(key.as_slice())? {
-                    Some(bytes) => Some(Unconfirmed::decode(&bytes)?).filter(|mark| !mark.resolved),
-                    None => None,
+            }
+            if let Some(payment_id) = &settled {
+                pending_charges.remove(payment_id.as_bytes())?;
+            }
+            for old in &old_journal {
+                journal.remove(old)?;
+            }
+            for old in &old_snapshots {
+                snapshots.remove(old)?;
+            }
+            if let Some((at, bytes)) = &snapshot {
+                snapshots.insert(at.as_slice(), bytes.as_slice())?;
+            }
+            if let Some(mark) = withdrawn {
+                let resolved = Unconfirmed {
+                    resolved: true,
+                    ..mark
                 };
-                // `base`: the version the store's ledgers and charges count up to.
-                let (newer, restores, base) = match &withdrawn {
-                    Some(mark) => (
-                        record.version >= mark.from,
-                        record.version + 1 == mark.from,
-                        mark.from - 1,
-                    ),
-                    None => {
-                        let local = versions.get(key.as_slice())?.map_or(0, |v| decode_version(&v));
-                        (record.version > local, false, local)
-                    }
-                };
-                if !newer && !restores {
-                    return Ok((false, newly_seen));
-                }
-                let before = state.get(key.as_slice())?;
-                let changes = read_model_changes(kind, before.as_deref(), record.state.as_bytes())
-                    .map_err(|e| ConflictableTransactionError::Storage(corrupt("imported state", e)))?;
-                state.insert(key.as_slice(), record.state.as_bytes())?;
-                versions.insert(key.as_slice(), &record.version.to_be_bytes())?;
-                move_read_model(report, &by_group(&changes))?;
-                if newer {
-                    // Only the events the store does not count yet move ledgers and charges.
-                    for event in record.events().filter(|event| event.version > base) {
-                        move_ledgers(ledgers, event.outputs)?;
-                        for charge in event.charges {
-                            let bytes = serde_json::to_vec(charge).expect("charges serialize");
-                            pending_charges.insert(charge.payment_id.as_bytes(), bytes)?;
-                        }
-                    }
-                }
-                if let Some(payment_id) = &settled {
-                    pending_charges.remove(payment_id.as_bytes())?;
-                }
-                for old in &old_journal {
-                    journal.remove(old)?;
-                }
-                for old in &old_snapshots {
-                    snapshots.remove(old)?;
-                }
-                if let Some((at, bytes)) = &snapshot {
-                    snapshots.insert(at.as_slice(), bytes.as_slice())?;
-                }
-                if let Some(mark) = withdrawn {
-                    let resolved = Unconfirmed {
-                        resolved: true,
-                        ..mark
-                    };
-                    unconfirmed.insert(key.as_slice(), resolved.encode())?;
-                }
-                Ok((true, newly_seen))
-            },
-        );
-        let (imported, newly_seen): (bool, u64) = result.map_err(unaborted_error)?;
+                unconfirmed.insert(key.as_slice(), resolved.encode())?;
+            }
+            Ok((true, newly_seen))
+        });
+        let (imported, newly_seen): (bool, i64) = result.map_err(unaborted_error)?;
         tracing::debug!(
             aggregate = %record.key(),
             version = record.version,
@@ -1272,7 +1388,7 @@ impl SledStore {
             imported,
             "Changelog record read."
         );
-        self.window_keys.fetch_add(newly_seen, Ordering::AcqRel);
+        self.window.counted(newly_seen);
         self.wrote();
         Ok(imported)
     }
@@ -1313,23 +1429,27 @@ impl SledStore {
                     resolved: false,
                 });
         }
-        let trees = (
-            &self.outbox,
-            &self.seen,
-            &self.seen_by_time,
-            &self.ledgers,
-            &self.unconfirmed,
-        );
+        // Withdrawn keys are wherever they were written: every bucket is read and written.
+        let buckets = self.window.all();
+        let mut trees = vec![&self.outbox, &self.ledgers, &self.unconfirmed];
+        trees.extend(buckets.iter().map(|(_, tree)| tree));
         let forgotten = trees
-            .transaction(|(out, seen, by_time, ledgers, unconfirmed)| {
-                let mut forgotten = 0u64;
+            .as_slice()
+            .transaction(|views| {
+                let (fixed, window) = views.split_at(3);
+                let [out, ledgers, unconfirmed] = fixed else {
+                    unreachable!("the withdrawal's trees, then the window's")
+                };
+                let mut forgotten = 0i64;
                 for (seq, record) in &withdrawn {
                     out.remove(seq)?;
                     for event in record.events() {
-                        if seen.remove(event.idempotency_key.as_bytes())?.is_some() {
-                            forgotten += 1;
+                        let key = window::digest(event.idempotency_key);
+                        for bucket in window {
+                            if bucket.remove(key.as_slice())?.is_some() {
+                                forgotten += 1;
+                            }
                         }
-                        by_time.remove(time_index_key(event.seen_at_ms, event.idempotency_key))?;
                         revert_ledgers(ledgers, event.outputs)?;
                     }
                 }
@@ -1346,7 +1466,7 @@ impl SledStore {
         for (_, record) in &withdrawn {
             tracing::debug!(aggregate = %record.key(), from = record.first_version(), version = record.version, key = %record.idempotency_key, "Commit withdrawn.");
         }
-        self.window_keys.fetch_sub(forgotten, Ordering::AcqRel);
+        self.window.counted(-forgotten);
         self.outbox_pending
             .fetch_sub(withdrawn.len() as u64, Ordering::AcqRel);
         self.outbox_published();
@@ -1443,19 +1563,6 @@ impl SledStore {
     }
 }
 
-type TreeSet<'a> = (
-    &'a sled::Tree,
-    &'a sled::Tree,
-    &'a sled::Tree,
-    &'a sled::Tree,
-    &'a sled::Tree,
-    &'a sled::Tree,
-    &'a sled::Tree,
-    &'a sled::Tree,
-    &'a sled::Tree,
-    &'a sled::Tree,
-);
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1481,6 +1588,38 @@ mod tests {
         Commit::of(agg, b"{}", 1, idem, hash, at)
     }
 
+    /// A data directory of an earlier version (one `seen` tree by key and a time index) opens
+    /// with its keys in the window's buckets, the old trees gone.
+    #[test]
+    fn keys_of_an_earlier_version_move_into_the_window_buckets() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = hex::encode([7u8; 32]);
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let legacy = db.open_tree("seen").unwrap();
+            legacy
+                .insert("recent", encode_seen(995_000, &hash, None))
+                .unwrap();
+            legacy
+                .insert("expired", encode_seen(900_000, &hash, None))
+                .unwrap();
+            db.open_tree("seen_by_time")
+                .unwrap()
+                .insert(b"index", b"")
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let clock = Arc::new(TestClock(AtomicI64::new(1_000_000)));
+        let store = SledStore::open(dir.path(), 10, clock).unwrap();
+        assert_eq!(store.seen("recent").unwrap().unwrap().first_seen_ms, 995_000);
+        assert_eq!(store.seen("expired").unwrap(), None);
+        assert_eq!(store.window_len(), 1);
+        let names = store.db.tree_names();
+        assert!(!names
+            .iter()
+            .any(|n| n.as_ref() == b"seen" || n.as_ref() == b"seen_by_time"));
+    }
+
     #[test]
     fn commit_is_refused_for_a_key_in_the_window_and_eviction_forgets_old_keys() {
         let dir = tempfile::tempdir().unwrap();
@@ -1500,6 +1639,12 @@ mod tests {
 
         clock.0.store(1_000_000 + 10_001, Ordering::SeqCst);
         assert_eq!(store.seen("k1").unwrap(), None, "past the window");
+        assert_eq!(
+            store.evict_expired().unwrap(),
+            0,
+            "kept until its whole bucket (a quarter of the window) is past"
+        );
+        clock.0.store(1_002_500 + 10_000, Ordering::SeqCst);
         assert_eq!(store.evict_expired().unwrap(), 1);
         assert_eq!(store.window_len(), 0);
         let again = Commit {
