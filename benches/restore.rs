@@ -6,26 +6,21 @@
 //! cargo bench --bench restore
 //! ```
 //!
-//! The store is the daemon's sled store, written through the same commit path; each measurement
+//! The store is the daemon's sled store with the shipped cache size and the changelog on, written
+//! by the campaign actor through the committer thread, as the daemon writes it; each measurement
 //! starts a fresh registry, so the actor loads from disk (sled's page cache is warm).
 
 use actix::Arbiter;
+use aerostream::config::Config;
 use aerostream::store::SledStore;
-use aerostream_actors::events::{AggregateKey, AggregateKind, CommissionRule};
-use aerostream_actors::ports::{Clock, Commit, NoObserver, StateStore, SystemClock};
-use aerostream_actors::snapshot::{Snapshot, SnapshotPolicy};
-use aerostream_actors::{ActorEnv, Aggregate, Campaign, CampaignEvent, Envelope, Money, Registry};
-use serde::Serialize;
+use aerostream_actors::events::CommissionRule;
+use aerostream_actors::ports::{Clock, NoObserver, SystemClock};
+use aerostream_actors::snapshot::SnapshotPolicy;
+use aerostream_actors::{ActorEnv, CampaignEvent, Envelope, Event, Incoming, Money, Outcome, Registry};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const CAMPAIGN: &str = "camp-bench";
-
-#[derive(Serialize)]
-struct Entry<'a> {
-    envelope: &'a Envelope,
-    event: &'a CampaignEvent,
-}
 
 fn envelope(i: u64) -> Envelope {
     Envelope {
@@ -40,12 +35,23 @@ fn envelope(i: u64) -> Envelope {
     }
 }
 
-/// Creates and activates the campaign (snapshot at version 2), then journals `replay` events.
-fn prepare(store: &SledStore, replay: u64) {
-    let key = AggregateKey {
-        kind: AggregateKind::Campaign,
-        id: CAMPAIGN.into(),
+/// Creates and activates the campaign (a snapshot at version 2, forced by the activation), then
+/// journals `replay` events, through the campaign actor in batches of 64 as the daemon applies a
+/// receive burst: its commits go through the committer thread, the changelog is on, and the outbox
+/// is drained as the publisher does.
+async fn prepare(store: &Arc<SledStore>, clock: &Arc<dyn Clock>, replay: u64) {
+    let env = ActorEnv {
+        store: store.clone(),
+        observer: Arc::new(NoObserver),
+        clock: clock.clone(),
+        mailbox_capacity: 16,
+        // No periodic snapshots: every event after the first snapshot stays in the journal.
+        snapshots: SnapshotPolicy {
+            every_events: 0,
+            keep: 2,
+        },
     };
+    let registry = Registry::new(env, vec![Arbiter::current()]);
     let mut events = vec![
         CampaignEvent::Created {
             campaign_id: CAMPAIGN.into(),
@@ -70,26 +76,35 @@ fn prepare(store: &SledStore, replay: u64) {
         },
     }));
     let hash = hex::encode([0u8; 32]);
-    let mut state: Option<Campaign> = None;
-    for (i, event) in events.iter().enumerate() {
-        let envelope = envelope(i as u64);
-        let decision = Campaign::decide(state.as_ref(), event, &envelope).expect("bench events apply");
-        let version = decision.state.version();
-        let bytes = serde_json::to_vec(&decision.state).unwrap();
-        let journal = serde_json::to_vec(&Entry {
-            envelope: &envelope,
-            event,
-        })
-        .unwrap();
-        let snapshot = (version == 2).then(|| serde_json::to_vec(&Snapshot::of(&decision.state)).unwrap());
-        store
-            .commit(Commit {
-                journal: Some((version, &journal)),
-                snapshot: snapshot.as_deref().map(|s| (version, s)),
-                ..Commit::of(&key, &bytes, version, &envelope.id, &hash, SystemClock.now_ms())
+    let incoming: Vec<Arc<Incoming>> = events
+        .into_iter()
+        .enumerate()
+        .map(|(i, event)| {
+            let envelope = envelope(i as u64);
+            Arc::new(Incoming {
+                idempotency_key: envelope.id.clone(),
+                envelope,
+                event: Event::Campaign(event),
+                content_hash: hash.clone(),
+                delivery: None,
             })
-            .expect("commit");
-        state = Some(decision.state);
+        })
+        .collect();
+    for batch in incoming.chunks(64) {
+        let outcomes = registry.apply_batch(batch.to_vec()).await;
+        assert!(
+            outcomes.iter().all(|o| matches!(o, Ok(Outcome::Applied { .. }))),
+            "{outcomes:?}"
+        );
+        store.flush().await.expect("flush");
+        loop {
+            let entries = store.outbox_entries(4_096).expect("outbox readable");
+            if entries.is_empty() {
+                break;
+            }
+            let seqs: Vec<_> = entries.into_iter().map(|(seq, _)| seq).collect();
+            store.outbox_remove(&seqs).expect("outbox entries deleted");
+        }
     }
 }
 
@@ -103,9 +118,19 @@ fn main() {
     for (replay, runs) in [(0u64, 200usize), (1_000, 100), (100_000, 5)] {
         let dir = tempfile::tempdir().expect("temporary directory");
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let store = Arc::new(SledStore::open(dir.path(), 3_600, clock.clone()).expect("store"));
-        prepare(&store, replay);
+        let config = Config::load(None).expect("the shipped configuration loads");
+        let store = SledStore::open_with_cache(
+            dir.path(),
+            config.idempotency.window_seconds,
+            config.daemon.cache_mib << 20,
+            clock.clone(),
+        )
+        .expect("store")
+        .with_changelog("bench".into());
+        let store = Arc::new(store);
+        store.start_committer().expect("committer starts");
         let timings = actix_rt::System::new().block_on(async {
+            prepare(&store, &clock, replay).await;
             let mut timings = Vec::with_capacity(runs);
             for _ in 0..runs {
                 let env = ActorEnv {

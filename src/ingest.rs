@@ -118,6 +118,9 @@ pub const FAILPOINT_STARVE: &str = "ingest::starve";
 /// is starved, and the input subscribes again (see [`starved_partitions`]).
 const STARVED_AFTER: Duration = Duration::from_secs(5);
 
+/// Messages each partition's consumer asks the broker for ahead of time, at most.
+const RECEIVE_QUEUE: usize = 1_024;
+
 /// The dead-letter reason of a message whose retries all failed.
 pub const MAX_REDELIVERIES: &str = "max_redeliveries";
 
@@ -266,8 +269,11 @@ async fn subscribe(
                 "aerostream-{name}-{:016}-{consumer_id}",
                 broker::process_started_ms()
             ))
-            .with_batch_size(input.max_in_flight.min(u32::MAX as usize) as u32)
-            .with_options(ConsumerOptions::default().with_receiver_queue_size(input.max_in_flight as u32))
+            .with_batch_size(RECEIVE_QUEUE.min(input.max_in_flight) as u32)
+            .with_options(
+                ConsumerOptions::default()
+                    .with_receiver_queue_size(RECEIVE_QUEUE.min(input.max_in_flight) as u32),
+            )
         // No dead-letter policy and no ack timeout here: the daemon retries and dead-letters
         // (see the module comment).
     })

@@ -180,7 +180,7 @@ pub async fn run(
             };
             if !producers.contains_key(&message.topic) {
                 let built = broker::with_backoff("outbox producer", &mut shutdown, || {
-                    broker::producer(&client, message.topic.clone())
+                    broker::batching_producer(&client, message.topic.clone())
                 })
                 .await;
                 match built {

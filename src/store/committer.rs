@@ -19,8 +19,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Weak};
 use tokio::sync::oneshot;
 
-/// Commits written in one transaction at most: bounds the time the other writers of the store
-/// (imports, the report actor, eviction) wait for sled's lock.
+/// Events written in one transaction at most (a commit may hold several): bounds the time the
+/// other writers of the store (imports, the report actor, eviction) wait for sled's lock, and the
+/// memory a transaction takes.
 const MAX_BATCH: usize = 512;
 
 type Answer = oneshot::Sender<Vec<Result<CommitResult, StoreError>>>;
@@ -67,13 +68,14 @@ pub(super) fn start(store: &Arc<SledStore>) -> std::io::Result<()> {
 
 fn run(store: Weak<SledStore>, queue: mpsc::Receiver<Job>) {
     // The store holds the sending side, so `recv` fails once the store is gone.
+    let events = |commits: &[OwnedCommit]| commits.iter().map(|c| c.earlier.len() + 1).sum::<usize>();
     while let Ok(first) = queue.recv() {
-        let mut size = first.0.len();
+        let mut size = events(&first.0);
         let mut batch = vec![first];
         while size < MAX_BATCH {
             match queue.try_recv() {
                 Ok(job) => {
-                    size += job.0.len();
+                    size += events(&job.0);
                     batch.push(job);
                 }
                 Err(_) => break,
