@@ -39,7 +39,7 @@ use aerostream_actors::{Aggregate, AggregateKind, Campaign, CommissionLedger, Pa
 use serde::{Deserialize, Serialize};
 use sled::transaction::TransactionalTree;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -942,6 +942,10 @@ impl SledStore {
         let bucket = self.window.bucket_for(now, now);
         let live = self.window.live(now, [bucket])?;
         let target = live.position(bucket);
+        let older = older_entries(
+            &live.older,
+            staged.iter().flat_map(|s| s.keys.iter().map(|(key, _)| key)),
+        )?;
         let mut trees = self.trees().to_vec();
         trees.extend(live.recent.iter().map(|(_, tree)| tree));
         // Per commit: its result, and how many keys it recorded.
@@ -950,7 +954,7 @@ impl SledStore {
             let [report, state, out, ledgers, pending_charges, journal, snapshots, versions] = fixed else {
                 unreachable!("the store's trees, then the window's")
             };
-            let seen = window_view(recent, &live.older);
+            let seen = window_view(recent, &older);
             let mut results = Vec::with_capacity(staged.len());
             // The batch's read-model changes, added up: each group is read and written once.
             let mut read_model: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
@@ -1096,11 +1100,30 @@ fn migrate_window(
 /// Trees a commit writes besides the window's ([`SledStore::trees`]).
 const TREES: usize = 8;
 
+/// What the window's older buckets hold of `keys`, read before a transaction: no writer touches
+/// those buckets any more, and a transaction must not read a tree outside itself (sled's
+/// transaction holds the lock that a plain read takes: the thread would wait on itself).
+fn older_entries<'a>(
+    older: &[sled::Tree],
+    keys: impl Iterator<Item = &'a window::Digest16>,
+) -> Result<HashMap<window::Digest16, sled::IVec>, StoreError> {
+    let mut found = HashMap::new();
+    for key in keys {
+        for tree in older {
+            if let Some(value) = tree.get(key).map_err(store_error)? {
+                found.insert(*key, value);
+                break;
+            }
+        }
+    }
+    Ok(found)
+}
+
 /// Looks a key up in the window inside a transaction: the recent buckets through the transaction
-/// (writers may still write them), the older ones directly (no writer touches them any more).
+/// (writers may still write them), the older ones from what [`older_entries`] read before it.
 fn window_view<'a>(
     recent: &'a [TransactionalTree],
-    older: &'a [sled::Tree],
+    older: &'a HashMap<window::Digest16, sled::IVec>,
 ) -> impl Fn(&window::Digest16) -> Result<Option<sled::IVec>, sled::transaction::UnabortableTransactionError> + 'a
 {
     move |key| {
@@ -1109,12 +1132,7 @@ fn window_view<'a>(
                 return Ok(Some(value));
             }
         }
-        for tree in older {
-            if let Some(value) = tree.get(key)? {
-                return Ok(Some(value));
-            }
-        }
-        Ok(None)
+        Ok(older.get(key).cloned())
     }
 }
 
@@ -1280,6 +1298,7 @@ impl SledStore {
             })
             .collect();
         let live = self.window.live(now, keys.iter().map(|(_, _, bucket)| *bucket))?;
+        let older = older_entries(&live.older, keys.iter().map(|(key, _, _)| key))?;
         let kind = record.aggregate.kind;
         let snapshot = match kind {
             AggregateKind::Campaign => {
@@ -1315,7 +1334,7 @@ impl SledStore {
             else {
                 unreachable!("the import's trees, then the window's")
             };
-            let seen = window_view(recent, &live.older);
+            let seen = window_view(recent, &older);
             let mut newly_seen = 0i64;
             for (key, value, bucket) in &keys {
                 if seen(key)?.is_none() {
@@ -1618,6 +1637,62 @@ mod tests {
         assert!(!names
             .iter()
             .any(|n| n.as_ref() == b"seen" || n.as_ref() == b"seen_by_time"));
+    }
+
+    /// A key in an older bucket of the window (two buckets back: no writer touches it any more)
+    /// still refuses a commit and an import, and reading it never waits on the commit's own
+    /// transaction (it once did: the store hung for good a quarter window after its first commit).
+    #[test]
+    fn a_key_in_an_older_bucket_is_seen_by_commits_and_imports() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TestClock(AtomicI64::new(1_000_000)));
+        let store = Arc::new(SledStore::open(dir.path(), 10, clock.clone()).unwrap());
+        let (agg, other) = (key("c1"), report_key("r1"));
+        let hash = hex::encode([7u8; 32]);
+        assert_eq!(
+            store.commit(commit(&agg, "k1", &hash, 1_000_000)).unwrap(),
+            CommitResult::Committed
+        );
+        // Two buckets (2.5 s each) later, still within the 10 s window.
+        clock.0.store(1_006_000, Ordering::SeqCst);
+        let (done, finished) = std::sync::mpsc::channel();
+        let writer = store.clone();
+        std::thread::spawn(move || {
+            let (agg, other, hash) = (key("c1"), report_key("r1"), hex::encode([7u8; 32]));
+            let again = Commit {
+                version: 2,
+                ..commit(&agg, "k1", &hash, 1_006_000)
+            };
+            let refused = writer.commit(again).unwrap();
+            let record = ChangeRecord {
+                instance: "b".into(),
+                aggregate: other,
+                version: 1,
+                state: "{}".into(),
+                idempotency_key: "k1".into(),
+                content_hash: hash,
+                seen_at_ms: 1_006_000,
+                delivery: None,
+                charges: Vec::new(),
+                outputs: Vec::new(),
+                earlier: Vec::new(),
+            };
+            writer.import(&record).unwrap();
+            let _ = done.send(refused);
+        });
+        let refused = finished
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the commit and the import finish (no wait on the store's own transaction)");
+        assert!(matches!(refused, CommitResult::AlreadySeen(_)), "{refused:?}");
+        assert_eq!(
+            store.window_len(),
+            1,
+            "the import recorded no second copy of the key"
+        );
+        assert!(
+            store.load(&other).unwrap().is_some(),
+            "the import applied its state"
+        );
     }
 
     #[test]
