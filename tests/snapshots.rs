@@ -25,7 +25,7 @@ const SNAPSHOTS: &str = "[snapshot]\nevery_events = 10\nkeep = 2\n";
 /// Changes the state inside the newest snapshot of `campaign_id`, keeping its checksum, as a
 /// flipped bit on disk would. Returns the version of the corrupted snapshot.
 fn corrupt_newest_snapshot(data_dir: &std::path::Path, campaign_id: &str) -> u64 {
-    let db = sled::open(data_dir).unwrap();
+    let db = aerostream::store::sled_config(data_dir).open().unwrap();
     let snapshots = db.open_tree("snapshots").unwrap();
     let (key, value) = snapshots
         .scan_prefix(format!("campaign/{campaign_id}/"))

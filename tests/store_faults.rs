@@ -195,7 +195,9 @@ fn a_poison_outbox_entry_is_set_aside_counted_and_the_inputs_go_on() {
     // left it): every commit's changelog record, and so every ack, queues behind it.
     let poison = br#"{"Output":{"id":"from-a-newer-version","body":{"Teleported":{"to":"nowhere"}}}}"#;
     {
-        let db = sled::open(&config.daemon.data_dir).unwrap();
+        let db = aerostream::store::sled_config(&config.daemon.data_dir)
+            .open()
+            .unwrap();
         db.open_tree("outbox")
             .unwrap()
             .insert(0u64.to_be_bytes(), &poison[..])
