@@ -14,11 +14,13 @@
 //! the generator's (~30 bytes). Prints one Markdown table.
 
 use actix::Arbiter;
+mod common;
+
 use aerostream::config::Config;
-use aerostream::store::SledStore;
 use aerostream_actors::events::CommissionRule;
 use aerostream_actors::ports::{Clock, NoObserver, SystemClock};
-use aerostream_actors::{ActorEnv, CampaignEvent, Envelope, Event, Incoming, Money, Outcome, Registry};
+use aerostream_actors::{ActorEnv, CampaignEvent, Money, Outcome, Registry};
+use common::{daemon_store, drain_outbox, incoming};
 use futures::future::join_all;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,39 +38,8 @@ fn key(campaign: u64, n: u64) -> String {
     format!("click_camp-{campaign:05}_{n:012}")
 }
 
-fn incoming(id: String, event: CampaignEvent) -> Arc<Incoming> {
-    Arc::new(Incoming {
-        envelope: Envelope {
-            id: id.clone(),
-            event_type: "bench".into(),
-            source: "bench".into(),
-            time_ms: 0,
-            subject: None,
-            correlation_id: None,
-            causation_id: None,
-            schema_version: "v1".into(),
-        },
-        event: Event::Campaign(event),
-        idempotency_key: id,
-        content_hash: hex::encode([7u8; 32]),
-        delivery: None,
-    })
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p) as usize]
-}
-
-/// Deletes what the outbox holds, as the publisher does once the broker has it.
-fn drain_outbox(store: &SledStore) {
-    loop {
-        let entries = store.outbox_entries(4_096).expect("outbox readable");
-        if entries.is_empty() {
-            return;
-        }
-        let seqs: Vec<_> = entries.into_iter().map(|(seq, _)| seq).collect();
-        store.outbox_remove(&seqs).expect("outbox entries deleted");
-    }
 }
 
 fn main() {
@@ -80,16 +51,7 @@ fn main() {
     let config = Config::load(None).expect("the shipped configuration loads");
     let dir = tempfile::tempdir().expect("temporary directory");
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let store = SledStore::open_with_cache(
-        dir.path(),
-        config.idempotency.window_seconds,
-        config.daemon.cache_mib << 20,
-        clock.clone(),
-    )
-    .expect("store opens")
-    .with_changelog("bench".into());
-    let store = Arc::new(store);
-    store.start_committer().expect("committer starts");
+    let store = daemon_store(dir.path(), &config, clock.clone());
 
     let system = actix_rt::System::new();
     let (applied, apply_elapsed) = system.block_on(async {
@@ -107,6 +69,7 @@ fn main() {
             registry.apply_batch(vec![
                 incoming(
                     format!("create_{id}"),
+                    0,
                     CampaignEvent::Created {
                         campaign_id: id.clone(),
                         name: id.clone(),
@@ -118,6 +81,7 @@ fn main() {
                 ),
                 incoming(
                     format!("activate_{id}"),
+                    0,
                     CampaignEvent::Activated { campaign_id: id },
                 ),
             ])
@@ -139,6 +103,7 @@ fn main() {
                     .map(|n| {
                         incoming(
                             key(c, n),
+                            0,
                             CampaignEvent::ClickRecorded {
                                 campaign_id: campaign(c),
                                 affiliate_id: format!("af-{:03}", n % 100),

@@ -10,28 +10,32 @@
 //! by the campaign actor through the committer thread, as the daemon writes it; each measurement
 //! starts a fresh registry, so the actor loads from disk (sled's page cache is warm).
 
+mod common;
+
 use actix::Arbiter;
 use aerostream::config::Config;
 use aerostream::store::SledStore;
 use aerostream_actors::events::CommissionRule;
 use aerostream_actors::ports::{Clock, NoObserver, SystemClock};
 use aerostream_actors::snapshot::SnapshotPolicy;
-use aerostream_actors::{ActorEnv, CampaignEvent, Envelope, Event, Incoming, Money, Outcome, Registry};
+use aerostream_actors::{ActorEnv, CampaignEvent, Incoming, Money, Outcome, Registry};
+use common::{daemon_store, drain_outbox, incoming};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const CAMPAIGN: &str = "camp-bench";
 
-fn envelope(i: u64) -> Envelope {
-    Envelope {
-        id: format!("evt-{i}"),
-        event_type: "bench".into(),
-        source: "bench".into(),
-        time_ms: i as i64,
-        subject: None,
-        correlation_id: None,
-        causation_id: None,
-        schema_version: "v1".into(),
+/// The actors' environment on `store`, with snapshots every `every_events` (0: only forced ones).
+fn env(store: &Arc<SledStore>, clock: &Arc<dyn Clock>, every_events: u64) -> ActorEnv {
+    ActorEnv {
+        store: store.clone(),
+        observer: Arc::new(NoObserver),
+        clock: clock.clone(),
+        mailbox_capacity: 16,
+        snapshots: SnapshotPolicy {
+            every_events,
+            keep: 2,
+        },
     }
 }
 
@@ -40,18 +44,8 @@ fn envelope(i: u64) -> Envelope {
 /// receive burst: its commits go through the committer thread, the changelog is on, and the outbox
 /// is drained as the publisher does.
 async fn prepare(store: &Arc<SledStore>, clock: &Arc<dyn Clock>, replay: u64) {
-    let env = ActorEnv {
-        store: store.clone(),
-        observer: Arc::new(NoObserver),
-        clock: clock.clone(),
-        mailbox_capacity: 16,
-        // No periodic snapshots: every event after the first snapshot stays in the journal.
-        snapshots: SnapshotPolicy {
-            every_events: 0,
-            keep: 2,
-        },
-    };
-    let registry = Registry::new(env, vec![Arbiter::current()]);
+    // No periodic snapshots: every event after the first snapshot stays in the journal.
+    let registry = Registry::new(env(store, clock, 0), vec![Arbiter::current()]);
     let mut events = vec![
         CampaignEvent::Created {
             campaign_id: CAMPAIGN.into(),
@@ -75,36 +69,19 @@ async fn prepare(store: &Arc<SledStore>, clock: &Arc<dyn Clock>, replay: u64) {
             affiliate_id: format!("af-{}", i % 50),
         },
     }));
-    let hash = hex::encode([0u8; 32]);
-    let incoming: Vec<Arc<Incoming>> = events
+    let events: Vec<Arc<Incoming>> = events
         .into_iter()
         .enumerate()
-        .map(|(i, event)| {
-            let envelope = envelope(i as u64);
-            Arc::new(Incoming {
-                idempotency_key: envelope.id.clone(),
-                envelope,
-                event: Event::Campaign(event),
-                content_hash: hash.clone(),
-                delivery: None,
-            })
-        })
+        .map(|(i, event)| incoming(format!("evt-{i}"), i as i64, event))
         .collect();
-    for batch in incoming.chunks(64) {
+    for batch in events.chunks(64) {
         let outcomes = registry.apply_batch(batch.to_vec()).await;
         assert!(
             outcomes.iter().all(|o| matches!(o, Ok(Outcome::Applied { .. }))),
             "{outcomes:?}"
         );
         store.flush().await.expect("flush");
-        loop {
-            let entries = store.outbox_entries(4_096).expect("outbox readable");
-            if entries.is_empty() {
-                break;
-            }
-            let seqs: Vec<_> = entries.into_iter().map(|(seq, _)| seq).collect();
-            store.outbox_remove(&seqs).expect("outbox entries deleted");
-        }
+        drain_outbox(store);
     }
 }
 
@@ -119,31 +96,12 @@ fn main() {
         let dir = tempfile::tempdir().expect("temporary directory");
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let config = Config::load(None).expect("the shipped configuration loads");
-        let store = SledStore::open_with_cache(
-            dir.path(),
-            config.idempotency.window_seconds,
-            config.daemon.cache_mib << 20,
-            clock.clone(),
-        )
-        .expect("store")
-        .with_changelog("bench".into());
-        let store = Arc::new(store);
-        store.start_committer().expect("committer starts");
+        let store = daemon_store(dir.path(), &config, clock.clone());
         let timings = actix_rt::System::new().block_on(async {
             prepare(&store, &clock, replay).await;
             let mut timings = Vec::with_capacity(runs);
             for _ in 0..runs {
-                let env = ActorEnv {
-                    store: store.clone(),
-                    observer: Arc::new(NoObserver),
-                    clock: clock.clone(),
-                    mailbox_capacity: 16,
-                    snapshots: SnapshotPolicy {
-                        every_events: 100,
-                        keep: 2,
-                    },
-                };
-                let registry = Registry::new(env, vec![Arbiter::current()]);
+                let registry = Registry::new(env(&store, &clock, 100), vec![Arbiter::current()]);
                 let started = Instant::now();
                 let campaign = registry
                     .campaign(CAMPAIGN)

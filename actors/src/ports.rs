@@ -100,21 +100,6 @@ impl AppliedEvent {
     }
 }
 
-impl EventRef<'_> {
-    pub fn to_owned(&self) -> AppliedEvent {
-        AppliedEvent {
-            version: self.version,
-            idempotency_key: self.idempotency_key.to_owned(),
-            content_hash: self.content_hash.to_owned(),
-            seen_at_ms: self.seen_at_ms,
-            delivery: self.delivery,
-            outputs: self.outputs.to_vec(),
-            charges: self.charges.to_vec(),
-            journal: self.journal.map(<[u8]>::to_vec),
-        }
-    }
-}
-
 /// Everything applied events change, committed in one atomic step: the aggregate's new state and
 /// each event's idempotency record, outputs, charges and journal entry. The fields below name the
 /// commit's last event; `earlier` holds the events it applied before that one, in order.
