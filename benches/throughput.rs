@@ -6,7 +6,9 @@
 //! - (b) `target/release/aerostream run` draining the same backlog (decode, dedupe, actor, commit,
 //!   flush, ack), timed from its first consumed message to its last applied one (`/metrics`);
 //! - (c) the ratio b/a;
-//! - (d) publish→applied latency at half of (b), event time = publish time;
+//! - (d) publish→applied latency at half of (b), event time = publish time, the stream published
+//!   with producer batching (the default of Pulsar's Java client), and again one broker entry per
+//!   message (pulsar-lite then sends held messages again: `tests/broker.rs`, the redelivery probe);
 //! - (e) the daemon's peak RSS (VmHWM);
 //! - cost growth: events/s and peak RSS at 10, 1 000 and 100 000 live campaigns, passivation on.
 //!
@@ -29,7 +31,7 @@ use aerostream::config::Config;
 use aerostream::generator::{self, Input, Planned};
 use anyhow::{bail, Context as _};
 use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use pulsar::{ConsumerOptions, Pulsar, SubType, TokioExecutor};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -44,6 +46,8 @@ type Client = Pulsar<TokioExecutor>;
 
 /// Receipts awaited at once while publishing.
 const MAX_OUTSTANDING: usize = 1_000;
+/// Batching producers per topic when the publisher batches.
+const BATCHING_LANES: usize = 8;
 /// How long any one wait may take before the run fails (bounds the run on a stuck daemon).
 const PHASE_TIMEOUT: Duration = Duration::from_secs(240);
 /// `/metrics` poll interval while a backlog drains (rendering costs the daemon CPU: every 2 ms took
@@ -129,7 +133,9 @@ fn main() -> anyhow::Result<()> {
     let mut table = Table::default();
     let e2e_rate = bench.throughput(&mut table)?;
     if args.perf.is_none() && !args.throughput_only {
-        bench.latency(&mut table, e2e_rate / 2.0)?;
+        bench.latency(&mut table, e2e_rate / 2.0, Entries::Batched)?;
+        bench.latency_floor(&mut table, e2e_rate / 2.0)?;
+        bench.latency(&mut table, e2e_rate / 2.0, Entries::PerMessage)?;
         for &campaigns in &args.growth {
             bench.growth(&mut table, campaigns)?;
         }
@@ -186,6 +192,7 @@ impl Bench<'_> {
             &self.codec,
             &phase.config,
             plan.stream,
+            Entries::PerMessage,
             None,
             None,
         ))?;
@@ -291,14 +298,18 @@ impl Bench<'_> {
     }
 
     /// (d): publish → applied at `rate` events/s, event time = publish time.
-    fn latency(&self, table: &mut Table, rate: f64) -> anyhow::Result<()> {
+    fn latency(&self, table: &mut Table, rate: f64, entries: Entries) -> anyhow::Result<()> {
         let rate = rate.max(1.0);
         let events = (rate * self.args.latency_seconds as f64) as usize;
+        let (tag, how) = match entries {
+            Entries::Batched => ("latency", "producer batching"),
+            Entries::PerMessage => ("latency-unbatched", "one broker entry per message"),
+        };
         eprintln!(
-            "== latency at {rate:.0} events/s for {} s",
+            "== latency at {rate:.0} events/s for {} s, {how}",
             self.args.latency_seconds
         );
-        let phase = Phase::new(self.work, self.broker, "latency", "")?;
+        let phase = Phase::new(self.work, self.broker, tag, "")?;
         let plan = generator::plan(&generator::Options {
             seed: 2,
             events,
@@ -313,25 +324,7 @@ impl Bench<'_> {
         let poller = Poller::spawn(&daemon, self.args.poll, move |s| {
             s.campaigns >= expected[0] as f64 && s.payments >= expected[1] as f64
         });
-        let run = self.runtime.block_on(async {
-            let mut consumers = Vec::new();
-            for ((input, kind), expected) in INPUTS.into_iter().zip(expected) {
-                let (topic, sub_type) = phase.input(input);
-                let subscription = format!("bench-transit-{input}");
-                let consumer = subscribe(self.client, &topic, &subscription, sub_type).await?;
-                consumers.push(drain(consumer, expected, Some((stamps.clone(), kind))));
-            }
-            let consumers = futures::future::try_join_all(consumers);
-            let publisher = publish(
-                self.client,
-                &self.codec,
-                &phase.config,
-                plan.stream,
-                Some(rate),
-                Some(&stamps),
-            );
-            futures::future::try_join(consumers, publisher).await
-        });
+        let run = self.publish_and_receive(&phase, plan.stream, expected, rate, entries, &stamps);
         let samples = poller.join()?;
         let (transit, published) = run?;
         let metrics = daemon.metrics()?;
@@ -347,27 +340,38 @@ impl Bench<'_> {
             "aerostream_processing_duration_seconds",
             &[0.5, 0.99, 0.999],
         );
+        let label = match entries {
+            Entries::Batched => "(d)",
+            Entries::PerMessage => "(d′) one broker entry per message:",
+        };
         table.row(
             &format!(
-                "(d) publish→applied at {rate:.0} events/s (half of b), {} events over {:.0} s: \
-                 p50 / p99 / p999 / max",
+                "{label} publish→applied at {rate:.0} events/s (half of b), {} events over {:.0} s, \
+                 {how}: p50 / p99 / p999 / max",
                 published.total(),
                 published.elapsed.as_secs_f64()
             ),
-            format!("**{}**", quantiles(&all)),
+            match entries {
+                Entries::Batched => format!("**{}**", quantiles(&all)),
+                Entries::PerMessage => quantiles(&all),
+            },
         );
         table.row(
-            "(d) publish→applied by topic: campaigns (Failover) ; payments (Key_Shared)",
+            &format!("{label} publish→applied by topic: campaigns (Failover) ; payments (Key_Shared)"),
             format!("{} ; {}", quantiles(&applied[0]), quantiles(&applied[1])),
         );
         table.row(
-            "(d) publish→received by a raw consumer on the same stream (broker + relay + client): \
-             p50 / p99 / p999 / max",
+            &format!(
+                "{label} publish→received by a raw consumer on the same stream (broker + relay + \
+                 client): p50 / p99 / p999 / max"
+            ),
             quantiles(&transit_all),
         );
         table.row(
-            "(d) received→durable inside the daemon (processing histogram, bucket upper bounds): \
-             p50 / p99 / p999",
+            &format!(
+                "{label} received→durable inside the daemon (processing histogram, bucket upper \
+                 bounds): p50 / p99 / p999"
+            ),
             processing
                 .iter()
                 .map(|q| q.map_or("> 2.5 s".into(), |s| format!("≤ {:.1} ms", s * 1e3)))
@@ -375,12 +379,79 @@ impl Bench<'_> {
                 .join(" / "),
         );
         table.row(
-            "latency run: peak RSS / messages delivered twice, raw / daemon",
+            &format!("{label} peak RSS / messages delivered twice, raw / daemon"),
             format!(
                 "{:.0} MiB / {} / {:.0}",
                 mib(rss),
                 transit.iter().map(|r| r.redelivered).sum::<usize>(),
                 metric_sum(&metrics, "aerostream_events_redelivered_total", None)
+            ),
+        );
+        Ok(())
+    }
+
+    /// Publishes `stream` at `rate` (stamping each event) while a raw consumer per input, on its own
+    /// subscription, receives and acks it: what the broker, the relay and the client take.
+    fn publish_and_receive(
+        &self,
+        phase: &Phase,
+        stream: Vec<Planned>,
+        expected: [usize; 2],
+        rate: f64,
+        entries: Entries,
+        stamps: &Stamps,
+    ) -> anyhow::Result<(Vec<Drained>, Published)> {
+        self.runtime.block_on(async {
+            let mut consumers = Vec::new();
+            for ((input, kind), expected) in INPUTS.into_iter().zip(expected) {
+                let (topic, sub_type) = phase.input(input);
+                let subscription = format!("bench-transit-{input}");
+                let consumer = subscribe(self.client, &topic, &subscription, sub_type).await?;
+                consumers.push(drain(consumer, expected, Some((stamps.clone(), kind))));
+            }
+            let consumers = futures::future::try_join_all(consumers);
+            let publisher = publish(
+                self.client,
+                &self.codec,
+                &phase.config,
+                stream,
+                entries,
+                Some(rate),
+                Some(stamps),
+            );
+            futures::future::try_join(consumers, publisher).await
+        })
+    }
+
+    /// The floor under (d): the same batched stream at the same rate with no daemon running, only
+    /// the raw consumer.
+    fn latency_floor(&self, table: &mut Table, rate: f64) -> anyhow::Result<()> {
+        let rate = rate.max(1.0);
+        eprintln!("== latency floor at {rate:.0} events/s, no daemon");
+        let phase = Phase::new(self.work, self.broker, "latency-floor", "")?;
+        let plan = generator::plan(&generator::Options {
+            seed: 2,
+            events: (rate * self.args.latency_seconds as f64) as usize,
+            duplicate_fraction: 0.0,
+            ..generator::Options::for_daemon(&phase.config)
+        });
+        let count = |input| plan.stream.iter().filter(|e| e.input == input).count();
+        let expected = INPUTS.map(|(_, input)| count(input));
+        let stamps = Stamps::default();
+        let (transit, published) =
+            self.publish_and_receive(&phase, plan.stream, expected, rate, Entries::Batched, &stamps)?;
+        let all = sorted(transit.iter().flat_map(|r| r.latencies.iter().copied()));
+        table.row(
+            &format!(
+                "(d) floor, no daemon: publish→received by the raw consumer alone, same rate and \
+                 publisher, {} events over {:.0} s: p50 / p99 / p999 / max; delivered twice",
+                published.total(),
+                published.elapsed.as_secs_f64()
+            ),
+            format!(
+                "{}; {}",
+                quantiles(&all),
+                transit.iter().map(|r| r.redelivered).sum::<usize>()
             ),
         );
         Ok(())
@@ -411,6 +482,7 @@ impl Bench<'_> {
             &self.codec,
             &phase.config,
             plan.stream,
+            Entries::PerMessage,
             None,
             None,
         ))?;
@@ -693,19 +765,42 @@ impl Stamps {
     }
 }
 
-/// Publishes `events` as `produce::publish` does; at `rate` events/s with event time = publish
-/// time when a rate is given, as fast as the broker takes them otherwise.
+/// How the bench's publisher puts messages in broker entries.
+#[derive(Clone, Copy, PartialEq)]
+enum Entries {
+    /// One entry per message, as `aerostream produce` publishes.
+    PerMessage,
+    /// Pulsar's producer batching (on by default in its Java client): what is sent within a
+    /// millisecond goes in one entry.
+    Batched,
+}
+
+/// Publishes `events` as `produce::publish` does (or batched); at `rate` events/s with event
+/// time = publish time when a rate is given, as fast as the broker takes them otherwise.
 async fn publish(
     client: &Client,
     codec: &Codec,
     config: &Config,
     mut events: Vec<Planned>,
+    entries: Entries,
     rate: Option<f64>,
     stamps: Option<&Stamps>,
 ) -> anyhow::Result<Published> {
     let topic = |name: &str| config.broker.topic(&config.inputs[name].topic);
-    let mut campaigns = broker::producer_on(client, topic("campaigns")).await?;
-    let mut payments = broker::producer_on(client, topic("payments")).await?;
+    // The `pulsar` crate's batching producer has one batch in flight at a time: its rate is a
+    // batch per round trip. Several, an aggregate always on the same one, keep up with the rate.
+    let lanes = match entries {
+        Entries::PerMessage => 1,
+        Entries::Batched => BATCHING_LANES,
+    };
+    let producers = |name: &'static str| {
+        futures::future::try_join_all((0..lanes).map(move |_| match entries {
+            Entries::PerMessage => broker::producer_on(client, topic(name)).boxed(),
+            Entries::Batched => broker::batching_producer_on(client, topic(name)).boxed(),
+        }))
+    };
+    let mut campaigns = producers("campaigns").await?;
+    let mut payments = producers("payments").await?;
     let mut published = Published::default();
     let mut receipts = FuturesUnordered::new();
     let started = Instant::now();
@@ -722,9 +817,10 @@ async fn publish(
         let sent = &mut published.sent[Published::slot(planned.input)];
         sent.0 += 1;
         sent.1 += encoded.payload.len();
+        let lane = (crc32c::crc32c(encoded.key.as_bytes()) as usize) % lanes;
         let producer = match planned.input {
-            Input::Campaigns => &mut campaigns,
-            Input::Payments => &mut payments,
+            Input::Campaigns => &mut campaigns[lane],
+            Input::Payments => &mut payments[lane],
         };
         if let Some(stamps) = stamps {
             stamps.record(planned.input, &planned.envelope.id, Instant::now());

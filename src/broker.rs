@@ -200,8 +200,15 @@ const BATCH_WAIT: Duration = Duration::from_millis(1);
 /// producer batching): the outbox's way to publish, where the broker's cost is per entry.
 pub async fn batching_producer(client: &Client, topic: String) -> Result<Producer, pulsar::Error> {
     client.check_stuck()?;
-    client
-        .get()
+    batching_producer_on(&client.get(), topic).await
+}
+
+/// [`batching_producer`] on a given client, as Pulsar's own clients publish by default.
+pub async fn batching_producer_on(
+    pulsar: &Pulsar<TokioExecutor>,
+    topic: String,
+) -> Result<Producer, pulsar::Error> {
+    pulsar
         .producer()
         .with_topic(topic)
         .with_options(pulsar::ProducerOptions {
