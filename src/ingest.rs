@@ -122,6 +122,11 @@ pub const FAILPOINT_STARVE: &str = "ingest::starve";
 /// the drain's rate); the check is one `GetLastMessageId` per partition, and only while quiet.
 const STARVED_AFTER: Duration = Duration::from_secs(1);
 
+/// How often the watchdog looks at the quiet time: a stall is noticed within this much of
+/// [`STARVED_AFTER`] (a check every `STARVED_AFTER` noticed it after up to twice that: a 2 s gap
+/// in a sampled drain).
+const STARVE_CHECK_EVERY: Duration = Duration::from_millis(250);
+
 /// Messages each partition's consumer asks the broker for ahead of time, at most.
 const RECEIVE_QUEUE: usize = 1_024;
 
@@ -313,7 +318,10 @@ async fn consume(
     let watch_starvation = input.subscription_type == crate::config::SubscriptionKind::Failover;
     let mut last_received: HashMap<String, (u64, u64)> = HashMap::new();
     let mut quiet_since = Instant::now();
-    let mut starve_check = tokio::time::interval(STARVED_AFTER);
+    let mut starve_check = tokio::time::interval(STARVE_CHECK_EVERY);
+    let mut looked_at = Instant::now()
+        .checked_sub(STARVED_AFTER)
+        .unwrap_or_else(Instant::now);
     starve_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let starve_after: Option<usize> = (|| {
         fail::fail_point!(FAILPOINT_STARVE, |arg: Option<String>| {
@@ -365,7 +373,12 @@ async fn consume(
                 release(name, status, consumer, &mut acks, done).await;
             }
             _ = starve_check.tick(), if watch_starvation && can_receive && in_flight == 0 => {
-                if quiet_since.elapsed() >= STARVED_AFTER && !receiver.last_received.is_empty() {
+                // While idle, one look per STARVED_AFTER.
+                if quiet_since.elapsed() >= STARVED_AFTER
+                    && looked_at.elapsed() >= STARVED_AFTER
+                    && !receiver.last_received.is_empty()
+                {
+                    looked_at = Instant::now();
                     let starved = starved_partitions(consumer, receiver.last_received).await;
                     if !starved.is_empty() {
                         counter!(INPUT_RESUBSCRIPTIONS, "input" => name.to_string()).increment(1);
