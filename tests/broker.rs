@@ -643,6 +643,8 @@ struct HeldAcks {
     max_held: usize,
     /// The consumer's receiver queue (its flow permits).
     queue: u32,
+    /// Partitions of the topic (0: not partitioned).
+    partitions: u32,
 }
 
 /// Publishes `count` messages as `how` says while one Failover consumer receives them, holding
@@ -653,6 +655,7 @@ struct HeldAcks {
 async fn held_ack_probe(count: usize, how: HeldAcks) -> (usize, Duration, Duration) {
     let broker = LocalBroker::start_with(support::BrokerOptions {
         data_dir: std::env::var_os("PROBE_BROKER_DIR").map(Into::into),
+        default_partitions: how.partitions,
         ..Default::default()
     })
     .expect("broker starts");
@@ -761,13 +764,15 @@ async fn held_ack_probe(count: usize, how: HeldAcks) -> (usize, Duration, Durati
 /// publish, flow or ack) from the same position, and the first copy's ack then refused as stale.
 /// A consumer that acks after a commit, as the daemon does, holds messages by design; its
 /// idempotency window drops the copies. The longest gap while the consumer had room stayed under
-/// 60 ms in every run: the multi-second dispatch stalls the daemon's watchdog handles
+/// 120 ms in every run, on a topic of two partitions too (`PROBE_PARTITIONS=2`, a 100 000
+/// backlog: 0–978 copies): the multi-second dispatch stalls the daemon's watchdog handles
 /// (`ingest::starved_partitions`) did not show here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a probe of the broker, a minute or two; run with --run-ignored all --no-capture"]
 async fn probe_redeliveries_by_ack_delay() {
     let count = std::env::var("PROBE_COUNT").map_or(40_000, |n| n.parse().expect("a count"));
     let rate = std::env::var("PROBE_RATE").map_or(8_000.0, |n| n.parse().expect("a rate"));
+    let partitions = std::env::var("PROBE_PARTITIONS").map_or(0, |n| n.parse().expect("a count"));
     let at_once = (Duration::ZERO, 1);
     let late = (Duration::from_millis(20), 4096);
     for (batch, (hold, max_held), queue) in [
@@ -783,6 +788,7 @@ async fn probe_redeliveries_by_ack_delay() {
             hold,
             max_held,
             queue,
+            partitions,
         };
         let (again, gap, took) = held_ack_probe(count, how).await;
         eprintln!(
