@@ -21,6 +21,7 @@ use crate::codec::{Codec, MessageMeta};
 use crate::config::{BrokerConfig, InputConfig};
 use crate::dispatch::{InOrder, KeyedQueue};
 use crate::partitions::Partitions;
+use crate::starvation;
 use crate::store::SledStore;
 use crate::telemetry::*;
 use aerostream_actors::{AggregateKey, ApplyError, DeliveryId, Incoming, Outcome, Registry};
@@ -112,20 +113,6 @@ enum Verdict {
 /// as by a broker that stops dispatching to a consumer that has permits: for the starvation
 /// watchdog to notice.
 pub const FAILPOINT_STARVE: &str = "ingest::starve";
-
-/// A Failover input that holds no message and has received none for this long asks the broker
-/// for each partition's last message id; a partition with messages beyond the last one received
-/// is starved, and the input subscribes again (see [`starved_partitions`]).
-///
-/// One second: a stall costs the whole quiet time (sampled through slow 100 000-event drains, the
-/// input held nothing and received nothing for 8 s before a 5 s threshold noticed, which halved
-/// the drain's rate); the check is one `GetLastMessageId` per partition, and only while quiet.
-const STARVED_AFTER: Duration = Duration::from_secs(1);
-
-/// How often the watchdog looks at the quiet time: a stall is noticed within this much of
-/// [`STARVED_AFTER`] (a check every `STARVED_AFTER` noticed it after up to twice that: a 2 s gap
-/// in a sampled drain).
-const STARVE_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// Messages each partition's consumer asks the broker for ahead of time, at most.
 const RECEIVE_QUEUE: usize = 1_024;
@@ -318,11 +305,9 @@ async fn consume(
     let watch_starvation = input.subscription_type == crate::config::SubscriptionKind::Failover;
     let mut last_received: HashMap<String, (u64, u64)> = HashMap::new();
     let mut quiet_since = Instant::now();
-    let mut starve_check = tokio::time::interval(STARVE_CHECK_EVERY);
-    let mut looked_at = Instant::now()
-        .checked_sub(STARVED_AFTER)
-        .unwrap_or_else(Instant::now);
+    let mut starve_check = tokio::time::interval(starvation::TICK);
     starve_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watchdog = starvation::Watchdog::new();
     let starve_after: Option<usize> = (|| {
         fail::fail_point!(FAILPOINT_STARVE, |arg: Option<String>| {
             let arg = arg.unwrap_or_default();
@@ -373,19 +358,15 @@ async fn consume(
                 release(name, status, consumer, &mut acks, done).await;
             }
             _ = starve_check.tick(), if watch_starvation && can_receive && in_flight == 0 => {
-                // While idle, one look per STARVED_AFTER.
-                if quiet_since.elapsed() >= STARVED_AFTER
-                    && looked_at.elapsed() >= STARVED_AFTER
-                    && !receiver.last_received.is_empty()
-                {
-                    looked_at = Instant::now();
+                let look = watchdog.look(Instant::now(), quiet_since);
+                if look != starvation::Look::Wait && !receiver.last_received.is_empty() {
                     let starved = starved_partitions(consumer, receiver.last_received).await;
-                    if !starved.is_empty() {
+                    if watchdog.answer(look, Instant::now(), !starved.is_empty()) {
                         counter!(INPUT_RESUBSCRIPTIONS, "input" => name.to_string()).increment(1);
                         tracing::warn!(
                             input = %name,
                             partitions = ?starved,
-                            quiet_seconds = quiet_since.elapsed().as_secs(),
+                            quiet_ms = quiet_since.elapsed().as_millis() as u64,
                             "The broker holds messages beyond the last one received and sends none; subscribing again."
                         );
                         return false;

@@ -40,6 +40,7 @@ pub mod logging;
 pub mod outbox;
 pub mod partitions;
 pub mod produce;
+pub mod starvation;
 pub mod status;
 pub mod store;
 pub mod tables;
