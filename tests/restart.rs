@@ -79,11 +79,16 @@ fn every_restart_after_withdrawals_settles_and_applies_again() {
             std::thread::sleep(Duration::from_millis(rng.gen_range(0..2_500)));
         } else {
             // A restarted daemon must apply again: a stall here is the failure this test is for.
+            // Once the whole stream is published, what is left may be fewer events than that:
+            // the final state check below then decides whether this daemon applies the rest.
             let at = applied(&daemon) + rng.gen_range(20.0..300.0);
             wait_for("the restarted daemon to apply", Duration::from_secs(60), || {
-                (applied(&daemon) >= at).then_some(())
+                (applied(&daemon) >= at || publisher.is_finished()).then_some(())
             })
             .unwrap_or_else(|e| panic!("life {kill}: {e}\n{}", daemon.log_tail()));
+            if publisher.is_finished() {
+                break;
+            }
             for _ in 0..2 {
                 let id = format!("camp-{:05}", rng.gen_range(0..20));
                 let _ = daemon.post(
