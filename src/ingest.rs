@@ -30,7 +30,7 @@ use futures::{FutureExt as _, StreamExt};
 use metrics::{counter, histogram};
 use pulsar::consumer::Message;
 use pulsar::ConsumerOptions;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -292,6 +292,8 @@ async fn consume(
     let mut running: FuturesUnordered<Work> = FuturesUnordered::new();
     let mut order: KeyedQueue<AggregateKey, Ready> = KeyedQueue::default();
     let mut acks: InOrder<(Message<Vec<u8>>, Verdict)> = InOrder::default();
+    // Where the messages held sit: a broker's copy of one of them is dropped on arrival.
+    let mut holding: HashSet<MessagePosition> = HashSet::new();
     // Nothing is received while the store cannot write.
     let mut store_problem = pipeline.store.writability();
     let mut recent = Recent::new(pipeline.takeover_gap);
@@ -351,11 +353,11 @@ async fn consume(
                             done
                         }));
                     }
-                    None => release(name, status, consumer, &mut acks, done).await,
+                    None => release(name, status, consumer, &mut acks, &mut holding, done).await,
                 }
             }
             Some(done) = publishing.next(), if !publishing.is_empty() => {
-                release(name, status, consumer, &mut acks, done).await;
+                release(name, status, consumer, &mut acks, &mut holding, done).await;
             }
             _ = starve_check.tick(), if watch_starvation && can_receive && in_flight == 0 => {
                 let look = watchdog.look(Instant::now(), quiet_since);
@@ -383,6 +385,16 @@ async fn consume(
                             arrived += 1;
                             arrived > after
                         }) => {}
+                        Some(Ok(message)) if !holding.insert(position(&message)) => {
+                            // A copy of a message held: its ack, after the original's commit,
+                            // acks this delivery too (one message id).
+                            quiet_since = Instant::now();
+                            counter!(EVENTS_CONSUMED, "input" => name.to_string()).increment(1);
+                            let event_type = property(&message, "ce_type")
+                                .unwrap_or_else(|| UNDECODED_EVENT_TYPE.to_owned());
+                            counter!(EVENTS_REDELIVERED, "input" => name.to_string(), "event_type" => event_type)
+                                .increment(1);
+                        }
                         Some(Ok(message)) => {
                             quiet_since = Instant::now();
                             let seq = acks.receive();
@@ -589,17 +601,21 @@ fn delivery(message: &Message<Vec<u8>>) -> DeliveryId {
     )
 }
 
-/// Acks what `done` completes, in receive order.
+/// Acks what `done` completes, in receive order. A message stops being held before its ack is
+/// sent: a copy the broker sends after that ack is taken as a new delivery (the idempotency
+/// window drops it), never dropped unacked.
 async fn release(
     name: &str,
     status: &InputStatus,
     consumer: &mut Partitions,
     acks: &mut InOrder<(Message<Vec<u8>>, Verdict)>,
+    holding: &mut HashSet<MessagePosition>,
     done: Done,
 ) {
     for (seq, message, verdict) in done.messages {
         for (message, verdict) in acks.finish(seq, (message, verdict)) {
             status.progressed();
+            holding.remove(&position(&message));
             finish(name, consumer, message, verdict).await;
         }
     }
