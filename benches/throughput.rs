@@ -300,24 +300,20 @@ impl Bench<'_> {
     /// (d): publish → applied at `rate` events/s, event time = publish time.
     fn latency(&self, table: &mut Table, rate: f64, entries: Entries) -> anyhow::Result<()> {
         let rate = rate.max(1.0);
-        let events = (rate * self.args.latency_seconds as f64) as usize;
-        let (tag, how) = match entries {
-            Entries::Batched => ("latency", "producer batching"),
-            Entries::PerMessage => ("latency-unbatched", "one broker entry per message"),
+        let (tag, how, label) = match entries {
+            Entries::Batched => ("latency", "producer batching", "(d)"),
+            Entries::PerMessage => (
+                "latency-unbatched",
+                "one broker entry per message",
+                "(d′) one broker entry per message:",
+            ),
         };
         eprintln!(
             "== latency at {rate:.0} events/s for {} s, {how}",
             self.args.latency_seconds
         );
         let phase = Phase::new(self.work, self.broker, tag, "")?;
-        let plan = generator::plan(&generator::Options {
-            seed: 2,
-            events,
-            duplicate_fraction: 0.0,
-            ..generator::Options::for_daemon(&phase.config)
-        });
-        let count = |input| plan.stream.iter().filter(|e| e.input == input).count();
-        let expected = INPUTS.map(|(_, input)| count(input));
+        let (plan, expected) = self.latency_plan(&phase, rate);
         let daemon = Daemon::start(&phase)?;
         daemon.wait_healthy()?;
         let stamps = Stamps::default();
@@ -340,10 +336,6 @@ impl Bench<'_> {
             "aerostream_processing_duration_seconds",
             &[0.5, 0.99, 0.999],
         );
-        let label = match entries {
-            Entries::Batched => "(d)",
-            Entries::PerMessage => "(d′) one broker entry per message:",
-        };
         table.row(
             &format!(
                 "{label} publish→applied at {rate:.0} events/s (half of b), {} events over {:.0} s, \
@@ -390,6 +382,20 @@ impl Bench<'_> {
         Ok(())
     }
 
+    /// The latency runs' stream (the same in each): `--latency-seconds` at `rate`, no duplicates;
+    /// and how many of its events go to each input.
+    fn latency_plan(&self, phase: &Phase, rate: f64) -> (generator::Plan, [usize; 2]) {
+        let plan = generator::plan(&generator::Options {
+            seed: 2,
+            events: (rate * self.args.latency_seconds as f64) as usize,
+            duplicate_fraction: 0.0,
+            ..generator::Options::for_daemon(&phase.config)
+        });
+        let count = |input| plan.stream.iter().filter(|e| e.input == input).count();
+        let expected = INPUTS.map(|(_, input)| count(input));
+        (plan, expected)
+    }
+
     /// Publishes `stream` at `rate` (stamping each event) while a raw consumer per input, on its own
     /// subscription, receives and acks it: what the broker, the relay and the client take.
     fn publish_and_receive(
@@ -429,14 +435,7 @@ impl Bench<'_> {
         let rate = rate.max(1.0);
         eprintln!("== latency floor at {rate:.0} events/s, no daemon");
         let phase = Phase::new(self.work, self.broker, "latency-floor", "")?;
-        let plan = generator::plan(&generator::Options {
-            seed: 2,
-            events: (rate * self.args.latency_seconds as f64) as usize,
-            duplicate_fraction: 0.0,
-            ..generator::Options::for_daemon(&phase.config)
-        });
-        let count = |input| plan.stream.iter().filter(|e| e.input == input).count();
-        let expected = INPUTS.map(|(_, input)| count(input));
+        let (plan, expected) = self.latency_plan(&phase, rate);
         let stamps = Stamps::default();
         let (transit, published) =
             self.publish_and_receive(&phase, plan.stream, expected, rate, Entries::Batched, &stamps)?;

@@ -309,7 +309,7 @@ async fn consume(
     let mut quiet_since = Instant::now();
     let mut starve_check = tokio::time::interval(starvation::TICK);
     starve_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut watchdog = starvation::Watchdog::new();
+    let mut watchdog = starvation::Watchdog::default();
     let starve_after: Option<usize> = (|| {
         fail::fail_point!(FAILPOINT_STARVE, |arg: Option<String>| {
             let arg = arg.unwrap_or_default();
@@ -385,6 +385,7 @@ async fn consume(
                             arrived += 1;
                             arrived > after
                         }) => {}
+                        // The guard records every other message as held.
                         Some(Ok(message)) if !holding.insert(position(&message)) => {
                             // A copy of a message held: its ack, after the original's commit,
                             // acks this delivery too (one message id).

@@ -38,26 +38,13 @@ pub enum Look {
     Confirm,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Watchdog {
     looked_at: Option<Instant>,
     suspected_at: Option<Instant>,
 }
 
-impl Default for Watchdog {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Watchdog {
-    pub fn new() -> Watchdog {
-        Watchdog {
-            looked_at: None,
-            suspected_at: None,
-        }
-    }
-
     /// Whether to look at `now`, for an input that holds nothing and last received at
     /// `quiet_since`.
     pub fn look(&mut self, now: Instant, quiet_since: Instant) -> Look {
@@ -114,7 +101,7 @@ mod tests {
     #[test]
     fn a_starved_input_subscribes_again_after_two_looks() {
         let start = Instant::now();
-        let mut dog = Watchdog::new();
+        let mut dog = Watchdog::default();
         assert_eq!(dog.look(start + ms(100), start), Look::Wait);
         let first = start + QUIET;
         assert_eq!(dog.look(first, start), Look::First);
@@ -128,7 +115,7 @@ mod tests {
     #[test]
     fn a_message_after_the_first_look_clears_the_suspicion() {
         let start = Instant::now();
-        let mut dog = Watchdog::new();
+        let mut dog = Watchdog::default();
         let first = start + QUIET;
         assert_eq!(dog.look(first, start), Look::First);
         assert!(!dog.answer(Look::First, first, true));
@@ -142,7 +129,7 @@ mod tests {
     #[test]
     fn a_broker_that_answers_not_starved_is_asked_once_a_second_while_idle() {
         let start = Instant::now();
-        let mut dog = Watchdog::new();
+        let mut dog = Watchdog::default();
         let first = start + QUIET;
         assert_eq!(dog.look(first, start), Look::First);
         assert!(!dog.answer(Look::First, first, false));
@@ -154,7 +141,7 @@ mod tests {
     #[test]
     fn a_confirmation_that_finds_the_input_fed_does_not_resubscribe() {
         let start = Instant::now();
-        let mut dog = Watchdog::new();
+        let mut dog = Watchdog::default();
         let first = start + QUIET;
         dog.look(first, start);
         dog.answer(Look::First, first, true);
