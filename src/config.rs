@@ -150,6 +150,8 @@ pub struct DaemonConfig {
     pub data_dir: PathBuf,
     /// sled's page cache, in MiB.
     pub cache_mib: u64,
+    /// No store write starts while the data directory's file system has less available (MiB).
+    pub min_free_mib: u64,
     /// Grace period on SIGTERM/SIGINT.
     pub shutdown_timeout_seconds: u64,
     /// An input that holds messages and finishes none for this long makes /health answer 503.

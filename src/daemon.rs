@@ -43,7 +43,8 @@ pub async fn run(
         config.daemon.cache_mib.saturating_mul(1 << 20),
         clock.clone(),
     )
-    .context("opening the state store")?;
+    .context("opening the state store")?
+    .with_min_free(config.daemon.min_free_mib.saturating_mul(1 << 20));
     if config.changelog.enabled {
         store = store.with_changelog(instance.clone());
         let withdrawn = store
