@@ -15,6 +15,7 @@
 //! the store cannot write, nothing is received, held messages wait without counting against
 //! them, and consumption resumes by itself once the store writes again.
 
+use crate::acking::{self, Runs};
 use crate::backoff::Backoff;
 use crate::broker::{self, BrokerError, Client, DeadLetter, Producer};
 use crate::codec::{Codec, MessageMeta};
@@ -292,6 +293,7 @@ async fn consume(
     let mut running: FuturesUnordered<Work> = FuturesUnordered::new();
     let mut order: KeyedQueue<AggregateKey, Ready> = KeyedQueue::default();
     let mut acks: InOrder<(Message<Vec<u8>>, Verdict)> = InOrder::default();
+    let mut acker = Acker::new(input.subscription_type);
     // Where the messages held sit: a broker's copy of one of them is dropped on arrival.
     let mut holding: HashSet<MessagePosition> = HashSet::new();
     // Nothing is received while the store cannot write.
@@ -353,11 +355,11 @@ async fn consume(
                             done
                         }));
                     }
-                    None => release(name, status, consumer, &mut acks, &mut holding, done).await,
+                    None => release(name, status, consumer, &mut acks, &mut holding, &mut acker, done).await,
                 }
             }
             Some(done) = publishing.next(), if !publishing.is_empty() => {
-                release(name, status, consumer, &mut acks, &mut holding, done).await;
+                release(name, status, consumer, &mut acks, &mut holding, &mut acker, done).await;
             }
             _ = starve_check.tick(), if watch_starvation && can_receive && in_flight == 0 => {
                 let look = watchdog.look(Instant::now(), quiet_since);
@@ -611,14 +613,93 @@ async fn release(
     consumer: &mut Partitions,
     acks: &mut InOrder<(Message<Vec<u8>>, Verdict)>,
     holding: &mut HashSet<MessagePosition>,
+    acker: &mut Acker,
     done: Done,
 ) {
     for (seq, message, verdict) in done.messages {
         for (message, verdict) in acks.finish(seq, (message, verdict)) {
             status.progressed();
             holding.remove(&position(&message));
-            finish(name, consumer, message, verdict).await;
+            acker.finished(name, consumer, message, verdict).await;
         }
+    }
+    acker.send_pending(name, consumer).await;
+}
+
+/// Sends an input's acks, in receive order: each message's own, or on a Failover subscription one
+/// cumulative ack per partition for a run of consecutive messages ([`acking`] decides which).
+struct Acker {
+    /// `None`: every message is acked on its own (Shared and Key_Shared allow nothing else).
+    runs: Option<Runs>,
+    /// Per partition, the last message of its run so far: its cumulative ack covers the run.
+    pending: Vec<Message<Vec<u8>>>,
+}
+
+impl Acker {
+    fn new(kind: crate::config::SubscriptionKind) -> Acker {
+        Acker {
+            runs: (kind == crate::config::SubscriptionKind::Failover).then(Runs::default),
+            pending: Vec::new(),
+        }
+    }
+
+    async fn finished(
+        &mut self,
+        name: &str,
+        consumer: &mut Partitions,
+        message: Message<Vec<u8>>,
+        verdict: Verdict,
+    ) {
+        let Some(runs) = &mut self.runs else {
+            return finish(name, consumer, message, verdict).await;
+        };
+        let id = message.message_id();
+        let at = acking::Position {
+            ledger: id.ledger_id,
+            entry: id.entry_id,
+            batch_index: id.batch_index,
+        };
+        let after_pending = match runs.finished(&message.topic, at, matches!(verdict, Verdict::Ack)) {
+            acking::Ack::Cover => {
+                match self
+                    .pending
+                    .iter_mut()
+                    .find(|pending| pending.topic == message.topic)
+                {
+                    Some(pending) => *pending = message,
+                    None => self.pending.push(message),
+                }
+                return;
+            }
+            acking::Ack::Own { after_pending } | acking::Ack::Leave { after_pending } => after_pending,
+        };
+        if after_pending {
+            if let Some(at) = self
+                .pending
+                .iter()
+                .position(|pending| pending.topic == message.topic)
+            {
+                let pending = self.pending.swap_remove(at);
+                cumulative_ack(name, consumer, &pending).await;
+            }
+        }
+        finish(name, consumer, message, verdict).await;
+    }
+
+    /// Sends the pending cumulative acks (at the end of each release).
+    async fn send_pending(&mut self, name: &str, consumer: &mut Partitions) {
+        for pending in self.pending.drain(..) {
+            if let Some(runs) = &mut self.runs {
+                runs.sent(&pending.topic);
+            }
+            cumulative_ack(name, consumer, &pending).await;
+        }
+    }
+}
+
+async fn cumulative_ack(name: &str, consumer: &mut Partitions, message: &Message<Vec<u8>>) {
+    if let Err(error) = consumer.cumulative_ack(message).await {
+        crate::limited!(repeated::ACK_FAILED, warn, input = %name, error = %error, "Ack failed; the message will be redelivered.");
     }
 }
 

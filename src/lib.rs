@@ -23,6 +23,7 @@
 //! - [`generator`], [`produce`]: reproducible demo/test traffic and its expected state.
 //! - [`daemon`]: wiring and orderly shutdown.
 
+pub mod acking;
 pub mod backoff;
 pub mod broker;
 pub mod changelog;
