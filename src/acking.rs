@@ -6,7 +6,9 @@
 //! message finished in a subscription (the first the broker sent it: everything before it is
 //! acked) and goes on while each finished message is the entry right after the previous one, or
 //! the first entry of a later ledger (the broker rolls a topic's ledger over: pulsar-lite every
-//! 50 000 entries); the last of them is the one to ack cumulatively. A run ends for good, and
+//! 50 000 entries; entries skipped at the end of a ledger cannot be told from a roll-over, and
+//! the broker skips none for an active Failover consumer); the last of them is the one to ack
+//! cumulatively. A run ends for good, and
 //! every later ack of that partition is a message's own, at
 //! - a message left unacked (shutting down): a later cumulative ack would ack it;
 //! - a gap (an entry skipped: the broker should never skip one for an active Failover consumer,

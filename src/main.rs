@@ -467,6 +467,7 @@ fn status_command(args: StatusArgs) -> anyhow::Result<()> {
     };
     let client = reqwest::blocking::Client::builder()
         .timeout(status::REQUEST_TIMEOUT)
+        .pool_idle_timeout(status::IDLE_CONNECTION)
         .build()?;
     let Some(every) = args.watch else {
         let before = status::sample(&client, &url)?;

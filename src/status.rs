@@ -18,6 +18,12 @@ use crate::telemetry::{
 /// How long one request to the daemon may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a client keeps an idle connection to the daemon for the next request: less than the
+/// daemon's keep-alive (actix-web's 5 s), or a request may go out on a connection the daemon is
+/// closing and fail with "connection closed before message completed" (a test that read
+/// /health 5.4 s after its last request did).
+pub const IDLE_CONNECTION: Duration = Duration::from_secs(2);
+
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     #[error("{url}: {source}")]

@@ -97,6 +97,7 @@ impl Daemon {
             log,
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(10))
+                .pool_idle_timeout(aerostream::status::IDLE_CONNECTION)
                 .build()?,
         };
         wait_for("the HTTP listener", Duration::from_secs(30), || {
