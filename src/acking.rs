@@ -33,19 +33,20 @@ pub struct Position {
 /// What to do with a finished message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ack {
-    /// It is now its partition's cumulative ack to send, covering the one before (not sent).
+    /// Its partition's cumulative ack now stands at it (covering the one that stood before).
     Cover,
-    /// Its own ack; `after_pending`: send the partition's pending cumulative ack first.
-    Own { after_pending: bool },
-    /// Left unacked; `after_pending`: send the partition's pending cumulative ack first.
-    Leave { after_pending: bool },
+    /// Behind the run (a copy of a message finished already): its own ack; the run and the ack
+    /// that stands for it go on.
+    Alone,
+    /// Outside any run (the partition's run is over): the cumulative ack standing for the run, if
+    /// one does, is sent first, then the message's own ack, or none if it is left unacked.
+    Apart,
 }
 
 #[derive(Debug, Default)]
 struct Run {
     /// The entry that continues the run; `None` before the first message.
     next: Option<(u64, u64)>,
-    pending: bool,
     ended: bool,
 }
 
@@ -63,35 +64,21 @@ impl Runs {
             Some(run) => run,
             None => self.partitions.entry(partition.to_owned()).or_default(),
         };
-        let after_pending = std::mem::take(&mut run.pending);
         let here = (at.ledger, at.entry);
         let follows =
             |(ledger, entry): (u64, u64)| here == (ledger, entry) || (at.ledger > ledger && at.entry == 0);
         let continues = !run.ended && at.batch_index.is_none() && run.next.map_or(true, follows);
         if acked && continues {
             run.next = Some((at.ledger, at.entry + 1));
-            run.pending = true;
             return Ack::Cover;
         }
         let behind = !run.ended && at.batch_index.is_none() && run.next.is_some_and(|next| here < next);
         if acked && behind {
             // A copy of a message the run holds or has acked: the run goes on.
-            run.pending = after_pending;
-            return Ack::Own { after_pending: false };
+            return Ack::Alone;
         }
         run.ended = true;
-        if acked {
-            Ack::Own { after_pending }
-        } else {
-            Ack::Leave { after_pending }
-        }
-    }
-
-    /// The partition's cumulative ack is sent (at the end of a release).
-    pub fn sent(&mut self, partition: &str) {
-        if let Some(run) = self.partitions.get_mut(partition) {
-            run.pending = false;
-        }
+        Ack::Apart
     }
 }
 
@@ -113,7 +100,6 @@ mod tests {
         assert_eq!(runs.finished("p0", at(10), true), Ack::Cover);
         assert_eq!(runs.finished("p0", at(11), true), Ack::Cover);
         assert_eq!(runs.finished("p1", at(3), true), Ack::Cover);
-        runs.sent("p0");
         assert_eq!(runs.finished("p0", at(12), true), Ack::Cover);
     }
 
@@ -121,29 +107,17 @@ mod tests {
     fn a_gap_ends_the_run_for_good() {
         let mut runs = Runs::default();
         assert_eq!(runs.finished("p0", at(1), true), Ack::Cover);
-        assert_eq!(runs.finished("p0", at(3), true), Ack::Own { after_pending: true });
-        assert_eq!(
-            runs.finished("p0", at(4), true),
-            Ack::Own { after_pending: false }
-        );
+        assert_eq!(runs.finished("p0", at(3), true), Ack::Apart);
+        assert_eq!(runs.finished("p0", at(4), true), Ack::Apart);
     }
 
     #[test]
     fn a_message_left_unacked_ends_the_run_and_is_never_covered() {
         let mut runs = Runs::default();
         assert_eq!(runs.finished("p0", at(1), true), Ack::Cover);
-        assert_eq!(
-            runs.finished("p0", at(2), false),
-            Ack::Leave { after_pending: true }
-        );
-        assert_eq!(
-            runs.finished("p0", at(3), true),
-            Ack::Own { after_pending: false }
-        );
-        assert_eq!(
-            runs.finished("p0", at(4), false),
-            Ack::Leave { after_pending: false }
-        );
+        assert_eq!(runs.finished("p0", at(2), false), Ack::Apart);
+        assert_eq!(runs.finished("p0", at(3), true), Ack::Apart);
+        assert_eq!(runs.finished("p0", at(4), false), Ack::Apart);
     }
 
     #[test]
@@ -151,10 +125,7 @@ mod tests {
         let mut runs = Runs::default();
         assert_eq!(runs.finished("p0", at(5), true), Ack::Cover);
         assert_eq!(runs.finished("p0", at(6), true), Ack::Cover);
-        assert_eq!(
-            runs.finished("p0", at(5), true),
-            Ack::Own { after_pending: false }
-        );
+        assert_eq!(runs.finished("p0", at(5), true), Ack::Alone);
         assert_eq!(runs.finished("p0", at(7), true), Ack::Cover);
     }
 
@@ -166,14 +137,8 @@ mod tests {
             batch_index: Some(0),
             ..at(2)
         };
-        assert_eq!(
-            runs.finished("p0", batched, true),
-            Ack::Own { after_pending: true }
-        );
-        assert_eq!(
-            runs.finished("p0", at(3), true),
-            Ack::Own { after_pending: false }
-        );
+        assert_eq!(runs.finished("p0", batched, true), Ack::Apart);
+        assert_eq!(runs.finished("p0", at(3), true), Ack::Apart);
     }
 
     #[test]
@@ -190,18 +155,12 @@ mod tests {
             runs.finished("p0", Position { entry: 1, ..rolled }, true),
             Ack::Cover
         );
-        assert_eq!(
-            runs.finished("p0", at(12), true),
-            Ack::Own { after_pending: false }
-        );
+        assert_eq!(runs.finished("p0", at(12), true), Ack::Alone);
         let skipped = Position {
             ledger: 10,
             entry: 3,
             batch_index: None,
         };
-        assert_eq!(
-            runs.finished("p0", skipped, true),
-            Ack::Own { after_pending: true }
-        );
+        assert_eq!(runs.finished("p0", skipped, true), Ack::Apart);
     }
 }

@@ -659,7 +659,7 @@ impl Acker {
             entry: id.entry_id,
             batch_index: id.batch_index,
         };
-        let after_pending = match runs.finished(&message.topic, at, matches!(verdict, Verdict::Ack)) {
+        match runs.finished(&message.topic, at, matches!(verdict, Verdict::Ack)) {
             acking::Ack::Cover => {
                 match self
                     .pending
@@ -671,16 +671,16 @@ impl Acker {
                 }
                 return;
             }
-            acking::Ack::Own { after_pending } | acking::Ack::Leave { after_pending } => after_pending,
-        };
-        if after_pending {
-            if let Some(at) = self
-                .pending
-                .iter()
-                .position(|pending| pending.topic == message.topic)
-            {
-                let pending = self.pending.swap_remove(at);
-                cumulative_ack(name, consumer, &pending).await;
+            acking::Ack::Alone => {}
+            acking::Ack::Apart => {
+                if let Some(at) = self
+                    .pending
+                    .iter()
+                    .position(|pending| pending.topic == message.topic)
+                {
+                    let pending = self.pending.swap_remove(at);
+                    cumulative_ack(name, consumer, &pending).await;
+                }
             }
         }
         finish(name, consumer, message, verdict).await;
@@ -689,9 +689,6 @@ impl Acker {
     /// Sends the pending cumulative acks (at the end of each release).
     async fn send_pending(&mut self, name: &str, consumer: &mut Partitions) {
         for pending in self.pending.drain(..) {
-            if let Some(runs) = &mut self.runs {
-                runs.sent(&pending.topic);
-            }
             cumulative_ack(name, consumer, &pending).await;
         }
     }
