@@ -1,6 +1,7 @@
 //! Idempotency window benchmark (SPEC §12) on the daemon's own write path: events applied per
-//! second, lookups per second with latency percentiles, and disk bytes per live key, for N live
-//! keys.
+//! second, lookups per second with latency percentiles (hits and misses apart), disk bytes per
+//! live key, the memory of the window's filters and the time a start takes to open the store, for
+//! N live keys.
 //!
 //! ```text
 //! cargo bench --bench idempotency -- [KEYS]        (default 1 000 000)
@@ -40,6 +41,19 @@ fn key(campaign: u64, n: u64) -> String {
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p) as usize]
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).expect("data directory readable") {
+        let entry = entry.expect("data directory readable");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            std::fs::create_dir_all(&target).expect("directory created");
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("file copied");
+        }
+    }
 }
 
 fn main() {
@@ -133,7 +147,7 @@ fn main() {
     // Lookups: hits spread over the keys written, plus misses.
     let lookups = 200_000u64;
     let rounds = applied / (CONCURRENT * BATCH);
-    let mut latencies = Vec::with_capacity(lookups as usize);
+    let (mut hits, mut misses) = (Vec::with_capacity(lookups as usize), Vec::new());
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let started = Instant::now();
     for n in 0..lookups {
@@ -141,22 +155,45 @@ fn main() {
         rng ^= rng >> 7;
         rng ^= rng << 17;
         let (round, i, offset) = (rng % rounds, (rng >> 20) % CONCURRENT, (rng >> 40) % BATCH);
-        let probe = match n % 10 {
-            0 => format!("missing-{n}"),
-            _ => key((round * CONCURRENT + i) % CAMPAIGNS, round * BATCH + offset),
+        let missing = n % 10 == 0;
+        let probe = if missing {
+            format!("missing-{n}")
+        } else {
+            key((round * CONCURRENT + i) % CAMPAIGNS, round * BATCH + offset)
         };
         let t = Instant::now();
         let found = aerostream_actors::ports::StateStore::seen(&*store, &probe).expect("lookup");
-        latencies.push(t.elapsed());
-        assert_eq!(found.is_some(), n % 10 != 0, "{probe}");
+        let took = t.elapsed();
+        assert_eq!(found.is_some(), !missing, "{probe}");
+        if missing { &mut misses } else { &mut hits }.push(took);
     }
     let lookup_elapsed = started.elapsed();
-    latencies.sort_unstable();
+    hits.sort_unstable();
+    misses.sort_unstable();
 
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(store.flush()).expect("flush");
     let disk = store.disk_bytes().expect("data directory readable");
     let live = store.window_len() as f64;
+    let filters = store.window_filter_bytes();
+
+    // A start: a copy of the flushed store opened as the daemon opens it, and the time until the
+    // window's filters are filled from every key it holds (lookups read the disk until then).
+    let copy = tempfile::tempdir().expect("temporary directory");
+    copy_dir(dir.path(), copy.path());
+    let started = Instant::now();
+    let reopened = daemon_store(copy.path(), &config, clock.clone());
+    let open_elapsed = started.elapsed();
+    while !reopened.window_filters_filled() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let filled_elapsed = started.elapsed();
+    assert!(
+        aerostream_actors::ports::StateStore::seen(&*reopened, &key(0, 0))
+            .expect("lookup")
+            .is_some(),
+        "the reopened store sees the first key"
+    );
 
     println!("| idempotency window on the daemon's path, {applied} keys | value |");
     println!("| --- | --- |");
@@ -168,11 +205,23 @@ fn main() {
         "| lookups/s (90 % hits, 10 % misses) | {:.0} |",
         lookups as f64 / lookup_elapsed.as_secs_f64()
     );
+    for (what, latencies) in [("hit", &hits), ("miss", &misses)] {
+        println!(
+            "| lookup p50 / p99 / p999, {what} | {:.1} µs / {:.1} µs / {:.1} µs |",
+            percentile(latencies, 0.50).as_secs_f64() * 1e6,
+            percentile(latencies, 0.99).as_secs_f64() * 1e6,
+            percentile(latencies, 0.999).as_secs_f64() * 1e6
+        );
+    }
     println!(
-        "| lookup p50 / p99 / p999 | {:.1} µs / {:.1} µs / {:.1} µs |",
-        percentile(&latencies, 0.50).as_secs_f64() * 1e6,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e6,
-        percentile(&latencies, 0.999).as_secs_f64() * 1e6
+        "| window filters in memory | {:.1} MiB ({:.2} bytes per key) |",
+        filters as f64 / (1024.0 * 1024.0),
+        filters as f64 / live
+    );
+    println!(
+        "| start: store open / window filters filled from every key (a thread of their own) | {:.2} s / {:.2} s |",
+        open_elapsed.as_secs_f64(),
+        filled_elapsed.as_secs_f64()
     );
     println!(
         "| data directory (blocks allocated) | {:.1} MiB |",

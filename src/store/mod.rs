@@ -22,6 +22,7 @@
 //!   (8 bytes BE), and `t` ‖ ms (8 bytes BE) ‖ message id → (), the index that eviction walks
 
 mod committer;
+mod filter;
 mod flusher;
 mod window;
 
@@ -571,6 +572,17 @@ impl SledStore {
         self.window.len() as usize
     }
 
+    /// Memory held by the window's key filters.
+    pub fn window_filter_bytes(&self) -> usize {
+        self.window.filter_bytes()
+    }
+
+    /// Whether the window's filters are filled from what the store held at open (until then,
+    /// every lookup reads the disk).
+    pub fn window_filters_filled(&self) -> bool {
+        self.window.filled()
+    }
+
     /// Disk space the data directory takes: the blocks allocated to its files (what `du` shows;
     /// sled's files are sparse, so their lengths say more than the disk holds).
     pub fn disk_bytes(&self) -> std::io::Result<u64> {
@@ -1036,14 +1048,14 @@ impl SledStore {
             staged.iter().flat_map(|s| s.keys.iter().map(|(key, _)| key)),
         )?;
         let mut trees = self.trees().to_vec();
-        trees.extend(live.recent.iter().map(|(_, tree)| tree));
+        trees.extend(live.recent.iter().map(|bucket| &bucket.tree));
         // Per commit: its result, and how many keys it recorded.
         let result = trees.as_slice().transaction(|views| {
             let (fixed, recent) = views.split_at(TREES);
             let [report, state, out, ledgers, pending_charges, journal, snapshots, versions] = fixed else {
                 unreachable!("the store's trees, then the window's")
             };
-            let seen = window_view(recent, &older);
+            let seen = window_view(&live.recent, recent, &older);
             let mut results = Vec::with_capacity(staged.len());
             // The batch's read-model changes, added up: each group is read and written once.
             let mut read_model: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
@@ -1070,6 +1082,7 @@ impl SledStore {
                 state.insert(staged.state_key.as_slice(), commit.state)?;
                 versions.insert(staged.state_key.as_slice(), &commit.version.to_be_bytes())?;
                 for (key, value) in &staged.keys {
+                    live.recent[target].keys.add(key);
                     recent[target].insert(key.as_slice(), value.as_slice())?;
                 }
                 for (seq, value) in &staged.outbox {
@@ -1156,7 +1169,7 @@ fn migrate_window(
         return Ok(());
     }
     let legacy = db.open_tree("seen").map_err(store_error)?;
-    let mut batches: BTreeMap<i64, sled::Batch> = BTreeMap::new();
+    let mut batches: BTreeMap<i64, (sled::Batch, Vec<window::Digest16>)> = BTreeMap::new();
     let mut moved = 0;
     for entry in legacy.iter() {
         let (key, value) = entry.map_err(store_error)?;
@@ -1165,14 +1178,19 @@ fn migrate_window(
             continue;
         }
         let digest = window::digest(&String::from_utf8_lossy(&key));
-        batches
+        let (batch, digests) = batches
             .entry(window.bucket_for(first_seen, first_seen))
-            .or_default()
-            .insert(digest.as_slice(), value);
+            .or_default();
+        batch.insert(digest.as_slice(), value);
+        digests.push(digest);
         moved += 1;
     }
-    for (bucket, batch) in batches {
-        window.tree(bucket)?.apply_batch(batch).map_err(store_error)?;
+    for (bucket, (batch, digests)) in batches {
+        let bucket = window.tree(bucket)?;
+        for digest in &digests {
+            bucket.keys.add(digest);
+        }
+        bucket.tree.apply_batch(batch).map_err(store_error)?;
     }
     window.counted(moved);
     tracing::info!(
@@ -1193,13 +1211,13 @@ const TREES: usize = 8;
 /// those buckets any more, and a transaction must not read a tree outside itself (sled's
 /// transaction holds the lock that a plain read takes: the thread would wait on itself).
 fn older_entries<'a>(
-    older: &[sled::Tree],
+    older: &[window::Bucket],
     keys: impl Iterator<Item = &'a window::Digest16>,
 ) -> Result<HashMap<window::Digest16, sled::IVec>, StoreError> {
     let mut found = HashMap::new();
     for key in keys {
-        for tree in older {
-            if let Some(value) = tree.get(key).map_err(store_error)? {
+        for bucket in older {
+            if let Some(value) = bucket.get(key)? {
                 found.insert(*key, value);
                 break;
             }
@@ -1209,14 +1227,21 @@ fn older_entries<'a>(
 }
 
 /// Looks a key up in the window inside a transaction: the recent buckets through the transaction
-/// (writers may still write them), the older ones from what [`older_entries`] read before it.
+/// (writers may still write them) where their filters may hold it, the older ones from what
+/// [`older_entries`] read before it. A key is added to its bucket's filter before its tree holds
+/// it, by a writer inside its transaction: the transaction reading here excludes every other, so
+/// a filter that does not hold the key means no transaction before this one wrote it.
 fn window_view<'a>(
+    buckets: &'a [window::Bucket],
     recent: &'a [TransactionalTree],
     older: &'a HashMap<window::Digest16, sled::IVec>,
 ) -> impl Fn(&window::Digest16) -> Result<Option<sled::IVec>, sled::transaction::UnabortableTransactionError> + 'a
 {
     move |key| {
-        for tree in recent {
+        for (bucket, tree) in buckets.iter().zip(recent) {
+            if !bucket.keys.may_contain(key) {
+                continue;
+            }
             if let Some(value) = tree.get(key)? {
                 return Ok(Some(value));
             }
@@ -1427,7 +1452,7 @@ impl SledStore {
                 &self.versions,
                 &self.unconfirmed,
             ];
-            trees.extend(live.recent.iter().map(|(_, tree)| tree));
+            trees.extend(live.recent.iter().map(|bucket| &bucket.tree));
             let result = trees.as_slice().transaction(|views| {
                 let (fixed, recent) = views.split_at(8);
                 let [report, state, ledgers, pending_charges, journal, snapshots, versions, unconfirmed] =
@@ -1435,11 +1460,13 @@ impl SledStore {
                 else {
                     unreachable!("the import's trees, then the window's")
                 };
-                let seen = window_view(recent, &older);
+                let seen = window_view(&live.recent, recent, &older);
                 let mut newly_seen = 0i64;
                 for (key, value, bucket) in &keys {
                     if seen(key)?.is_none() {
-                        recent[live.position(*bucket)].insert(key.as_slice(), value.as_slice())?;
+                        let at = live.position(*bucket);
+                        live.recent[at].keys.add(key);
+                        recent[at].insert(key.as_slice(), value.as_slice())?;
                         newly_seen += 1;
                     }
                 }
@@ -1553,7 +1580,7 @@ impl SledStore {
         // Withdrawn keys are wherever they were written: every bucket is read and written.
         let buckets = self.window.all();
         let mut trees = vec![&self.outbox, &self.ledgers, &self.unconfirmed];
-        trees.extend(buckets.iter().map(|(_, tree)| tree));
+        trees.extend(buckets.iter().map(|bucket| &bucket.tree));
         let forgotten = trees
             .as_slice()
             .transaction(|views| {
@@ -1809,6 +1836,43 @@ mod tests {
             store.load(&other).unwrap().is_some(),
             "the import applied its state"
         );
+    }
+
+    /// The window's filters live in memory: a reopened store fills them from its buckets, so a key
+    /// committed before the restart is still seen once they are filled, by a lookup and by a commit.
+    #[test]
+    fn a_reopened_store_sees_the_keys_committed_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TestClock(AtomicI64::new(1_000_000)));
+        let (agg, hash) = (key("c1"), hex::encode([7u8; 32]));
+        let store = SledStore::open(dir.path(), 10, clock.clone()).unwrap();
+        for (version, idempotency_key) in [(1, "k1"), (2, "k2")] {
+            let committed = store
+                .commit(Commit {
+                    version,
+                    ..commit(&agg, idempotency_key, &hash, 1_000_000)
+                })
+                .unwrap();
+            assert_eq!(committed, CommitResult::Committed);
+        }
+        drop(store);
+        let store = SledStore::open(dir.path(), 10, clock).unwrap();
+        // Filled by a thread of its own; until then a lookup reads the disk.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !store.window_filters_filled() {
+            assert!(std::time::Instant::now() < deadline, "the filters are filled");
+            std::thread::yield_now();
+        }
+        assert!(store.seen("k1").unwrap().is_some());
+        assert!(store.seen("k2").unwrap().is_some());
+        assert!(store.seen("k3").unwrap().is_none());
+        let again = store
+            .commit(Commit {
+                version: 3,
+                ..commit(&agg, "k1", &hash, 1_000_000)
+            })
+            .unwrap();
+        assert!(matches!(again, CommitResult::AlreadySeen(_)), "{again:?}");
     }
 
     /// Below its free-space floor the store starts no write: a commit, an outbox deletion and a

@@ -9,12 +9,18 @@
 //! key stamped ahead of this clock), so only the newest buckets ever change: a write checks those
 //! inside its transaction ([`Live::recent`]) and the older ones, which no writer touches any
 //! more, outside it ([`Live::older`]).
+//!
+//! Each bucket has a [`KeyFilter`] in memory that every write of a key to the bucket's tree goes
+//! through first: a lookup reads a bucket's tree only for a key its filter may hold, so a key
+//! never seen — the common case — costs no sled read. The filters are filled from the trees when
+//! the store opens.
 
+use super::filter::{KeyFilter, MIN_CAPACITY};
 use super::{store_error, StoreError};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 const PREFIX: &str = "seen@";
 /// Buckets per window.
@@ -32,16 +38,34 @@ pub struct Window {
     db: sled::Db,
     window_ms: i64,
     bucket_ms: i64,
-    buckets: RwLock<BTreeMap<i64, sled::Tree>>,
+    buckets: RwLock<BTreeMap<i64, Bucket>>,
     /// Keys written to the buckets still kept (a key written again counts again).
     keys: AtomicU64,
+}
+
+/// One bucket: its tree and the filter of the digests written to it.
+#[derive(Clone)]
+pub struct Bucket {
+    pub id: i64,
+    pub tree: sled::Tree,
+    pub keys: Arc<KeyFilter>,
+}
+
+impl Bucket {
+    /// The value of `key` in the tree, read only if the filter may hold it.
+    pub fn get(&self, key: &Digest16) -> Result<Option<sled::IVec>, StoreError> {
+        if !self.keys.may_contain(key) {
+            return Ok(None);
+        }
+        self.tree.get(key).map_err(store_error)
+    }
 }
 
 /// The buckets a write at some time reads: the ones writes may still go to, to read inside the
 /// write's transaction, and the older ones within the window, to read outside it.
 pub struct Live {
-    pub recent: Vec<(i64, sled::Tree)>,
-    pub older: Vec<sled::Tree>,
+    pub recent: Vec<Bucket>,
+    pub older: Vec<Bucket>,
 }
 
 impl Live {
@@ -49,7 +73,7 @@ impl Live {
     pub fn position(&self, bucket: i64) -> usize {
         self.recent
             .iter()
-            .position(|(b, _)| *b == bucket)
+            .position(|b| b.id == bucket)
             .expect("the bucket written to is among the recent ones")
     }
 }
@@ -68,9 +92,18 @@ impl Window {
                 continue;
             };
             let tree = db.open_tree(&name).map_err(store_error)?;
-            keys += tree.len() as u64;
-            buckets.insert(bucket, tree);
+            let count = tree.len();
+            keys += count as u64;
+            buckets.insert(
+                bucket,
+                Bucket {
+                    id: bucket,
+                    tree,
+                    keys: Arc::new(KeyFilter::to_fill(count)),
+                },
+            );
         }
+        fill(buckets.values().cloned().collect())?;
         Ok(Window {
             db: db.clone(),
             window_ms,
@@ -101,49 +134,59 @@ impl Window {
             recent: Vec::new(),
             older: Vec::new(),
         };
-        for (bucket, tree) in buckets.range(horizon..).rev() {
-            if *bucket >= current {
-                live.recent.push((*bucket, tree.clone()));
+        for (id, bucket) in buckets.range(horizon..).rev() {
+            if *id >= current {
+                live.recent.push(bucket.clone());
             } else {
-                live.older.push(tree.clone());
+                live.older.push(bucket.clone());
             }
         }
         Ok(live)
     }
 
-    /// The tree of `bucket`, created if missing.
-    pub fn tree(&self, bucket: i64) -> Result<sled::Tree, StoreError> {
-        if let Some(tree) = self.read().get(&bucket) {
-            return Ok(tree.clone());
+    /// `bucket`, created if missing (its filter sized for as many keys as the newest bucket holds).
+    pub fn tree(&self, bucket: i64) -> Result<Bucket, StoreError> {
+        if let Some(found) = self.read().get(&bucket) {
+            return Ok(found.clone());
         }
         let tree = self
             .db
             .open_tree(format!("{PREFIX}{bucket}"))
             .map_err(store_error)?;
-        Ok(self
-            .buckets
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
+        let mut buckets = self.buckets.write().unwrap_or_else(|e| e.into_inner());
+        let capacity = buckets.values().next_back().map_or(MIN_CAPACITY, |newest| {
+            newest.keys.added() + newest.keys.added() / 4
+        });
+        Ok(buckets
             .entry(bucket)
-            .or_insert(tree)
+            .or_insert_with(|| Bucket {
+                id: bucket,
+                tree,
+                keys: Arc::new(KeyFilter::with_capacity(capacity)),
+            })
             .clone())
     }
 
     /// Every bucket kept, newest first (for withdrawals, which look a key up wherever it is).
-    pub fn all(&self) -> Vec<(i64, sled::Tree)> {
-        self.read().iter().rev().map(|(b, t)| (*b, t.clone())).collect()
+    pub fn all(&self) -> Vec<Bucket> {
+        self.read().values().rev().cloned().collect()
     }
 
     /// The stored value of `key`, from the newest bucket that has it.
     pub fn get(&self, now: i64, key: &str) -> Result<Option<sled::IVec>, StoreError> {
         let key = digest(key);
         let horizon = (now - self.window_ms).div_euclid(self.bucket_ms);
-        for (_, tree) in self.read().range(horizon..).rev() {
-            if let Some(value) = tree.get(key).map_err(store_error)? {
+        for (_, bucket) in self.read().range(horizon..).rev() {
+            if let Some(value) = bucket.get(&key)? {
                 return Ok(Some(value));
             }
         }
         Ok(None)
+    }
+
+    /// Memory held by the buckets' filters.
+    pub fn filter_bytes(&self) -> usize {
+        self.read().values().map(|bucket| bucket.keys.bytes()).sum()
     }
 
     /// Counts keys written (`n` may be negative for keys withdrawn).
@@ -167,7 +210,7 @@ impl Window {
             buckets
                 .iter()
                 .take_while(|(bucket, _)| (*bucket + 1) * self.bucket_ms + self.window_ms <= now)
-                .map(|(bucket, tree)| (*bucket, tree.clone()))
+                .map(|(bucket, found)| (*bucket, found.tree.clone()))
                 .collect()
         };
         let mut dropped = 0;
@@ -187,7 +230,51 @@ impl Window {
         Ok(dropped)
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<i64, sled::Tree>> {
+    /// Whether every bucket's filter is filled (and lookups of keys never seen read no tree).
+    pub fn filled(&self) -> bool {
+        self.read().values().all(|bucket| bucket.keys.is_filled())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<i64, Bucket>> {
         self.buckets.read().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Fills the filters of buckets written before this start from their trees, newest first, on a
+/// thread of its own. A bucket whose tree cannot be read (or is dropped meanwhile) keeps a filter
+/// that may hold anything: its lookups read the tree, as they would without a filter.
+fn fill(buckets: Vec<Bucket>) -> Result<(), StoreError> {
+    if buckets.is_empty() {
+        return Ok(());
+    }
+    std::thread::Builder::new()
+        .name("window-filter".into())
+        .spawn(move || {
+            let started = std::time::Instant::now();
+            let mut added = 0u64;
+            for bucket in buckets.iter().rev() {
+                let read: Result<(), sled::Error> = bucket.tree.iter().keys().try_for_each(|key| {
+                    if let Ok(digest) = <Digest16>::try_from(key?.as_ref()) {
+                        bucket.keys.add(&digest);
+                        added += 1;
+                    }
+                    Ok(())
+                });
+                match read {
+                    Ok(()) => bucket.keys.mark_filled(),
+                    Err(error) => tracing::warn!(
+                        bucket = bucket.id,
+                        error = %error,
+                        "The idempotency window's filter of a bucket cannot be filled: its lookups read the disk."
+                    ),
+                }
+            }
+            tracing::debug!(
+                keys = added,
+                seconds = started.elapsed().as_secs_f64(),
+                "The idempotency window's filters are filled."
+            );
+        })
+        .map(drop)
+        .map_err(|e| StoreError::Internal(format!("cannot start the window's filter thread: {e}")))
 }
