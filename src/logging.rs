@@ -9,7 +9,9 @@
 //! (the broker health probe: one WARN when the broker goes down, one INFO when it is back; an
 //! operation that keeps failing; a consumer subscribing again). So the client's records are its
 //! diagnostic trail: they are logged at DEBUG, their own level kept in the message
-//! (`[WARN] Retry #0 -> …`), and shown with `log_level = "info,pulsar=debug"`.
+//! (`[WARN] Retry #0 -> …`), and shown with `log_level = "info,pulsar=debug"`. apache-avro logs
+//! at ERROR every value that fails validation, with the whole value: the codec says why a payload
+//! is bad in its dead letter and its own rate-limited line, so those records are DEBUG too.
 
 use crate::config::{DaemonConfig, LogFormat};
 use std::io::IsTerminal as _;
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 use tracing_subscriber::EnvFilter;
 
 /// The crates whose `log` records are logged at DEBUG (see the module comment).
-pub const DEMOTED_CRATES: &[&str] = &["pulsar"];
+pub const DEMOTED_CRATES: &[&str] = &["pulsar", "apache_avro"];
 
 /// Installs the global subscriber as configured: `RUST_LOG`, when set, overrides
 /// `daemon.log_level`; ANSI colours only when stderr is a terminal (and `NO_COLOR` is unset).
@@ -172,8 +174,8 @@ mod tests {
     }
 
     #[test]
-    fn only_the_client_crates_are_demoted() {
-        for target in ["pulsar", "pulsar::retry_op", "pulsar::consumer::engine"] {
+    fn only_the_client_and_avro_crates_are_demoted() {
+        for target in ["pulsar", "pulsar::retry_op", "pulsar::consumer::engine", "apache_avro::types"] {
             assert!(demoted(target), "{target}");
         }
         for target in [

@@ -188,12 +188,22 @@ impl Codec {
         if !rest.is_empty() {
             return Err(invalid(format!("{} bytes left over after the datum", rest.len())));
         }
-        // Always resolve, even when writer and reader are the same version: apache-avro decodes a
-        // string cut short by the end of the payload as null, and resolution rejects that null.
-        let value = value.resolve(reader).map_err(|e| match e.into_details() {
-            Details::GetField(field) => DecodeError::MissingField { field },
-            other => invalid(format!("does not match the reader schema: {other}")),
-        })?;
+        // apache-avro decodes a string cut short by the end of the payload as null: the value is
+        // checked against the reader schema even when the writer's is the same version. Then a
+        // validation is that check, without the copy of the value a resolution builds.
+        let value = if std::ptr::eq(writer, reader) {
+            if !value.validate(reader) {
+                return Err(invalid(
+                    "does not match the reader schema (a value of the wrong type, or a string cut short)".into(),
+                ));
+            }
+            value
+        } else {
+            value.resolve(reader).map_err(|e| match e.into_details() {
+                Details::GetField(field) => DecodeError::MissingField { field },
+                other => invalid(format!("does not match the reader schema: {other}")),
+            })?
+        };
         match value {
             Value::Record(fields) => Ok((wire, fields)),
             other => Err(invalid(format!(
