@@ -175,7 +175,12 @@ mod tests {
 
     #[test]
     fn only_the_client_and_avro_crates_are_demoted() {
-        for target in ["pulsar", "pulsar::retry_op", "pulsar::consumer::engine", "apache_avro::types"] {
+        for target in [
+            "pulsar",
+            "pulsar::retry_op",
+            "pulsar::consumer::engine",
+            "apache_avro::types",
+        ] {
             assert!(demoted(target), "{target}");
         }
         for target in [

@@ -194,7 +194,8 @@ impl Codec {
         let value = if std::ptr::eq(writer, reader) {
             if !value.validate(reader) {
                 return Err(invalid(
-                    "does not match the reader schema (a value of the wrong type, or a string cut short)".into(),
+                    "does not match the reader schema (a value of the wrong type, or a string cut short)"
+                        .into(),
                 ));
             }
             value

@@ -1186,7 +1186,7 @@ fn migrate_window(
         moved += 1;
     }
     for (bucket, (batch, digests)) in batches {
-        let bucket = window.tree(bucket)?;
+        let bucket = window.bucket(bucket)?;
         for digest in &digests {
             bucket.keys.add(digest);
         }
@@ -1861,7 +1861,7 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while !store.window_filters_filled() {
             assert!(std::time::Instant::now() < deadline, "the filters are filled");
-            std::thread::yield_now();
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         assert!(store.seen("k1").unwrap().is_some());
         assert!(store.seen("k2").unwrap().is_some());

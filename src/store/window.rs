@@ -12,8 +12,9 @@
 //!
 //! Each bucket has a [`KeyFilter`] in memory that every write of a key to the bucket's tree goes
 //! through first: a lookup reads a bucket's tree only for a key its filter may hold, so a key
-//! never seen — the common case — costs no sled read. The filters are filled from the trees when
-//! the store opens.
+//! never seen — the common case — costs no sled read. The filters of the buckets a store holds
+//! when it opens are filled from their trees by a thread of its own; until then a lookup reads the
+//! tree.
 
 use super::filter::{KeyFilter, MIN_CAPACITY};
 use super::{store_error, StoreError};
@@ -123,7 +124,7 @@ impl Window {
     /// the transaction) and the older ones.
     pub fn live(&self, now: i64, writes_to: impl IntoIterator<Item = i64>) -> Result<Live, StoreError> {
         for bucket in writes_to {
-            self.tree(bucket)?;
+            self.bucket(bucket)?;
         }
         // Writers choose their bucket by their own clock reading: one just before a boundary may
         // still write the bucket before this one.
@@ -145,7 +146,7 @@ impl Window {
     }
 
     /// `bucket`, created if missing (its filter sized for as many keys as the newest bucket holds).
-    pub fn tree(&self, bucket: i64) -> Result<Bucket, StoreError> {
+    pub fn bucket(&self, bucket: i64) -> Result<Bucket, StoreError> {
         if let Some(found) = self.read().get(&bucket) {
             return Ok(found.clone());
         }
