@@ -7,8 +7,10 @@
 //!   flush, ack), timed from its first consumed message to its last applied one (`/metrics`);
 //! - (c) the ratio b/a;
 //! - (d) publish→applied latency at half of (b), event time = publish time, the stream published
-//!   with producer batching (the default of Pulsar's Java client), and again one broker entry per
-//!   message (pulsar-lite then sends held messages again: `tests/broker.rs`, the redelivery probe);
+//!   with producer batching (the default of Pulsar's Java client) and read by a raw consumer beside
+//!   the daemon; its floor (the raw consumer alone); (d″) the daemon alone; and (d′) one broker
+//!   entry per message (pulsar-lite then sends held messages again: `tests/broker.rs`, the
+//!   redelivery probe);
 //! - (e) the daemon's peak RSS (VmHWM);
 //! - cost growth: events/s and peak RSS at 10, 1 000 and 100 000 live campaigns, passivation on.
 //!
@@ -136,9 +138,10 @@ fn main() -> anyhow::Result<()> {
     let mut table = Table::default();
     let e2e_rate = bench.throughput(&mut table)?;
     if args.perf.is_none() && !args.throughput_only {
-        bench.latency(&mut table, e2e_rate / 2.0, Entries::Batched)?;
+        bench.latency(&mut table, e2e_rate / 2.0, LatencyRun::Batched)?;
         bench.latency_floor(&mut table, e2e_rate / 2.0)?;
-        bench.latency(&mut table, e2e_rate / 2.0, Entries::PerMessage)?;
+        bench.latency(&mut table, e2e_rate / 2.0, LatencyRun::Alone)?;
+        bench.latency(&mut table, e2e_rate / 2.0, LatencyRun::PerMessage)?;
         for &campaigns in &args.growth {
             bench.growth(&mut table, campaigns)?;
         }
@@ -301,16 +304,22 @@ impl Bench<'_> {
     }
 
     /// (d): publish → applied at `rate` events/s, event time = publish time.
-    fn latency(&self, table: &mut Table, rate: f64, entries: Entries) -> anyhow::Result<()> {
+    fn latency(&self, table: &mut Table, rate: f64, run: LatencyRun) -> anyhow::Result<()> {
         let rate = rate.max(1.0);
-        let (tag, how, label) = match entries {
-            Entries::Batched => ("latency", "producer batching", "(d)"),
-            Entries::PerMessage => (
+        let (tag, how, label) = match run {
+            LatencyRun::Batched => ("latency", "producer batching", "(d)"),
+            LatencyRun::Alone => (
+                "latency-alone",
+                "producer batching",
+                "(d″) the daemon alone, no raw consumer beside it:",
+            ),
+            LatencyRun::PerMessage => (
                 "latency-unbatched",
                 "one broker entry per message",
                 "(d′) one broker entry per message:",
             ),
         };
+        let raw = run.raw_beside();
         eprintln!(
             "== latency at {rate:.0} events/s for {} s, {how}",
             self.args.latency_seconds
@@ -323,9 +332,9 @@ impl Bench<'_> {
         let poller = Poller::spawn(&daemon, self.args.poll, move |s| {
             s.campaigns >= expected[0] as f64 && s.payments >= expected[1] as f64
         });
-        let run = self.publish_and_receive(&phase, plan.stream, expected, rate, entries, &stamps);
+        let received = self.publish_and_receive(&phase, plan.stream, expected, rate, run, &stamps);
         let samples = poller.join()?;
-        let (transit, published) = run?;
+        let (transit, published) = received?;
         let metrics = daemon.metrics()?;
         std::fs::write(phase.dir.join("metrics.txt"), &metrics)?;
         let rss = daemon.peak_rss()?;
@@ -346,22 +355,24 @@ impl Bench<'_> {
                 published.total(),
                 published.elapsed.as_secs_f64()
             ),
-            match entries {
-                Entries::Batched => format!("**{}**", quantiles(&all)),
-                Entries::PerMessage => quantiles(&all),
+            match run {
+                LatencyRun::Batched => format!("**{}**", quantiles(&all)),
+                LatencyRun::Alone | LatencyRun::PerMessage => quantiles(&all),
             },
         );
         table.row(
             &format!("{label} publish→applied by topic: campaigns (Failover) ; payments (Key_Shared)"),
             format!("{} ; {}", quantiles(&applied[0]), quantiles(&applied[1])),
         );
-        table.row(
-            &format!(
-                "{label} publish→received by a raw consumer on the same stream (broker + relay + \
-                 client): p50 / p99 / p999 / max"
-            ),
-            quantiles(&transit_all),
-        );
+        if raw {
+            table.row(
+                &format!(
+                    "{label} publish→received by a raw consumer on the same stream (broker + relay + \
+                     client): p50 / p99 / p999 / max"
+                ),
+                quantiles(&transit_all),
+            );
+        }
         table.row(
             &format!(
                 "{label} received→durable inside the daemon (processing histogram, bucket upper \
@@ -378,7 +389,11 @@ impl Bench<'_> {
             format!(
                 "{:.0} MiB / {} / {:.0}",
                 mib(rss),
-                transit.iter().map(|r| r.redelivered).sum::<usize>(),
+                if raw {
+                    transit.iter().map(|r| r.redelivered).sum::<usize>().to_string()
+                } else {
+                    "—".into()
+                },
                 metric_sum(&metrics, "aerostream_events_redelivered_total", None)
             ),
         );
@@ -407,12 +422,13 @@ impl Bench<'_> {
         stream: Vec<Planned>,
         expected: [usize; 2],
         rate: f64,
-        entries: Entries,
+        run: LatencyRun,
         stamps: &Stamps,
     ) -> anyhow::Result<(Vec<Drained>, Published)> {
         self.runtime.block_on(async {
             let mut consumers = Vec::new();
-            for ((input, kind), expected) in INPUTS.into_iter().zip(expected) {
+            let raw = run.raw_beside();
+            for ((input, kind), expected) in INPUTS.into_iter().zip(expected).filter(|_| raw) {
                 let (topic, sub_type) = phase.input(input);
                 let subscription = format!("bench-transit-{input}");
                 let consumer = subscribe(self.client, &topic, &subscription, sub_type).await?;
@@ -424,7 +440,7 @@ impl Bench<'_> {
                 &self.codec,
                 &phase.config,
                 stream,
-                entries,
+                run.entries(),
                 Some(rate),
                 Some(stamps),
             );
@@ -441,7 +457,7 @@ impl Bench<'_> {
         let (plan, expected) = self.latency_plan(&phase, rate);
         let stamps = Stamps::default();
         let (transit, published) =
-            self.publish_and_receive(&phase, plan.stream, expected, rate, Entries::Batched, &stamps)?;
+            self.publish_and_receive(&phase, plan.stream, expected, rate, LatencyRun::Batched, &stamps)?;
         let all = sorted(transit.iter().flat_map(|r| r.latencies.iter().copied()));
         table.row(
             &format!(
@@ -764,6 +780,30 @@ impl Stamps {
                 Some(samples.get(i)?.at.saturating_duration_since(*at))
             });
         sorted(latencies)
+    }
+}
+
+/// The latency runs under (d): the stream published with producer batching with a raw consumer
+/// reading it beside the daemon, the same with the daemon alone (the broker then serves the daemon
+/// only, as in the floor it serves the raw consumer only), and one broker entry per message.
+#[derive(Clone, Copy, PartialEq)]
+enum LatencyRun {
+    Batched,
+    Alone,
+    PerMessage,
+}
+
+impl LatencyRun {
+    fn entries(self) -> Entries {
+        match self {
+            LatencyRun::Batched | LatencyRun::Alone => Entries::Batched,
+            LatencyRun::PerMessage => Entries::PerMessage,
+        }
+    }
+
+    /// Whether a raw consumer reads the stream (beside the daemon, or alone in the floor).
+    fn raw_beside(self) -> bool {
+        self != LatencyRun::Alone
     }
 }
 
