@@ -17,7 +17,7 @@
 //! ```text
 //! scripts/bench                                     (builds, runs, appends to docs/BENCHMARKS.md)
 //! cargo bench --bench throughput -- [--backlog N] [--latency-seconds S] [--growth 10,1000,100000]
-//!     [--growth-events N] [--poll-ms MS] [--markdown FILE] [--perf DIR] [--keep DIR] [--throughput-only]
+//!     [--latency-rate R] [--growth-events N] [--poll-ms MS] [--markdown FILE] [--perf DIR] [--keep DIR] [--throughput-only]
 //! ```
 //!
 //! `--perf DIR` records the daemon with `perf record` and `perf stat` during the backlog run, and
@@ -62,6 +62,8 @@ const BACKLOG_POLL: Duration = Duration::from_millis(50);
 struct Args {
     backlog: usize,
     latency_seconds: u64,
+    /// The latency runs' rate; half of (b) when not given.
+    latency_rate: Option<f64>,
     growth: Vec<usize>,
     growth_events: usize,
     poll: Duration,
@@ -75,6 +77,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         backlog: 100_000,
         latency_seconds: 20,
+        latency_rate: None,
         growth: vec![10, 1_000, 100_000],
         growth_events: 20_000,
         poll: Duration::from_millis(2),
@@ -91,6 +94,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--bench" => {}
             "--backlog" => args.backlog = value()?.parse()?,
             "--latency-seconds" => args.latency_seconds = value()?.parse()?,
+            "--latency-rate" => args.latency_rate = Some(value()?.parse()?),
             "--growth" => {
                 args.growth = value()?
                     .split(',')
@@ -138,10 +142,11 @@ fn main() -> anyhow::Result<()> {
     let mut table = Table::default();
     let e2e_rate = bench.throughput(&mut table)?;
     if args.perf.is_none() && !args.throughput_only {
-        bench.latency(&mut table, e2e_rate / 2.0, LatencyRun::Batched)?;
-        bench.latency_floor(&mut table, e2e_rate / 2.0)?;
-        bench.latency(&mut table, e2e_rate / 2.0, LatencyRun::Alone)?;
-        bench.latency(&mut table, e2e_rate / 2.0, LatencyRun::PerMessage)?;
+        let rate = args.latency_rate.unwrap_or(e2e_rate / 2.0);
+        bench.latency(&mut table, rate, LatencyRun::Batched)?;
+        bench.latency_floor(&mut table, rate)?;
+        bench.latency(&mut table, rate, LatencyRun::Alone)?;
+        bench.latency(&mut table, rate, LatencyRun::PerMessage)?;
         for &campaigns in &args.growth {
             bench.growth(&mut table, campaigns)?;
         }
@@ -350,8 +355,13 @@ impl Bench<'_> {
         );
         table.row(
             &format!(
-                "{label} publish→applied at {rate:.0} events/s (half of b), {} events over {:.0} s, \
+                "{label} publish→applied at {rate:.0} events/s ({}), {} events over {:.0} s, \
                  {how}: p50 / p99 / p999 / max",
+                if self.args.latency_rate.is_some() {
+                    "--latency-rate"
+                } else {
+                    "half of b"
+                },
                 published.total(),
                 published.elapsed.as_secs_f64()
             ),
