@@ -12,6 +12,7 @@ use crate::telemetry::{
     STORE_DISK_BYTES,
 };
 use actix::Arbiter;
+use aerostream_actors::ports::StoreError;
 use aerostream_actors::ports::SystemClock;
 use aerostream_actors::{ActorEnv, Registry};
 use anyhow::Context as _;
@@ -284,13 +285,35 @@ async fn passivate(registry: Arc<Registry>, idle_seconds: u64, mut shutdown: wat
 
 /// How often the store's write check runs.
 const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// A write check (a key written and flushed) not finished after this long means the store hangs.
+const WRITE_CHECK_HANG: Duration = Duration::from_secs(5);
 
 /// Checks every second that the store writes (`SledStore::check_writable`): a store that cannot
-/// write shows on /health without traffic, and consumption resumes once it writes again.
+/// write stops consumption and turns /health to 503 until a check succeeds. A check that has not
+/// finished after [`WRITE_CHECK_HANG`] counts as a failure too (a store that hangs answers no
+/// error at all: sled 0.34.7 after `ENOSPC` mid-write, docs/OPERATIONS.md); the check is waited
+/// for, and its success ends the problem.
 async fn probe_store(store: Arc<SledStore>, mut shutdown: watch::Receiver<bool>) {
     loop {
         // The outcome is kept by the store (`write_problem`, the writable gauge).
-        let _ = store.check_writable().await;
+        let mut check = tokio::spawn({
+            let store = store.clone();
+            async move { store.check_writable().await }
+        });
+        tokio::select! {
+            _ = &mut check => {}
+            _ = tokio::time::sleep(WRITE_CHECK_HANG) => {
+                store.note_failure(&StoreError::Unavailable(format!(
+                    "a write check has not finished in {} s: the store does not answer",
+                    WRITE_CHECK_HANG.as_secs()
+                )));
+                tokio::select! {
+                    _ = &mut check => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
         tokio::select! {
             _ = tokio::time::sleep(STORE_PROBE_INTERVAL) => {}
             _ = shutdown.changed() => return,

@@ -3,6 +3,8 @@
 //!   read-only disk) stops consumption, answers 503 naming the reason, acks nothing and counts
 //!   nothing against the messages it holds; once writes succeed again consumption resumes by itself
 //!   and the state is exact, each message received once;
+//! - a store that hangs (the `store::flush` fail point paused) answers 503 once a write check has
+//!   not finished for 5 s, and recovers by itself when it answers again;
 //! - nothing of a commit leaves the daemon before the commit is durable (the `store::flush` fail
 //!   point: writes succeed, making them durable fails): no changelog record, no output event;
 //! - an outbox entry that can never be published (here: one this version cannot read) is set aside
@@ -119,6 +121,52 @@ fn a_store_that_cannot_write_stops_consumption_answers_503_and_resumes_exactly()
     assert_eq!(metric(&daemon, "aerostream_events_retried_total"), 0.0);
     assert_eq!(metric(&daemon, "aerostream_events_dead_lettered_total"), 0.0);
     assert_eq!(daemon.metric("aerostream_store_writable", &[]).unwrap(), 1.0);
+}
+
+/// A store that hangs answers no error: here the `store::flush` fail point pauses the flusher
+/// thread, as sled 0.34.7 does after `ENOSPC` mid-write (docs/OPERATIONS.md). The write check that
+/// has not finished after 5 s makes /health answer 503 naming it; when the store answers again the
+/// check finishes, /health is 200 and what was published meanwhile is applied once.
+#[test]
+fn a_store_that_hangs_answers_503_and_recovers_when_it_answers_again() {
+    let harness = Harness::new().admin_token(TOKEN).chaos(true).build();
+    let (config, runtime) = (harness.config(), harness.runtime());
+    let daemon = harness.start();
+    let plan = generator::plan(&Options {
+        seed: 94,
+        campaigns: 3,
+        payments: 10,
+        events: 200,
+        duplicate_fraction: 0.0,
+        conflict_fraction: 0.0,
+        ..Options::for_daemon(config)
+    });
+
+    failpoint(&daemon, "store::flush", "pause");
+    events::publish(runtime, config, &plan.stream);
+    let body = wait_for("/health to answer 503", Duration::from_secs(30), || {
+        let (status, body) = health(&daemon);
+        (status == 503).then_some(body)
+    })
+    .unwrap();
+    assert_eq!(body["components"]["store"], false);
+    let reasons = body["reasons"].to_string();
+    assert!(
+        reasons.contains("store") && reasons.contains("write check has not finished"),
+        "the reason names the hung write check: {reasons}"
+    );
+    assert_eq!(daemon.metric("aerostream_store_writable", &[]).unwrap(), 0.0);
+    assert_eq!(
+        metric(&daemon, "aerostream_events_applied_total"),
+        0.0,
+        "nothing is counted applied before it is durable"
+    );
+
+    failpoint(&daemon, "store::flush", "off");
+    daemon.wait_healthy(Duration::from_secs(30)).unwrap();
+    wait_for_state(&daemon, &plan.expected, Duration::from_secs(60));
+    assert_eq!(daemon.metric("aerostream_store_writable", &[]).unwrap(), 1.0);
+    assert_eq!(metric(&daemon, "aerostream_events_dead_lettered_total"), 0.0);
 }
 
 #[test]
