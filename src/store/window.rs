@@ -20,7 +20,7 @@ use super::filter::{KeyFilter, MIN_CAPACITY};
 use super::{store_error, StoreError};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 const PREFIX: &str = "seen@";
@@ -42,6 +42,7 @@ pub struct Window {
     buckets: RwLock<BTreeMap<i64, Bucket>>,
     /// Keys written to the buckets still kept (a key written again counts again).
     keys: AtomicU64,
+    fill: Option<Fill>,
 }
 
 /// One bucket: its tree and the filter of the digests written to it.
@@ -104,13 +105,14 @@ impl Window {
                 },
             );
         }
-        fill(buckets.values().cloned().collect())?;
+        let fill = fill(buckets.values().cloned().collect())?;
         Ok(Window {
             db: db.clone(),
             window_ms,
             bucket_ms: (window_ms / BUCKETS).max(1_000),
             buckets: RwLock::new(buckets),
             keys: AtomicU64::new(keys),
+            fill,
         })
     }
 
@@ -241,28 +243,46 @@ impl Window {
     }
 }
 
+/// The thread filling the filters of the buckets a store held at open.
+struct Fill {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
 /// Fills the filters of buckets written before this start from their trees, newest first, on a
-/// thread of its own. A bucket whose tree cannot be read (or is dropped meanwhile) keeps a filter
-/// that may hold anything: its lookups read the tree, as they would without a filter.
-fn fill(buckets: Vec<Bucket>) -> Result<(), StoreError> {
+/// thread of its own (stopped and joined when the window is dropped: its trees hold the database
+/// open). A bucket whose tree cannot be read (or is dropped meanwhile) keeps a filter that may hold
+/// anything: its lookups read the tree, as they would without a filter.
+fn fill(buckets: Vec<Bucket>) -> Result<Option<Fill>, StoreError> {
     if buckets.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
-    std::thread::Builder::new()
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let thread = std::thread::Builder::new()
         .name("window-filter".into())
         .spawn(move || {
             let started = std::time::Instant::now();
             let mut added = 0u64;
             for bucket in buckets.iter().rev() {
-                let read: Result<(), sled::Error> = bucket.tree.iter().keys().try_for_each(|key| {
-                    if let Ok(digest) = <Digest16>::try_from(key?.as_ref()) {
-                        bucket.keys.add(&digest);
-                        added += 1;
+                let mut keys = bucket.tree.iter().keys();
+                let read: Result<bool, sled::Error> = loop {
+                    if stopped.load(Ordering::Acquire) {
+                        return;
                     }
-                    Ok(())
-                });
+                    match keys.next() {
+                        None => break Ok(true),
+                        Some(Err(error)) => break Err(error),
+                        Some(Ok(key)) => {
+                            if let Ok(digest) = <Digest16>::try_from(key.as_ref()) {
+                                bucket.keys.add(&digest);
+                                added += 1;
+                            }
+                        }
+                    }
+                };
                 match read {
-                    Ok(()) => bucket.keys.mark_filled(),
+                    Ok(_) => bucket.keys.mark_filled(),
                     Err(error) => tracing::warn!(
                         bucket = bucket.id,
                         error = %error,
@@ -276,6 +296,15 @@ fn fill(buckets: Vec<Bucket>) -> Result<(), StoreError> {
                 "The idempotency window's filters are filled."
             );
         })
-        .map(drop)
-        .map_err(|e| StoreError::Internal(format!("cannot start the window's filter thread: {e}")))
+        .map_err(|e| StoreError::Internal(format!("cannot start the window's filter thread: {e}")))?;
+    Ok(Some(Fill { stop, thread }))
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        if let Some(fill) = self.fill.take() {
+            fill.stop.store(true, Ordering::Release);
+            let _ = fill.thread.join();
+        }
+    }
 }
