@@ -12,8 +12,7 @@ use crate::telemetry::{
     STORE_DISK_BYTES,
 };
 use actix::Arbiter;
-use aerostream_actors::ports::StoreError;
-use aerostream_actors::ports::SystemClock;
+use aerostream_actors::ports::{StoreError, SystemClock};
 use aerostream_actors::{ActorEnv, Registry};
 use anyhow::Context as _;
 use futures::StreamExt as _;

@@ -1190,7 +1190,7 @@ fn migrate_window(
         return Ok(());
     }
     let legacy = db.open_tree("seen").map_err(store_error)?;
-    let mut batches: BTreeMap<i64, (sled::Batch, Vec<window::Digest16>)> = BTreeMap::new();
+    let mut batches: BTreeMap<i64, sled::Batch> = BTreeMap::new();
     let mut moved = 0;
     for entry in legacy.iter() {
         let (key, value) = entry.map_err(store_error)?;
@@ -1199,19 +1199,21 @@ fn migrate_window(
             continue;
         }
         let digest = window::digest(&String::from_utf8_lossy(&key));
-        let (batch, digests) = batches
-            .entry(window.bucket_for(first_seen, first_seen))
-            .or_default();
-        batch.insert(digest.as_slice(), value);
-        digests.push(digest);
+        let bucket = window.bucket_for(first_seen, first_seen);
+        // In the bucket's filter before its tree holds the key.
+        window.bucket(bucket)?.keys.add(&digest);
+        batches
+            .entry(bucket)
+            .or_default()
+            .insert(digest.as_slice(), value);
         moved += 1;
     }
-    for (bucket, (batch, digests)) in batches {
-        let bucket = window.bucket(bucket)?;
-        for digest in &digests {
-            bucket.keys.add(digest);
-        }
-        bucket.tree.apply_batch(batch).map_err(store_error)?;
+    for (bucket, batch) in batches {
+        window
+            .bucket(bucket)?
+            .tree
+            .apply_batch(batch)
+            .map_err(store_error)?;
     }
     window.counted(moved);
     tracing::info!(

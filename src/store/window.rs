@@ -158,7 +158,8 @@ impl Window {
             .map_err(store_error)?;
         let mut buckets = self.buckets.write().unwrap_or_else(|e| e.into_inner());
         let capacity = buckets.values().next_back().map_or(MIN_CAPACITY, |newest| {
-            newest.keys.added() + newest.keys.added() / 4
+            let added = newest.keys.added();
+            added + added / 4
         });
         Ok(buckets
             .entry(bucket)
@@ -266,12 +267,12 @@ fn fill(buckets: Vec<Bucket>) -> Result<Option<Fill>, StoreError> {
             let mut added = 0u64;
             for bucket in buckets.iter().rev() {
                 let mut keys = bucket.tree.iter().keys();
-                let read: Result<bool, sled::Error> = loop {
+                let read: Result<(), sled::Error> = loop {
                     if stopped.load(Ordering::Acquire) {
                         return;
                     }
                     match keys.next() {
-                        None => break Ok(true),
+                        None => break Ok(()),
                         Some(Err(error)) => break Err(error),
                         Some(Ok(key)) => {
                             if let Ok(digest) = <Digest16>::try_from(key.as_ref()) {
@@ -282,7 +283,7 @@ fn fill(buckets: Vec<Bucket>) -> Result<Option<Fill>, StoreError> {
                     }
                 };
                 match read {
-                    Ok(_) => bucket.keys.mark_filled(),
+                    Ok(()) => bucket.keys.mark_filled(),
                     Err(error) => tracing::warn!(
                         bucket = bucket.id,
                         error = %error,
