@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc as std_mpsc, OnceLock};
+use std::sync::{mpsc as std_mpsc, Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -60,6 +60,7 @@ pub struct LocalBroker {
     data_dir: PathBuf,
     control: Option<mpsc::UnboundedSender<Control>>,
     supervisor: Option<thread::JoinHandle<()>>,
+    faults: Arc<relay::Faults>,
     _temp_dir: Option<tempfile::TempDir>,
 }
 
@@ -110,9 +111,11 @@ impl LocalBroker {
         };
         let (control, requests) = mpsc::unbounded_channel();
         let relay_url = url.clone();
-        let supervisor = thread::Builder::new()
-            .name("local-broker".into())
-            .spawn(move || supervise(relay_listener, relay_url, process, requests))?;
+        let faults = Arc::new(relay::Faults::default());
+        let supervisor = thread::Builder::new().name("local-broker".into()).spawn({
+            let faults = faults.clone();
+            move || supervise(relay_listener, relay_url, faults, process, requests)
+        })?;
 
         let broker = Self {
             url,
@@ -120,6 +123,7 @@ impl LocalBroker {
             data_dir,
             control: Some(control),
             supervisor: Some(supervisor),
+            faults,
             _temp_dir: temp_dir,
         };
         broker.start_broker()?;
@@ -135,6 +139,11 @@ impl LocalBroker {
     /// from it directly).
     pub fn broker_addr(&self) -> SocketAddr {
         self.broker_addr
+    }
+
+    /// Faults the relay puts between the broker and its clients.
+    pub fn faults(&self) -> &relay::Faults {
+        &self.faults
     }
 
     /// Directory holding pulsar-lite's database, config and `pulsar-lite.log`.
@@ -181,6 +190,7 @@ impl Drop for LocalBroker {
 fn supervise(
     relay_listener: TcpListener,
     relay_url: String,
+    faults: Arc<relay::Faults>,
     process: BrokerProcess,
     mut requests: mpsc::UnboundedReceiver<Control>,
 ) {
@@ -192,6 +202,7 @@ fn supervise(
         relay_addr: relay_listener.local_addr().expect("bound relay listener"),
         relay_listener: Some(relay_listener),
         relay_url,
+        faults,
         relay: None,
         process,
     };
@@ -220,6 +231,7 @@ struct Supervisor {
     /// The listener bound by [`LocalBroker::start_with`], used by the first start.
     relay_listener: Option<TcpListener>,
     relay_url: String,
+    faults: Arc<relay::Faults>,
     /// The relay's accept loop; dropping it closes the listener.
     relay: Option<tokio::task::JoinHandle<()>>,
     process: BrokerProcess,
@@ -239,7 +251,12 @@ impl Supervisor {
                 }
             };
             let listener = tokio::net::TcpListener::from_std(listener)?;
-            let serve = relay::serve(listener, self.process.addr, self.relay_url.clone());
+            let serve = relay::serve(
+                listener,
+                self.process.addr,
+                self.relay_url.clone(),
+                self.faults.clone(),
+            );
             self.relay = Some(tokio::spawn(serve));
         }
         Ok(())
