@@ -50,6 +50,12 @@ impl Client {
         metrics::counter!(BROKER_CLIENT_RENEWALS).increment(1);
     }
 
+    /// A new client of its own to the same broker, with its own connections, for consumers that
+    /// must not share theirs (`partitions`).
+    pub async fn fresh(&self) -> Result<Pulsar<TokioExecutor>, pulsar::Error> {
+        build(&self.url).await
+    }
+
     /// How often the client was replaced.
     pub fn renewals(&self) -> u64 {
         self.renewals.load(Ordering::Relaxed)

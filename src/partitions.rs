@@ -5,12 +5,25 @@
 //! consumers by id across connections (SPEC §11) then confuse two daemons' consumers of one
 //! partition. Subscribing to each `<topic>-partition-<n>` on its own keeps every consumer id
 //! unique (`broker::unique_consumer_id`).
+//!
+//! The consumers of one [`Partitions`] run on a `pulsar` client of their own, made for them and
+//! dropped with them, or with the subscription attempt that failed, so that nothing else holds
+//! their connection. The reason is a subscribe the client gives up on (no answer within the
+//! operation timeout) that the broker carries out later: the broker then holds a consumer nobody
+//! reads, with no permits, in the way of every later consumer of the subscription (the active one
+//! of a Failover subscription, the one of an Exclusive one), for as long as its connection lives.
+//! Seen in a chaos run: a broker busy for a minute carried out each input's abandoned subscribe
+//! just before the retry, on the daemon's shared connection, and the daemon heard nothing more
+//! (`tests/broker_restart.rs`, `a_subscribe_the_broker_answers_too_late_leaves_no_consumer_in_the_way`).
+//! The Java client closes such a consumer; the `pulsar` crate cannot, so the connection goes:
+//! a failed attempt drops its client, the connection closes, and the broker drops every consumer
+//! on it.
 
 use crate::broker::{self, Client};
 use futures::{FutureExt, StreamExt};
 use pulsar::consumer::Message;
 use pulsar::proto::MessageIdData;
-use pulsar::{Consumer, ConsumerBuilder, TokioExecutor};
+use pulsar::{Consumer, ConsumerBuilder, Pulsar, TokioExecutor};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -18,6 +31,9 @@ type PartitionConsumer = Consumer<Vec<u8>, TokioExecutor>;
 
 pub struct Partitions {
     consumers: Vec<PartitionConsumer>,
+    /// The client the consumers were built on, theirs alone (see the module's doc); declared
+    /// after them, so dropped after them.
+    _client: Pulsar<TokioExecutor>,
     /// The topic of each consumer's partition, in the order of `consumers`.
     topics: Vec<String>,
     /// The consumer [`Partitions::next`] polls first: each in turn, so that no partition waits
@@ -27,13 +43,15 @@ pub struct Partitions {
 
 impl Partitions {
     /// Subscribes to every partition of `topic` (or to `topic` when it is not partitioned), each
-    /// consumer built by `build` from a builder with the partition's topic and a fresh id.
+    /// consumer built by `build` from a builder with the partition's topic and a fresh id, on a
+    /// client of their own.
     pub async fn subscribe(
         client: &Client,
         topic: &str,
         build: impl Fn(ConsumerBuilder<TokioExecutor>, u64) -> ConsumerBuilder<TokioExecutor>,
     ) -> Result<Partitions, pulsar::Error> {
         let partitions = client.partitions(topic).await?;
+        let own = client.fresh().await?;
         let topics: Vec<String> = match partitions {
             0 => vec![topic.to_owned()],
             n => (0..n).map(|i| format!("{topic}-partition-{i}")).collect(),
@@ -41,13 +59,14 @@ impl Partitions {
         let mut consumers = Vec::with_capacity(topics.len());
         for partition in &topics {
             let id = broker::unique_consumer_id();
-            let builder = client.get().consumer().with_topic(partition).with_consumer_id(id);
+            let builder = own.consumer().with_topic(partition).with_consumer_id(id);
             consumers.push(build(builder, id).build::<Vec<u8>>().await?);
         }
         // As the client names them on the messages it delivers.
         let topics = consumers.iter().flat_map(|c| c.topics()).collect();
         Ok(Partitions {
             consumers,
+            _client: own,
             topics,
             next_first: 0,
         })

@@ -5,6 +5,7 @@
 mod support;
 
 use aerostream::generator::{self, Options};
+use pulsar::message::proto::base_command::Type;
 use std::time::Duration;
 use support::daemon::wait_for;
 use support::events;
@@ -107,4 +108,39 @@ fn an_input_the_broker_stops_serving_subscribes_again_and_loses_nothing() {
         "{}",
         daemon.log_tail()
     );
+}
+
+/// A broker that carries out a subscribe but answers after the client has given up on it (seen
+/// in a chaos run: pulsar-lite busy for a minute). The broker then holds a consumer that nobody
+/// reads and that has no permits, and on a Failover subscription it is the active one: unless
+/// it goes, every later consumer of the subscription waits for good. Here the daemon restarts
+/// while the relay drops the broker's answers to subscribes for 30 s, and to lookups from 8 s
+/// to 30 s: each input's first subscribe is carried out and times out (10 s), the `pulsar`
+/// client's own retry of it fails at its lookup, and the daemon's next subscribe, with a new
+/// consumer id, is answered. The daemon must then apply the whole backlog.
+#[test]
+fn a_subscribe_the_broker_answers_too_late_leaves_no_consumer_in_the_way() {
+    let harness = Harness::new().build();
+    let config = harness.config();
+    let plan = generator::plan(&Options {
+        seed: 64,
+        campaigns: 3,
+        payments: 20,
+        events: 400,
+        duplicate_fraction: 0.0,
+        conflict_fraction: 0.0,
+        ..Options::for_daemon(config)
+    });
+    // The subscriptions exist before the backlog is written.
+    harness.start().kill().unwrap();
+    events::publish(harness.runtime(), config, &plan.stream);
+    let faults = harness.broker.faults();
+    faults.lose_answers(&[Type::Success], Duration::ZERO, Duration::from_secs(30));
+    faults.lose_answers(
+        &[Type::LookupResponse, Type::PartitionedMetadataResponse],
+        Duration::from_secs(8),
+        Duration::from_secs(30),
+    );
+    let daemon = harness.spawn();
+    wait_for_state(&daemon, &plan.expected, Duration::from_secs(120));
 }
