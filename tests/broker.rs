@@ -487,7 +487,7 @@ fn relay_rejects_a_truncated_frame() {
 
 /// A client that dies with bytes unread ends its TCP connection with a reset. The relay must not
 /// pass that on: pulsar-lite handles a reset without removing the connection's consumers, and a
-/// Failover or Key_Shared subscription then keeps the dead consumer's place for good
+/// Failover subscription then keeps the dead consumer as its active one for good
 /// (`support::relay::close_broker_side`). Here a fake broker streams to a client that reads
 /// nothing until every buffer between them is full (the relay holds unread bytes), then the
 /// client resets its connection: the broker must see an orderly end and its writes still taken.
