@@ -445,16 +445,21 @@ fn relay_passes_a_checksummed_message_frame_through_unchanged() {
     );
 }
 
-#[test]
-fn relay_passes_other_commands_through_unchanged() {
-    let ping = frame(
+/// A PING frame, which the relay passes through as it is.
+fn ping_frame() -> Vec<u8> {
+    frame(
         &BaseCommand {
             r#type: base_command::Type::Ping as i32,
             ping: Some(Default::default()),
             ..Default::default()
         },
         &[],
-    );
+    )
+}
+
+#[test]
+fn relay_passes_other_commands_through_unchanged() {
+    let ping = ping_frame();
     assert_eq!(rewrite_frame(ping.clone(), RELAY_URL).unwrap(), ping);
 }
 
@@ -512,14 +517,7 @@ async fn relay_ends_the_broker_connection_in_order_when_its_client_resets() {
     let (mut from_relay, mut to_relay) = upstream.into_split();
     // Frames the relay accepts, written until one cannot be written for a while: every buffer
     // from here to the client is full and the relay has stopped reading.
-    let ping = frame(
-        &BaseCommand {
-            r#type: base_command::Type::Ping as i32,
-            ping: Some(Default::default()),
-            ..Default::default()
-        },
-        &[],
-    );
+    let ping = ping_frame();
     let chunk = ping.repeat(64 * 1024 / ping.len());
     let (written, mut writes) = tokio::sync::mpsc::unbounded_channel();
     let writer = tokio::spawn(async move {
