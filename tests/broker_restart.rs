@@ -81,7 +81,9 @@ fn a_client_stuck_on_a_dead_connection_is_replaced_and_consumption_resumes() {
 /// pulsar-lite: `ingest::starved_partitions`). The fail point drops every message after the
 /// 100th of the first subscription unseen, as such a broker leaves it: the input holds nothing,
 /// hears nothing, finds the broker's last message beyond the last one it received, and subscribes
-/// again; the broker redelivers what was not acknowledged and the state is exact.
+/// again; the broker redelivers what was not acknowledged and the state is exact. The consumer
+/// given up goes with its own connection (`partitions`): the daemon holds as many connections to
+/// the broker afterwards as before.
 #[test]
 fn an_input_the_broker_stops_serving_subscribes_again_and_loses_nothing() {
     let harness = Harness::new()
@@ -89,6 +91,8 @@ fn an_input_the_broker_stops_serving_subscribes_again_and_loses_nothing() {
         .build();
     let config = harness.config();
     let daemon = harness.start();
+    let broker_port = harness.broker.url().rsplit(':').next().unwrap().parse().unwrap();
+    let connections = daemon.connections_to(broker_port).unwrap();
     let plan = generator::plan(&Options {
         seed: 63,
         campaigns: 3,
@@ -108,6 +112,18 @@ fn an_input_the_broker_stops_serving_subscribes_again_and_loses_nothing() {
         "{}",
         daemon.log_tail()
     );
+    wait_for(
+        "the given-up consumer's connection to close",
+        Duration::from_secs(10),
+        || (daemon.connections_to(broker_port).unwrap() == connections).then_some(()),
+    )
+    .unwrap_or_else(|error| {
+        panic!(
+            "{error}: {} connections before the input subscribed again, {} now",
+            connections,
+            daemon.connections_to(broker_port).unwrap()
+        )
+    });
 }
 
 /// A broker that carries out a subscribe but answers after the client has given up on it (seen

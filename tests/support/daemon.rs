@@ -110,6 +110,33 @@ impl Daemon {
         self.child.id()
     }
 
+    /// The daemon's established TCP connections to 127.0.0.1:`port` (its sockets in
+    /// `/proc/<pid>/fd`, their states in `/proc/net/tcp`).
+    pub fn connections_to(&self, port: u16) -> anyhow::Result<usize> {
+        let mut inodes = std::collections::HashSet::new();
+        for fd in std::fs::read_dir(format!("/proc/{}/fd", self.pid()))? {
+            let Ok(target) = std::fs::read_link(fd?.path()) else {
+                continue;
+            };
+            let target = target.to_string_lossy();
+            if let Some(inode) = target
+                .strip_prefix("socket:[")
+                .and_then(|rest| rest.strip_suffix(']'))
+            {
+                inodes.insert(inode.to_owned());
+            }
+        }
+        let remote = format!("0100007F:{port:04X}");
+        let table = std::fs::read_to_string("/proc/net/tcp")?;
+        Ok(table
+            .lines()
+            .skip(1)
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .filter(|fields| fields.len() > 9 && fields[2] == remote && fields[3] == "01")
+            .filter(|fields| inodes.contains(fields[9]))
+            .count())
+    }
+
     /// Whether the process is still running (it has not exited).
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
