@@ -50,8 +50,8 @@ impl Client {
         metrics::counter!(BROKER_CLIENT_RENEWALS).increment(1);
     }
 
-    /// A new client of its own to the same broker, with its own connections, for consumers that
-    /// must not share theirs (`partitions`).
+    /// A new client of its own to the same broker, with its own connections: for consumers that
+    /// must not share theirs (`partitions`), and the probe's check that the broker is reachable.
     pub async fn fresh(&self) -> Result<Pulsar<TokioExecutor>, pulsar::Error> {
         build(&self.url).await
     }
@@ -331,17 +331,15 @@ pub async fn probe(
         // client; a probe that succeeds, or a broker no fresh client reaches, clears them.
         strikes = match up {
             true => 0,
-            false => {
-                match tokio::time::timeout(interval.max(Duration::from_secs(1)), build(&client.url)).await {
-                    Ok(Ok(fresh)) if strikes + 1 >= RENEW_AFTER_STRIKES => {
-                        client.replace(fresh);
-                        tracing::info!(url = %config.url, "Replaced the Pulsar client: its connection stayed broken while a fresh client reached the broker.");
-                        0
-                    }
-                    Ok(Ok(_)) => strikes + 1,
-                    _ => 0,
+            false => match tokio::time::timeout(interval.max(Duration::from_secs(1)), client.fresh()).await {
+                Ok(Ok(fresh)) if strikes + 1 >= RENEW_AFTER_STRIKES => {
+                    client.replace(fresh);
+                    tracing::info!(url = %config.url, "Replaced the Pulsar client: its connection stayed broken while a fresh client reached the broker.");
+                    0
                 }
-            }
+                Ok(Ok(_)) => strikes + 1,
+                _ => 0,
+            },
         };
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
