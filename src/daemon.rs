@@ -8,7 +8,7 @@ use crate::http::{self, HttpState, InputsUp};
 use crate::ingest::{self, Pipeline};
 use crate::store::SledStore;
 use crate::telemetry::{
-    self, ACTORS_PASSIVATED, IDEMPOTENCY_EVICTED, IDEMPOTENCY_FILTER_BYTES, IDEMPOTENCY_WINDOW_KEYS,
+    self, ACTORS_PASSIVATED, IDEMPOTENCY_EVICTED, IDEMPOTENCY_INDEX_BYTES, IDEMPOTENCY_WINDOW_KEYS,
     STORE_DISK_BYTES,
 };
 use actix::Arbiter;
@@ -331,7 +331,7 @@ async fn evict(store: Arc<SledStore>, interval_seconds: u64, mut shutdown: watch
             tracing::error!(error = %error, "Dead-letter memory eviction failed.");
         }
         metrics::gauge!(IDEMPOTENCY_WINDOW_KEYS).set(store.window_len() as f64);
-        metrics::gauge!(IDEMPOTENCY_FILTER_BYTES).set(store.window_filter_bytes() as f64);
+        metrics::gauge!(IDEMPOTENCY_INDEX_BYTES).set(store.window_index_bytes() as f64);
         match store.disk_bytes() {
             Ok(bytes) => metrics::gauge!(STORE_DISK_BYTES).set(bytes as f64),
             Err(error) => tracing::warn!(error = %error, "Cannot measure the data directory."),

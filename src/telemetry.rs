@@ -55,7 +55,7 @@ pub const SNAPSHOT_CHECKSUM_FAILURES: &str = "aerostream_snapshot_checksum_failu
 pub const SNAPSHOT_REPLAYED: &str = "aerostream_snapshot_replayed_events_total";
 pub const IDEMPOTENCY_WINDOW_KEYS: &str = "aerostream_idempotency_window_keys";
 pub const IDEMPOTENCY_EVICTED: &str = "aerostream_idempotency_evicted_total";
-pub const IDEMPOTENCY_FILTER_BYTES: &str = "aerostream_idempotency_filter_bytes";
+pub const IDEMPOTENCY_INDEX_BYTES: &str = "aerostream_idempotency_index_bytes";
 pub const STORE_DISK_BYTES: &str = "aerostream_store_disk_bytes";
 pub const OUTBOX_BACKLOG: &str = "aerostream_outbox_backlog_events";
 pub const OUTBOX_PUBLISHED: &str = "aerostream_outbox_published_total";
@@ -134,7 +134,7 @@ pub const METRICS: &[Described] = &[
     described(SNAPSHOT_REPLAYED, Counter, COUNT, "Journal entries replayed by actor rebuilds."),
     described(IDEMPOTENCY_WINDOW_KEYS, Gauge, COUNT, "Idempotency keys in the window."),
     described(IDEMPOTENCY_EVICTED, Counter, COUNT, "Idempotency keys evicted past the window."),
-    described(IDEMPOTENCY_FILTER_BYTES, Gauge, BYTES, "Memory the idempotency window's key filters take (1.25 to 2.5 bytes per key), measured at each eviction."),
+    described(IDEMPOTENCY_INDEX_BYTES, Gauge, BYTES, "Memory the idempotency window's indexes take (which pack holds each key: about 24 to 48 bytes per key), measured at each eviction."),
     described(STORE_DISK_BYTES, Gauge, BYTES, "Disk space the data directory takes (blocks allocated), measured at each eviction."),
     described(OUTBOX_BACKLOG, Gauge, COUNT, "Committed output events and changelog records not yet published."),
     described(OUTBOX_PUBLISHED, Counter, COUNT, "Output events and changelog records published, by event type (changelog for records)."),

@@ -2,10 +2,11 @@
 //!
 //! Trees:
 //! - `state`:   `<kind>/<id>` → aggregate state (JSON)
-//! - `seen@<bucket>`: the idempotency window, one tree per quarter of it ([`window`]): the first 16
-//!   bytes of the key's SHA-256 → first-seen ms (8 bytes BE) ‖ SHA-256 of the content (32 bytes)
-//!   ‖ the [`DeliveryId`] of the message applied under the key (8 bytes BE; absent for events the
-//!   daemon made and for keys written before deliveries were recorded)
+//! - `window@<bucket>`: the idempotency window, one tree per quarter of it ([`window`]): pack
+//!   number (4 bytes BE, in write order) → up to 64 keys, each the first 16 bytes of the key's
+//!   SHA-256, its value's length (2 bytes BE) and its value: first-seen ms (8 bytes BE) ‖ SHA-256
+//!   of the content (32 bytes) ‖ the [`DeliveryId`] of the message applied under the key (8 bytes
+//!   BE; absent for events the daemon made and for keys written before deliveries were recorded)
 //! - `outbox`:  sequence (8 bytes BE) → output event (JSON), deleted once published
 //! - `outbox_poison`: same keys → an entry that can never be published, with its reason (JSON)
 //! - `ledgers`: affiliate id → commission ledger (JSON), moved by the output events of each commit
@@ -22,7 +23,6 @@
 //!   (8 bytes BE), and `t` ‖ ms (8 bytes BE) ‖ message id → (), the index that eviction walks
 
 mod committer;
-mod filter;
 mod flusher;
 mod window;
 
@@ -40,7 +40,7 @@ use aerostream_actors::{Aggregate, AggregateKind, Campaign, CommissionLedger, Pa
 use serde::{Deserialize, Serialize};
 use sled::transaction::TransactionalTree;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -593,15 +593,9 @@ impl SledStore {
         self.window.len() as usize
     }
 
-    /// Memory held by the window's key filters.
-    pub fn window_filter_bytes(&self) -> usize {
-        self.window.filter_bytes()
-    }
-
-    /// Whether the window's filters are filled from what the store held at open (until then,
-    /// every lookup reads the disk).
-    pub fn window_filters_filled(&self) -> bool {
-        self.window.filled()
+    /// Memory held by the window's indexes (which pack holds each key).
+    pub fn window_index_bytes(&self) -> usize {
+        self.window.index_bytes()
     }
 
     /// Disk space the data directory takes: the blocks allocated to its files (what `du` shows;
@@ -1062,21 +1056,18 @@ impl SledStore {
         let horizon = now - self.window_ms;
         // Every key of the batch goes to the bucket of now (a commit's keys are stamped before).
         let bucket = self.window.bucket_for(now, now);
-        let live = self.window.live(now, [bucket])?;
-        let target = live.position(bucket);
-        let older = older_entries(
-            &live.older,
+        let writer = self.window.writer(
+            [bucket],
             staged.iter().flat_map(|s| s.keys.iter().map(|(key, _)| key)),
         )?;
         let mut trees = self.trees().to_vec();
-        trees.extend(live.recent.iter().map(|bucket| &bucket.tree));
-        // Per commit: its result, and how many keys it recorded.
+        trees.extend(writer.trees());
         let result = trees.as_slice().transaction(|views| {
-            let (fixed, recent) = views.split_at(TREES);
+            let (fixed, window) = views.split_at(TREES);
             let [report, state, out, ledgers, pending_charges, journal, snapshots, versions] = fixed else {
                 unreachable!("the store's trees, then the window's")
             };
-            let seen = window_view(&live.recent, recent, &older);
+            let mut seen = writer.staging();
             let mut results = Vec::with_capacity(staged.len());
             // The batch's read-model changes, added up: each group is read and written once.
             let mut read_model: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
@@ -1085,10 +1076,10 @@ impl SledStore {
             'commits: for staged in &staged {
                 let commit = &staged.commit;
                 for (key, _) in &staged.keys {
-                    if let Some(existing) = seen(key)? {
-                        let entry = decode_seen(&existing);
+                    if let Some(existing) = seen.get(key) {
+                        let entry = decode_seen(existing);
                         if entry.first_seen_ms > horizon {
-                            results.push((CommitResult::AlreadySeen(entry), 0));
+                            results.push(CommitResult::AlreadySeen(entry));
                             continue 'commits;
                         }
                     }
@@ -1096,15 +1087,14 @@ impl SledStore {
                 // Optimistic concurrency: the change was decided on the version stored now.
                 if let Some(stored) = versions.get(staged.state_key.as_slice())? {
                     if commit.base_version() != decode_version(&stored) {
-                        results.push((CommitResult::Stale, 0));
+                        results.push(CommitResult::Stale);
                         continue;
                     }
                 }
                 state.insert(staged.state_key.as_slice(), commit.state)?;
                 versions.insert(staged.state_key.as_slice(), &commit.version.to_be_bytes())?;
                 for (key, value) in &staged.keys {
-                    live.recent[target].keys.add(key);
-                    recent[target].insert(key.as_slice(), value.as_slice())?;
+                    seen.add(bucket, *key, value);
                 }
                 for (seq, value) in &staged.outbox {
                     out.insert(&seq.to_be_bytes(), value.as_slice())?;
@@ -1139,15 +1129,16 @@ impl SledStore {
                 for change in commit.read_model {
                     read_model.entry(change.group.as_str()).or_default().push(change);
                 }
-                results.push((CommitResult::Committed, staged.keys.len()));
+                results.push(CommitResult::Committed);
             }
             move_read_model::<()>(report, &read_model)?;
-            Ok(results)
+            Ok((results, seen.write(window)?))
         });
-        let results = result.map_err(unaborted_error)?;
+        let (results, written) = result.map_err(unaborted_error)?;
+        writer.finish(written);
         self.wrote();
         let mut added = false;
-        for (staged, (result, recorded)) in staged.iter().zip(&results) {
+        for (staged, result) in staged.iter().zip(&results) {
             tracing::debug!(
                 aggregate = ?staged.commit.aggregate,
                 version = staged.commit.version,
@@ -1158,7 +1149,6 @@ impl SledStore {
             if *result != CommitResult::Committed {
                 continue;
             }
-            self.window.counted(*recorded as i64);
             self.outbox_pending
                 .fetch_add(staged.outbox.len() as u64, Ordering::AcqRel);
             if let Some((last, _)) = staged.outbox.last() {
@@ -1174,7 +1164,7 @@ impl SledStore {
             self.outbox_published();
             self.outbox_added.notify_one();
         }
-        Ok(results.into_iter().map(|(result, _)| result).collect())
+        Ok(results)
     }
 }
 
@@ -1190,7 +1180,7 @@ fn migrate_window(
         return Ok(());
     }
     let legacy = db.open_tree("seen").map_err(store_error)?;
-    let mut batches: BTreeMap<i64, sled::Batch> = BTreeMap::new();
+    let mut buckets: BTreeMap<i64, Vec<(window::Digest16, Vec<u8>)>> = BTreeMap::new();
     let mut moved = 0;
     for entry in legacy.iter() {
         let (key, value) = entry.map_err(store_error)?;
@@ -1200,22 +1190,12 @@ fn migrate_window(
         }
         let digest = window::digest(&String::from_utf8_lossy(&key));
         let bucket = window.bucket_for(first_seen, first_seen);
-        // In the bucket's filter before its tree holds the key.
-        window.bucket(bucket)?.keys.add(&digest);
-        batches
-            .entry(bucket)
-            .or_default()
-            .insert(digest.as_slice(), value);
+        buckets.entry(bucket).or_default().push((digest, value.to_vec()));
         moved += 1;
     }
-    for (bucket, batch) in batches {
-        window
-            .bucket(bucket)?
-            .tree
-            .apply_batch(batch)
-            .map_err(store_error)?;
+    for (bucket, keys) in buckets {
+        window.append(bucket, &keys)?;
     }
-    window.counted(moved);
     tracing::info!(
         keys = moved,
         "Idempotency keys moved to the window's time buckets."
@@ -1229,49 +1209,6 @@ fn migrate_window(
 
 /// Trees a commit writes besides the window's ([`SledStore::trees`]).
 const TREES: usize = 8;
-
-/// What the window's older buckets hold of `keys`, read before a transaction: no writer touches
-/// those buckets any more, and a transaction must not read a tree outside itself (sled's
-/// transaction holds the lock that a plain read takes: the thread would wait on itself).
-fn older_entries<'a>(
-    older: &[window::Bucket],
-    keys: impl Iterator<Item = &'a window::Digest16>,
-) -> Result<HashMap<window::Digest16, sled::IVec>, StoreError> {
-    let mut found = HashMap::new();
-    for key in keys {
-        for bucket in older {
-            if let Some(value) = bucket.get(key)? {
-                found.insert(*key, value);
-                break;
-            }
-        }
-    }
-    Ok(found)
-}
-
-/// Looks a key up in the window inside a transaction: the recent buckets through the transaction
-/// (writers may still write them) where their filters may hold it, the older ones from what
-/// [`older_entries`] read before it. A key is added to its bucket's filter before its tree holds
-/// it, by a writer inside its transaction: the transaction reading here excludes every other, so
-/// a filter that does not hold the key means no transaction before this one wrote it.
-fn window_view<'a>(
-    buckets: &'a [window::Bucket],
-    recent: &'a [TransactionalTree],
-    older: &'a HashMap<window::Digest16, sled::IVec>,
-) -> impl Fn(&window::Digest16) -> Result<Option<sled::IVec>, sled::transaction::UnabortableTransactionError> + 'a
-{
-    move |key| {
-        for (bucket, tree) in buckets.iter().zip(recent) {
-            if !bucket.keys.may_contain(key) {
-                continue;
-            }
-            if let Some(value) = tree.get(key)? {
-                return Ok(Some(value));
-            }
-        }
-        Ok(older.get(key).cloned())
-    }
-}
 
 /// The oldest sequence in the outbox, `u64::MAX` when it is empty.
 /// The oldest entry's sequence number, `u64::MAX` when the outbox is empty. An outbox that cannot
@@ -1445,8 +1382,6 @@ impl SledStore {
                     )
                 })
                 .collect();
-            let live = self.window.live(now, keys.iter().map(|(_, _, bucket)| *bucket))?;
-            let older = older_entries(&live.older, keys.iter().map(|(key, _, _)| key))?;
             let kind = record.aggregate.kind;
             let snapshot = match kind {
                 AggregateKind::Campaign => {
@@ -1475,24 +1410,25 @@ impl SledStore {
                 &self.versions,
                 &self.unconfirmed,
             ];
-            trees.extend(live.recent.iter().map(|bucket| &bucket.tree));
+            let writer = self.window.writer(
+                keys.iter().map(|(_, _, bucket)| *bucket),
+                keys.iter().map(|(key, _, _)| key),
+            )?;
+            trees.extend(writer.trees());
             let result = trees.as_slice().transaction(|views| {
-                let (fixed, recent) = views.split_at(8);
+                let (fixed, window) = views.split_at(8);
                 let [report, state, ledgers, pending_charges, journal, snapshots, versions, unconfirmed] =
                     fixed
                 else {
                     unreachable!("the import's trees, then the window's")
                 };
-                let seen = window_view(&live.recent, recent, &older);
-                let mut newly_seen = 0i64;
+                let mut seen = writer.staging();
                 for (key, value, bucket) in &keys {
-                    if seen(key)?.is_none() {
-                        let at = live.position(*bucket);
-                        live.recent[at].keys.add(key);
-                        recent[at].insert(key.as_slice(), value.as_slice())?;
-                        newly_seen += 1;
+                    if seen.get(key).is_none() {
+                        seen.add(*bucket, *key, value);
                     }
                 }
+                let written = seen.write(window)?;
                 let withdrawn = match unconfirmed.get(key.as_slice())? {
                     Some(bytes) => Some(Unconfirmed::decode(&bytes)?).filter(|mark| !mark.resolved),
                     None => None,
@@ -1510,7 +1446,7 @@ impl SledStore {
                     }
                 };
                 if !newer && !restores {
-                    return Ok((false, newly_seen));
+                    return Ok((false, written));
                 }
                 let before = state.get(key.as_slice())?;
                 let changes = read_model_changes(kind, before.as_deref(), record.state.as_bytes())
@@ -1547,9 +1483,10 @@ impl SledStore {
                     };
                     unconfirmed.insert(key.as_slice(), resolved.encode())?;
                 }
-                Ok((true, newly_seen))
+                Ok((true, written))
             });
-            let (imported, newly_seen): (bool, i64) = result.map_err(unaborted_error)?;
+            let (imported, written) = result.map_err(unaborted_error)?;
+            writer.finish(written);
             tracing::debug!(
                 aggregate = %record.key(),
                 version = record.version,
@@ -1558,7 +1495,6 @@ impl SledStore {
                 imported,
                 "Changelog record read."
             );
-            self.window.counted(newly_seen);
             self.wrote();
             Ok(imported)
         })
@@ -1600,10 +1536,14 @@ impl SledStore {
                     resolved: false,
                 });
         }
-        // Withdrawn keys are wherever they were written: every bucket is read and written.
-        let buckets = self.window.all();
+        // Withdrawn keys are wherever they were written: every bucket that holds one is rewritten.
+        let keys: Vec<window::Digest16> = withdrawn
+            .iter()
+            .flat_map(|(_, record)| record.events().map(|event| window::digest(event.idempotency_key)))
+            .collect();
+        let withdrawal = self.window.withdrawal(&keys);
         let mut trees = vec![&self.outbox, &self.ledgers, &self.unconfirmed];
-        trees.extend(buckets.iter().map(|bucket| &bucket.tree));
+        trees.extend(withdrawal.trees());
         let forgotten = trees
             .as_slice()
             .transaction(|views| {
@@ -1611,16 +1551,10 @@ impl SledStore {
                 let [out, ledgers, unconfirmed] = fixed else {
                     unreachable!("the withdrawal's trees, then the window's")
                 };
-                let mut forgotten = 0i64;
+                let forgotten = withdrawal.remove(window)?;
                 for (seq, record) in &withdrawn {
                     out.remove(seq)?;
                     for event in record.events() {
-                        let key = window::digest(event.idempotency_key);
-                        for bucket in window {
-                            if bucket.remove(key.as_slice())?.is_some() {
-                                forgotten += 1;
-                            }
-                        }
                         revert_ledgers(ledgers, event.outputs)?;
                     }
                 }
@@ -1634,10 +1568,11 @@ impl SledStore {
                 Ok(forgotten)
             })
             .map_err(unaborted_error)?;
+        withdrawal.finish();
         for (_, record) in &withdrawn {
             tracing::debug!(aggregate = %record.key(), from = record.first_version(), version = record.version, key = %record.idempotency_key, "Commit withdrawn.");
         }
-        self.window.counted(-forgotten);
+        tracing::debug!(keys = forgotten, "Idempotency keys withdrawn.");
         self.outbox_pending
             .fetch_sub(withdrawn.len() as u64, Ordering::AcqRel);
         self.outbox_published();
@@ -1875,8 +1810,8 @@ mod tests {
         SledStore::open(dir.path(), 10, clock).expect("free once the first store is dropped");
     }
 
-    /// The window's filters live in memory: a reopened store fills them from its buckets, so a key
-    /// committed before the restart is still seen once they are filled, by a lookup and by a commit.
+    /// The window's indexes live in memory: a reopened store fills them from its buckets' packs, so
+    /// a key committed before the restart is still seen, by a lookup and by a commit.
     #[test]
     fn a_reopened_store_sees_the_keys_committed_before() {
         let dir = tempfile::tempdir().unwrap();
@@ -1894,12 +1829,6 @@ mod tests {
         }
         drop(store);
         let store = SledStore::open(dir.path(), 10, clock).unwrap();
-        // Filled by a thread of its own; until then a lookup reads the disk.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !store.window_filters_filled() {
-            assert!(std::time::Instant::now() < deadline, "the filters are filled");
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
         assert!(store.seen("k1").unwrap().is_some());
         assert!(store.seen("k2").unwrap().is_some());
         assert!(store.seen("k3").unwrap().is_none());
