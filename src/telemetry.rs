@@ -134,7 +134,7 @@ pub const METRICS: &[Described] = &[
     described(SNAPSHOT_REPLAYED, Counter, COUNT, "Journal entries replayed by actor rebuilds."),
     described(IDEMPOTENCY_WINDOW_KEYS, Gauge, COUNT, "Idempotency keys in the window."),
     described(IDEMPOTENCY_EVICTED, Counter, COUNT, "Idempotency keys evicted past the window."),
-    described(IDEMPOTENCY_INDEX_BYTES, Gauge, BYTES, "Memory the idempotency window's indexes take (which pack holds each key: about 24 to 48 bytes per key), measured at each eviction."),
+    described(IDEMPOTENCY_INDEX_BYTES, Gauge, BYTES, "Memory the idempotency window's indexes take (which pack holds each key: about 30 to 60 bytes per key), measured at each eviction."),
     described(STORE_DISK_BYTES, Gauge, BYTES, "Disk space the data directory takes (blocks allocated), measured at each eviction."),
     described(OUTBOX_BACKLOG, Gauge, COUNT, "Committed output events and changelog records not yet published."),
     described(OUTBOX_PUBLISHED, Counter, COUNT, "Output events and changelog records published, by event type (changelog for records)."),

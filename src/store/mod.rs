@@ -2,11 +2,13 @@
 //!
 //! Trees:
 //! - `state`:   `<kind>/<id>` → aggregate state (JSON)
-//! - `window@<bucket>`: the idempotency window, one tree per quarter of it ([`window`]): pack
-//!   number (4 bytes BE, in write order) → up to 64 keys, each the first 16 bytes of the key's
+//! - `window_staged`: the idempotency window's keys of the last second ([`window`]): pack number
+//!   (8 bytes BE) → bucket (8 bytes BE) ‖ up to 64 keys, each the first 16 bytes of the key's
 //!   SHA-256, its value's length (2 bytes BE) and its value: first-seen ms (8 bytes BE) ‖ SHA-256
 //!   of the content (32 bytes) ‖ the [`DeliveryId`] of the message applied under the key (8 bytes
-//!   BE; absent for events the daemon made and for keys written before deliveries were recorded)
+//!   BE; absent for events the daemon made and for keys written before deliveries were recorded).
+//!   Moved every second to the window's own database (`window/` in the data directory: a tree
+//!   `window@<bucket>` of packs per quarter of the window, under the same numbers).
 //! - `outbox`:  sequence (8 bytes BE) → output event (JSON), deleted once published
 //! - `outbox_poison`: same keys → an entry that can never be published, with its reason (JSON)
 //! - `ledgers`: affiliate id → commission ledger (JSON), moved by the output events of each commit
@@ -388,7 +390,8 @@ impl SledStore {
         let tree = |name: &str| db.open_tree(name).map_err(store_error);
         let outbox = tree("outbox")?;
         let window_ms = (window_seconds as i64).saturating_mul(1_000);
-        let window = window::Window::open(&db, window_ms)?;
+        // Half the cache again for the window's own database (src/store/window.rs).
+        let window = window::Window::open(&db, dir, window_ms, cache_bytes / 2)?;
         migrate_window(&db, &window, window_ms, clock.now_ms())?;
         let unconfirmed = tree("unconfirmed")?;
         let dead_lettered = tree("dead_lettered")?;
@@ -446,6 +449,7 @@ impl SledStore {
     /// in 40 ended in a hung flush, an event applied twice or an event lost.
     pub fn with_min_free(mut self, bytes: u64) -> Self {
         self.min_free_bytes = bytes;
+        self.window.set_min_free(bytes);
         self
     }
 
@@ -1061,7 +1065,7 @@ impl SledStore {
             staged.iter().flat_map(|s| s.keys.iter().map(|(key, _)| key)),
         )?;
         let mut trees = self.trees().to_vec();
-        trees.extend(writer.trees());
+        trees.push(writer.tree());
         let result = trees.as_slice().transaction(|views| {
             let (fixed, window) = views.split_at(TREES);
             let [report, state, out, ledgers, pending_charges, journal, snapshots, versions] = fixed else {
@@ -1132,7 +1136,7 @@ impl SledStore {
                 results.push(CommitResult::Committed);
             }
             move_read_model::<()>(report, &read_model)?;
-            Ok((results, seen.write(window)?))
+            Ok((results, seen.write(&window[0])?))
         });
         let (results, written) = result.map_err(unaborted_error)?;
         writer.finish(written);
@@ -1414,7 +1418,7 @@ impl SledStore {
                 keys.iter().map(|(_, _, bucket)| *bucket),
                 keys.iter().map(|(key, _, _)| key),
             )?;
-            trees.extend(writer.trees());
+            trees.push(writer.tree());
             let result = trees.as_slice().transaction(|views| {
                 let (fixed, window) = views.split_at(8);
                 let [report, state, ledgers, pending_charges, journal, snapshots, versions, unconfirmed] =
@@ -1428,7 +1432,7 @@ impl SledStore {
                         seen.add(*bucket, *key, value);
                     }
                 }
-                let written = seen.write(window)?;
+                let written = seen.write(&window[0])?;
                 let withdrawn = match unconfirmed.get(key.as_slice())? {
                     Some(bytes) => Some(Unconfirmed::decode(&bytes)?).filter(|mark| !mark.resolved),
                     None => None,
@@ -1541,17 +1545,17 @@ impl SledStore {
             .iter()
             .flat_map(|(_, record)| record.events().map(|event| window::digest(event.idempotency_key)))
             .collect();
-        let withdrawal = self.window.withdrawal(&keys);
+        let withdrawal = self.window.withdrawal(&keys)?;
         let mut trees = vec![&self.outbox, &self.ledgers, &self.unconfirmed];
-        trees.extend(withdrawal.trees());
-        let forgotten = trees
+        trees.push(self.window.staged_tree());
+        trees
             .as_slice()
             .transaction(|views| {
                 let (fixed, window) = views.split_at(3);
                 let [out, ledgers, unconfirmed] = fixed else {
                     unreachable!("the withdrawal's trees, then the window's")
                 };
-                let forgotten = withdrawal.remove(window)?;
+                withdrawal.remove(&window[0])?;
                 for (seq, record) in &withdrawn {
                     out.remove(seq)?;
                     for event in record.events() {
@@ -1565,9 +1569,10 @@ impl SledStore {
                     };
                     unconfirmed.insert(key.as_slice(), Unconfirmed { from, ..mark.clone() }.encode())?;
                 }
-                Ok(forgotten)
+                Ok(())
             })
             .map_err(unaborted_error)?;
+        let forgotten = withdrawal.keys();
         withdrawal.finish();
         for (_, record) in &withdrawn {
             tracing::debug!(aggregate = %record.key(), from = record.first_version(), version = record.version, key = %record.idempotency_key, "Commit withdrawn.");
