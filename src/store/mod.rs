@@ -609,7 +609,11 @@ impl SledStore {
             let mut bytes = 0;
             for entry in std::fs::read_dir(dir)? {
                 let entry = entry?;
-                let metadata = entry.metadata()?;
+                // sled deletes blob files as it writes: one gone since the listing takes no space.
+                let metadata = match entry.metadata() {
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                    metadata => metadata?,
+                };
                 bytes += if metadata.is_dir() {
                     walk(&entry.path())?
                 } else {
