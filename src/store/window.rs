@@ -99,11 +99,16 @@ impl Bucket {
     }
 
     fn index_pack(&self, number: u64, pack: &[u8]) -> Result<(), StoreError> {
-        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
-        for (key, _) in records(pack).map_err(store_error)? {
-            index.insert(key, number);
-        }
+        let keys = records(pack).map_err(store_error)?;
+        self.index_keys(number, keys.iter().map(|(key, _)| key));
         Ok(())
+    }
+
+    fn index_keys<'k>(&self, number: u64, keys: impl IntoIterator<Item = &'k Digest16>) {
+        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+        for key in keys {
+            index.insert(*key, number);
+        }
     }
 
     /// The pack holding `key`, if any.
@@ -378,11 +383,7 @@ impl Shared {
     /// the layout before packs.
     fn load(&self) -> Result<(), StoreError> {
         for name in self.keys.tree_names() {
-            let Some(bucket) = std::str::from_utf8(&name)
-                .ok()
-                .and_then(|name| name.strip_prefix(PREFIX))
-                .and_then(|number| number.parse::<i64>().ok())
-            else {
+            let Some(bucket) = bucket_named(&name, PREFIX) else {
                 continue;
             };
             let opened = self.bucket(bucket)?;
@@ -398,11 +399,7 @@ impl Shared {
                 .index_pack(pack_number(&number).map_err(store_error)?, pack)?;
         }
         for name in self.db.tree_names() {
-            let Some(bucket) = std::str::from_utf8(&name)
-                .ok()
-                .and_then(|name| name.strip_prefix(LEGACY_PREFIX))
-                .and_then(|number| number.parse::<i64>().ok())
-            else {
+            let Some(bucket) = bucket_named(&name, LEGACY_PREFIX) else {
                 continue;
             };
             let tree = self.db.open_tree(&name).map_err(store_error)?;
@@ -601,9 +598,8 @@ impl<'w> Writer<'w> {
 
     /// Indexes the packs the committed transaction wrote and releases the writer lock.
     pub fn finish(self, written: Written) {
-        for (target, number, pack) in written.packs {
-            // The pack was encoded by this process: it parses.
-            let _ = self.targets[target].1.index_pack(number, &pack);
+        for (target, number, keys) in written.packs {
+            self.targets[target].1.index_keys(number, &keys);
         }
     }
 }
@@ -657,10 +653,8 @@ impl<'a, 'v> Staging<'a, 'v> {
                     PACKS_PER_WRITE as usize * PACK_KEYS
                 );
                 let pack = encode_pack(chunk.iter().map(|(k, v)| (k, *v)));
-                let mut value = bucket.to_be_bytes().to_vec();
-                value.extend_from_slice(&pack);
-                staged.insert(&number.to_be_bytes(), value)?;
-                packs.push((target, number, pack));
+                staged.insert(&number.to_be_bytes(), encode_staged(*bucket, &pack))?;
+                packs.push((target, number, chunk.iter().map(|(key, _)| *key).collect()));
                 number += 1;
             }
         }
@@ -669,9 +663,9 @@ impl<'a, 'v> Staging<'a, 'v> {
 }
 
 /// The packs a transaction wrote: per pack, its bucket's position among the writer's, its number
-/// and its bytes.
+/// and its keys.
 pub struct Written {
-    packs: Vec<(usize, u64, Vec<u8>)>,
+    packs: Vec<(usize, u64, Vec<Digest16>)>,
 }
 
 /// A withdrawal of keys under way (see [`Window::withdrawal`]).
@@ -698,9 +692,7 @@ impl<'w> Withdrawal<'w> {
             let (bucket, pack) = staged_pack(&entry)?;
             match without(pack, keys)? {
                 Some(kept) => {
-                    let mut value = bucket.to_be_bytes().to_vec();
-                    value.extend_from_slice(&kept);
-                    staged.insert(&number.to_be_bytes(), value)?;
+                    staged.insert(&number.to_be_bytes(), encode_staged(bucket, &kept))?;
                 }
                 None => {
                     staged.remove(&number.to_be_bytes())?;
@@ -766,12 +758,22 @@ fn without(pack: &[u8], keys: &[Digest16]) -> Result<Option<Vec<u8>>, sled::Erro
     Ok((!kept.is_empty()).then(|| encode_pack(kept.iter().map(|(k, v)| (k, *v)))))
 }
 
+/// A staged pack as the store's tree holds it: its bucket, then the pack.
+fn encode_staged(bucket: i64, pack: &[u8]) -> Vec<u8> {
+    [bucket.to_be_bytes().as_slice(), pack].concat()
+}
+
 /// A staged pack's bucket and pack.
 fn staged_pack(value: &[u8]) -> Result<(i64, &[u8]), sled::Error> {
     let (bucket, pack) = value
         .split_first_chunk::<8>()
         .ok_or_else(|| corrupt("a staged pack without its bucket"))?;
     Ok((i64::from_be_bytes(*bucket), pack))
+}
+
+/// The bucket a tree named `<prefix><bucket>` holds.
+fn bucket_named(name: &[u8], prefix: &str) -> Option<i64> {
+    std::str::from_utf8(name).ok()?.strip_prefix(prefix)?.parse().ok()
 }
 
 fn pack_number(key: &[u8]) -> Result<u64, sled::Error> {
