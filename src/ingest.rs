@@ -118,6 +118,12 @@ pub const FAILPOINT_STARVE: &str = "ingest::starve";
 /// Messages each partition's consumer asks the broker for ahead of time, at most.
 const RECEIVE_QUEUE: usize = 1_024;
 
+/// The receive queue (and batch size) of each partition's consumer of `input`: what it asks the
+/// broker for ahead of time.
+pub fn receive_queue(input: &InputConfig) -> u32 {
+    RECEIVE_QUEUE.min(input.max_in_flight) as u32
+}
+
 /// The dead-letter reason of a message whose retries all failed.
 pub const MAX_REDELIVERIES: &str = "max_redeliveries";
 
@@ -266,11 +272,8 @@ async fn subscribe(
                 "aerostream-{name}-{:016}-{consumer_id}",
                 broker::process_started_ms()
             ))
-            .with_batch_size(RECEIVE_QUEUE.min(input.max_in_flight) as u32)
-            .with_options(
-                ConsumerOptions::default()
-                    .with_receiver_queue_size(RECEIVE_QUEUE.min(input.max_in_flight) as u32),
-            )
+            .with_batch_size(receive_queue(input))
+            .with_options(ConsumerOptions::default().with_receiver_queue_size(receive_queue(input)))
         // No dead-letter policy and no ack timeout here: the daemon retries and dead-letters
         // (see the module comment).
     })

@@ -874,3 +874,131 @@ async fn probe_redeliveries_by_ack_delay() {
         );
     }
 }
+
+/// Publish → received through the broker alone, split at the broker's receipt: what (d) in
+/// `benches/throughput.rs` can reach at best. One topic of `PROBE_PARTITIONS` (2) partitions,
+/// `PROBE_LANES` (8) batching producers (≤ 256 messages, 1 ms wait) and one Failover consumer with
+/// a receive queue of `PROBE_QUEUE` (1 000) that acks each message at once, on a client of its own
+/// unless `PROBE_SHARED_CLIENT` is set; each rate of `PROBE_RATES` (1000,5000,11000) for
+/// `PROBE_SECONDS` (10). Measured 2026-12-02, ms, p50 / p99:
+///
+/// | messages/s | connections | sent → persisted | persisted → received | sent → received |
+/// | --- | --- | --- | --- | --- |
+/// | 1 000 | two | 3.4 / 5.1 | 0.0 / 0.1 | 2.9 / 4.1 |
+/// | 5 000 | two | 3.9 / 5.9 | 0.0 / 0.5 | 3.2 / 4.8 |
+/// | 11 000 | two | 3.1 / 5.6 | 0.0 / 1.0 | 2.8 / 5.3 |
+/// | 11 000 | one, shared | 49.9 / 134.9 | 0.2 / 9.3 | 50.1 / 136.0 |
+///
+/// With the consumer's acks on the publisher's connection, the sends wait (sent → persisted):
+/// whether in the `pulsar` client, which writes acks ahead of data, or in the broker is not told
+/// apart here. The daemon's inputs each have a connection of their own (`partitions.rs`), and so
+/// do the bench's raw consumers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a probe of the broker, a minute; run with --run-ignored all --no-capture"]
+async fn probe_latency_floor() {
+    let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+    let partitions: u32 = env("PROBE_PARTITIONS", "2").parse().expect("a count");
+    let lanes: usize = env("PROBE_LANES", "8").parse().expect("a count");
+    let seconds: f64 = env("PROBE_SECONDS", "10").parse().expect("seconds");
+    let shared = std::env::var_os("PROBE_SHARED_CLIENT").is_some();
+    let queue: u32 = env("PROBE_QUEUE", "1000").parse().expect("a count");
+    for rate in env("PROBE_RATES", "1000,5000,11000").split(',') {
+        let rate: f64 = rate.parse().expect("a rate");
+        let count = (rate * seconds) as usize;
+        let broker = LocalBroker::start_with(support::BrokerOptions {
+            default_partitions: partitions,
+            ..Default::default()
+        })
+        .expect("broker starts");
+        let publishing = client(&broker).await;
+        let receiving = if shared {
+            publishing.clone()
+        } else {
+            client(&broker).await
+        };
+        let topic = format!("persistent://public/default/floor-{}", unique_consumer_id());
+        let mut consumer = consumer(&receiving, &topic, "floor", SubType::Failover, queue).await;
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(vec![None::<Instant>; count]));
+        let persisted = std::sync::Arc::new(std::sync::Mutex::new(vec![None::<Instant>; count]));
+        let publisher = {
+            let (sent, persisted, topic) = (sent.clone(), persisted.clone(), topic.clone());
+            tokio::spawn(async move {
+                let mut producers = Vec::new();
+                for _ in 0..lanes {
+                    producers.push(
+                        publishing
+                            .producer()
+                            .with_topic(&topic)
+                            .with_options(ProducerOptions {
+                                block_queue_if_full: true,
+                                batch_size: Some(256),
+                                batch_timeout: Some(Duration::from_millis(1)),
+                                ..Default::default()
+                            })
+                            .build()
+                            .await
+                            .expect("producer registers"),
+                    );
+                }
+                let started = Instant::now();
+                let mut receipts = futures::stream::FuturesUnordered::new();
+                for i in 0..count {
+                    tokio::time::sleep_until(started + Duration::from_secs_f64(i as f64 / rate)).await;
+                    sent.lock().unwrap()[i] = Some(Instant::now());
+                    let receipt = producers[i % lanes]
+                        .create_message()
+                        .with_content(format!("{i}"))
+                        .with_key(format!("k{}", i % 500))
+                        .send_non_blocking()
+                        .await
+                        .expect("queued");
+                    let persisted = persisted.clone();
+                    receipts.push(async move {
+                        receipt.await.expect("persisted");
+                        persisted.lock().unwrap()[i] = Some(Instant::now());
+                    });
+                    while receipts.len() >= 1000 {
+                        receipts.next().await;
+                    }
+                    // Polls the receipts so that each is timed when it comes, not when awaited.
+                    while let Some(Some(())) = futures::FutureExt::now_or_never(receipts.next()) {}
+                }
+                while receipts.next().await.is_some() {}
+            })
+        };
+        let until = Instant::now() + DEADLINE * 4;
+        let mut received = vec![None::<Instant>; count];
+        let (mut distinct, mut again) = (0, 0);
+        while distinct < count {
+            let message = next(&mut consumer, until).await;
+            let at = Instant::now();
+            let i: usize = text(&message).parse().expect("a number");
+            if received[i].is_none() {
+                received[i] = Some(at);
+                distinct += 1;
+            } else {
+                again += 1;
+            }
+            consumer.ack(&message).await.expect("ack");
+        }
+        publisher.await.expect("publisher");
+        let (sent, persisted) = (sent.lock().unwrap().clone(), persisted.lock().unwrap().clone());
+        let spans = |from: &[Option<Instant>], to: &[Option<Instant>]| {
+            let mut spans: Vec<Duration> = from
+                .iter()
+                .zip(to)
+                .filter_map(|(a, b)| Some(b.as_ref()?.saturating_duration_since(*a.as_ref()?)))
+                .collect();
+            spans.sort_unstable();
+            let q = |p: f64| spans[((spans.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3;
+            format!("{:.1} / {:.1} / {:.1}", q(0.5), q(0.99), q(1.0))
+        };
+        eprintln!(
+            "{rate} msg/s, {count} messages, {partitions} partitions, {lanes} lanes, queue {queue}, shared client {shared}: \
+             sent→persisted {} ms; persisted→received {} ms; sent→received {} ms (p50 / p99 / max); {again} copies",
+            spans(&sent, &persisted),
+            spans(&persisted, &received),
+            spans(&sent, &received),
+        );
+    }
+}
