@@ -45,11 +45,14 @@ const STAGED: &str = "window_staged";
 const DIRECTORY: &str = "window";
 /// Buckets per window.
 const BUCKETS: i64 = 4;
-/// Keys per pack: a full pack (~4 KiB) stays well under the size at which sled writes a page as
-/// a file of its own (a quarter segment).
-const PACK_KEYS: usize = 64;
-/// Packs one write may number from the id it takes (a write of 262 144 keys).
-const PACKS_PER_WRITE: u64 = 1 << 12;
+/// Keys per pack. A key takes 66 bytes in its pack, and a sled leaf holds up to 17 entries before
+/// it splits: with 12 keys a full leaf (~14 KiB) stays under the size at which sled writes a page
+/// as a file of its own (a quarter of the 64 KiB segment). Packs of 64 made 70 KiB leaves, each
+/// appended pack then rewrote a blob file, and the window's directory grew by ~0.1 MiB/s at a
+/// steady 1 000 keys/s (`scripts/capacity`, docs/BENCHMARKS.md).
+const PACK_KEYS: usize = 12;
+/// Packs one write may number from the id it takes (a write of 786 432 keys).
+const PACKS_PER_WRITE: u64 = 1 << 16;
 /// How often staged packs move to the keys' database.
 const MOVE_EVERY: Duration = Duration::from_secs(1);
 
@@ -821,25 +824,28 @@ mod tests {
     fn staged_keys_move_to_the_window_database_and_are_found_wherever_they_are() {
         let dir = tempfile::tempdir().unwrap();
         let (db, window) = open(dir.path());
-        let keys: Vec<(String, Vec<u8>)> = (0..150)
+        let count = 2 * PACK_KEYS + 6;
+        let keys: Vec<(String, Vec<u8>)> = (0..count)
             .map(|n| (format!("k{n}"), format!("value {n}").into_bytes()))
             .collect();
         let borrowed: Vec<(&str, &[u8])> = keys.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
         commit(&window, 7, &borrowed);
         let now = 7 * 15_000;
-        assert_eq!(window.staged_tree().len(), 3, "150 keys make three packs");
-        assert_eq!(window.get(now, "k149").unwrap(), Some(b"value 149".to_vec()));
+        let last = format!("k{}", count - 1);
+        let value = format!("value {}", count - 1).into_bytes();
+        assert_eq!(window.staged_tree().len(), 3, "two full packs and a third");
+        assert_eq!(window.get(now, &last).unwrap(), Some(value.clone()));
         assert_eq!(window.move_staged().unwrap(), 3);
         assert!(window.staged_tree().is_empty());
-        assert_eq!(window.get(now, "k149").unwrap(), Some(b"value 149".to_vec()));
-        assert_eq!(window.get(now, "k150").unwrap(), None);
-        commit(&window, 7, &[("k150", b"staged at the stop")]);
+        assert_eq!(window.get(now, &last).unwrap(), Some(value));
+        assert_eq!(window.get(now, "k999").unwrap(), None);
+        commit(&window, 7, &[("k999", b"staged at the stop")]);
         drop((window, db));
         let (_db, window) = open(dir.path());
-        assert_eq!(window.len(), 151);
+        assert_eq!(window.len(), count as u64 + 1);
         assert_eq!(window.get(now, "k0").unwrap(), Some(b"value 0".to_vec()));
         assert_eq!(
-            window.get(now, "k150").unwrap(),
+            window.get(now, "k999").unwrap(),
             Some(b"staged at the stop".to_vec())
         );
     }
@@ -885,28 +891,29 @@ mod tests {
         assert_eq!(window.len(), 1);
     }
 
-    /// A move joins a bucket's staged packs into packs of up to 64 keys, each numbered as the first
+    /// A move joins a bucket's staged packs into packs of up to [`PACK_KEYS`], each numbered as the first
     /// staged pack it takes; made again from the same staged packs (a move that stopped before it
     /// deleted them, finished at the next open), it writes the same packs over the ones it wrote.
     #[test]
     fn a_move_joins_staged_packs_and_a_move_made_again_writes_the_same_packs() {
         let dir = tempfile::tempdir().unwrap();
         let (db, window) = open(dir.path());
-        let keys: Vec<String> = (0..100).map(|n| format!("k{n}")).collect();
+        let count = PACK_KEYS + PACK_KEYS / 2;
+        let keys: Vec<String> = (0..count).map(|n| format!("k{n}")).collect();
         for key in &keys {
             commit(&window, 7, &[(key.as_str(), b"v")]);
         }
         let staged: Vec<(sled::IVec, sled::IVec)> = window.staged_tree().iter().map(Result::unwrap).collect();
-        assert_eq!(staged.len(), 100, "one staged pack per commit");
-        assert_eq!(window.move_staged().unwrap(), 100);
+        assert_eq!(staged.len(), count, "one staged pack per commit");
+        assert_eq!(window.move_staged().unwrap(), count);
         let tree = window.shared.keys.open_tree(format!("{PREFIX}7")).unwrap();
         let moved: Vec<(sled::IVec, sled::IVec)> = tree.iter().map(Result::unwrap).collect();
-        assert_eq!(moved.len(), 2, "100 keys joined into packs of 64 and 36");
+        assert_eq!(moved.len(), 2, "joined into a full pack and a half one");
         assert_eq!(
             moved[0].0, staged[0].0,
             "numbered as the first staged pack each takes"
         );
-        assert_eq!(moved[1].0, staged[64].0);
+        assert_eq!(moved[1].0, staged[PACK_KEYS].0);
         // The staged packs back, as if the move had stopped before deleting them.
         for (number, value) in &staged {
             window.staged_tree().insert(number, value).unwrap();
@@ -917,7 +924,7 @@ mod tests {
         let tree = window.shared.keys.open_tree(format!("{PREFIX}7")).unwrap();
         let again: Vec<(sled::IVec, sled::IVec)> = tree.iter().map(Result::unwrap).collect();
         assert_eq!(again, moved);
-        assert_eq!(window.len(), 100);
+        assert_eq!(window.len(), count as u64);
         for key in &keys {
             assert_eq!(window.get(7 * 15_000, key).unwrap(), Some(b"v".to_vec()), "{key}");
         }
