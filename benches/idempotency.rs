@@ -180,6 +180,7 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(store.flush()).expect("flush");
     let disk = store.disk_bytes().expect("data directory readable");
+    let window_disk = store.window_disk_bytes().expect("data directory readable");
     let live = store.window_len() as f64;
     let index = store.window_index_bytes();
 
@@ -227,6 +228,11 @@ fn main() {
     println!(
         "| data directory (blocks allocated) | {:.1} MiB |",
         disk as f64 / (1024.0 * 1024.0)
+    );
+    println!(
+        "| of which the window's own database (`window/`) | {:.1} MiB ({:.0} bytes per key) |",
+        window_disk as f64 / (1024.0 * 1024.0),
+        window_disk as f64 / live
     );
     println!(
         "| disk bytes per live key (everything the daemon keeps included) | {:.0} |",

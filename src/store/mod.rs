@@ -3,7 +3,7 @@
 //! Trees:
 //! - `state`:   `<kind>/<id>` → aggregate state (JSON)
 //! - `window_staged`: the idempotency window's keys of the last second ([`window`]): pack number
-//!   (8 bytes BE) → bucket (8 bytes BE) ‖ up to 64 keys, each the first 16 bytes of the key's
+//!   (8 bytes BE) → bucket (8 bytes BE) ‖ up to 12 keys, each the first 16 bytes of the key's
 //!   SHA-256, its value's length (2 bytes BE) and its value: first-seen ms (8 bytes BE) ‖ SHA-256
 //!   of the content (32 bytes) ‖ the [`DeliveryId`] of the message applied under the key (8 bytes
 //!   BE; absent for events the daemon made and for keys written before deliveries were recorded).
@@ -334,6 +334,25 @@ fn state_key(key: &AggregateKey) -> Vec<u8> {
     format!("{}/{}", key.kind.as_str(), key.id).into_bytes()
 }
 
+/// Bytes allocated to the files under `dir`.
+fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        // sled deletes blob files as it writes: one gone since the listing takes no space.
+        let metadata = match entry.metadata() {
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            metadata => metadata?,
+        };
+        bytes += if metadata.is_dir() {
+            dir_bytes(&entry.path())?
+        } else {
+            std::os::unix::fs::MetadataExt::blocks(&metadata) * 512
+        };
+    }
+    Ok(bytes)
+}
+
 /// Length of a `seen` value that records its delivery: time, SHA-256, delivery.
 const SEEN_WITH_DELIVERY: usize = 8 + 32 + 8;
 
@@ -605,24 +624,12 @@ impl SledStore {
     /// Disk space the data directory takes: the blocks allocated to its files (what `du` shows;
     /// sled's files are sparse, so their lengths say more than the disk holds).
     pub fn disk_bytes(&self) -> std::io::Result<u64> {
-        fn walk(dir: &Path) -> std::io::Result<u64> {
-            let mut bytes = 0;
-            for entry in std::fs::read_dir(dir)? {
-                let entry = entry?;
-                // sled deletes blob files as it writes: one gone since the listing takes no space.
-                let metadata = match entry.metadata() {
-                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-                    metadata => metadata?,
-                };
-                bytes += if metadata.is_dir() {
-                    walk(&entry.path())?
-                } else {
-                    std::os::unix::fs::MetadataExt::blocks(&metadata) * 512
-                };
-            }
-            Ok(bytes)
-        }
-        walk(&self.dir)
+        dir_bytes(&self.dir)
+    }
+
+    /// The part of [`SledStore::disk_bytes`] the idempotency window's own database takes.
+    pub fn window_disk_bytes(&self) -> std::io::Result<u64> {
+        dir_bytes(&self.dir.join(window::DIRECTORY))
     }
 
     /// Bytes the database takes on disk.

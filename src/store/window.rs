@@ -42,7 +42,7 @@ const LEGACY_PREFIX: &str = "seen@";
 /// The store's tree of packs not moved yet: pack number → bucket (8 bytes BE) ‖ pack.
 const STAGED: &str = "window_staged";
 /// The keys' database, in the data directory.
-const DIRECTORY: &str = "window";
+pub(super) const DIRECTORY: &str = "window";
 /// Buckets per window.
 const BUCKETS: i64 = 4;
 /// Keys per pack. A key takes 66 bytes in its pack, and a sled leaf holds up to 17 entries before
