@@ -129,7 +129,7 @@ fn main() -> anyhow::Result<()> {
         data_dir: Some(work.join("broker")),
         ..Default::default()
     })?;
-    let client: Client = runtime.block_on(Pulsar::builder(broker.url(), TokioExecutor).build())?;
+    let client = runtime.block_on(connect(&broker))?;
     let bench = Bench {
         args: &args,
         runtime: &runtime,

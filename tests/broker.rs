@@ -56,12 +56,24 @@ async fn consumer(
 
 /// A producer on `topic` that waits when its queue is full.
 async fn producer(pulsar: &Pulsar<TokioExecutor>, topic: &str) -> pulsar::Producer<TokioExecutor> {
+    batching_producer(pulsar, topic, None).await
+}
+
+/// A producer on `topic` that waits when its queue is full and, given `batch`, puts what it is sent
+/// within 1 ms in one broker entry of at most `batch` messages.
+async fn batching_producer(
+    pulsar: &Pulsar<TokioExecutor>,
+    topic: &str,
+    batch: Option<u32>,
+) -> pulsar::Producer<TokioExecutor> {
     pulsar
         .producer()
         .with_topic(topic)
         .with_options(ProducerOptions {
             // Otherwise a burst beyond the 100-frame outbound queue fails with SlowDown.
             block_queue_if_full: true,
+            batch_size: batch,
+            batch_timeout: batch.map(|_| Duration::from_millis(1)),
             ..Default::default()
         })
         .build()
@@ -742,18 +754,7 @@ async fn held_ack_probe(count: usize, how: HeldAcks) -> (usize, Duration, Durati
     let publisher = {
         let (pulsar, topic) = (pulsar.clone(), topic.clone());
         tokio::spawn(async move {
-            let mut producer = pulsar
-                .producer()
-                .with_topic(topic)
-                .with_options(ProducerOptions {
-                    block_queue_if_full: true,
-                    batch_size: how.batch,
-                    batch_timeout: how.batch.map(|_| Duration::from_millis(1)),
-                    ..Default::default()
-                })
-                .build()
-                .await
-                .expect("producer registers");
+            let mut producer = batching_producer(&pulsar, &topic, how.batch).await;
             let started = Instant::now();
             let mut receipts = futures::stream::FuturesUnordered::new();
             for i in 0..count {
@@ -925,20 +926,7 @@ async fn probe_latency_floor() {
             tokio::spawn(async move {
                 let mut producers = Vec::new();
                 for _ in 0..lanes {
-                    producers.push(
-                        publishing
-                            .producer()
-                            .with_topic(&topic)
-                            .with_options(ProducerOptions {
-                                block_queue_if_full: true,
-                                batch_size: Some(256),
-                                batch_timeout: Some(Duration::from_millis(1)),
-                                ..Default::default()
-                            })
-                            .build()
-                            .await
-                            .expect("producer registers"),
-                    );
+                    producers.push(batching_producer(&publishing, &topic, Some(256)).await);
                 }
                 let started = Instant::now();
                 let mut receipts = futures::stream::FuturesUnordered::new();

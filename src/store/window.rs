@@ -481,33 +481,37 @@ impl Shared {
         if count == 0 {
             return Ok(0);
         }
-        let mut moved: Vec<(Arc<Bucket>, u64, Vec<u8>)> = Vec::new();
+        // Per join: its bucket, number and keys, indexed once the keys' database is flushed.
+        let mut moved: Vec<(Arc<Bucket>, u64, Vec<Digest16>)> = Vec::new();
         for (bucket, packs) in staged {
             let opened = self.bucket(bucket)?;
             let mut batch = sled::Batch::default();
-            let mut joined: Option<(u64, Vec<u8>, usize)> = None;
+            // The bucket's joins: each one's number, bytes and keys.
+            let mut joins: Vec<(u64, Vec<u8>, Vec<Digest16>)> = Vec::new();
             for (number, value) in &packs {
                 let pack = staged_pack(value).map_err(store_error)?.1;
-                let keys = records(pack).map_err(store_error)?.len();
-                if let Some((first, bytes, held)) = joined.take() {
-                    if held + keys <= PACK_KEYS {
-                        joined = Some((first, [bytes.as_slice(), pack].concat(), held + keys));
-                        continue;
+                let keys: Vec<Digest16> = records(pack)
+                    .map_err(store_error)?
+                    .into_iter()
+                    .map(|(key, _)| key)
+                    .collect();
+                match joins.last_mut() {
+                    Some((_, bytes, held)) if held.len() + keys.len() <= PACK_KEYS => {
+                        bytes.extend_from_slice(pack);
+                        held.extend(keys);
                     }
-                    batch.insert(&first.to_be_bytes(), bytes.as_slice());
-                    moved.push((opened.clone(), first, bytes));
+                    _ => joins.push((*number, pack.to_vec(), keys)),
                 }
-                joined = Some((*number, pack.to_vec(), keys));
             }
-            if let Some((first, bytes, _)) = joined {
-                batch.insert(&first.to_be_bytes(), bytes.as_slice());
-                moved.push((opened.clone(), first, bytes));
+            for (number, bytes, keys) in joins {
+                batch.insert(&number.to_be_bytes(), bytes);
+                moved.push((opened.clone(), number, keys));
             }
             opened.tree.apply_batch(batch).map_err(store_error)?;
         }
         self.keys.flush().map_err(store_error)?;
-        for (bucket, number, pack) in &moved {
-            bucket.index_pack(*number, pack)?;
+        for (bucket, number, keys) in &moved {
+            bucket.index_keys(*number, keys);
         }
         self.staged.apply_batch(deleted).map_err(store_error)?;
         Ok(count)
