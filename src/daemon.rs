@@ -99,7 +99,7 @@ pub async fn run(
         config
             .inputs
             .keys()
-            .map(|name| (name.clone(), ingest::InputStatus::default()))
+            .map(|name| (name.clone(), Arc::default()))
             .collect::<BTreeMap<_, _>>(),
     );
 
@@ -214,8 +214,16 @@ pub async fn run(
                 stop_rx.clone(),
             );
             consumers.push(actix_rt::spawn(async move {
-                let result =
-                    ingest::run_input(name.clone(), input, broker, client, pipeline, &up[&name], stop).await;
+                let result = ingest::run_input(
+                    name.clone(),
+                    input,
+                    broker,
+                    client,
+                    pipeline,
+                    up[&name].clone(),
+                    stop,
+                )
+                .await;
                 if let Err(error) = &result {
                     tracing::info!(input = %name, error = %error, "Input stopped.");
                 }

@@ -33,7 +33,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Running state of each input's consumer, for /health.
-pub type InputsUp = Arc<BTreeMap<String, crate::ingest::InputStatus>>;
+pub type InputsUp = Arc<BTreeMap<String, Arc<crate::ingest::InputStatus>>>;
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -96,7 +96,14 @@ async fn health(state: web::Data<HttpState>) -> HttpResponse {
                     stalled.as_secs()
                 ));
             }
-            let value = json!({ "subscribed": subscribed, "held": held, "stalled": stalled.is_some() });
+            let value = json!({
+                "subscribed": subscribed,
+                "held": held,
+                "stalled": stalled.is_some(),
+                "consumed": input.consumed.load(Ordering::Relaxed),
+                "applied": input.applied.load(Ordering::Relaxed),
+                "dead_lettered": input.dead_lettered.load(Ordering::Relaxed),
+            });
             (name.as_str(), value)
         })
         .collect();

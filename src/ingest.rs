@@ -71,6 +71,12 @@ pub struct InputStatus {
     pub held: AtomicUsize,
     /// When a held message last finished, or the input last held none (ms since the epoch).
     progressed_ms: AtomicU64,
+    /// Since start: messages received (every delivery), events applied (durable), and messages
+    /// dead-lettered (rejected or refused). The same counts as the `consumed`, `applied`,
+    /// `rejected` and `dead_lettered` counters, read without rendering /metrics.
+    pub consumed: AtomicU64,
+    pub applied: AtomicU64,
+    pub dead_lettered: AtomicU64,
 }
 
 impl InputStatus {
@@ -147,9 +153,10 @@ struct Done {
     key: Option<AggregateKey>,
     /// Receive sequence number (acks are sent in this order, see [`InOrder`]), message, verdict.
     messages: Vec<(u64, Message<Vec<u8>>, Verdict)>,
-    /// Checkpointed ack: the acks wait until the outbox has published everything up to here
-    /// (the events' changelog records and output events included).
-    publish_through: Option<u64>,
+    /// What is left to do before the acks once the aggregate is free again: making the events
+    /// durable, then waiting for the outbox to publish their changelog records. It ends in a
+    /// `Done` of its own, with these messages.
+    then: Option<Work>,
 }
 
 type Work = Pin<Box<dyn Future<Output = Done>>>;
@@ -203,7 +210,7 @@ pub async fn run_input(
     broker: BrokerConfig,
     client: Client,
     pipeline: Arc<Pipeline>,
-    status: &InputStatus,
+    status: Arc<InputStatus>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), BrokerError> {
     let name: Arc<str> = name.into();
@@ -236,7 +243,7 @@ pub async fn run_input(
             &mut consumer,
             &pipeline,
             &dead_letters,
-            status,
+            &status,
             &mut shutdown,
         )
         .await;
@@ -290,7 +297,7 @@ async fn consume(
     consumer: &mut Partitions,
     pipeline: &Arc<Pipeline>,
     dead_letters: &Arc<DeadLetters>,
-    status: &InputStatus,
+    status: &Arc<InputStatus>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> bool {
     let mut running: FuturesUnordered<Work> = FuturesUnordered::new();
@@ -329,6 +336,7 @@ async fn consume(
         input,
         pipeline,
         dead_letters,
+        status,
         recent: &mut recent,
         last_received: &mut last_received,
     };
@@ -350,14 +358,8 @@ async fn consume(
                     order.finish(&key);
                     start_ready(&mut order, &mut running, &receiver);
                 }
-                match done.publish_through.take() {
-                    Some(through) => {
-                        let store = pipeline.store.clone();
-                        publishing.push(Box::pin(async move {
-                            store.wait_published(through).await;
-                            done
-                        }));
-                    }
+                match done.then.take() {
+                    Some(then) => publishing.push(then),
                     None => release(name, status, consumer, &mut acks, &mut holding, &mut acker, done).await,
                 }
             }
@@ -396,6 +398,7 @@ async fn consume(
                             // acks this delivery too (one message id).
                             quiet_since = Instant::now();
                             counter!(EVENTS_CONSUMED, "input" => name.to_string()).increment(1);
+                            status.consumed.fetch_add(1, Ordering::Relaxed);
                             let event_type = property(&message, "ce_type")
                                 .unwrap_or_else(|| UNDECODED_EVENT_TYPE.to_owned());
                             counter!(EVENTS_REDELIVERED, "input" => name.to_string(), "event_type" => event_type)
@@ -428,6 +431,7 @@ struct Receiver<'a> {
     input: &'a InputConfig,
     pipeline: &'a Arc<Pipeline>,
     dead_letters: &'a Arc<DeadLetters>,
+    status: &'a Arc<InputStatus>,
     recent: &'a mut Recent,
     last_received: &'a mut HashMap<String, (u64, u64)>,
 }
@@ -451,6 +455,7 @@ impl Receiver<'_> {
             }
         }
         counter!(EVENTS_CONSUMED, "input" => name.to_string()).increment(1);
+        self.status.consumed.fetch_add(1, Ordering::Relaxed);
         let received = Instant::now();
         let dataschema = property(&message, "ce_dataschema").or_else(|| {
             (!self.input.default_dataschema.is_empty()).then(|| self.input.default_dataschema.clone())
@@ -486,6 +491,7 @@ impl Receiver<'_> {
                 Some(dead_letter(
                     name.clone(),
                     self.dead_letters.clone(),
+                    self.status.clone(),
                     seq,
                     message,
                     letter,
@@ -506,6 +512,7 @@ fn start_ready(
             receiver.name.clone(),
             receiver.pipeline.clone(),
             receiver.dead_letters.clone(),
+            receiver.status.clone(),
             key,
             batch,
         ));
@@ -727,6 +734,7 @@ fn apply_batch(
     name: Arc<str>,
     pipeline: Arc<Pipeline>,
     dead_letters: Arc<DeadLetters>,
+    status: Arc<InputStatus>,
     key: AggregateKey,
     batch: Vec<Ready>,
 ) -> Work {
@@ -774,7 +782,7 @@ fn apply_batch(
                             event_type: Some(ready.incoming.envelope.event_type.clone()),
                             counter: EVENTS_REJECTED,
                         };
-                        let verdict = send_dead_letter(&name, &dead_letters, &ready.message, letter).await;
+                        let verdict = send_dead_letter(&name, &dead_letters, &status, &ready.message, letter).await;
                         messages.push((ready.seq, ready.message, verdict));
                         (crashes, failures) = (1, 0);
                         continue;
@@ -824,7 +832,7 @@ fn apply_batch(
                     event_type: Some(ready.incoming.envelope.event_type.clone()),
                     counter: EVENTS_DEAD_LETTERED,
                 };
-                let verdict = send_dead_letter(&name, &dead_letters, &ready.message, letter).await;
+                let verdict = send_dead_letter(&name, &dead_letters, &status, &ready.message, letter).await;
                 messages.push((ready.seq, ready.message, verdict));
                 failures = 0;
                 continue;
@@ -839,27 +847,39 @@ fn apply_batch(
         // Shutting down: what is not done is left unacked, for the broker to redeliver.
         messages.extend(pending.into_iter().map(|ready| (ready.seq, ready.message, Verdict::Leave)));
         if applied.is_empty() {
-            return Done { key: Some(key), messages, publish_through: None };
+            return Done { key: Some(key), messages, then: None };
         }
+        // The aggregate is free once its commits are written: its next batch is decided on them
+        // and committed after them, and sled recovers a prefix of its writes, so nothing a later
+        // commit builds on can be lost without it. The counts and acks wait until they are durable.
         // Everything committed so far, these events' commits included, is in the outbox up to here.
         let outbox_mark = pipeline.store.outbox_high_water();
-        let durable = !leave && flushed(&name, &pipeline.store, &dead_letters.backoff, &mut shutdown).await;
-        for (ready, counter_name) in applied {
-            if !durable {
-                messages.push((ready.seq, ready.message, Verdict::Leave));
-                continue;
+        let then = async move {
+            let durable = !leave && flushed(&name, &pipeline.store, &dead_letters.backoff, &mut shutdown).await;
+            for (ready, counter_name) in applied {
+                if !durable {
+                    messages.push((ready.seq, ready.message, Verdict::Leave));
+                    continue;
+                }
+                let event_type = ready.incoming.envelope.event_type.clone();
+                counter!(counter_name, "input" => name.to_string(), "event_type" => event_type).increment(1);
+                if counter_name == EVENTS_APPLIED {
+                    status.applied.fetch_add(1, Ordering::Relaxed);
+                }
+                histogram!(PROCESSING_DURATION, "input" => name.to_string()).record(ready.received.elapsed().as_secs_f64());
+                messages.push((ready.seq, ready.message, Verdict::Ack));
             }
-            let event_type = ready.incoming.envelope.event_type.clone();
-            counter!(counter_name, "input" => name.to_string(), "event_type" => event_type).increment(1);
-            histogram!(PROCESSING_DURATION, "input" => name.to_string()).record(ready.received.elapsed().as_secs_f64());
-            messages.push((ready.seq, ready.message, Verdict::Ack));
-        }
-        tracing::debug!(count = messages.len(), durable, "Events done.");
+            tracing::debug!(count = messages.len(), durable, "Events done.");
+            // Checkpointed acks, when a changelog is kept: the changelog must cover these events.
+            if durable && pipeline.follower.is_some() {
+                pipeline.store.wait_published(outbox_mark).await;
+            }
+            Done { key: None, messages, then: None }
+        };
         Done {
             key: Some(key),
-            messages,
-            // Checkpointed acks, when a changelog is kept: the changelog must cover these events.
-            publish_through: (durable && pipeline.follower.is_some()).then_some(outbox_mark),
+            messages: Vec::new(),
+            then: Some(Box::pin(then.instrument(tracing::Span::current()))),
         }
     }
     .instrument(span))
@@ -946,6 +966,7 @@ fn already_dead_lettered(
 async fn publish_dead_letter(
     name: &str,
     letters: &DeadLetters,
+    status: &InputStatus,
     message: &Message<Vec<u8>>,
     letter: Letter,
 ) -> Result<(), DeadLetterError> {
@@ -979,6 +1000,7 @@ async fn publish_dead_letter(
         )
         .await?;
         counter!(letter.counter, "input" => name.to_owned(), "reason" => letter.reason).increment(1);
+        status.dead_lettered.fetch_add(1, Ordering::Relaxed);
         letters.store.remember_dead_letter(&id)?;
     }
     letters.store.flush().await?;
@@ -991,13 +1013,14 @@ async fn publish_dead_letter(
 async fn send_dead_letter(
     name: &str,
     dead_letters: &DeadLetters,
+    status: &InputStatus,
     message: &Message<Vec<u8>>,
     letter: Letter,
 ) -> Verdict {
     let mut shutdown = dead_letters.shutdown.clone();
     let mut failures = 0;
     loop {
-        match publish_dead_letter(name, dead_letters, message, letter.clone()).await {
+        match publish_dead_letter(name, dead_letters, status, message, letter.clone()).await {
             Ok(()) => return Verdict::Ack,
             Err(error) => {
                 failures += 1;
@@ -1014,6 +1037,7 @@ async fn send_dead_letter(
 fn dead_letter(
     name: Arc<str>,
     dead_letters: Arc<DeadLetters>,
+    status: Arc<InputStatus>,
     seq: u64,
     message: Message<Vec<u8>>,
     letter: Letter,
@@ -1022,11 +1046,11 @@ fn dead_letter(
         tracing::debug_span!("message", input = %name, source_message_id = %source_message_id(&message));
     Box::pin(
         async move {
-            let verdict = send_dead_letter(&name, &dead_letters, &message, letter).await;
+            let verdict = send_dead_letter(&name, &dead_letters, &status, &message, letter).await;
             Done {
                 key: None,
                 messages: vec![(seq, message, verdict)],
-                publish_through: None,
+                then: None,
             }
         }
         .instrument(span),

@@ -7,7 +7,8 @@ mod support;
 
 use aerostream::generator::Planned;
 use aerostream::telemetry::{
-    ACTORS_ACTIVE, EVENTS_APPLIED, EVENTS_CONSUMED, EVENTS_DEDUPLICATED, EVENTS_REDELIVERED, EVENTS_REJECTED,
+    ACTORS_ACTIVE, EVENTS_APPLIED, EVENTS_CONSUMED, EVENTS_DEAD_LETTERED, EVENTS_DEDUPLICATED,
+    EVENTS_REDELIVERED, EVENTS_REJECTED,
 };
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -99,6 +100,26 @@ fn status_shows_what_the_running_daemon_reports() {
         },
     )
     .unwrap();
+    // /health counts each input's progress as its counters do (read without rendering /metrics).
+    let campaigns = &health(&daemon)["components"]["inputs"]["campaigns"];
+    for (count, counters) in [
+        ("consumed", &[EVENTS_CONSUMED][..]),
+        ("applied", &[EVENTS_APPLIED]),
+        ("dead_lettered", &[EVENTS_REJECTED, EVENTS_DEAD_LETTERED]),
+    ] {
+        let metrics: f64 = counters
+            .iter()
+            .map(|counter| daemon.metric(counter, &["input=\"campaigns\""]).unwrap())
+            .sum();
+        assert_eq!(campaigns[count].as_f64(), Some(metrics), "{count}: {campaigns}");
+    }
+    // Every delivery is consumed: pulsar-lite may deliver a message twice.
+    assert!(campaigns["consumed"].as_u64() >= Some(3), "{campaigns}");
+    assert_eq!(
+        (&campaigns["applied"], &campaigns["dead_lettered"]),
+        (&2.into(), &1.into()),
+        "{campaigns}"
+    );
 
     let run = status(&["--url", &url, "--sample-seconds", "0.2"]);
     assert!(run.success, "{}\n{}", run.stdout, run.stderr);

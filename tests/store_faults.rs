@@ -209,6 +209,19 @@ fn nothing_of_a_commit_is_published_before_it_is_durable() {
         0,
         "{committed} campaigns committed, not durable: none of their records may be published"
     );
+    // An aggregate goes on with its next events once its commits are written (the store's write
+    // problem soon stops receiving), but nothing counts as applied before it is durable, and every
+    // message received is held: none acked.
+    let (_, body) = health(&daemon);
+    assert_eq!(
+        metric(&daemon, aerostream::telemetry::EVENTS_APPLIED),
+        0.0,
+        "{body}"
+    );
+    let inputs = body["components"]["inputs"].as_object().unwrap();
+    let count = |name: &str| -> u64 { inputs.values().map(|input| input[name].as_u64().unwrap()).sum() };
+    assert!(count("held") as usize >= committed, "{body}");
+    assert_eq!(count("applied"), 0, "{body}");
 
     // Durable again: everything is published and applied once.
     failpoint(&daemon, "store::flush", "off");
