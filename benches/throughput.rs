@@ -4,7 +4,7 @@
 //! - (a) raw `pulsar` consume+ack rate of a generated backlog, with the daemon's default topics,
 //!   subscription types (campaigns Failover, payments Key_Shared), consumer options and Avro payloads;
 //! - (b) `target/release/aerostream run` draining the same backlog (decode, dedupe, actor, commit,
-//!   flush, ack), timed from its first consumed message to its last applied one (`/metrics`);
+//!   flush, ack), timed from its first consumed message to its last applied one (`/health`'s counts);
 //! - (c) the ratio b/a;
 //! - (d) publish→applied latency at half of (b), event time = publish time, the stream published
 //!   with producer batching (the default of Pulsar's Java client) and read by a raw consumer beside
@@ -788,7 +788,7 @@ impl Stamps {
     }
 
     /// Publish → applied for every event of `input`, sorted: the n-th event counts as applied at
-    /// the first `/metrics` sample whose applied count for that input reaches n + 1. That is an
+    /// the first `/health` sample whose applied count for that input reaches n + 1. That is an
     /// upper bound within one poll interval, exact as long as an input's events are applied in
     /// publish order; aggregates run concurrently, which at this load moves an event by a few
     /// places at most.
@@ -1033,7 +1033,7 @@ fn die_with_parent(command: &mut Command) {
     }
 }
 
-/// One `/metrics` reading.
+/// One reading of the inputs' counts on `/health`.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     /// When the answer arrived.
@@ -1059,8 +1059,8 @@ fn done_count(inputs: &serde_json::Value, input: &str) -> f64 {
 }
 
 /// Reads the inputs' counts on `/health` every `interval` on its own thread until `done(sample)` (or
-/// the phase timeout). Not `/metrics`: rendering it costs the daemon ~0.6 ms of CPU, a third of its
-/// CPU when read every 2 ms.
+/// the phase timeout). Not `/metrics`: rendering it costs the daemon ~0.6 ms of CPU, and read every
+/// 2 ms it took a quarter to a third of the daemon's samples (docs/BENCHMARKS.md).
 struct Poller(thread::JoinHandle<anyhow::Result<Vec<Sample>>>);
 
 impl Poller {
@@ -1089,7 +1089,7 @@ impl Poller {
                     return Ok(samples);
                 }
                 if Instant::now() > deadline {
-                    bail!("timed out: last /metrics sample {sample:?}");
+                    bail!("timed out: last /health sample {sample:?}");
                 }
                 next += interval;
                 let now = Instant::now();
