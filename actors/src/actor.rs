@@ -446,7 +446,7 @@ pub(crate) fn guarded<R>(
 /// What an event whose key is in the window comes to: the same message again is a redelivery,
 /// another message with the same content a duplicate, other content a reused key.
 pub(crate) fn seen_outcome(incoming: &Incoming, seen: &SeenEntry) -> Outcome {
-    if seen.content_hash == incoming.content_hash {
+    if seen.same_content(&incoming.content_hash) {
         match (seen.delivery, incoming.delivery) {
             (Some(first), Some(now)) if first == now => Outcome::Redelivered,
             _ => Outcome::Duplicate,

@@ -44,11 +44,21 @@ impl StoreError {
 /// What the idempotency window remembers of a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeenEntry {
+    /// The hash of the content the key was applied with, hex, as the window keeps it: whole, or a
+    /// prefix of it (the store keeps 8 bytes). Compare with [`SeenEntry::same_content`].
     pub content_hash: String,
     pub first_seen_ms: i64,
     /// The message whose event was applied under the key (`None`: an event the daemon made, or a
     /// key recorded before deliveries were).
     pub delivery: Option<DeliveryId>,
+}
+
+impl SeenEntry {
+    /// Whether an event whose whole content hash is `content_hash` has the content this key was
+    /// applied with.
+    pub fn same_content(&self, content_hash: &str) -> bool {
+        !self.content_hash.is_empty() && content_hash.starts_with(self.content_hash.as_str())
+    }
 }
 
 /// An event a commit applied before its last one: a commit may apply several consecutive events of

@@ -353,32 +353,48 @@ fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
     Ok(bytes)
 }
 
-/// Length of a `seen` value that records its delivery: time, SHA-256, delivery.
-const SEEN_WITH_DELIVERY: usize = 8 + 32 + 8;
+/// Bytes of an event's SHA-256 that the window keeps with its key: 64 bits tell content reused
+/// under a key apart (`SeenEntry::same_content`), and the 24 bytes saved are ~40 bytes of disk a
+/// key once sled's overhead counts (docs/BENCHMARKS.md).
+const SEEN_HASH: usize = 8;
+
+/// Length of a `seen` value that records its delivery: time, the hash's first bytes, delivery.
+const SEEN_WITH_DELIVERY: usize = 8 + SEEN_HASH + 8;
+
+/// The same, as stores written before 2026-12-02 evening keep it: with the whole SHA-256.
+const SEEN_WITH_DELIVERY_WHOLE_HASH: usize = 8 + 32 + 8;
 
 fn encode_seen(first_seen_ms: i64, content_hash: &str, delivery: Option<DeliveryId>) -> Vec<u8> {
     let mut value = first_seen_ms.to_be_bytes().to_vec();
     match hex::decode(content_hash) {
+        Ok(raw) if raw.len() == 32 => {
+            value.extend_from_slice(&raw[..SEEN_HASH]);
+            // Only after a SHA-256, so that the length tells whether a delivery follows.
+            if let Some(delivery) = delivery {
+                value.extend_from_slice(&delivery.0.to_be_bytes());
+            }
+        }
         Ok(raw) => value.extend_from_slice(&raw),
         Err(_) => value.extend_from_slice(content_hash.as_bytes()),
-    }
-    // Only after a SHA-256, so that the length tells whether a delivery follows.
-    if let Some(delivery) = delivery.filter(|_| value.len() + 8 == SEEN_WITH_DELIVERY) {
-        value.extend_from_slice(&delivery.0.to_be_bytes());
     }
     value
 }
 
 fn decode_seen(value: &[u8]) -> SeenEntry {
     let (time, rest) = value.split_at(8.min(value.len()));
-    let (hash, delivery) = match rest.split_at_checked(32) {
-        Some((hash, delivery)) if value.len() == SEEN_WITH_DELIVERY => (
+    let hash_len = match value.len() {
+        SEEN_WITH_DELIVERY => Some(SEEN_HASH),
+        SEEN_WITH_DELIVERY_WHOLE_HASH => Some(32),
+        _ => None,
+    };
+    let (hash, delivery) = match hash_len.and_then(|len| rest.split_at_checked(len)) {
+        Some((hash, delivery)) => (
             hash,
             Some(DeliveryId(u64::from_be_bytes(
                 delivery.try_into().expect("8 bytes"),
             ))),
         ),
-        _ => (rest, None),
+        None => (rest, None),
     };
     SeenEntry {
         first_seen_ms: i64::from_be_bytes(time.try_into().unwrap_or([0; 8])),
@@ -1897,9 +1913,11 @@ mod tests {
         );
         assert!(matches!(
             store.commit(commit(&agg, "k1", &hash, 1_000_001)).unwrap(),
-            CommitResult::AlreadySeen(e) if e.content_hash == hash
+            CommitResult::AlreadySeen(e) if e.same_content(&hash)
         ));
-        assert_eq!(store.seen("k1").unwrap().unwrap().content_hash, hash);
+        let seen = store.seen("k1").unwrap().unwrap();
+        assert!(seen.same_content(&hash), "{seen:?}");
+        assert!(!seen.same_content(&hex::encode([8u8; 32])), "{seen:?}");
 
         clock.0.store(1_000_000 + 10_001, Ordering::SeqCst);
         assert_eq!(store.seen("k1").unwrap(), None, "past the window");
@@ -1941,9 +1959,12 @@ mod tests {
         };
         assert_eq!(store.commit(with_delivery).unwrap(), CommitResult::Committed);
         let seen = store.seen("k1").unwrap().unwrap();
+        assert!(seen.same_content(&hash), "{seen:?}");
+        assert_eq!(seen.delivery, delivery);
         assert_eq!(
-            (seen.content_hash.as_str(), seen.delivery),
-            (hash.as_str(), delivery)
+            seen.content_hash,
+            hash[..2 * SEEN_HASH],
+            "the window keeps the hash's first bytes"
         );
         assert!(matches!(
             store.commit(Commit { version: 2, ..commit(&agg, "k1", &hash, 1_001) }).unwrap(),
@@ -1969,6 +1990,14 @@ mod tests {
                 delivery: None
             }
         );
+        // Written before the window kept a prefix of the hash: the whole SHA-256, then a delivery.
+        old.extend_from_slice(&0x0102_0304_0506_0708u64.to_be_bytes());
+        let whole = decode_seen(&old);
+        assert_eq!(
+            (whole.content_hash.as_str(), whole.delivery),
+            (hex::encode([9u8; 32]).as_str(), delivery)
+        );
+        assert!(whole.same_content(&hex::encode([9u8; 32])));
         let mut json = serde_json::to_value(&records[0]).unwrap();
         json.as_object_mut().unwrap().remove("delivery");
         let old_record: ChangeRecord = serde_json::from_value(json).unwrap();
