@@ -148,7 +148,7 @@ pub struct DaemonConfig {
     pub instance_id: String,
     /// Directory of the sled database.
     pub data_dir: PathBuf,
-    /// sled's page cache, in MiB.
+    /// sled's page cache, in MiB, of each of the two databases (the store's, the window's).
     pub cache_mib: u64,
     /// No store write starts while the data directory's file system has less available (MiB).
     pub min_free_mib: u64,

