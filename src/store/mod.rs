@@ -4,9 +4,10 @@
 //! - `state`:   `<kind>/<id>` → aggregate state (JSON)
 //! - `window_staged`: the idempotency window's keys of the last second ([`window`]): pack number
 //!   (8 bytes BE) → bucket (8 bytes BE) ‖ up to 12 keys, each the first 16 bytes of the key's
-//!   SHA-256, its value's length (2 bytes BE) and its value: first-seen ms (8 bytes BE) ‖ SHA-256
-//!   of the content (32 bytes) ‖ the [`DeliveryId`] of the message applied under the key (8 bytes
-//!   BE; absent for events the daemon made and for keys written before deliveries were recorded).
+//!   SHA-256, its value's length (2 bytes BE) and its value: first-seen ms (8 bytes BE) ‖ the first
+//!   8 bytes of the content's SHA-256 (all 32 in stores written before 2026-12-02 evening) ‖ the
+//!   [`DeliveryId`] of the message applied under the key (8 bytes BE; absent for events the daemon
+//!   made and for keys written before deliveries were recorded). See `encode_seen`.
 //!   Moved every second to the window's own database (`window/` in the data directory: a tree
 //!   `window@<bucket>` of packs per quarter of the window, under the same numbers).
 //! - `outbox`:  sequence (8 bytes BE) → output event (JSON), deleted once published
