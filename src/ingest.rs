@@ -637,12 +637,14 @@ async fn release(
 }
 
 /// Sends an input's acks, in receive order: each message's own, or on a Failover subscription one
-/// cumulative ack per partition for a run of consecutive messages ([`acking`] decides which).
+/// cumulative ack per partition for a run of consecutive messages ([`acking`] decides which); a
+/// batch entry's one ack, at its last message, once none of its messages is left unacked.
 struct Acker {
     /// `None`: every message is acked on its own (Shared and Key_Shared allow nothing else).
     runs: Option<Runs>,
     /// Per partition, the last message of its run so far: its cumulative ack covers the run.
     pending: Vec<Message<Vec<u8>>>,
+    entries: acking::Entries,
 }
 
 impl Acker {
@@ -650,6 +652,7 @@ impl Acker {
         Acker {
             runs: (kind == crate::config::SubscriptionKind::Failover).then(Runs::default),
             pending: Vec::new(),
+            entries: acking::Entries::default(),
         }
     }
 
@@ -660,16 +663,20 @@ impl Acker {
         message: Message<Vec<u8>>,
         verdict: Verdict,
     ) {
-        let Some(runs) = &mut self.runs else {
-            return finish(name, consumer, message, verdict).await;
-        };
         let id = message.message_id();
         let at = acking::Position {
             ledger: id.ledger_id,
             entry: id.entry_id,
             batch_index: id.batch_index,
         };
-        match runs.finished(&message.topic, at, matches!(verdict, Verdict::Ack)) {
+        let in_entry = message.payload.metadata.num_messages_in_batch.unwrap_or(1);
+        let ack = self
+            .entries
+            .finished(&message.topic, at, in_entry, matches!(verdict, Verdict::Ack));
+        let Some(runs) = &mut self.runs else {
+            return finish(name, consumer, message, ack).await;
+        };
+        match runs.finished(&message.topic, at, ack) {
             acking::Ack::Cover => {
                 match self
                     .pending
@@ -693,7 +700,7 @@ impl Acker {
                 }
             }
         }
-        finish(name, consumer, message, verdict).await;
+        finish(name, consumer, message, ack).await;
     }
 
     /// Sends the pending cumulative acks (at the end of each release).
@@ -710,8 +717,9 @@ async fn cumulative_ack(name: &str, consumer: &mut Partitions, message: &Message
     }
 }
 
-async fn finish(name: &str, consumer: &mut Partitions, message: Message<Vec<u8>>, verdict: Verdict) {
-    if let Verdict::Ack = verdict {
+/// Sends `message`'s own ack if `ack`.
+async fn finish(name: &str, consumer: &mut Partitions, message: Message<Vec<u8>>, ack: bool) {
+    if ack {
         if let Err(error) = consumer.ack(&message).await {
             // The broker will redeliver; the idempotency window makes that harmless.
             crate::limited!(repeated::ACK_FAILED, warn, input = %name, error = %error, "Ack failed; the message will be redelivered.");

@@ -568,6 +568,70 @@ async fn relay_ends_the_broker_connection_in_order_when_its_client_resets() {
     writer.abort();
 }
 
+/// An ack of one message of a batch entry acks the whole entry. The `pulsar` crate sends a batched
+/// message's ack with its batch index and no ack set, and the broker then acks the entry's
+/// position, as Apache Pulsar does without batch-index acks (the Java client holds such acks until
+/// every message of the entry is acked). So a consumer that acks the first messages of an entry
+/// and dies before finishing the others loses them: the daemon acks an entry only once it has
+/// finished every message of it (`acking::Entries`, `tests/batch_entries.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_of_one_message_of_a_batch_entry_acks_the_whole_entry() {
+    const IN_ENTRY: usize = 10;
+    let broker = LocalBroker::start().expect("broker starts");
+    let pulsar = client(&broker).await;
+    let topic = "persistent://public/default/batch-entry-ack";
+    let mut batching = batching_producer(&pulsar, topic, Some(IN_ENTRY as u32)).await;
+    let mut receipts = Vec::new();
+    for i in 0..IN_ENTRY {
+        receipts.push(
+            batching
+                .send_non_blocking(format!("in-entry-{i}"))
+                .await
+                .expect("queued"),
+        );
+    }
+    let mut entries = BTreeSet::new();
+    for receipt in receipts {
+        let receipt = receipt.await.expect("persisted");
+        let id = receipt.message_id.expect("a receipt names its message");
+        entries.insert((id.ledger_id, id.entry_id));
+    }
+    assert_eq!(
+        entries.len(),
+        1,
+        "the producer put the {IN_ENTRY} messages in one entry"
+    );
+    produce(&pulsar, topic, [(None, "after".to_owned())]).await;
+
+    let dies = client(&broker).await;
+    let mut first = consumer(&dies, topic, "entry", SubType::Exclusive, 100).await;
+    let until = Instant::now() + DEADLINE;
+    let mut batch_indexes = Vec::new();
+    for i in 0..IN_ENTRY {
+        let message = next(&mut first, until).await;
+        batch_indexes.push(message.message_id().batch_index);
+        if i == 0 {
+            first.ack(&message).await.expect("ack");
+        }
+    }
+    assert_eq!(
+        batch_indexes,
+        (0..IN_ENTRY as i32).map(Some).collect::<Vec<_>>(),
+        "the entry's messages, in order"
+    );
+    first.close().await.expect("the consumer closes");
+    drop(dies);
+
+    let successor = client(&broker).await;
+    let mut second = consumer(&successor, topic, "entry", SubType::Exclusive, 100).await;
+    let message = next(&mut second, Instant::now() + DEADLINE).await;
+    assert_eq!(
+        text(&message),
+        "after",
+        "the first message the successor receives: the nine unacked messages of the entry were acked with the first one"
+    );
+}
+
 /// The one consumer of a subscription dies (it closes holding unacknowledged messages, as a
 /// SIGKILLed daemon's connection ends) and another subscribes in its place: the successor must
 /// receive every message the dead one did not ack, and every message published after. Returns
