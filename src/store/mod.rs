@@ -10,11 +10,13 @@
 //!   made and for keys written before deliveries were recorded). See `encode_seen`.
 //!   Moved every second to the window's own database (`window/` in the data directory: a tree
 //!   `window@<bucket>` of packs per quarter of the window, under the same numbers).
-//! - `outbox`:  sequence (8 bytes BE) → output event (JSON), deleted once published
+//! - `outbox`:  sequence (8 bytes BE) → output event or changelog record (JSON, LZ4-compressed:
+//!   `packed`), deleted once published
 //! - `outbox_poison`: same keys → an entry that can never be published, with its reason (JSON)
 //! - `ledgers`: affiliate id → commission ledger (JSON), moved by the output events of each commit
 //! - `charges`: payment id → payment to charge through the gateway (JSON), deleted once reported
-//! - `journal`: `<kind>/<id>/<version, 20 digits>` → applied event (JSON), for kinds with snapshots
+//! - `journal`: `<kind>/<id>/<version, 20 digits>` → the run of events a commit applied from that
+//!   version (JSON each, the run LZ4-compressed: `packed`), for kinds with snapshots
 //! - `snapshots`: same keys → full-state snapshot with checksum (JSON), the last few kept
 //! - `report`:  read-model group (`summary`, `affiliate/<id>`, `campaign/<id>`) → its counters
 //!   (JSON), moved by each commit (see `aerostream_actors::readmodel`)
@@ -27,6 +29,7 @@
 
 mod committer;
 mod flusher;
+mod packed;
 mod window;
 
 use crate::changelog::ChangeRecord;
@@ -678,7 +681,9 @@ impl SledStore {
             .take(limit)
             .map(|entry| {
                 let (seq, value) = entry.map_err(store_error)?;
-                Ok((seq, serde_json::from_slice(&value).map_err(store_error)))
+                let parsed = packed::unpack(&value)
+                    .and_then(|json| serde_json::from_slice(&json).map_err(store_error));
+                Ok((seq, parsed))
             })
             .collect()
     }
@@ -696,10 +701,11 @@ impl SledStore {
                     let Some(entry) = outbox.remove(seq)? else {
                         return Ok(false);
                     };
+                    let stored = packed::unpack(&entry).unwrap_or(std::borrow::Cow::Borrowed(&entry));
                     let record = serde_json::json!({
                         "reason": reason,
                         "set_aside_ms": at_ms,
-                        "entry": String::from_utf8_lossy(&entry),
+                        "entry": String::from_utf8_lossy(&stored),
                     });
                     poison.insert(seq, serde_json::to_vec(&record).expect("JSON values serialize"))?;
                     Ok(true)
@@ -912,6 +918,7 @@ impl StateStore for SledStore {
         for stored in self.journal.scan_prefix(versioned_prefix(key)) {
             let (stored_key, value) = stored.map_err(store_error)?;
             let first = version_of(&stored_key)?;
+            let value = packed::unpack(&value)?;
             for (version, entry) in (first..).zip(journal_entries(&value)?) {
                 if version > after {
                     entries.push((version, entry.to_vec()));
@@ -1023,7 +1030,7 @@ impl SledStore {
             .iter()
             .map(|entry| {
                 let id = self.db.generate_id().map_err(store_error)?;
-                Ok((id, serde_json::to_vec(entry).map_err(store_error)?))
+                Ok((id, packed::pack(&serde_json::to_vec(entry).map_err(store_error)?)))
             })
             .collect::<Result<_, StoreError>>()?;
         let versioned = |version: &u64| versioned_key(commit.aggregate, *version);
@@ -1052,7 +1059,7 @@ impl SledStore {
             journal: commit.journal.is_some().then(|| {
                 let first = commit.base_version() + 1;
                 let entries = commit.events().filter_map(|event| event.journal);
-                (versioned(&first), journal_run(entries))
+                (versioned(&first), packed::pack(&journal_run(entries)))
             }),
             snapshot_key: commit.snapshot.as_ref().map(|(version, _)| versioned(version)),
             dropped: commit.drop_snapshots.iter().map(versioned).collect(),
