@@ -3,8 +3,10 @@
 //! Why: a sled 0.34 transaction costs about the same whatever it writes (a process-wide lock, two
 //! log buffers sealed and synced), and one per event took two thirds of the daemon's CPU
 //! (docs/BENCHMARKS.md). Actors hand their commits over (`StateStore::commit_batched`) and wait
-//! without holding their arbiter; this thread takes every commit waiting, writes them with
-//! `SledStore::commit_batch` and answers each actor with its own result. Batches form by
+//! without holding their arbiter, their values encoded on their own thread
+//! (`SledStore::encode`: JSON, compression); this thread takes every commit waiting, gives their
+//! outbox entries sequence numbers, writes them with `SledStore::commit_encoded` and answers each
+//! actor with its own result. Batches form by
 //! themselves, with no timer: the commits that arrive while one batch is written are the next
 //! batch, so a lone commit is written at once and a busy daemon writes large batches.
 //!
@@ -12,7 +14,7 @@
 //! each of its commits with an error (the event is retried; if its commit was written, the retry
 //! finds its idempotency key, and the actor's next commit finds the moved version).
 
-use super::SledStore;
+use super::{Encoded, SledStore};
 use aerostream_actors::ports::{CommitFuture, CommitResult, OwnedCommit, StoreError};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
@@ -26,8 +28,13 @@ const MAX_BATCH: usize = 512;
 
 type Answer = oneshot::Sender<Vec<Result<CommitResult, StoreError>>>;
 
-/// One actor's commits, in order, and where their answers go.
-type Job = (Vec<OwnedCommit>, Answer);
+/// One actor's commits, in order, their values encoded by the actor's thread, and where their
+/// answers go.
+struct Job {
+    commits: Vec<OwnedCommit>,
+    encoded: Vec<Result<Encoded, StoreError>>,
+    answer: Answer,
+}
 
 /// The handle the store keeps: where commits are handed over.
 pub struct Committer {
@@ -35,11 +42,20 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Queues `commits` for the next batch; the future resolves with their results once written.
-    pub fn submit(&self, commits: Vec<OwnedCommit>) -> CommitFuture {
+    /// Queues `commits` (with their values, `encoded`) for the next batch; the future resolves
+    /// with their results once written.
+    pub fn submit(
+        &self,
+        commits: Vec<OwnedCommit>,
+        encoded: Vec<Result<Encoded, StoreError>>,
+    ) -> CommitFuture {
         let n = commits.len();
         let (answer, answered) = oneshot::channel();
-        let queued = self.jobs.send((commits, answer));
+        let queued = self.jobs.send(Job {
+            commits,
+            encoded,
+            answer,
+        });
         Box::pin(async move {
             let failed = |why: &str| vec![Err(StoreError::Internal(why.into())); n];
             if queued.is_err() {
@@ -70,12 +86,12 @@ fn run(store: Weak<SledStore>, queue: mpsc::Receiver<Job>) {
     // The store holds the sending side, so `recv` fails once the store is gone.
     let events = |commits: &[OwnedCommit]| commits.iter().map(|c| c.earlier.len() + 1).sum::<usize>();
     while let Ok(first) = queue.recv() {
-        let mut size = events(&first.0);
+        let mut size = events(&first.commits);
         let mut batch = vec![first];
         while size < MAX_BATCH {
             match queue.try_recv() {
                 Ok(job) => {
-                    size += events(&job.0);
+                    size += events(&job.commits);
                     batch.push(job);
                 }
                 Err(_) => break,
@@ -84,17 +100,20 @@ fn run(store: Weak<SledStore>, queue: mpsc::Receiver<Job>) {
         let Some(store) = store.upgrade() else {
             return;
         };
+        let encoded: Vec<_> = batch.iter_mut().flat_map(|job| job.encoded.drain(..)).collect();
         let commits: Vec<_> = batch
             .iter()
-            .flat_map(|(commits, _)| commits.iter().map(OwnedCommit::borrow))
+            .flat_map(|job| job.commits.iter().map(OwnedCommit::borrow))
             .collect();
-        let results = catch_unwind(AssertUnwindSafe(|| store.commit_batch(&commits)));
+        let results = catch_unwind(AssertUnwindSafe(|| store.commit_encoded(&commits, &encoded)));
         drop(commits);
         match results {
             Ok(results) => {
                 let mut results = results.into_iter();
-                for (commits, answer) in batch {
-                    let _ = answer.send(results.by_ref().take(commits.len()).collect());
+                for job in batch {
+                    let _ = job
+                        .answer
+                        .send(results.by_ref().take(job.commits.len()).collect());
                 }
             }
             Err(_) => {
@@ -102,9 +121,9 @@ fn run(store: Weak<SledStore>, queue: mpsc::Receiver<Job>) {
                     commits = size,
                     "A commit batch panicked; its events will be retried."
                 );
-                for (commits, answer) in batch {
+                for job in batch {
                     let panicked = StoreError::Internal("the commit batch panicked".into());
-                    let _ = answer.send(vec![Err(panicked); commits.len()]);
+                    let _ = job.answer.send(vec![Err(panicked); job.commits.len()]);
                 }
             }
         }

@@ -953,7 +953,13 @@ impl StateStore for SledStore {
     /// written in one transaction with the commits other actors hand over meanwhile.
     fn commit_batched(&self, commits: Vec<OwnedCommit>) -> CommitFuture {
         match self.committer.get() {
-            Some(committer) => committer.submit(commits),
+            Some(committer) => {
+                let encoded = commits
+                    .iter()
+                    .map(|commit| self.encode(&commit.borrow()))
+                    .collect();
+                committer.submit(commits, encoded)
+            }
             None => {
                 let borrowed: Vec<_> = commits.iter().map(OwnedCommit::borrow).collect();
                 Box::pin(std::future::ready(self.commit_batch(&borrowed)))
@@ -962,16 +968,29 @@ impl StateStore for SledStore {
     }
 }
 
+/// A commit's values encoded ([`SledStore::encode`]), before any sequence number is given: on the
+/// actor's thread for a commit handed to the committer, which every commit crosses one at a time.
+struct Encoded {
+    /// Per event: its key's digest and its `seen` value.
+    keys: Vec<(window::Digest16, Vec<u8>)>,
+    /// Each event's output events, then the commit's changelog record, as stored.
+    outbox: Vec<Vec<u8>>,
+    /// The commit's charges, in order, as stored.
+    charges: Vec<Vec<u8>>,
+    /// Snapshot kinds: the journal run of the commit's events, as stored.
+    journal: Option<Vec<u8>>,
+}
+
 /// One commit's writes, prepared before the transaction: keys, outbox sequence numbers and bytes.
 struct Staged<'a> {
     commit: Commit<'a>,
     state_key: Vec<u8>,
     /// Per event: its key's digest and its `seen` value.
-    keys: Vec<(window::Digest16, Vec<u8>)>,
-    outbox: Vec<(u64, Vec<u8>)>,
-    charges: Vec<(&'a str, Vec<u8>)>,
+    keys: &'a [(window::Digest16, Vec<u8>)],
+    outbox: Vec<(u64, &'a [u8])>,
+    charges: Vec<(&'a str, &'a [u8])>,
     /// Snapshot kinds: the journal run of the commit's events, under its first version.
-    journal: Option<(Vec<u8>, Vec<u8>)>,
+    journal: Option<(Vec<u8>, &'a [u8])>,
     snapshot_key: Option<Vec<u8>>,
     dropped: Vec<Vec<u8>>,
     /// Journal runs to delete: those stored now, and the bounds of their keys (for runs written
@@ -996,20 +1015,36 @@ impl SledStore {
     /// does not parse, say), nothing was written and each commit is retried alone, so a failure
     /// only fails the commit it belongs to.
     pub fn commit_batch(&self, commits: &[Commit<'_>]) -> Vec<Result<CommitResult, StoreError>> {
-        let results = self.try_commit_batch(commits);
+        let encoded: Vec<_> = commits.iter().map(|commit| self.encode(commit)).collect();
+        self.commit_encoded(commits, &encoded)
+    }
+
+    /// [`commit_batch`](Self::commit_batch) of commits encoded already, `encoded[i]` from
+    /// `commits[i]` ([`SledStore::encode`]).
+    fn commit_encoded(
+        &self,
+        commits: &[Commit<'_>],
+        encoded: &[Result<Encoded, StoreError>],
+    ) -> Vec<Result<CommitResult, StoreError>> {
+        let results = self.try_commit_batch(commits, encoded);
         for error in results.iter().filter_map(|result| result.as_ref().err()) {
             self.note_failure(error);
         }
         results
     }
 
-    fn try_commit_batch(&self, commits: &[Commit<'_>]) -> Vec<Result<CommitResult, StoreError>> {
-        match self.write_batch(commits) {
+    fn try_commit_batch(
+        &self,
+        commits: &[Commit<'_>],
+        encoded: &[Result<Encoded, StoreError>],
+    ) -> Vec<Result<CommitResult, StoreError>> {
+        match self.write_batch(commits, encoded) {
             Ok(results) => results.into_iter().map(Ok).collect(),
             Err(_) if commits.len() > 1 => commits
                 .iter()
-                .map(|commit| {
-                    self.write_batch(std::slice::from_ref(commit))
+                .zip(encoded)
+                .map(|(commit, encoded)| {
+                    self.write_batch(std::slice::from_ref(commit), std::slice::from_ref(encoded))
                         .map(|mut one| one.remove(0))
                 })
                 .collect(),
@@ -1017,25 +1052,17 @@ impl SledStore {
         }
     }
 
-    fn stage<'a>(&self, commit: Commit<'a>) -> Result<Staged<'a>, StoreError> {
-        // Each event's output events, then the commit's changelog record: published in this order.
+    /// Encodes `commit`'s values: its events' `seen` values, outbox entries (each event's outputs,
+    /// then the commit's changelog record: published in this order), charges and journal run.
+    fn encode(&self, commit: &Commit<'_>) -> Result<Encoded, StoreError> {
         let mut entries: Vec<OutboxEntry> = commit
             .events()
             .flat_map(|event| event.outputs.iter().cloned().map(OutboxEntry::Output))
             .collect();
         if let Some(instance) = &self.changelog {
-            entries.push(OutboxEntry::Change(Box::new(ChangeRecord::of(instance, &commit))));
+            entries.push(OutboxEntry::Change(Box::new(ChangeRecord::of(instance, commit))));
         }
-        let outbox = entries
-            .iter()
-            .map(|entry| {
-                let id = self.db.generate_id().map_err(store_error)?;
-                Ok((id, packed::pack(&serde_json::to_vec(entry).map_err(store_error)?)))
-            })
-            .collect::<Result<_, StoreError>>()?;
-        let versioned = |version: &u64| versioned_key(commit.aggregate, *version);
-        Ok(Staged {
-            state_key: state_key(commit.aggregate),
+        Ok(Encoded {
             keys: commit
                 .events()
                 .map(|event| {
@@ -1045,22 +1072,43 @@ impl SledStore {
                     )
                 })
                 .collect(),
+            outbox: entries
+                .iter()
+                .map(|entry| Ok(packed::pack(&serde_json::to_vec(entry).map_err(store_error)?)))
+                .collect::<Result<_, StoreError>>()?,
+            charges: commit
+                .events()
+                .flat_map(|event| event.charges)
+                .map(|charge| serde_json::to_vec(charge).expect("charges serialize"))
+                .collect(),
+            journal: commit
+                .journal
+                .is_some()
+                .then(|| packed::pack(&journal_run(commit.events().filter_map(|event| event.journal)))),
+        })
+    }
+
+    fn stage<'a>(&self, commit: Commit<'a>, encoded: &'a Encoded) -> Result<Staged<'a>, StoreError> {
+        let outbox = encoded
+            .outbox
+            .iter()
+            .map(|value| Ok((self.db.generate_id().map_err(store_error)?, value.as_slice())))
+            .collect::<Result<_, StoreError>>()?;
+        let versioned = |version: &u64| versioned_key(commit.aggregate, *version);
+        Ok(Staged {
+            state_key: state_key(commit.aggregate),
+            keys: &encoded.keys,
             outbox,
             charges: commit
                 .events()
                 .flat_map(|event| event.charges)
-                .map(|charge| {
-                    (
-                        charge.payment_id.as_str(),
-                        serde_json::to_vec(charge).expect("charges serialize"),
-                    )
-                })
+                .map(|charge| charge.payment_id.as_str())
+                .zip(encoded.charges.iter().map(Vec::as_slice))
                 .collect(),
-            journal: commit.journal.is_some().then(|| {
-                let first = commit.base_version() + 1;
-                let entries = commit.events().filter_map(|event| event.journal);
-                (versioned(&first), packed::pack(&journal_run(entries)))
-            }),
+            journal: encoded
+                .journal
+                .as_deref()
+                .map(|run| (versioned(&(commit.base_version() + 1)), run)),
             snapshot_key: commit.snapshot.as_ref().map(|(version, _)| versioned(version)),
             dropped: commit.drop_snapshots.iter().map(versioned).collect(),
             truncated: match commit.truncate_journal {
@@ -1085,12 +1133,17 @@ impl SledStore {
     }
 
     /// One transaction for `commits`; see [`SledStore::commit_batch`].
-    fn write_batch(&self, commits: &[Commit<'_>]) -> Result<Vec<CommitResult>, StoreError> {
+    fn write_batch(
+        &self,
+        commits: &[Commit<'_>],
+        encoded: &[Result<Encoded, StoreError>],
+    ) -> Result<Vec<CommitResult>, StoreError> {
         self.may_write()?;
         injected_commit_failure()?;
         let staged: Vec<Staged> = commits
             .iter()
-            .map(|commit| self.stage(*commit))
+            .zip(encoded)
+            .map(|(commit, encoded)| self.stage(*commit, encoded.as_ref().map_err(Clone::clone)?))
             .collect::<Result<_, _>>()?;
         let now = self.clock.now_ms();
         let horizon = now - self.window_ms;
@@ -1115,7 +1168,7 @@ impl SledStore {
             let mut runs_written: Vec<&[u8]> = Vec::new();
             'commits: for staged in &staged {
                 let commit = &staged.commit;
-                for (key, _) in &staged.keys {
+                for (key, _) in staged.keys {
                     if let Some(existing) = seen.get(key) {
                         let entry = decode_seen(existing);
                         if entry.first_seen_ms > horizon {
@@ -1133,20 +1186,20 @@ impl SledStore {
                 }
                 state.insert(staged.state_key.as_slice(), commit.state)?;
                 versions.insert(staged.state_key.as_slice(), &commit.version.to_be_bytes())?;
-                for (key, value) in &staged.keys {
+                for (key, value) in staged.keys {
                     seen.add(bucket, *key, value);
                 }
                 for (seq, value) in &staged.outbox {
-                    out.insert(&seq.to_be_bytes(), value.as_slice())?;
+                    out.insert(&seq.to_be_bytes(), *value)?;
                 }
                 for event in commit.events() {
                     move_ledgers(ledgers, event.outputs)?;
                 }
                 for (payment_id, charge) in &staged.charges {
-                    pending_charges.insert(payment_id.as_bytes(), charge.as_slice())?;
+                    pending_charges.insert(payment_id.as_bytes(), *charge)?;
                 }
                 if let Some((key, run)) = &staged.journal {
-                    journal.insert(key.as_slice(), run.as_slice())?;
+                    journal.insert(key.as_slice(), *run)?;
                     runs_written.push(key.as_slice());
                 }
                 if let (Some(key), Some((_, snapshot))) = (&staged.snapshot_key, commit.snapshot) {
