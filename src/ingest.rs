@@ -80,6 +80,12 @@ pub struct InputStatus {
 }
 
 impl InputStatus {
+    /// A message of input `name` arrived (any delivery): the `consumed` counter and count.
+    fn received(&self, name: &str) {
+        counter!(EVENTS_CONSUMED, "input" => name.to_string()).increment(1);
+        self.consumed.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// How long the input has held messages without finishing any (`None` while it progresses).
     pub fn stalled_for(&self) -> Option<Duration> {
         if self.held.load(Ordering::Relaxed) == 0 {
@@ -397,8 +403,7 @@ async fn consume(
                             // A copy of a message held: its ack, after the original's commit,
                             // acks this delivery too (one message id).
                             quiet_since = Instant::now();
-                            counter!(EVENTS_CONSUMED, "input" => name.to_string()).increment(1);
-                            status.consumed.fetch_add(1, Ordering::Relaxed);
+                            status.received(name);
                             let event_type = property(&message, "ce_type")
                                 .unwrap_or_else(|| UNDECODED_EVENT_TYPE.to_owned());
                             counter!(EVENTS_REDELIVERED, "input" => name.to_string(), "event_type" => event_type)
@@ -454,8 +459,7 @@ impl Receiver<'_> {
                 self.last_received.insert(message.topic.clone(), (ledger, entry));
             }
         }
-        counter!(EVENTS_CONSUMED, "input" => name.to_string()).increment(1);
-        self.status.consumed.fetch_add(1, Ordering::Relaxed);
+        self.status.received(name);
         let received = Instant::now();
         let dataschema = property(&message, "ce_dataschema").or_else(|| {
             (!self.input.default_dataschema.is_empty()).then(|| self.input.default_dataschema.clone())

@@ -47,10 +47,10 @@ pub(super) const DIRECTORY: &str = "window";
 const BUCKETS: i64 = 4;
 /// Keys per pack. A key takes 42 bytes in its pack (66 in stores written before the window kept 8
 /// bytes of the content's hash), and a sled leaf holds up to 17 entries before it splits: with 12
-/// keys a full leaf (~9 KiB; ~14 KiB with the older values) stays under the size at which sled writes a page
-/// as a file of its own (a quarter of the 64 KiB segment). Packs of 64 made 70 KiB leaves, each
-/// appended pack then rewrote a blob file, and the window's directory grew by ~0.1 MiB/s at a
-/// steady 1 000 keys/s (`scripts/capacity`, docs/BENCHMARKS.md).
+/// keys a full leaf (~9 KiB; ~14 KiB with the older values) stays under the size at which sled
+/// writes a page as a file of its own (a quarter of the 64 KiB segment). Packs of 64 made 70 KiB
+/// leaves, each appended pack then rewrote a blob file, and the window's directory grew by
+/// ~0.1 MiB/s at a steady 1 000 keys/s (`scripts/capacity`, docs/BENCHMARKS.md).
 const PACK_KEYS: usize = 12;
 /// Packs one write may number from the id it takes (a write of 786 432 keys).
 const PACKS_PER_WRITE: u64 = 1 << 16;
