@@ -800,7 +800,8 @@ mod tests {
     use super::*;
 
     fn open(dir: &Path) -> (sled::Db, Window) {
-        let db = sled::Config::new().path(dir).open().unwrap();
+        // As the store opens it: a database dropped a moment ago may still be locked.
+        let db = open_db(&sled::Config::new().path(dir)).unwrap();
         let window = Window::open(&db, dir, 60_000, 1 << 20).unwrap();
         (db, window)
     }
