@@ -304,6 +304,10 @@ impl Bench<'_> {
                 metric_sum(&metrics, "aerostream_events_redelivered_total", None)
             ),
         );
+        table.row(
+            "backlog run: the committer's transactions / events per transaction",
+            transactions(&metrics),
+        );
         Ok(e2e_rate)
     }
 
@@ -405,6 +409,10 @@ impl Bench<'_> {
                 },
                 metric_sum(&metrics, "aerostream_events_redelivered_total", None)
             ),
+        );
+        table.row(
+            &format!("{label} the committer's transactions / events per transaction"),
+            transactions(&metrics),
         );
         Ok(())
     }
@@ -1108,6 +1116,13 @@ impl Poller {
 }
 
 /// Sum of every sample of metric `name` whose labels contain `label` (`k="v"`), if given.
+/// The committer's transactions in a daemon's `/metrics` and the events each carried on average.
+fn transactions(metrics: &str) -> String {
+    let transactions = metric_sum(metrics, "aerostream_store_transactions_total", None);
+    let events = metric_sum(metrics, "aerostream_store_committed_events_total", None);
+    format!("{transactions:.0} / {:.1}", events / transactions.max(1.0))
+}
+
 fn metric_sum(text: &str, name: &str, label: Option<&str>) -> f64 {
     text.lines()
         .filter(|line| !line.starts_with('#'))

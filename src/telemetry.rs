@@ -57,6 +57,8 @@ pub const IDEMPOTENCY_WINDOW_KEYS: &str = "aerostream_idempotency_window_keys";
 pub const IDEMPOTENCY_EVICTED: &str = "aerostream_idempotency_evicted_total";
 pub const IDEMPOTENCY_INDEX_BYTES: &str = "aerostream_idempotency_index_bytes";
 pub const STORE_DISK_BYTES: &str = "aerostream_store_disk_bytes";
+pub const STORE_TRANSACTIONS: &str = "aerostream_store_transactions_total";
+pub const STORE_COMMITTED_EVENTS: &str = "aerostream_store_committed_events_total";
 pub const OUTBOX_BACKLOG: &str = "aerostream_outbox_backlog_events";
 pub const OUTBOX_PUBLISHED: &str = "aerostream_outbox_published_total";
 pub const OUTBOX_POISONED: &str = "aerostream_outbox_poisoned_total";
@@ -135,6 +137,8 @@ pub const METRICS: &[Described] = &[
     described(IDEMPOTENCY_WINDOW_KEYS, Gauge, COUNT, "Idempotency keys in the window."),
     described(IDEMPOTENCY_EVICTED, Counter, COUNT, "Idempotency keys evicted past the window."),
     described(IDEMPOTENCY_INDEX_BYTES, Gauge, BYTES, "Memory the idempotency window's indexes take (which pack holds each key: about 30 to 60 bytes per key), measured at each eviction."),
+    described(STORE_TRANSACTIONS, Counter, COUNT, "Transactions the committer wrote, each holding every commit handed over while the one before was written."),
+    described(STORE_COMMITTED_EVENTS, Counter, COUNT, "Events in the committer's transactions: divided by aerostream_store_transactions_total, the events a transaction carries."),
     described(STORE_DISK_BYTES, Gauge, BYTES, "Disk space the data directory takes (blocks allocated), measured at each eviction."),
     described(OUTBOX_BACKLOG, Gauge, COUNT, "Committed output events and changelog records not yet published."),
     described(OUTBOX_PUBLISHED, Counter, COUNT, "Output events and changelog records published, by event type (changelog for records)."),

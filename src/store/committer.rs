@@ -15,6 +15,7 @@
 //! finds its idempotency key, and the actor's next commit finds the moved version).
 
 use super::{Encoded, SledStore};
+use crate::telemetry::{STORE_COMMITTED_EVENTS, STORE_TRANSACTIONS};
 use aerostream_actors::ports::{CommitFuture, CommitResult, OwnedCommit, StoreError};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
@@ -109,6 +110,8 @@ fn run(store: Weak<SledStore>, queue: mpsc::Receiver<Job>) {
         drop(commits);
         match results {
             Ok(results) => {
+                metrics::counter!(STORE_TRANSACTIONS).increment(1);
+                metrics::counter!(STORE_COMMITTED_EVENTS).increment(size as u64);
                 let mut results = results.into_iter();
                 for job in batch {
                     let _ = job
