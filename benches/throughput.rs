@@ -1115,7 +1115,6 @@ impl Poller {
     }
 }
 
-/// Sum of every sample of metric `name` whose labels contain `label` (`k="v"`), if given.
 /// The committer's transactions in a daemon's `/metrics` and the events each carried on average.
 fn transactions(metrics: &str) -> String {
     let transactions = metric_sum(metrics, "aerostream_store_transactions_total", None);
@@ -1123,6 +1122,7 @@ fn transactions(metrics: &str) -> String {
     format!("{transactions:.0} / {:.1}", events / transactions.max(1.0))
 }
 
+/// Sum of every sample of metric `name` whose labels contain `label` (`k="v"`), if given.
 fn metric_sum(text: &str, name: &str, label: Option<&str>) -> f64 {
     text.lines()
         .filter(|line| !line.starts_with('#'))
