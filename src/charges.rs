@@ -111,7 +111,8 @@ impl Worker {
         }
         // Done once the result is durable and published, its changelog record included: a daemon
         // that crashes before then withdraws the result at restart (`SledStore::
-        // withdraw_unpublished`) and must find the charge still pending, to apply it again.
+        // withdraw_unpublished`) and must find the charge still pending, to apply it again (unless
+        // the request was withdrawn too: its charge comes back with it).
         let published_through = self.store.outbox_high_water();
         let done = async {
             self.store.flush().await?;

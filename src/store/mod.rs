@@ -1600,8 +1600,10 @@ impl SledStore {
     /// their events come back, to this daemon or to another one, which may decide them in another
     /// order. Keeping them would leave this daemon with versions nobody else has; publishing them
     /// now could override what another daemon decided since. So each withdrawn commit gives back
-    /// its idempotency key (its event is applied again when redelivered) and its ledger moves, and
-    /// its aggregate is marked: the changelog restores it ([`import`](Self::import)) and
+    /// its idempotency key (its event is applied again when redelivered), its ledger moves and the
+    /// charges it asked for (the request asks again when it is decided again, here or elsewhere;
+    /// charged from here, its result would create the payment a second time, on another path),
+    /// and its aggregate is marked: the changelog restores it ([`import`](Self::import)) and
     /// [`settle_unconfirmed`](Self::settle_unconfirmed) finishes the job once the changelog has
     /// been read to its end. Output events stay in the outbox: they carry the ids their
     /// re-decided copies will have.
@@ -1635,13 +1637,13 @@ impl SledStore {
             .flat_map(|(_, record)| record.events().map(|event| window::digest(event.idempotency_key)))
             .collect();
         let withdrawal = self.window.withdrawal(&keys)?;
-        let mut trees = vec![&self.outbox, &self.ledgers, &self.unconfirmed];
+        let mut trees = vec![&self.outbox, &self.ledgers, &self.charges, &self.unconfirmed];
         trees.push(self.window.staged_tree());
         trees
             .as_slice()
             .transaction(|views| {
-                let (fixed, window) = views.split_at(3);
-                let [out, ledgers, unconfirmed] = fixed else {
+                let (fixed, window) = views.split_at(4);
+                let [out, ledgers, pending_charges, unconfirmed] = fixed else {
                     unreachable!("the withdrawal's trees, then the window's")
                 };
                 withdrawal.remove(&window[0])?;
@@ -1649,6 +1651,9 @@ impl SledStore {
                     out.remove(seq)?;
                     for event in record.events() {
                         revert_ledgers(ledgers, event.outputs)?;
+                        for charge in event.charges {
+                            pending_charges.remove(charge.payment_id.as_bytes())?;
+                        }
                     }
                 }
                 for (key, mark) in &marks {
@@ -1766,6 +1771,7 @@ impl SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aerostream_actors::events::PaymentStatus;
     use aerostream_actors::ports::Clock;
     use std::sync::atomic::{AtomicI64, Ordering};
     use std::sync::Arc;
@@ -2285,6 +2291,71 @@ mod tests {
         store.charge_done("p1").unwrap();
         assert!(store.pending_charges(10).unwrap().is_empty());
         assert_eq!(store.window_len(), 1);
+    }
+
+    /// A withdrawn request takes its charge with it: charged from here, its result would create
+    /// the payment again while the redelivered request is decided elsewhere (two histories, one
+    /// payment counted twice). A withdrawn result leaves the charge of a published request.
+    #[test]
+    fn a_withdrawn_request_withdraws_its_charge_and_a_withdrawn_result_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 10, Arc::new(TestClock(AtomicI64::new(0))))
+            .unwrap()
+            .with_changelog("a".into());
+        let hash = hex::encode([1u8; 32]);
+        let payment = |id: &str| AggregateKey {
+            kind: AggregateKind::Payment,
+            id: id.into(),
+        };
+        let charge = |id: &str| Charge {
+            payment_id: id.into(),
+            affiliate_id: "af".into(),
+            amount: aerostream_actors::Money::positive(100, "USD").unwrap(),
+            request_id: format!("r-{id}"),
+            request_time_ms: 5,
+            correlation_id: None,
+        };
+        let state = |id: &str, status: PaymentStatus, version: u64| {
+            serde_json::to_vec(&aerostream_actors::Payment {
+                id: id.into(),
+                affiliate_id: "af".into(),
+                amount: charge(id).amount,
+                status,
+                attempts: 0,
+                history: Vec::new(),
+                version,
+            })
+            .unwrap()
+        };
+        let (p1, p2) = (payment("p1"), payment("p2"));
+        let (charges1, charges2) = ([charge("p1")], [charge("p2")]);
+        // p1's request reaches the changelog; its result and p2's request do not.
+        let requested1 = state("p1", PaymentStatus::Pending, 1);
+        let request1 = Commit {
+            charges: &charges1,
+            ..Commit::of(&p1, &requested1, 1, "r-p1", &hash, 0)
+        };
+        assert_eq!(store.commit(request1).unwrap(), CommitResult::Committed);
+        publish(&store);
+        let succeeded1 = state("p1", PaymentStatus::Succeeded, 2);
+        let result1 = Commit::of(&p1, &succeeded1, 2, "pago_p1", &hash, 0);
+        assert_eq!(store.commit(result1).unwrap(), CommitResult::Committed);
+        let requested2 = state("p2", PaymentStatus::Pending, 1);
+        let request2 = Commit {
+            charges: &charges2,
+            ..Commit::of(&p2, &requested2, 1, "r-p2", &hash, 0)
+        };
+        assert_eq!(store.commit(request2).unwrap(), CommitResult::Committed);
+        assert_eq!(store.pending_charges(10).unwrap().len(), 2);
+
+        assert_eq!(store.withdraw_unpublished().unwrap(), 2);
+        assert_eq!(
+            store.pending_charges(10).unwrap(),
+            vec![charge("p1")],
+            "p1's result is withdrawn, its request is not: charged again; p2's request is withdrawn"
+        );
+        assert_eq!(store.settle_unconfirmed().unwrap(), vec![p2]);
+        assert_eq!(store.pending_charges(10).unwrap(), vec![charge("p1")]);
     }
 
     #[test]
