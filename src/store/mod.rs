@@ -2264,22 +2264,31 @@ mod tests {
         assert_eq!(store.commit(next).unwrap(), CommitResult::Committed);
     }
 
+    fn payment_key(id: &str) -> AggregateKey {
+        AggregateKey {
+            kind: AggregateKind::Payment,
+            id: id.into(),
+        }
+    }
+
+    /// The charge a request for payment `id` (USD 1.00 to affiliate `af`) records.
+    fn charge(id: &str) -> Charge {
+        Charge {
+            payment_id: id.into(),
+            affiliate_id: "af".into(),
+            amount: aerostream_actors::Money::positive(100, "USD").unwrap(),
+            request_id: format!("r-{id}"),
+            request_time_ms: 5,
+            correlation_id: None,
+        }
+    }
+
     #[test]
     fn a_charge_is_committed_with_its_request_and_removed_once_settled() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), 10, Arc::new(TestClock(AtomicI64::new(0)))).unwrap();
-        let charge = Charge {
-            payment_id: "p1".into(),
-            affiliate_id: "af".into(),
-            amount: aerostream_actors::Money::positive(100, "USD").unwrap(),
-            request_id: "r1".into(),
-            request_time_ms: 5,
-            correlation_id: None,
-        };
-        let agg = AggregateKey {
-            kind: AggregateKind::Payment,
-            id: "p1".into(),
-        };
+        let charge = charge("p1");
+        let agg = payment_key("p1");
         let hash = hex::encode([1u8; 32]);
         let charges = [charge.clone()];
         let with_charge = Commit {
@@ -2303,18 +2312,6 @@ mod tests {
             .unwrap()
             .with_changelog("a".into());
         let hash = hex::encode([1u8; 32]);
-        let payment = |id: &str| AggregateKey {
-            kind: AggregateKind::Payment,
-            id: id.into(),
-        };
-        let charge = |id: &str| Charge {
-            payment_id: id.into(),
-            affiliate_id: "af".into(),
-            amount: aerostream_actors::Money::positive(100, "USD").unwrap(),
-            request_id: format!("r-{id}"),
-            request_time_ms: 5,
-            correlation_id: None,
-        };
         let state = |id: &str, status: PaymentStatus, version: u64| {
             serde_json::to_vec(&aerostream_actors::Payment {
                 id: id.into(),
@@ -2327,7 +2324,7 @@ mod tests {
             })
             .unwrap()
         };
-        let (p1, p2) = (payment("p1"), payment("p2"));
+        let (p1, p2) = (payment_key("p1"), payment_key("p2"));
         let (charges1, charges2) = ([charge("p1")], [charge("p2")]);
         // p1's request reaches the changelog; its result and p2's request do not.
         let requested1 = state("p1", PaymentStatus::Pending, 1);
