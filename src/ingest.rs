@@ -640,9 +640,9 @@ async fn release(
     acker.send_pending(name, consumer).await;
 }
 
-/// Sends an input's acks, in receive order: each message's own, or on a Failover subscription one
-/// cumulative ack per partition for a run of consecutive messages ([`acking`] decides which); a
-/// batch entry's one ack, at its last message, once none of its messages is left unacked.
+/// Sends an input's acks, in receive order: each entry's own, or on a Failover subscription one
+/// cumulative ack per partition for a run of consecutive entries ([`acking`] decides which); a
+/// batch entry is acked at its last message, once none of its messages is left unacked.
 struct Acker {
     /// `None`: every message is acked on its own (Shared and Key_Shared allow nothing else).
     runs: Option<Runs>,
@@ -674,13 +674,16 @@ impl Acker {
             batch_index: id.batch_index,
         };
         let in_entry = message.payload.metadata.num_messages_in_batch.unwrap_or(1);
-        let ack = self
+        let entry = self
             .entries
             .finished(&message.topic, at, in_entry, matches!(verdict, Verdict::Ack));
+        let ack = entry == acking::EntryAck::Ack;
         let Some(runs) = &mut self.runs else {
             return finish(name, consumer, message, ack).await;
         };
-        match runs.finished(&message.topic, at, ack) {
+        match runs.finished(&message.topic, at, entry) {
+            // Its entry's last message acks it.
+            acking::Ack::Hold => return,
             acking::Ack::Cover => {
                 match self
                     .pending
