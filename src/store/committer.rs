@@ -5,10 +5,12 @@
 //! (docs/BENCHMARKS.md). Actors hand their commits over (`StateStore::commit_batched`) and wait
 //! without holding their arbiter, their values encoded on their own thread
 //! (`SledStore::encode`: JSON, compression); this thread takes every commit waiting, gives their
-//! outbox entries sequence numbers, writes them with `SledStore::commit_encoded` and answers each
-//! actor with its own result. Batches form by
-//! themselves, with no timer: the commits that arrive while one batch is written are the next
-//! batch, so a lone commit is written at once and a busy daemon writes large batches.
+//! outbox entries sequence numbers, writes them with `SledStore::commit_encoded`, makes them
+//! durable (`Flusher::flush_here`: the flush the acks of these commits wait for, made here instead
+//! of on the flusher thread, which a waiter would have to wake and be woken by) and answers each
+//! actor with its own result. Batches form by themselves, with no timer: the commits that arrive
+//! while one batch is written and flushed are the next batch, so a lone commit is written at once
+//! and a busy daemon writes large batches.
 //!
 //! Nothing is lost or applied twice when something fails: a batch that panics or fails answers
 //! each of its commits with an error (the event is retried; if its commit was written, the retry
@@ -110,6 +112,9 @@ fn run(store: Weak<SledStore>, queue: mpsc::Receiver<Job>) {
         drop(commits);
         match results {
             Ok(results) => {
+                // Durable before the answers leave: the waiters' own flush finds it done, with no
+                // wake-up of the flusher thread and back on an event's way to its ack.
+                store.flusher.flush_here();
                 metrics::counter!(STORE_TRANSACTIONS).increment(1);
                 metrics::counter!(STORE_COMMITTED_EVENTS).increment(size as u64);
                 let mut results = results.into_iter();

@@ -4,7 +4,10 @@
 //! durable watermark to pass the writes it made; the thread flushes whenever asked, each flush
 //! covering every write made before it started, so the waiters that arrive during one flush share
 //! the next. (Before it, every ack ran its own `spawn_blocking` flush behind a mutex: one flush
-//! per three events and five thread switches per event.)
+//! per three events and five thread switches per event.) The committer flushes on its own thread
+//! after each transaction (`flush_here`), so the acks of its commits find them durable without
+//! waking this thread; the thread serves every other writer. One flush runs at a time, so flushes
+//! finish in the order they start, whichever thread runs them.
 
 use aerostream_actors::ports::StoreError;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +27,9 @@ struct Flushed {
 }
 
 struct Shared {
+    /// Makes the store's writes durable; one flush runs at a time (`running`).
+    flush: Box<dyn Fn() -> Result<(), StoreError> + Send + Sync>,
+    running: Mutex<()>,
     /// Writes made so far.
     writes: AtomicU64,
     /// A flush is wanted; `closed` ends the thread.
@@ -48,8 +54,12 @@ pub struct Flusher {
 
 impl Flusher {
     /// Starts the thread; `flush` makes the store's writes durable (and may fail, as an fsync can).
-    pub fn start(flush: impl Fn() -> Result<(), StoreError> + Send + 'static) -> std::io::Result<Flusher> {
+    pub fn start(
+        flush: impl Fn() -> Result<(), StoreError> + Send + Sync + 'static,
+    ) -> std::io::Result<Flusher> {
         let shared = Arc::new(Shared {
+            flush: Box::new(flush),
+            running: Mutex::new(()),
             writes: AtomicU64::new(0),
             wanted: Mutex::new(Wanted::default()),
             ask: Condvar::new(),
@@ -59,12 +69,22 @@ impl Flusher {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("flusher".into())
-                .spawn(move || run(&shared, flush))?
+                .spawn(move || run(&shared))?
         };
         Ok(Flusher {
             shared,
             thread: Some(thread),
         })
+    }
+
+    /// Flushes on the calling thread now (the committer, after a transaction), covering every
+    /// write counted before the call; nothing to do when those are durable already. A failure
+    /// reaches the waiters as the flusher thread's would.
+    pub fn flush_here(&self) {
+        let wanted = self.shared.writes.load(Ordering::Acquire);
+        if self.shared.flushed.borrow().durable < wanted {
+            flush_once(&self.shared, |_| {});
+        }
     }
 
     /// Counts a write: the next flush asked for must cover it.
@@ -115,7 +135,7 @@ impl Drop for Flusher {
     }
 }
 
-fn run(shared: &Shared, flush: impl Fn() -> Result<(), StoreError>) {
+fn run(shared: &Shared) {
     loop {
         {
             let mut wanted = shared.wanted.lock().unwrap_or_else(|e| e.into_inner());
@@ -125,23 +145,32 @@ fn run(shared: &Shared, flush: impl Fn() -> Result<(), StoreError>) {
             if wanted.closed {
                 return;
             }
-            wanted.pending = false;
-            wanted.started += 1;
         }
-        let target = shared.writes.load(Ordering::Acquire);
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&flush))
-            .unwrap_or_else(|_| Err(StoreError::Internal("a flush panicked".into())));
-        shared.flushed.send_modify(|flushed| {
-            flushed.attempts += 1;
-            match result {
-                Ok(()) => {
-                    flushed.durable = flushed.durable.max(target);
-                    flushed.error = None;
-                }
-                Err(error) => flushed.error = Some(error),
-            }
-        });
+        flush_once(shared, |wanted| wanted.pending = false);
     }
+}
+
+/// One flush, started (`start` marks it in `wanted`) and finished in turn with any other.
+fn flush_once(shared: &Shared, start: impl FnOnce(&mut Wanted)) {
+    let _turn = shared.running.lock().unwrap_or_else(|e| e.into_inner());
+    {
+        let mut wanted = shared.wanted.lock().unwrap_or_else(|e| e.into_inner());
+        start(&mut wanted);
+        wanted.started += 1;
+    }
+    let target = shared.writes.load(Ordering::Acquire);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&shared.flush))
+        .unwrap_or_else(|_| Err(StoreError::Internal("a flush panicked".into())));
+    shared.flushed.send_modify(|flushed| {
+        flushed.attempts += 1;
+        match result {
+            Ok(()) => {
+                flushed.durable = flushed.durable.max(target);
+                flushed.error = None;
+            }
+            Err(error) => flushed.error = Some(error),
+        }
+    });
 }
 
 #[cfg(test)]
@@ -193,5 +222,47 @@ mod tests {
             result.unwrap();
         }
         assert!(flushes.load(Ordering::SeqCst) - before <= 2);
+    }
+
+    #[tokio::test]
+    async fn a_flush_on_the_writers_thread_spares_its_waiters_one_and_a_failure_still_reaches_them() {
+        let failing = Arc::new(AtomicBool::new(false));
+        let flushes = Arc::new(AtomicU64::new(0));
+        let flusher = {
+            let (failing, flushes) = (failing.clone(), flushes.clone());
+            Flusher::start(move || {
+                flushes.fetch_add(1, Ordering::SeqCst);
+                match failing.load(Ordering::SeqCst) {
+                    true => Err(StoreError::Unavailable("disk gone".into())),
+                    false => Ok(()),
+                }
+            })
+            .unwrap()
+        };
+        flusher.wrote();
+        flusher.flush_here();
+        assert_eq!(flushes.load(Ordering::SeqCst), 1);
+        flusher.flush().await.unwrap();
+        assert_eq!(
+            flushes.load(Ordering::SeqCst),
+            1,
+            "durable already: no flush asked for"
+        );
+        flusher.flush_here();
+        assert_eq!(
+            flushes.load(Ordering::SeqCst),
+            1,
+            "nothing new written: nothing to flush"
+        );
+        failing.store(true, Ordering::SeqCst);
+        flusher.wrote();
+        flusher.flush_here();
+        assert_eq!(
+            flusher.flush().await,
+            Err(StoreError::Unavailable("disk gone".into())),
+            "the writes are not durable: the waiter's flush fails too"
+        );
+        failing.store(false, Ordering::SeqCst);
+        flusher.flush().await.unwrap();
     }
 }
