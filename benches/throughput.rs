@@ -354,8 +354,26 @@ impl Bench<'_> {
         let processing = histogram_quantiles(
             &metrics,
             "aerostream_processing_duration_seconds",
+            None,
             &[0.5, 0.99, 0.999],
         );
+        let bound = |q: Option<f64>| q.map_or("> 2.5 s".into(), |s| format!("≤ {:.1} ms", s * 1e3));
+        let stages = ["queued", "applied", "durable"]
+            .map(|stage| {
+                let only = format!("stage=\"{stage}\"");
+                let [p50, p99] = [0.5, 0.99].map(|q| {
+                    bound(
+                        histogram_quantiles(
+                            &metrics,
+                            "aerostream_processing_stage_seconds",
+                            Some(&only),
+                            &[q],
+                        )[0],
+                    )
+                });
+                format!("{stage} {p50} / {p99}")
+            })
+            .join("; ");
         table.row(
             &format!(
                 "{label} publish→applied at {rate:.0} events/s ({}), {} events over {:.0} s, \
@@ -393,9 +411,13 @@ impl Bench<'_> {
             ),
             processing
                 .iter()
-                .map(|q| q.map_or("> 2.5 s".into(), |s| format!("≤ {:.1} ms", s * 1e3)))
+                .map(|q| bound(*q))
                 .collect::<Vec<_>>()
                 .join(" / "),
+        );
+        table.row(
+            &format!("{label} received→durable by stage (stage histogram, bucket upper bounds): p50 / p99"),
+            stages,
         );
         table.row(
             &format!("{label} peak RSS / messages delivered twice, raw / daemon"),
@@ -1132,12 +1154,15 @@ fn metric_sum(text: &str, name: &str, label: Option<&str>) -> f64 {
         .sum()
 }
 
-/// Quantiles of a Prometheus histogram (summed over its label sets) as bucket upper bounds, in
-/// seconds; `None` beyond the last finite bucket.
-fn histogram_quantiles(text: &str, name: &str, quantiles: &[f64]) -> Vec<Option<f64>> {
+/// Quantiles of a Prometheus histogram (summed over its label sets, those whose line holds `only`
+/// when given) as bucket upper bounds, in seconds; `None` beyond the last finite bucket.
+fn histogram_quantiles(text: &str, name: &str, only: Option<&str>, quantiles: &[f64]) -> Vec<Option<f64>> {
     let bucket = format!("{name}_bucket");
     let mut buckets: Vec<(f64, f64)> = Vec::new();
-    for line in text.lines().filter(|l| l.starts_with(&bucket)) {
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with(&bucket) && only.map_or(true, |only| l.contains(only)))
+    {
         let Some(le) = line.split("le=\"").nth(1).and_then(|r| r.split('"').next()) else {
             continue;
         };

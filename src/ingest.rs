@@ -774,6 +774,7 @@ fn apply_batch(
             follower.barrier().await;
             histogram!(CHANGELOG_BARRIER_WAIT).record(waiting.elapsed().as_secs_f64());
         }
+        let started = Instant::now();
         let mut shutdown = dead_letters.shutdown.clone();
         // Applied (or duplicates), durable once flushed: with the counter of their outcome.
         let mut applied: Vec<(Ready, &'static str)> = Vec::with_capacity(pending.len());
@@ -869,8 +870,12 @@ fn apply_batch(
         // commit builds on can be lost without it. The counts and acks wait until they are durable.
         // Everything committed so far, these events' commits included, is in the outbox up to here.
         let outbox_mark = pipeline.store.outbox_high_water();
+        let written = Instant::now();
         let then = async move {
             let durable = !leave && flushed(&name, &pipeline.store, &dead_letters.backoff, &mut shutdown).await;
+            let [queued, applying, flushing] =
+                STAGES.map(|stage| histogram!(PROCESSING_STAGE, "input" => name.to_string(), "stage" => stage));
+            let (apply, flush) = (written - started, written.elapsed());
             for (ready, counter_name) in applied {
                 if !durable {
                     messages.push((ready.seq, ready.message, Verdict::Leave));
@@ -882,6 +887,9 @@ fn apply_batch(
                     status.applied.fetch_add(1, Ordering::Relaxed);
                 }
                 histogram!(PROCESSING_DURATION, "input" => name.to_string()).record(ready.received.elapsed().as_secs_f64());
+                queued.record(started.saturating_duration_since(ready.received).as_secs_f64());
+                applying.record(apply.as_secs_f64());
+                flushing.record(flush.as_secs_f64());
                 messages.push((ready.seq, ready.message, Verdict::Ack));
             }
             tracing::debug!(count = messages.len(), durable, "Events done.");
