@@ -568,6 +568,28 @@ async fn relay_ends_the_broker_connection_in_order_when_its_client_resets() {
     writer.abort();
 }
 
+/// Sends `texts` through a batching producer, all queued before any receipt is awaited, and
+/// returns the broker entries (ledger, entry) they were stored in.
+async fn send_batched(
+    producer: &mut pulsar::Producer<TokioExecutor>,
+    texts: impl IntoIterator<Item = String>,
+) -> BTreeSet<(u64, u64)> {
+    let mut receipts = Vec::new();
+    for text in texts {
+        receipts.push(producer.send_non_blocking(text).await.expect("queued"));
+    }
+    let mut entries = BTreeSet::new();
+    for receipt in receipts {
+        let id = receipt
+            .await
+            .expect("persisted")
+            .message_id
+            .expect("a receipt names its message");
+        entries.insert((id.ledger_id, id.entry_id));
+    }
+    entries
+}
+
 /// An ack of one message of a batch entry acks the whole entry. The `pulsar` crate sends a batched
 /// message's ack with its batch index and no ack set, and the broker then acks the entry's
 /// position, as Apache Pulsar does without batch-index acks (the Java client holds such acks until
@@ -581,21 +603,7 @@ async fn an_ack_of_one_message_of_a_batch_entry_acks_the_whole_entry() {
     let pulsar = client(&broker).await;
     let topic = "persistent://public/default/batch-entry-ack";
     let mut batching = batching_producer(&pulsar, topic, Some(IN_ENTRY as u32)).await;
-    let mut receipts = Vec::new();
-    for i in 0..IN_ENTRY {
-        receipts.push(
-            batching
-                .send_non_blocking(format!("in-entry-{i}"))
-                .await
-                .expect("queued"),
-        );
-    }
-    let mut entries = BTreeSet::new();
-    for receipt in receipts {
-        let receipt = receipt.await.expect("persisted");
-        let id = receipt.message_id.expect("a receipt names its message");
-        entries.insert((id.ledger_id, id.entry_id));
-    }
+    let entries = send_batched(&mut batching, (0..IN_ENTRY).map(|i| format!("in-entry-{i}"))).await;
     assert_eq!(
         entries.len(),
         1,
@@ -645,22 +653,7 @@ async fn a_cumulative_ack_at_the_last_message_of_a_batch_entry_acks_up_to_that_e
     let mut batching = batching_producer(&pulsar, topic, Some(IN_ENTRY as u32)).await;
     let mut entries = BTreeSet::new();
     for entry in ["a", "b"] {
-        let mut receipts = Vec::new();
-        for i in 0..IN_ENTRY {
-            let receipt = batching
-                .send_non_blocking(format!("{entry}-{i}"))
-                .await
-                .expect("queued");
-            receipts.push(receipt);
-        }
-        for receipt in receipts {
-            let id = receipt
-                .await
-                .expect("persisted")
-                .message_id
-                .expect("a receipt names its message");
-            entries.insert((id.ledger_id, id.entry_id));
-        }
+        entries.extend(send_batched(&mut batching, (0..IN_ENTRY).map(|i| format!("{entry}-{i}"))).await);
     }
     assert_eq!(
         entries.len(),

@@ -178,8 +178,8 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
 
-    #[tokio::test]
-    async fn a_flush_covers_the_writes_before_it_and_a_failure_reaches_its_waiters() {
+    /// A flusher whose flushes are counted and fail while `failing` is set.
+    fn counting_flusher() -> (Flusher, Arc<AtomicBool>, Arc<AtomicU64>) {
         let failing = Arc::new(AtomicBool::new(false));
         let flushes = Arc::new(AtomicU64::new(0));
         let flusher = {
@@ -193,6 +193,12 @@ mod tests {
             })
             .unwrap()
         };
+        (flusher, failing, flushes)
+    }
+
+    #[tokio::test]
+    async fn a_flush_covers_the_writes_before_it_and_a_failure_reaches_its_waiters() {
+        let (flusher, failing, flushes) = counting_flusher();
         flusher.flush().await.unwrap();
         assert_eq!(
             flushes.load(Ordering::SeqCst),
@@ -226,19 +232,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_flush_on_the_writers_thread_spares_its_waiters_one_and_a_failure_still_reaches_them() {
-        let failing = Arc::new(AtomicBool::new(false));
-        let flushes = Arc::new(AtomicU64::new(0));
-        let flusher = {
-            let (failing, flushes) = (failing.clone(), flushes.clone());
-            Flusher::start(move || {
-                flushes.fetch_add(1, Ordering::SeqCst);
-                match failing.load(Ordering::SeqCst) {
-                    true => Err(StoreError::Unavailable("disk gone".into())),
-                    false => Ok(()),
-                }
-            })
-            .unwrap()
-        };
+        let (flusher, failing, flushes) = counting_flusher();
         flusher.wrote();
         flusher.flush_here();
         assert_eq!(flushes.load(Ordering::SeqCst), 1);
