@@ -337,11 +337,14 @@ impl Bench<'_> {
         let daemon = Daemon::start(&phase)?;
         daemon.wait_healthy()?;
         let stamps = Stamps::default();
+        let (cpu_before, machine_before) = (self.procs.sample(Some(daemon.pid())), Machine::sample());
         let poller = Poller::spawn(&daemon, self.args.poll, move |s| {
             s.campaigns >= expected[0] as f64 && s.payments >= expected[1] as f64
         });
         let received = self.publish_and_receive(&phase, plan.stream, expected, rate, run, &stamps);
         let samples = poller.join()?;
+        let cpu = self.procs.sample(Some(daemon.pid())).since(&cpu_before);
+        let machine = Machine::sample().since(&machine_before);
         let (transit, published) = received?;
         let metrics = daemon.metrics()?;
         std::fs::write(phase.dir.join("metrics.txt"), &metrics)?;
@@ -435,6 +438,18 @@ impl Bench<'_> {
         table.row(
             &format!("{label} the committer's transactions / events per transaction"),
             transactions(&metrics),
+        );
+        table.row(
+            &format!(
+                "{label} CPU per 1 000 events while it ran: daemon / bench (publisher, poller{}) / relay / \
+                 broker; the machine's CPUs busy / stolen by the hypervisor",
+                if raw { ", raw consumer" } else { "" }
+            ),
+            format!(
+                "{}; {}",
+                cpu.per_thousand(published.total(), &["daemon", "client", "relay", "broker"]),
+                machine.shares()
+            ),
         );
         Ok(())
     }
@@ -1305,6 +1320,53 @@ impl CpuSample {
             })
             .collect::<Vec<_>>()
             .join(" / ")
+    }
+}
+
+/// The whole machine's CPU time (`/proc/stat`, all CPUs), in clock ticks: busy, stolen by the
+/// hypervisor, and all of it. A latency run that keeps the CPUs busy measures the machine's
+/// queues, not the daemon's path.
+#[derive(Clone, Copy)]
+struct Machine {
+    busy: u64,
+    steal: u64,
+    all: u64,
+}
+
+impl Machine {
+    fn sample() -> Machine {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        // cpu user nice system idle iowait irq softirq steal guest guest_nice (guest time is in user).
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|n| n.parse().unwrap_or(0))
+            .collect();
+        let at = |i: usize| ticks.get(i).copied().unwrap_or(0);
+        let (idle, steal) = (at(3) + at(4), at(7));
+        let all: u64 = ticks.iter().sum();
+        Machine {
+            busy: all - idle - steal,
+            steal,
+            all,
+        }
+    }
+
+    fn since(&self, before: &Machine) -> Machine {
+        Machine {
+            busy: self.busy - before.busy,
+            steal: self.steal - before.steal,
+            all: self.all - before.all,
+        }
+    }
+
+    fn shares(&self) -> String {
+        let share = |ticks: u64| ticks as f64 * 100.0 / self.all.max(1) as f64;
+        format!("{:.0} % / {:.0} %", share(self.busy), share(self.steal))
     }
 }
 
