@@ -113,8 +113,13 @@ impl ChangeRecord {
 
     /// The message key: the aggregate, so a compacted topic keeps its latest state.
     pub fn key(&self) -> String {
-        format!("{}/{}", self.aggregate.kind.as_str(), self.aggregate.id)
+        record_key(&self.aggregate)
     }
+}
+
+/// The message key of `aggregate`'s records.
+pub fn record_key(aggregate: &AggregateKey) -> String {
+    format!("{}/{}", aggregate.kind.as_str(), aggregate.id)
 }
 
 /// Asks the follower for barriers. Cheap to clone.

@@ -24,7 +24,7 @@ use crate::backoff::Backoff;
 use crate::broker::{self, Client, Producer};
 use crate::codec::{Codec, Encoded};
 use crate::config::{BrokerConfig, ChangelogConfig, OutputsConfig};
-use crate::store::{OutboxEntry, SledStore};
+use crate::store::{Publishable, SledStore};
 use crate::telemetry::{CHANGELOG_RECORD, OUTBOX_BACKLOG, OUTBOX_POISONED, OUTBOX_PUBLISHED};
 use aerostream_actors::OutputBody;
 use std::collections::HashMap;
@@ -75,10 +75,10 @@ struct Outgoing {
     event_type: &'static str,
 }
 
-fn outgoing(destinations: &Destinations, codec: &Codec, entry: OutboxEntry) -> Result<Outgoing, Poison> {
+fn outgoing(destinations: &Destinations, codec: &Codec, entry: Publishable) -> Result<Outgoing, Poison> {
     let poison = |kind| move |reason: String| Poison { kind, reason };
     match entry {
-        OutboxEntry::Output(event) => {
+        Publishable::Output(event) => {
             let Encoded {
                 payload,
                 dataschema,
@@ -102,13 +102,15 @@ fn outgoing(destinations: &Destinations, codec: &Codec, entry: OutboxEntry) -> R
                 event_type,
             })
         }
-        OutboxEntry::Change(record) => Ok(Outgoing {
+        Publishable::Change {
+            key,
+            instance,
+            payload,
+        } => Ok(Outgoing {
             topic: destinations.broker.topic(&destinations.changelog.topic),
-            key: record.key(),
-            payload: serde_json::to_vec(&record)
-                .map_err(|e| format!("cannot encode changelog record: {e}"))
-                .map_err(poison("changelog"))?,
-            properties: vec![("instance", record.instance.clone())],
+            key,
+            payload,
+            properties: vec![("instance", instance)],
             event_type: CHANGELOG_RECORD,
         }),
     }
@@ -126,7 +128,7 @@ pub async fn run(
     let mut failures = 0;
     loop {
         metrics::gauge!(OUTBOX_BACKLOG).set(store.outbox_len() as f64);
-        let batch = match store.outbox_entries(BATCH) {
+        let batch = match store.outbox_publishable(BATCH) {
             Ok(batch) => batch,
             Err(error) => {
                 tracing::error!(error = %error, "Cannot read the outbox.");

@@ -103,6 +103,53 @@ pub enum OutboxEntry {
 /// An outbox entry as read back: the entry, or why it does not parse.
 pub type StoredEntry = Result<OutboxEntry, StoreError>;
 
+/// Outbox entries as read back, oldest first: each with its sequence key, parsed or why it does not
+/// parse.
+pub type OutboxRead<T> = Vec<(sled::IVec, Result<T, StoreError>)>;
+
+/// An outbox entry as the publisher reads it: an output event to encode, or a changelog record as
+/// it goes on the wire — the JSON stored inside the entry, checked as JSON and parsed only for its
+/// key and instance. Parsing a record whole to write it again was about 6 % of the daemon's
+/// samples in a backlog profile (docs/BENCHMARKS.md); a record whose shape is wrong is the
+/// followers' to skip, as one published by another version would be.
+#[derive(Debug)]
+pub enum Publishable {
+    Output(OutputEvent),
+    Change {
+        key: String,
+        instance: String,
+        payload: Vec<u8>,
+    },
+}
+
+impl Publishable {
+    fn parse(stored: &[u8]) -> Result<Publishable, serde_json::Error> {
+        /// [`OutboxEntry`] as stored, the record left as its JSON text.
+        #[derive(Deserialize)]
+        enum Stored {
+            Output(OutputEvent),
+            Change(Box<serde_json::value::RawValue>),
+        }
+        /// The fields of a [`ChangeRecord`] the publisher needs.
+        #[derive(Deserialize)]
+        struct Head {
+            instance: String,
+            aggregate: AggregateKey,
+        }
+        Ok(match serde_json::from_slice(stored)? {
+            Stored::Output(event) => Publishable::Output(event),
+            Stored::Change(record) => {
+                let head: Head = serde_json::from_str(record.get())?;
+                Publishable::Change {
+                    key: crate::changelog::record_key(&head.aggregate),
+                    instance: head.instance,
+                    payload: Box::<str>::from(record).into_boxed_bytes().into_vec(),
+                }
+            }
+        })
+    }
+}
+
 /// An aggregate whose versions from `from` on were withdrawn at start
 /// ([`SledStore::withdraw_unpublished`]): the changelog decides them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -673,16 +720,28 @@ impl SledStore {
     }
 
     /// The oldest `limit` outbox entries, with their sequence keys; an entry that does not parse
-    /// (written by another version, or damaged) comes as its error, for the publisher to set
-    /// aside.
+    /// (written by another version, or damaged) comes as its error.
     pub fn outbox_entries(&self, limit: usize) -> Result<Vec<(sled::IVec, StoredEntry)>, StoreError> {
+        self.outbox_read(limit, |json| serde_json::from_slice(json))
+    }
+
+    /// The oldest `limit` outbox entries as the publisher reads them ([`Publishable`]); an entry
+    /// that does not parse comes as its error, for the publisher to set aside.
+    pub fn outbox_publishable(&self, limit: usize) -> Result<OutboxRead<Publishable>, StoreError> {
+        self.outbox_read(limit, Publishable::parse)
+    }
+
+    fn outbox_read<T>(
+        &self,
+        limit: usize,
+        parse: impl Fn(&[u8]) -> Result<T, serde_json::Error>,
+    ) -> Result<OutboxRead<T>, StoreError> {
         self.outbox
             .iter()
             .take(limit)
             .map(|entry| {
                 let (seq, value) = entry.map_err(store_error)?;
-                let parsed = packed::unpack(&value)
-                    .and_then(|json| serde_json::from_slice(&json).map_err(store_error));
+                let parsed = packed::unpack(&value).and_then(|json| parse(&json).map_err(store_error));
                 Ok((seq, parsed))
             })
             .collect()
@@ -2161,6 +2220,19 @@ mod tests {
             (1, 3, 2)
         );
         let record = (**record).clone();
+        // The publisher takes the record as it goes on the wire: the stored JSON, not parsed whole.
+        let publishable = store.outbox_publishable(100).unwrap();
+        assert!(matches!(publishable[0].1, Ok(Publishable::Output(_))));
+        let Ok(Publishable::Change {
+            key,
+            instance,
+            payload,
+        }) = &publishable[3].1
+        else {
+            panic!("the record comes last")
+        };
+        assert_eq!((key.as_str(), instance.as_str()), (record.key().as_str(), "a"));
+        assert_eq!(payload, &serde_json::to_vec(&record).unwrap());
 
         // A crash before it was published: the whole commit is withdrawn.
         assert_eq!(store.withdraw_unpublished().unwrap(), 1);
