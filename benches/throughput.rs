@@ -361,7 +361,7 @@ impl Bench<'_> {
             &[0.5, 0.99, 0.999],
         );
         let bound = |q: Option<f64>| q.map_or("> 2.5 s".into(), |s| format!("≤ {:.1} ms", s * 1e3));
-        let stages = ["queued", "applied", "durable"]
+        let stages = aerostream::telemetry::STAGES
             .map(|stage| {
                 let only = format!("stage=\"{stage}\"");
                 let [p50, p99] = [0.5, 0.99].map(|q| {
