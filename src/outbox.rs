@@ -32,7 +32,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-const BATCH: usize = 256;
+/// Entries read (and published) at once.
+pub const BATCH: usize = 256;
 /// Longest wait between looks at an empty outbox (a commit wakes the publisher sooner).
 const IDLE_POLL: Duration = Duration::from_millis(50);
 /// Between attempts while publishing fails.

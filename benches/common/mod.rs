@@ -9,25 +9,30 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// The store in `dir` as the daemon opens it with `config`: its cache and window, the changelog
-/// on, the committer thread started.
+/// on unless `config` turns it off, the committer thread started.
 pub fn daemon_store(dir: &Path, config: &Config, clock: Arc<dyn Clock>) -> Arc<SledStore> {
-    let store = SledStore::open_with_cache(
+    let mut store = SledStore::open_with_cache(
         dir,
         config.idempotency.window_seconds,
         config.daemon.cache_mib << 20,
         clock,
     )
-    .expect("store opens")
-    .with_changelog("bench".into());
+    .expect("store opens");
+    if config.changelog.enabled {
+        store = store.with_changelog("bench".into());
+    }
     let store = Arc::new(store);
     store.start_committer().expect("committer starts");
     store
 }
 
-/// Deletes what the outbox holds, as the publisher does once the broker has it.
+/// Reads and deletes what the outbox holds, as the publisher does (`outbox::run`: what it reads
+/// to publish, in reads of as many entries) once the broker has it.
 pub fn drain_outbox(store: &SledStore) {
     loop {
-        let entries = store.outbox_entries(4_096).expect("outbox readable");
+        let entries = store
+            .outbox_publishable(aerostream::outbox::BATCH)
+            .expect("outbox readable");
         if entries.is_empty() {
             return;
         }
