@@ -3,7 +3,7 @@
 //! drain), and from the two what a commit and an event cost on their own.
 //!
 //! ```text
-//! cargo bench --bench commit_path [-- --campaigns 50 --events 40000 --no-changelog]
+//! cargo bench --bench commit_path [-- --campaigns 50 --events 40000 --repeat 3 --no-changelog]
 //! ```
 //!
 //! Campaign actors on two arbiters (as `actors.arbiters` ships) apply click and impression events
@@ -33,6 +33,7 @@ struct Args {
     campaigns: usize,
     events: usize,
     changelog: bool,
+    repeat: usize,
 }
 
 fn parse_args() -> Args {
@@ -40,6 +41,7 @@ fn parse_args() -> Args {
         campaigns: 50,
         events: 40_000,
         changelog: true,
+        repeat: 3,
     };
     let mut given = std::env::args().skip(1);
     while let Some(name) = given.next() {
@@ -52,6 +54,7 @@ fn parse_args() -> Args {
         match name.as_str() {
             "--campaigns" => args.campaigns = value(),
             "--events" => args.events = value(),
+            "--repeat" => args.repeat = value().max(1),
             "--no-changelog" => args.changelog = false,
             // `cargo bench` passes `--bench`.
             _ => {}
@@ -156,8 +159,8 @@ struct Measured {
 }
 
 impl Measured {
-    fn total_ns(&self) -> u64 {
-        self.cpu_ns.values().sum()
+    fn per_event_us(&self) -> f64 {
+        self.cpu_ns.values().sum::<u64>() as f64 / 1e3 / self.events as f64
     }
 }
 
@@ -249,10 +252,31 @@ fn run(args: &Args, per_commit: usize) -> Measured {
 fn main() {
     let args = parse_args();
     let shapes = [1usize, 8];
-    let runs: Vec<(usize, Measured)> = shapes.iter().map(|&k| (k, run(&args, k))).collect();
+    // Each shape `repeat` times, the shapes alternating; the run that took the least CPU per
+    // event is kept (a neighbour's load and the hypervisor only ever add to it).
+    let mut best: Vec<Option<Measured>> = shapes.iter().map(|_| None).collect();
+    let mut spread: Vec<Vec<f64>> = shapes.iter().map(|_| Vec::new()).collect();
+    for _ in 0..args.repeat {
+        for (at, &k) in shapes.iter().enumerate() {
+            let measured = run(&args, k);
+            spread[at].push(measured.per_event_us());
+            if !best[at]
+                .as_ref()
+                .is_some_and(|kept| kept.per_event_us() <= measured.per_event_us())
+            {
+                best[at] = Some(measured);
+            }
+        }
+    }
+    let runs: Vec<(usize, Measured)> = shapes
+        .iter()
+        .zip(best)
+        .map(|(&k, measured)| (k, measured.expect("at least one run")))
+        .collect();
     println!(
-        "{} campaigns, {} events per shape; CPU of this process by thread, per event (µs)",
-        args.campaigns, args.events
+        "{} campaigns, {} events per shape, the least of {} runs; CPU of this process by thread, \
+         per event (µs)",
+        args.campaigns, args.events, args.repeat
     );
     let kinds: Vec<String> = {
         let mut kinds: Vec<String> = runs.iter().flat_map(|(_, m)| m.cpu_ns.keys().cloned()).collect();
@@ -261,30 +285,34 @@ fn main() {
         kinds
     };
     println!(
-        "| events per commit | events | events/s | stolen | CPU per event | {} |",
+        "| events per commit | events | events/s | stolen | CPU per event | all runs | {} |",
         kinds.join(" | ")
     );
-    println!("| --- | --- | --- | --- | --- |{}", " --- |".repeat(kinds.len()));
-    for (k, m) in &runs {
+    println!(
+        "| --- | --- | --- | --- | --- | --- |{}",
+        " --- |".repeat(kinds.len())
+    );
+    for ((k, m), all) in runs.iter().zip(&spread) {
+        let all: Vec<String> = all.iter().map(|us| format!("{us:.1}")).collect();
         let per_event = |ns: u64| ns as f64 / 1e3 / m.events as f64;
         let by_kind: Vec<String> = kinds
             .iter()
             .map(|kind| format!("{:.1}", per_event(m.cpu_ns.get(kind).copied().unwrap_or(0))))
             .collect();
         println!(
-            "| {k} | {} | {:.0} | {:.0} % | **{:.1} µs** | {} |",
+            "| {k} | {} | {:.0} | {:.0} % | **{:.1} µs** | {} | {} |",
             m.events,
             m.events as f64 / m.seconds,
             m.stolen * 100.0,
-            per_event(m.total_ns()),
+            m.per_event_us(),
+            all.join(", "),
             by_kind.join(" | ")
         );
     }
-    let per_event = |m: &Measured| m.total_ns() as f64 / 1e3 / m.events as f64;
     let (one, many) = (&runs[0], &runs[1]);
     let k = many.0 as f64;
-    let commit = (per_event(&one.1) - per_event(&many.1)) * k / (k - 1.0);
-    let event = per_event(&one.1) - commit;
+    let commit = (one.1.per_event_us() - many.1.per_event_us()) * k / (k - 1.0);
+    let event = one.1.per_event_us() - commit;
     println!(
         "a commit's own work: {commit:.1} µs; an event's: {event:.1} µs ({} and {} commits)",
         one.1.commits, many.1.commits
