@@ -24,6 +24,7 @@ use aerostream::config::Config;
 use aerostream_actors::events::CommissionRule;
 use aerostream_actors::ports::{Clock, NoObserver, SystemClock};
 use aerostream_actors::{ActorEnv, CampaignEvent, Incoming, Money, Outcome, Registry};
+use common::machine::Machine;
 use common::{daemon_store, drain_outbox, incoming};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -112,20 +113,6 @@ fn cpu_between(
     by_kind
 }
 
-/// The machine's CPU ticks so far: (all, stolen by the hypervisor), from `/proc/stat`.
-fn machine_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    (fields.iter().sum(), fields.get(7).copied().unwrap_or(0))
-}
-
 fn campaign_id(i: usize) -> String {
     format!("camp-{i}")
 }
@@ -205,7 +192,7 @@ fn run(args: &Args, per_commit: usize) -> Measured {
 
         let rounds = args.events / (args.campaigns * per_commit);
         let before = thread_cpu();
-        let ticks = machine_ticks();
+        let machine = Machine::sample();
         let started = Instant::now();
         for _ in 0..rounds {
             let batches = (0..args.campaigns)
@@ -234,8 +221,7 @@ fn run(args: &Args, per_commit: usize) -> Measured {
         }
         let seconds = started.elapsed().as_secs_f64();
         let cpu_ns = cpu_between(&before, thread_cpu());
-        let (all, stolen) = machine_ticks();
-        let stolen = (stolen - ticks.1) as f64 / (all - ticks.0).max(1) as f64;
+        let stolen = Machine::sample().since(&machine).stolen();
         for arbiter in arbiters {
             arbiter.stop();
         }

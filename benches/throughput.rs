@@ -24,6 +24,8 @@
 //! runs nothing else: a profiling run, not a measurement. `--throughput-only` runs (a) to (c) alone.
 //! Neither writes Markdown. `--keep DIR` keeps the broker's and the daemons' data, logs and metrics.
 
+#[path = "common/machine.rs"]
+mod machine;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -34,6 +36,7 @@ use aerostream::generator::{self, Input, Planned};
 use anyhow::{bail, Context as _};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt as _, StreamExt};
+use machine::Machine;
 use pulsar::{ConsumerOptions, Pulsar, SubType, TokioExecutor};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -1320,53 +1323,6 @@ impl CpuSample {
             })
             .collect::<Vec<_>>()
             .join(" / ")
-    }
-}
-
-/// The whole machine's CPU time (`/proc/stat`, all CPUs), in clock ticks: busy, stolen by the
-/// hypervisor, and all of it. A latency run that keeps the CPUs busy measures the machine's
-/// queues, not the daemon's path.
-#[derive(Clone, Copy)]
-struct Machine {
-    busy: u64,
-    steal: u64,
-    all: u64,
-}
-
-impl Machine {
-    fn sample() -> Machine {
-        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-        // cpu user nice system idle iowait irq softirq steal guest guest_nice (guest time is in user).
-        let ticks: Vec<u64> = stat
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .skip(1)
-            .take(8)
-            .map(|n| n.parse().unwrap_or(0))
-            .collect();
-        let at = |i: usize| ticks.get(i).copied().unwrap_or(0);
-        let (idle, steal) = (at(3) + at(4), at(7));
-        let all: u64 = ticks.iter().sum();
-        Machine {
-            busy: all - idle - steal,
-            steal,
-            all,
-        }
-    }
-
-    fn since(&self, before: &Machine) -> Machine {
-        Machine {
-            busy: self.busy - before.busy,
-            steal: self.steal - before.steal,
-            all: self.all - before.all,
-        }
-    }
-
-    fn shares(&self) -> String {
-        let share = |ticks: u64| ticks as f64 * 100.0 / self.all.max(1) as f64;
-        format!("{:.0} % / {:.0} %", share(self.busy), share(self.steal))
     }
 }
 

@@ -1,5 +1,8 @@
-//! What the idempotency and restore benches share: the daemon's store as the daemon opens it, the
-//! outbox drained as its publisher does, and campaign events as they come in.
+//! What the idempotency, restore and commit-path benches share: the daemon's store as the daemon
+//! opens it, the outbox drained as its publisher does, campaign events as they come in, and the
+//! machine's CPU time (`machine`, which the throughput bench includes on its own).
+
+pub mod machine;
 
 use aerostream::config::Config;
 use aerostream::store::SledStore;
