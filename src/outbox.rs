@@ -39,9 +39,10 @@ const IDLE_POLL: Duration = Duration::from_millis(50);
 /// Between attempts while publishing fails.
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
 
-/// The `kind` label of `aerostream_outbox_poisoned_total`: an output event, a changelog record,
-/// or an entry that does not parse (its kind unknown).
-pub const ENTRY_KINDS: [&str; 3] = ["output", "changelog", "unreadable"];
+/// The `kind` label of `aerostream_outbox_poisoned_total`: an output event that cannot be
+/// encoded, or an entry that does not parse (a changelog record is published as stored, so only
+/// a record that does not parse is set aside, as `unreadable`).
+pub const ENTRY_KINDS: [&str; 2] = ["output", "unreadable"];
 
 /// Why an entry can never be published.
 struct Poison {
