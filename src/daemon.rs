@@ -263,6 +263,8 @@ pub async fn run(
         tasks.iter().for_each(|task| task.abort());
         futures::future::join_all(tasks).await;
     }
+    // The logged commits applied, so that the next start has no log to apply.
+    store.settle().context("applying the commit log")?;
     store.flush().await.context("flushing the state store")?;
     server_handle.stop(true).await;
     let _ = server_task.await;

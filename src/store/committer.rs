@@ -12,6 +12,10 @@
 //! while one batch is written and flushed are the next batch, so a lone commit is written at once
 //! and a busy daemon writes large batches.
 //!
+//! A transaction writes the commits to the commit log (`log.rs`); between transactions, and every
+//! [`APPLY_CHECK`] when idle, the thread applies the logged commits to the trees once they are due
+//! (`SledStore::apply_if_due`), off the answers' way.
+//!
 //! Nothing is lost or applied twice when something fails: a batch that panics or fails answers
 //! each of its commits with an error (the event is retried; if its commit was written, the retry
 //! finds its idempotency key, and the actor's next commit finds the moved version).
@@ -28,6 +32,9 @@ use tokio::sync::oneshot;
 /// other writers of the store (imports, the report actor, eviction) wait for sled's lock, and the
 /// memory a transaction takes.
 const MAX_BATCH: usize = 512;
+
+/// How often an idle committer looks whether logged commits are due to be applied.
+const APPLY_CHECK: std::time::Duration = std::time::Duration::from_millis(25);
 
 type Answer = oneshot::Sender<Vec<Result<CommitResult, StoreError>>>;
 
@@ -88,7 +95,18 @@ pub(super) fn start(store: &Arc<SledStore>) -> std::io::Result<()> {
 fn run(store: Weak<SledStore>, queue: mpsc::Receiver<Job>) {
     // The store holds the sending side, so `recv` fails once the store is gone.
     let events = |commits: &[OwnedCommit]| commits.iter().map(|c| c.earlier.len() + 1).sum::<usize>();
-    while let Ok(first) = queue.recv() {
+    loop {
+        let first = match queue.recv_timeout(APPLY_CHECK) {
+            Ok(job) => job,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                match store.upgrade() {
+                    Some(store) => store.apply_if_due(),
+                    None => return,
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
         let mut size = events(&first.commits);
         let mut batch = vec![first];
         while size < MAX_BATCH {
@@ -123,6 +141,8 @@ fn run(store: Weak<SledStore>, queue: mpsc::Receiver<Job>) {
                         .answer
                         .send(results.by_ref().take(job.commits.len()).collect());
                 }
+                // Off every answer's way: the logged commits applied to the trees when due.
+                store.apply_if_due();
             }
             Err(_) => {
                 tracing::error!(

@@ -29,6 +29,7 @@
 
 mod committer;
 mod flusher;
+mod log;
 mod packed;
 mod window;
 
@@ -43,10 +44,11 @@ use aerostream_actors::ports::{
 use aerostream_actors::readmodel::{apply_changes, Change, Counters, ReadModel};
 use aerostream_actors::snapshot::Snapshot;
 use aerostream_actors::{Aggregate, AggregateKind, Campaign, CommissionLedger, Payment};
+use log::{Pending, Planned};
 use serde::{Deserialize, Serialize};
 use sled::transaction::TransactionalTree;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -65,6 +67,10 @@ pub struct SledStore {
     /// `<kind>/<id>` → the stored state's version (8 bytes BE), for optimistic concurrency.
     versions: sled::Tree,
     unconfirmed: sled::Tree,
+    /// The commit log: transactions of commits not yet applied to the trees (`log.rs`).
+    log: sled::Tree,
+    /// The logged commits not yet applied; held by every write to the trees a commit writes.
+    pending: std::sync::Mutex<Pending>,
     /// Whether `unconfirmed` has entries (checked for every record the follower reads).
     any_unconfirmed: AtomicBool,
     dead_lettered: sled::Tree,
@@ -492,7 +498,7 @@ impl SledStore {
             })
             .map_err(|e| StoreError::Internal(format!("cannot start the flusher thread: {e}")))?
         };
-        Ok(SledStore {
+        let store = SledStore {
             dead_lettered_len: AtomicU64::new(dead_lettered.scan_prefix(DEAD_LETTERED).count() as u64),
             dead_lettered,
             state: tree("state")?,
@@ -504,15 +510,17 @@ impl SledStore {
             versions: tree("versions")?,
             any_unconfirmed: AtomicBool::new(!unconfirmed.is_empty()),
             unconfirmed,
+            log: tree("log")?,
+            pending: std::sync::Mutex::new(Pending::default()),
             db,
             window_ms,
             changelog: None,
             outbox_high: AtomicU64::new(0),
-            outbox_low: tokio::sync::watch::Sender::new(first_seq(&outbox)?),
+            outbox_low: tokio::sync::watch::Sender::new(u64::MAX),
             outbox_added: tokio::sync::Notify::new(),
             clock,
             flusher,
-            outbox_pending: AtomicU64::new(outbox.len() as u64),
+            outbox_pending: AtomicU64::new(0),
             outbox,
             window,
             dir: dir.to_path_buf(),
@@ -520,7 +528,34 @@ impl SledStore {
             outbox_poison,
             write_problem: tokio::sync::watch::Sender::new(None),
             min_free_bytes: 0,
-        })
+        };
+        store.recover_log()?;
+        store
+            .outbox_pending
+            .store(store.outbox.len() as u64, Ordering::Release);
+        store.outbox_low.send_replace(first_seq(&store.outbox)?);
+        Ok(store)
+    }
+
+    /// Applies the commits a previous run logged and did not apply (it stopped first).
+    fn recover_log(&self) -> Result<(), StoreError> {
+        let mut pending = self.pending();
+        for entry in self.log.iter() {
+            let (key, value) = entry.map_err(store_error)?;
+            let key = u64::from_be_bytes(
+                key.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt(format!("malformed commit log key {key:?}")))?,
+            );
+            pending.add(key, Planned::decode_all(&packed::unpack(&value)?)?);
+        }
+        if !pending.commits.is_empty() {
+            tracing::info!(
+                commits = pending.commits.len(),
+                "Applying the commits the last run logged and did not apply."
+            );
+        }
+        self.apply_pending(&mut pending)
     }
 
     /// No write starts while the data directory's file system has less than `bytes` available:
@@ -722,29 +757,37 @@ impl SledStore {
     /// The oldest `limit` outbox entries, with their sequence keys; an entry that does not parse
     /// (written by another version, or damaged) comes as its error.
     pub fn outbox_entries(&self, limit: usize) -> Result<Vec<(sled::IVec, StoredEntry)>, StoreError> {
-        self.outbox_read(limit, |json| serde_json::from_slice(json))
+        self.outbox_read(&self.pending(), limit, |json| serde_json::from_slice(json))
     }
 
     /// The oldest `limit` outbox entries as the publisher reads them ([`Publishable`]); an entry
     /// that does not parse comes as its error, for the publisher to set aside.
     pub fn outbox_publishable(&self, limit: usize) -> Result<OutboxRead<Publishable>, StoreError> {
-        self.outbox_read(limit, Publishable::parse)
+        self.outbox_read(&self.pending(), limit, Publishable::parse)
     }
 
+    /// The oldest `limit` entries: the outbox tree's, then those of the commits not applied yet
+    /// (newer: an application writes every entry still waiting).
     fn outbox_read<T>(
         &self,
+        pending: &Pending,
         limit: usize,
         parse: impl Fn(&[u8]) -> Result<T, serde_json::Error>,
     ) -> Result<OutboxRead<T>, StoreError> {
-        self.outbox
+        let parse = |value: &[u8]| packed::unpack(value).and_then(|json| parse(&json).map_err(store_error));
+        let mut entries: OutboxRead<T> = self
+            .outbox
             .iter()
             .take(limit)
             .map(|entry| {
                 let (seq, value) = entry.map_err(store_error)?;
-                let parsed = packed::unpack(&value).and_then(|json| parse(&json).map_err(store_error));
+                let parsed = parse(&value);
                 Ok((seq, parsed))
             })
-            .collect()
+            .collect::<Result<_, StoreError>>()?;
+        let logged = pending.outbox.iter().take(limit - entries.len());
+        entries.extend(logged.map(|(seq, value)| (sled::IVec::from(&seq.to_be_bytes()), parse(value))));
+        Ok(entries)
     }
 
     /// Moves outbox entry `seq`, which can never be published, to the `outbox_poison` tree with
@@ -755,21 +798,38 @@ impl SledStore {
     pub fn outbox_set_aside(&self, seq: &[u8], reason: &str) -> Result<(), StoreError> {
         self.writing(|| {
             let at_ms = self.clock.now_ms();
-            let moved = (&self.outbox, &self.outbox_poison)
-                .transaction(|(outbox, poison)| {
-                    let Some(entry) = outbox.remove(seq)? else {
-                        return Ok(false);
-                    };
-                    let stored = packed::unpack(&entry).unwrap_or(std::borrow::Cow::Borrowed(&entry));
-                    let record = serde_json::json!({
-                        "reason": reason,
-                        "set_aside_ms": at_ms,
-                        "entry": String::from_utf8_lossy(&stored),
-                    });
-                    poison.insert(seq, serde_json::to_vec(&record).expect("JSON values serialize"))?;
-                    Ok(true)
-                })
-                .map_err(unaborted_error)?;
+            let poisoned = |entry: &[u8]| {
+                let stored = packed::unpack(entry).unwrap_or(std::borrow::Cow::Borrowed(entry));
+                let record = serde_json::json!({
+                    "reason": reason,
+                    "set_aside_ms": at_ms,
+                    "entry": String::from_utf8_lossy(&stored),
+                });
+                serde_json::to_vec(&record).expect("JSON values serialize")
+            };
+            let mut pending = self.pending();
+            let logged = <[u8; 8]>::try_from(seq)
+                .ok()
+                .and_then(|number| pending.outbox.remove(&u64::from_be_bytes(number)));
+            let moved = match logged {
+                // Not applied yet: the application will not write it.
+                Some(entry) => {
+                    self.outbox_poison
+                        .insert(seq, poisoned(&entry))
+                        .map_err(store_error)?;
+                    true
+                }
+                None => (&self.outbox, &self.outbox_poison)
+                    .transaction(|(outbox, poison)| {
+                        let Some(entry) = outbox.remove(seq)? else {
+                            return Ok(false);
+                        };
+                        poison.insert(seq, poisoned(&entry))?;
+                        Ok(true)
+                    })
+                    .map_err(unaborted_error)?,
+            };
+            drop(pending);
             if moved {
                 self.outbox_pending.fetch_sub(1, Ordering::AcqRel);
             }
@@ -790,11 +850,18 @@ impl SledStore {
 
     pub fn outbox_remove(&self, seqs: &[sled::IVec]) -> Result<(), StoreError> {
         self.writing(|| {
+            // Entries of commits not applied yet are forgotten, never written; the lock keeps an
+            // application from writing one between the two removals.
+            let mut pending = self.pending();
             let mut batch = sled::Batch::default();
             for seq in seqs {
+                if let Ok(number) = <[u8; 8]>::try_from(seq.as_ref()) {
+                    pending.outbox.remove(&u64::from_be_bytes(number));
+                }
                 batch.remove(seq.clone());
             }
             self.outbox.apply_batch(batch).map_err(store_error)?;
+            drop(pending);
             let _ = self
                 .outbox_pending
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -814,6 +881,7 @@ impl SledStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.settle()?;
         let prefix = format!("{}/", kind.as_str()).into_bytes();
         page_after(&self.state, &prefix, after, limit)
     }
@@ -825,6 +893,7 @@ impl SledStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, CommissionLedger)>, StoreError> {
+        self.settle()?;
         page_after(&self.ledgers, b"", after, limit)?
             .into_iter()
             .map(|(id, bytes)| Ok((id, serde_json::from_slice(&bytes).map_err(store_error)?)))
@@ -833,6 +902,7 @@ impl SledStore {
 
     /// The commission ledger of `affiliate_id`, if it has earned or been paid anything.
     pub fn ledger(&self, affiliate_id: &str) -> Result<Option<CommissionLedger>, StoreError> {
+        self.settle()?;
         self.ledgers
             .get(affiliate_id)
             .map_err(store_error)?
@@ -841,19 +911,43 @@ impl SledStore {
     }
 
     /// Up to `limit` payments waiting to be charged, in payment id order.
+    /// Read beside the logged commits, without applying them: the gateway worker asks often.
     pub fn pending_charges(&self, limit: usize) -> Result<Vec<Charge>, StoreError> {
-        self.charges
+        let pending = self.pending();
+        let mut charges: BTreeMap<Vec<u8>, Vec<u8>> = self
+            .charges
             .iter()
+            .take(limit)
+            .map(|entry| entry.map(|(id, charge)| (id.to_vec(), charge.to_vec())))
+            .collect::<Result<_, _>>()
+            .map_err(store_error)?;
+        charges.extend(
+            pending
+                .commits
+                .iter()
+                .flat_map(|commit| commit.charges.iter().cloned()),
+        );
+        drop(pending);
+        charges
             .values()
             .take(limit)
-            .map(|value| serde_json::from_slice(&value.map_err(store_error)?).map_err(store_error))
+            .map(|value| serde_json::from_slice(value).map_err(store_error))
             .collect()
     }
 
-    /// The charge of `payment_id` is reported (its `PagoProcesado` is committed).
+    /// The charge of `payment_id` is reported (its `PagoProcesado` is committed). A charge of a
+    /// commit not applied yet is dropped from it, without applying the others; should the
+    /// process stop before they are, the log brings the charge back at the next start and the
+    /// worker asks again, as after a stop before this call (the gateway knows the payment: its
+    /// id is the charge's idempotency key, and the result is a duplicate by then).
     pub fn charge_done(&self, payment_id: &str) -> Result<(), StoreError> {
         self.writing(|| {
+            let mut pending = self.pending();
+            for commit in &mut pending.commits {
+                commit.charges.retain(|(id, _)| id != payment_id.as_bytes());
+            }
             self.charges.remove(payment_id).map_err(store_error)?;
+            drop(pending);
             self.wrote();
             Ok(())
         })
@@ -950,6 +1044,7 @@ impl SledStore {
 
 impl StateStore for SledStore {
     fn read_model(&self) -> Result<ReadModel, StoreError> {
+        self.settle()?;
         let mut model = ReadModel::default();
         for entry in self.report.iter() {
             let (group, bytes) = entry.map_err(store_error)?;
@@ -962,6 +1057,7 @@ impl StateStore for SledStore {
     }
 
     fn snapshots(&self, key: &AggregateKey) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.settle()?;
         self.snapshots
             .scan_prefix(versioned_prefix(key))
             .rev()
@@ -973,6 +1069,7 @@ impl StateStore for SledStore {
     }
 
     fn journal(&self, key: &AggregateKey, after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.settle()?;
         let mut entries = Vec::new();
         for stored in self.journal.scan_prefix(versioned_prefix(key)) {
             let (stored_key, value) = stored.map_err(store_error)?;
@@ -988,8 +1085,12 @@ impl StateStore for SledStore {
     }
 
     fn load(&self, key: &AggregateKey) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = state_key(key);
+        if let Some(state) = self.pending().state(&key) {
+            return Ok(Some(state.to_vec()));
+        }
         self.state
-            .get(state_key(key))
+            .get(key)
             .map(|v| v.map(|v| v.to_vec()))
             .map_err(store_error)
     }
@@ -1036,26 +1137,17 @@ struct Encoded {
     outbox: Vec<Vec<u8>>,
     /// The commit's charges, in order, as stored.
     charges: Vec<Vec<u8>>,
-    /// Snapshot kinds: the journal run of the commit's events, as stored.
+    /// Snapshot kinds: the journal run of the commit's events (packed when it is applied).
     journal: Option<Vec<u8>>,
 }
 
-/// One commit's writes, prepared before the transaction: keys, outbox sequence numbers and bytes.
+/// One commit prepared before the transaction: its keys, and its writes to the trees with their
+/// outbox sequence numbers.
 struct Staged<'a> {
     commit: Commit<'a>,
-    state_key: Vec<u8>,
     /// Per event: its key's digest and its `seen` value.
     keys: &'a [(window::Digest16, Vec<u8>)],
-    outbox: Vec<(u64, &'a [u8])>,
-    charges: Vec<(&'a str, &'a [u8])>,
-    /// Snapshot kinds: the journal run of the commit's events, under its first version.
-    journal: Option<(Vec<u8>, &'a [u8])>,
-    snapshot_key: Option<Vec<u8>>,
-    dropped: Vec<Vec<u8>>,
-    /// Journal runs to delete: those stored now, and the bounds of their keys (for runs written
-    /// by earlier commits of the same batch).
-    truncated: Vec<Vec<u8>>,
-    truncated_range: Option<(Vec<u8>, Vec<u8>)>,
+    planned: Planned,
 }
 
 impl SledStore {
@@ -1143,7 +1235,7 @@ impl SledStore {
             journal: commit
                 .journal
                 .is_some()
-                .then(|| packed::pack(&journal_run(commit.events().filter_map(|event| event.journal)))),
+                .then(|| journal_run(commit.events().filter_map(|event| event.journal))),
         })
     }
 
@@ -1151,47 +1243,47 @@ impl SledStore {
         let outbox = encoded
             .outbox
             .iter()
-            .map(|value| Ok((self.db.generate_id().map_err(store_error)?, value.as_slice())))
+            .map(|value| Ok((self.db.generate_id().map_err(store_error)?, value.clone())))
             .collect::<Result<_, StoreError>>()?;
         let versioned = |version: &u64| versioned_key(commit.aggregate, *version);
-        Ok(Staged {
+        let planned = Planned {
             state_key: state_key(commit.aggregate),
-            keys: &encoded.keys,
+            state: commit.state.to_vec(),
+            version: commit.version,
             outbox,
+            outputs: commit
+                .events()
+                .flat_map(|event| event.outputs.iter().cloned())
+                .collect(),
             charges: commit
                 .events()
                 .flat_map(|event| event.charges)
-                .map(|charge| charge.payment_id.as_str())
-                .zip(encoded.charges.iter().map(Vec::as_slice))
+                .map(|charge| charge.payment_id.as_bytes().to_vec())
+                .zip(encoded.charges.iter().cloned())
                 .collect(),
             journal: encoded
                 .journal
-                .as_deref()
-                .map(|run| (versioned(&(commit.base_version() + 1)), run)),
-            snapshot_key: commit.snapshot.as_ref().map(|(version, _)| versioned(version)),
+                .as_ref()
+                .map(|run| (versioned(&(commit.base_version() + 1)), run.clone())),
+            snapshot: commit
+                .snapshot
+                .map(|(version, snapshot)| (versioned(&version), snapshot.to_vec())),
             dropped: commit.drop_snapshots.iter().map(versioned).collect(),
-            truncated: match commit.truncate_journal {
-                Some((from, to)) => self.journal_keys(commit.aggregate, from, to)?,
-                None => Vec::new(),
-            },
-            truncated_range: commit
+            truncated: commit
                 .truncate_journal
                 .map(|(from, to)| (versioned(&from), versioned(&to))),
+            read_model: commit.read_model.to_vec(),
+        };
+        Ok(Staged {
             commit,
+            keys: &encoded.keys,
+            planned,
         })
     }
 
-    /// The keys of `aggregate`'s journal runs that start at versions `from` to `to`. (A run ends
-    /// where a snapshot is written, so a truncation up to a snapshot's version takes whole runs.)
-    fn journal_keys(&self, aggregate: &AggregateKey, from: u64, to: u64) -> Result<Vec<Vec<u8>>, StoreError> {
-        self.journal
-            .range(versioned_key(aggregate, from)..=versioned_key(aggregate, to))
-            .keys()
-            .map(|key| key.map(|key| key.to_vec()).map_err(store_error))
-            .collect()
-    }
-
-    /// One transaction for `commits`; see [`SledStore::commit_batch`].
+    /// One transaction for `commits`; see [`SledStore::commit_batch`]: the commits accepted
+    /// are written to the commit log, as one value, with their idempotency keys, and wait in
+    /// [`Pending`] to be applied to the trees ([`apply_pending`](Self::apply_pending)).
     fn write_batch(
         &self,
         commits: &[Commit<'_>],
@@ -1199,11 +1291,32 @@ impl SledStore {
     ) -> Result<Vec<CommitResult>, StoreError> {
         self.may_write()?;
         injected_commit_failure()?;
+        let mut pending = self.pending();
         let staged: Vec<Staged> = commits
             .iter()
             .zip(encoded)
             .map(|(commit, encoded)| self.stage(*commit, encoded.as_ref().map_err(Clone::clone)?))
             .collect::<Result<_, _>>()?;
+        for staged in &staged {
+            self.check_applicable(&mut pending, &staged.planned)?;
+        }
+        // The version each aggregate's first commit of the batch is decided against: the newest
+        // logged, else the stored one. (Every writer of versions holds `pending`.)
+        let mut stored: HashMap<&[u8], Option<u64>> = HashMap::new();
+        for staged in &staged {
+            let key = staged.planned.state_key.as_slice();
+            if !stored.contains_key(key) {
+                let version = match pending.version(key) {
+                    Some(version) => Some(version),
+                    None => self
+                        .versions
+                        .get(key)
+                        .map_err(store_error)?
+                        .map(|v| decode_version(&v)),
+                };
+                stored.insert(key, version);
+            }
+        }
         let now = self.clock.now_ms();
         let horizon = now - self.window_ms;
         // Every key of the batch goes to the bucket of now (a commit's keys are stamped before).
@@ -1212,19 +1325,12 @@ impl SledStore {
             [bucket],
             staged.iter().flat_map(|s| s.keys.iter().map(|(key, _)| key)),
         )?;
-        let mut trees = self.trees().to_vec();
-        trees.push(writer.tree());
-        let result = trees.as_slice().transaction(|views| {
-            let (fixed, window) = views.split_at(TREES);
-            let [report, state, out, ledgers, pending_charges, journal, snapshots, versions] = fixed else {
-                unreachable!("the store's trees, then the window's")
-            };
+        let log_key = self.db.generate_id().map_err(store_error)?;
+        let result = (&self.log, writer.tree()).transaction(|(log, window)| {
             let mut seen = writer.staging();
+            let mut versions = stored.clone();
             let mut results = Vec::with_capacity(staged.len());
-            // The batch's read-model changes, added up: each group is read and written once.
-            let mut read_model: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
-            // Journal runs written by this batch's commits so far.
-            let mut runs_written: Vec<&[u8]> = Vec::new();
+            let mut value = Vec::new();
             'commits: for staged in &staged {
                 let commit = &staged.commit;
                 for (key, _) in staged.keys {
@@ -1237,60 +1343,31 @@ impl SledStore {
                     }
                 }
                 // Optimistic concurrency: the change was decided on the version stored now.
-                if let Some(stored) = versions.get(staged.state_key.as_slice())? {
-                    if commit.base_version() != decode_version(&stored) {
-                        results.push(CommitResult::Stale);
-                        continue;
-                    }
+                let version = versions
+                    .get_mut(staged.planned.state_key.as_slice())
+                    .expect("every aggregate of the batch was looked up");
+                if version.is_some_and(|stored| stored != commit.base_version()) {
+                    results.push(CommitResult::Stale);
+                    continue;
                 }
-                state.insert(staged.state_key.as_slice(), commit.state)?;
-                versions.insert(staged.state_key.as_slice(), &commit.version.to_be_bytes())?;
+                *version = Some(commit.version);
                 for (key, value) in staged.keys {
                     seen.add(bucket, *key, value);
                 }
-                for (seq, value) in &staged.outbox {
-                    out.insert(&seq.to_be_bytes(), *value)?;
-                }
-                for event in commit.events() {
-                    move_ledgers(ledgers, event.outputs)?;
-                }
-                for (payment_id, charge) in &staged.charges {
-                    pending_charges.insert(payment_id.as_bytes(), *charge)?;
-                }
-                if let Some((key, run)) = &staged.journal {
-                    journal.insert(key.as_slice(), *run)?;
-                    runs_written.push(key.as_slice());
-                }
-                if let (Some(key), Some((_, snapshot))) = (&staged.snapshot_key, commit.snapshot) {
-                    snapshots.insert(key.as_slice(), snapshot)?;
-                }
-                for key in &staged.dropped {
-                    snapshots.remove(key.as_slice())?;
-                }
-                for key in &staged.truncated {
-                    journal.remove(key.as_slice())?;
-                }
-                if let Some((from, to)) = &staged.truncated_range {
-                    for key in runs_written
-                        .iter()
-                        .filter(|key| (from.as_slice()..=to.as_slice()).contains(*key))
-                    {
-                        journal.remove(*key)?;
-                    }
-                }
-                for change in commit.read_model {
-                    read_model.entry(change.group.as_str()).or_default().push(change);
-                }
+                staged.planned.encode(&mut value);
                 results.push(CommitResult::Committed);
             }
-            move_read_model::<()>(report, &read_model)?;
-            Ok((results, seen.write(&window[0])?))
+            if !value.is_empty() {
+                log.insert(&log_key.to_be_bytes(), packed::pack(&value))?;
+            }
+            Ok((results, seen.write(window)?))
         });
         let (results, written) = result.map_err(unaborted_error)?;
         writer.finish(written);
         self.wrote();
         let mut added = false;
-        for (staged, result) in staged.iter().zip(&results) {
+        let mut logged = Vec::new();
+        for (staged, result) in staged.into_iter().zip(&results) {
             tracing::debug!(
                 aggregate = ?staged.commit.aggregate,
                 version = staged.commit.version,
@@ -1301,24 +1378,218 @@ impl SledStore {
             if *result != CommitResult::Committed {
                 continue;
             }
+            let outbox = &staged.planned.outbox;
             self.outbox_pending
-                .fetch_add(staged.outbox.len() as u64, Ordering::AcqRel);
-            if let Some((last, _)) = staged.outbox.last() {
+                .fetch_add(outbox.len() as u64, Ordering::AcqRel);
+            if let Some((last, _)) = outbox.last() {
                 self.outbox_high.fetch_max(*last, Ordering::AcqRel);
                 added = true;
             }
+            logged.push(staged.planned);
         }
+        if !logged.is_empty() {
+            pending.add(log_key, logged);
+        }
+        drop(pending);
         if added {
-            // Read from the tree, not lowered to this batch's first entry: the publisher may have
-            // published and deleted the batch's entries already, and a mark lowered to an entry
-            // that is gone would hold every later ack until the next deletion.
+            // Read from the outbox, not lowered to this batch's first entry: the publisher may
+            // have published and deleted the batch's entries already, and a mark lowered to an
+            // entry that is gone would hold every later ack until the next deletion.
             fail::fail_point!(FAILPOINT_OUTBOX_MARK);
             self.outbox_published();
             self.outbox_added.notify_one();
         }
         Ok(results)
     }
+
+    /// Fails when a stored value `planned` would move does not parse (a read-model group, a
+    /// ledger): its application would fail, after the commit, so the commit fails now.
+    fn check_applicable(&self, pending: &mut Pending, planned: &Planned) -> Result<(), StoreError> {
+        type Parse = fn(&[u8]) -> serde_json::Result<()>;
+        let counters: Parse = |bytes| serde_json::from_slice::<Counters>(bytes).map(drop);
+        let ledger: Parse = |bytes| serde_json::from_slice::<CommissionLedger>(bytes).map(drop);
+        let groups = planned
+            .read_model
+            .iter()
+            .map(|change| (&self.report, change.group.as_str(), "read model", counters));
+        let ledgers = planned
+            .outputs
+            .iter()
+            .filter_map(|output| CommissionLedger::affiliate_of(&output.body))
+            .map(|affiliate| (&self.ledgers, affiliate, "ledger", ledger));
+        for (tree, key, what, parse) in groups.chain(ledgers) {
+            let tagged = [what.as_bytes(), b"/", key.as_bytes()].concat();
+            if pending.parsed.contains(&tagged) {
+                continue;
+            }
+            if let Some(bytes) = tree.get(key).map_err(store_error)? {
+                parse(&bytes).map_err(|e| store_error(corrupt(what, e)))?;
+            }
+            pending.parsed.insert(tagged);
+        }
+        Ok(())
+    }
+
+    /// The commits logged and not applied; held by every write to the trees a commit writes.
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// [`pending`](Self::pending), with every logged commit applied to the trees first.
+    fn settled(&self) -> Result<std::sync::MutexGuard<'_, Pending>, StoreError> {
+        let mut pending = self.pending();
+        self.apply_pending(&mut pending)?;
+        Ok(pending)
+    }
+
+    /// Applies every logged commit to the trees (for a read of them, and at shutdown).
+    pub fn settle(&self) -> Result<(), StoreError> {
+        self.settled().map(drop)
+    }
+
+    /// Applies the logged commits when the oldest has waited [`APPLY_AFTER`] or there are
+    /// [`APPLY_COMMITS`] of them; the committer calls it between its transactions.
+    pub fn apply_if_due(&self) {
+        let mut pending = self.pending();
+        let due = pending.commits.len() >= APPLY_COMMITS
+            || pending.since.is_some_and(|since| since.elapsed() >= APPLY_AFTER);
+        if !due {
+            return;
+        }
+        if let Err(error) = self.apply_pending(&mut pending) {
+            tracing::warn!(error = %error, "Cannot apply the logged commits to the trees yet; reads wait for it.");
+            self.note_failure(&error);
+        }
+    }
+
+    /// Writes the logged commits to the trees, in one transaction that also removes their log
+    /// values: each aggregate's newest state and version once, the outbox entries not yet
+    /// published, the ledgers, charges, journal runs, snapshots and read model of each commit in
+    /// order.
+    fn apply_pending(&self, pending: &mut Pending) -> Result<(), StoreError> {
+        if pending.commits.is_empty() {
+            return Ok(());
+        }
+        self.may_write()?;
+        let runs = self.journal_plan(&pending.commits)?;
+        let mut read_model: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
+        for change in pending.commits.iter().flat_map(|commit| &commit.read_model) {
+            read_model.entry(change.group.as_str()).or_default().push(change);
+        }
+        let pending_ref = &*pending;
+        let mut trees = self.trees().to_vec();
+        trees.push(&self.log);
+        trees
+            .as_slice()
+            .transaction(|views| {
+                let [report, state, out, ledgers, pending_charges, journal, snapshots, versions, log] =
+                    views.as_slice()
+                else {
+                    unreachable!("the store's trees, then the log")
+                };
+                for key in &runs.removed {
+                    journal.remove(key)?;
+                }
+                for (key, run) in &runs.written {
+                    journal.insert(key.as_slice(), run.as_slice())?;
+                }
+                for (at, commit) in pending_ref.commits.iter().enumerate() {
+                    let key = commit.state_key.as_slice();
+                    if pending_ref
+                        .versions
+                        .get(key)
+                        .is_some_and(|(_, newest)| *newest == at)
+                    {
+                        state.insert(key, commit.state.as_slice())?;
+                        versions.insert(key, &commit.version.to_be_bytes())?;
+                    }
+                    for (seq, entry) in &commit.outbox {
+                        if pending_ref.outbox.contains_key(seq) {
+                            out.insert(&seq.to_be_bytes(), entry.as_slice())?;
+                        }
+                    }
+                    move_ledgers(ledgers, &commit.outputs)?;
+                    for (payment_id, charge) in &commit.charges {
+                        pending_charges.insert(payment_id.as_slice(), charge.as_slice())?;
+                    }
+                    if let Some((key, snapshot)) = &commit.snapshot {
+                        snapshots.insert(key.as_slice(), snapshot.as_slice())?;
+                    }
+                    for key in &commit.dropped {
+                        snapshots.remove(key.as_slice())?;
+                    }
+                }
+                move_read_model::<()>(report, &read_model)?;
+                for key in &pending_ref.log_keys {
+                    log.remove(&key.to_be_bytes())?;
+                }
+                Ok(())
+            })
+            .map_err(unaborted_error)?;
+        self.wrote();
+        pending.clear();
+        Ok(())
+    }
 }
+
+/// What an application does to the journal: runs written (packed), stored runs removed.
+struct JournalPlan {
+    written: Vec<(Vec<u8>, Vec<u8>)>,
+    removed: Vec<sled::IVec>,
+}
+
+impl SledStore {
+    /// The journal writes of `commits`, applied in order: each commit's run joins the run of
+    /// its aggregate's commit before it in the pass, unless that one ended at a snapshot (a run
+    /// ends where a snapshot is written, so a truncation up to a snapshot's version takes whole
+    /// runs); a truncation removes the stored runs in its range (no one else writes the journal
+    /// while `pending` is held) and the pass's runs started there.
+    fn journal_plan(&self, commits: &[Planned]) -> Result<JournalPlan, StoreError> {
+        // Runs of the pass: key, run, whether removed; and each aggregate's open run.
+        let mut runs: Vec<(Vec<u8>, Vec<u8>, bool)> = Vec::new();
+        let mut open: HashMap<&[u8], usize> = HashMap::new();
+        let mut removed = Vec::new();
+        for commit in commits {
+            let aggregate = commit.state_key.as_slice();
+            match &commit.journal {
+                Some((key, run)) => match open.get(aggregate) {
+                    Some(&at) if !runs[at].2 => runs[at].1.extend_from_slice(&run[1..]),
+                    _ => {
+                        open.insert(aggregate, runs.len());
+                        runs.push((key.clone(), run.clone(), false));
+                    }
+                },
+                None => {
+                    open.remove(aggregate);
+                }
+            }
+            // A commit's truncation may take its own run (a snapshot at its version, one kept).
+            if let Some((from, to)) = &commit.truncated {
+                let range = from.as_slice()..=to.as_slice();
+                for stored in self.journal.range(range.clone()).keys() {
+                    removed.push(stored.map_err(store_error)?);
+                }
+                for run in runs.iter_mut().filter(|run| range.contains(&run.0.as_slice())) {
+                    run.2 = true;
+                }
+            }
+            if commit.snapshot.is_some() {
+                open.remove(aggregate);
+            }
+        }
+        let written = runs
+            .into_iter()
+            .filter(|run| !run.2)
+            .map(|(key, run, _)| (key, packed::pack(&run)))
+            .collect();
+        Ok(JournalPlan { written, removed })
+    }
+}
+
+/// Logged commits are applied to the trees once the oldest has waited this long...
+const APPLY_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
+/// ...or once this many wait.
+const APPLY_COMMITS: usize = 4096;
 
 /// Moves the idempotency keys of a store written before the window had buckets (a `seen` tree by
 /// key and a `seen_by_time` index) into the buckets, then drops the old trees. Runs at open.
@@ -1497,8 +1768,11 @@ impl SledStore {
     /// oldest pending entry from the tree. Every change is followed by a recompute under the
     /// watch's lock, so the last one always reads a tree with every finished change in it.
     pub fn outbox_published(&self) {
+        let pending = self.pending();
+        let logged = pending.outbox.keys().next().copied().unwrap_or(u64::MAX);
         self.outbox_low.send_if_modified(|low| match first_seq(&self.outbox) {
             Ok(first) => {
+                let first = first.min(logged);
                 *low = first;
                 true
             }
@@ -1520,6 +1794,7 @@ impl SledStore {
     /// any later one imports as new.
     pub fn import(&self, record: &ChangeRecord) -> Result<bool, StoreError> {
         self.writing(|| {
+            let _applied = self.settled()?;
             let key = state_key(&record.aggregate);
             let (old_journal, old_snapshots) = self.journal_and_snapshot_keys(&record.aggregate)?;
             let now = self.clock.now_ms();
@@ -1667,9 +1942,10 @@ impl SledStore {
     /// been read to its end. Output events stay in the outbox: they carry the ids their
     /// re-decided copies will have.
     pub fn withdraw_unpublished(&self) -> Result<usize, StoreError> {
+        let applied = self.settled()?;
         // An entry that does not parse is left to the publisher, which sets it aside.
         let withdrawn: Vec<(sled::IVec, ChangeRecord)> = self
-            .outbox_entries(usize::MAX)?
+            .outbox_read(&applied, usize::MAX, |json| serde_json::from_slice(json))?
             .into_iter()
             .filter_map(|(seq, entry)| match entry {
                 Ok(OutboxEntry::Change(record)) => Some((seq, *record)),
@@ -1733,6 +2009,7 @@ impl SledStore {
         tracing::debug!(keys = forgotten, "Idempotency keys withdrawn.");
         self.outbox_pending
             .fetch_sub(withdrawn.len() as u64, Ordering::AcqRel);
+        drop(applied);
         self.outbox_published();
         self.any_unconfirmed.store(true, Ordering::Release);
         self.wrote();
@@ -1794,6 +2071,7 @@ impl SledStore {
 
     /// Removes an aggregate's state, version, journal and snapshots, and its read-model counts.
     fn remove_aggregate(&self, aggregate: &AggregateKey) -> Result<(), StoreError> {
+        let _applied = self.settled()?;
         let key = state_key(aggregate);
         let (journal_keys, snapshot_keys) = self.journal_and_snapshot_keys(aggregate)?;
         let trees = (
@@ -2368,10 +2646,45 @@ mod tests {
             ..commit(&agg, "r1", &hash, 0)
         };
         assert_eq!(store.commit(with_charge).unwrap(), CommitResult::Committed);
-        assert_eq!(store.pending_charges(10).unwrap(), vec![charge]);
+        assert_eq!(store.pending_charges(10).unwrap(), vec![charge.clone()]);
         store.charge_done("p1").unwrap();
         assert!(store.pending_charges(10).unwrap().is_empty());
+        store.settle().unwrap();
+        assert!(
+            store.pending_charges(10).unwrap().is_empty(),
+            "its commit applied without it"
+        );
         assert_eq!(store.window_len(), 1);
+        // Read beside the commits not applied, in payment id order, up to the limit.
+        let (p0, p2) = (payment_key("p0"), payment_key("p2"));
+        let (c0, c2) = ([self::charge("p0")], [self::charge("p2")]);
+        for (agg, idem, charges) in [(&p2, "r2", &c2), (&p0, "r0", &c0)] {
+            store
+                .commit(Commit {
+                    charges,
+                    ..commit(agg, idem, &hash, 0)
+                })
+                .unwrap();
+            store.settle().unwrap();
+        }
+        let committed = store
+            .commit(Commit {
+                version: 2,
+                charges: &charges,
+                ..commit(&agg, "r1b", &hash, 0)
+            })
+            .unwrap();
+        assert_eq!(committed, CommitResult::Committed);
+        let ids = |limit| -> Vec<String> {
+            store
+                .pending_charges(limit)
+                .unwrap()
+                .into_iter()
+                .map(|c| c.payment_id)
+                .collect()
+        };
+        assert_eq!(ids(10), ["p0", "p1", "p2"]);
+        assert_eq!(ids(2), ["p0", "p1"]);
     }
 
     /// A withdrawn request takes its charge with it: charged from here, its result would create
@@ -2682,6 +2995,178 @@ mod tests {
             }
             ledger
         });
+    }
+
+    /// A commit is logged and read back at once; a store reopened with commits logged and not
+    /// applied (the process stopped first) applies them before anything reads it.
+    #[test]
+    fn logged_commits_are_read_before_they_are_applied_and_applied_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = || Arc::new(TestClock(AtomicI64::new(0)));
+        let hash = hex::encode([6u8; 32]);
+        let c1 = key("c1");
+        let earned = [commission("e1", 700), commission("e2", 300)];
+        let tallies = [tally("summary", 1)];
+        let state2 = br#"{"v":2}"#;
+        {
+            let store = SledStore::open(dir.path(), 10, clock())
+                .unwrap()
+                .with_changelog("here".into());
+            let batch = [
+                Commit {
+                    outbox: &earned[..1],
+                    read_model: &tallies,
+                    journal: Some((1, b"j1")),
+                    snapshot: Some((1, b"snap1")),
+                    ..commit(&c1, "k1", &hash, 0)
+                },
+                Commit {
+                    version: 2,
+                    state: state2,
+                    outbox: &earned[1..],
+                    read_model: &tallies,
+                    journal: Some((2, b"j2")),
+                    snapshot: Some((2, b"snap")),
+                    drop_snapshots: &[1],
+                    truncate_journal: Some((1, 1)),
+                    ..commit(&c1, "k2", &hash, 0)
+                },
+            ];
+            let results = store.commit_batch(&batch);
+            assert!(
+                results.iter().all(|r| r == &Ok(CommitResult::Committed)),
+                "{results:?}"
+            );
+            assert_eq!(store.pending().commits.len(), 2, "logged, not applied");
+            assert_eq!(store.log.len(), 1, "one value per transaction");
+            assert!(store.state.is_empty() && store.outbox.is_empty());
+            assert_eq!(store.load(&c1).unwrap().as_deref(), Some(state2.as_slice()));
+            assert_eq!(
+                store.outbox_entries(100).unwrap().len(),
+                4,
+                "two outputs, two records"
+            );
+            // A later commit is decided on the logged version.
+            assert_eq!(
+                store.commit(commit(&c1, "k3", &hash, 0)).unwrap(),
+                CommitResult::Stale
+            );
+            store.db.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 10, clock()).unwrap();
+        assert!(store.log.is_empty() && store.pending().commits.is_empty());
+        assert_eq!(
+            store.state.get(state_key(&c1)).unwrap().as_deref(),
+            Some(state2.as_slice())
+        );
+        assert_eq!(
+            decode_version(&store.versions.get(state_key(&c1)).unwrap().unwrap()),
+            2
+        );
+        assert_eq!(store.outbox_len(), 4);
+        assert_eq!(earned_by_af1(&store), 1_000);
+        assert_eq!(store.read_model().unwrap().summary["n"].count, 2);
+        assert_eq!(store.snapshots(&c1).unwrap(), vec![(2, b"snap".to_vec())]);
+        let journal: Vec<u64> = store
+            .journal(&c1, 0)
+            .unwrap()
+            .into_iter()
+            .map(|(v, _)| v)
+            .collect();
+        assert_eq!(
+            journal,
+            [2],
+            "the run of version 1 truncated, by the commit after it"
+        );
+        assert_eq!(store.seen("k2").unwrap().map(|e| e.first_seen_ms), Some(0));
+    }
+
+    /// Applied together, an aggregate's commits write one journal run up to each snapshot, and a
+    /// truncation takes whole runs, stored or of the same pass.
+    #[test]
+    fn an_application_joins_an_aggregates_runs_up_to_each_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 10, Arc::new(TestClock(AtomicI64::new(0)))).unwrap();
+        let hash = hex::encode([8u8; 32]);
+        let c1 = key("c1");
+        let idems: Vec<String> = (1..=7).map(|v| format!("k{v}")).collect();
+        let entries: Vec<Vec<u8>> = (1..=7).map(|v| format!("j{v}").into_bytes()).collect();
+        let at = |version: u64| Commit {
+            version,
+            journal: Some((version, entries[version as usize - 1].as_slice())),
+            ..commit(&c1, &idems[version as usize - 1], &hash, 0)
+        };
+        let versions = |store: &SledStore| -> Vec<u64> {
+            store
+                .journal(&c1, 0)
+                .unwrap()
+                .into_iter()
+                .map(|(v, _)| v)
+                .collect()
+        };
+        let stored_runs = |store: &SledStore| store.journal.len();
+        // A stored run from an earlier pass.
+        store.commit(at(1)).unwrap();
+        store.settle().unwrap();
+        let pass = [
+            at(2),
+            Commit {
+                snapshot: Some((3, b"s3")),
+                ..at(3)
+            },
+            at(4),
+            Commit {
+                snapshot: Some((5, b"s5")),
+                truncate_journal: Some((1, 3)),
+                ..at(5)
+            },
+            at(6),
+        ];
+        for commit in pass {
+            assert_eq!(store.commit(commit).unwrap(), CommitResult::Committed);
+        }
+        assert_eq!(versions(&store), [4, 5, 6]);
+        assert_eq!(stored_runs(&store), 2, "4–5 ended at a snapshot, 6 on its own");
+        let journal = store.journal(&c1, 0).unwrap();
+        assert_eq!(journal[1], (5, b"j5".to_vec()));
+        store.commit(at(7)).unwrap();
+        assert_eq!(versions(&store), [4, 5, 6, 7]);
+        assert_eq!(stored_runs(&store), 3, "no run of an earlier pass is extended");
+    }
+
+    /// Applied together, commits of one aggregate write its state and version once (the newest),
+    /// and outbox entries published before the application are never written.
+    #[test]
+    fn an_application_writes_the_newest_state_and_no_entry_published_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 10, Arc::new(TestClock(AtomicI64::new(0))))
+            .unwrap()
+            .with_changelog("here".into());
+        let hash = hex::encode([7u8; 32]);
+        let c1 = key("c1");
+        for (version, idem) in [(1, "k1"), (2, "k2"), (3, "k3")] {
+            let state = format!("{{\"v\":{version}}}");
+            let committed = store.commit(Commit {
+                version,
+                state: state.as_bytes(),
+                ..commit(&c1, idem, &hash, 0)
+            });
+            assert_eq!(committed.unwrap(), CommitResult::Committed);
+        }
+        let entries = store.outbox_entries(100).unwrap();
+        assert_eq!(entries.len(), 3);
+        store
+            .outbox_remove(&[entries[0].0.clone(), entries[1].0.clone()])
+            .unwrap();
+        store.settle().unwrap();
+        assert!(store.log.is_empty());
+        assert_eq!(
+            store.state.get(state_key(&c1)).unwrap().as_deref(),
+            Some(br#"{"v":3}"#.as_slice())
+        );
+        let written: Vec<sled::IVec> = store.outbox.iter().keys().map(Result::unwrap).collect();
+        assert_eq!(written, [entries[2].0.clone()], "only the entry not published");
+        assert_eq!(store.outbox_len(), 1);
     }
 
     #[test]
