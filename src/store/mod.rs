@@ -1292,6 +1292,11 @@ impl SledStore {
         self.may_write()?;
         injected_commit_failure()?;
         let mut pending = self.pending();
+        // Commits wait in memory only as long as they can be applied: when they cannot, new
+        // ones fail (and are retried) rather than pile up.
+        if pending.commits.len() >= APPLY_COMMITS {
+            self.apply_pending(&mut pending)?;
+        }
         let staged: Vec<Staged> = commits
             .iter()
             .zip(encoded)
@@ -1765,20 +1770,23 @@ impl SledStore {
     }
 
     /// The outbox changed (a commit added entries, the publisher deleted some): recompute the
-    /// oldest pending entry from the tree. Every change is followed by a recompute under the
-    /// watch's lock, so the last one always reads a tree with every finished change in it.
+    /// oldest pending entry, from the tree and the entries of commits not applied yet, both read
+    /// under the lock an application holds (it moves entries from one to the other). Every change
+    /// is followed by a recompute under the watch's lock, so the last one always reads an outbox
+    /// with every finished change in it.
     pub fn outbox_published(&self) {
-        let pending = self.pending();
-        let logged = pending.outbox.keys().next().copied().unwrap_or(u64::MAX);
-        self.outbox_low.send_if_modified(|low| match first_seq(&self.outbox) {
-            Ok(first) => {
-                let first = first.min(logged);
-                *low = first;
-                true
-            }
-            Err(error) => {
-                tracing::error!(error = %error, "Cannot read the outbox; acks waiting for it keep waiting.");
-                false
+        self.outbox_low.send_if_modified(|low| {
+            let pending = self.pending();
+            let logged = pending.outbox.keys().next().copied().unwrap_or(u64::MAX);
+            match first_seq(&self.outbox) {
+                Ok(first) => {
+                    *low = first.min(logged);
+                    true
+                }
+                Err(error) => {
+                    tracing::error!(error = %error, "Cannot read the outbox; acks waiting for it keep waiting.");
+                    false
+                }
             }
         });
     }
