@@ -1057,7 +1057,7 @@ impl StateStore for SledStore {
     }
 
     fn snapshots(&self, key: &AggregateKey) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.settle()?;
+        self.settle_aggregate(key)?;
         self.snapshots
             .scan_prefix(versioned_prefix(key))
             .rev()
@@ -1069,7 +1069,7 @@ impl StateStore for SledStore {
     }
 
     fn journal(&self, key: &AggregateKey, after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.settle()?;
+        self.settle_aggregate(key)?;
         let mut entries = Vec::new();
         for stored in self.journal.scan_prefix(versioned_prefix(key)) {
             let (stored_key, value) = stored.map_err(store_error)?;
@@ -1450,6 +1450,17 @@ impl SledStore {
     /// Applies every logged commit to the trees (for a read of them, and at shutdown).
     pub fn settle(&self) -> Result<(), StoreError> {
         self.settled().map(drop)
+    }
+
+    /// Applies the logged commits when some are `aggregate`'s: an actor restored reads its
+    /// snapshots and journal, and with many aggregates passivated and restored, applying every
+    /// time would apply a few commits at a time (docs/BENCHMARKS.md).
+    fn settle_aggregate(&self, aggregate: &AggregateKey) -> Result<(), StoreError> {
+        let mut pending = self.pending();
+        if pending.versions.contains_key(&state_key(aggregate)) {
+            self.apply_pending(&mut pending)?;
+        }
+        Ok(())
     }
 
     /// Applies the logged commits when the oldest has waited [`APPLY_AFTER`] or there are
