@@ -757,37 +757,38 @@ impl SledStore {
     /// The oldest `limit` outbox entries, with their sequence keys; an entry that does not parse
     /// (written by another version, or damaged) comes as its error.
     pub fn outbox_entries(&self, limit: usize) -> Result<Vec<(sled::IVec, StoredEntry)>, StoreError> {
-        self.outbox_read(&self.pending(), limit, |json| serde_json::from_slice(json))
+        let stored = self.outbox_stored(&self.pending(), limit)?;
+        Ok(parse_stored(stored, |json| serde_json::from_slice(json)))
     }
 
     /// The oldest `limit` outbox entries as the publisher reads them ([`Publishable`]); an entry
     /// that does not parse comes as its error, for the publisher to set aside.
     pub fn outbox_publishable(&self, limit: usize) -> Result<OutboxRead<Publishable>, StoreError> {
-        self.outbox_read(&self.pending(), limit, Publishable::parse)
+        let stored = self.outbox_stored(&self.pending(), limit)?;
+        Ok(parse_stored(stored, Publishable::parse))
     }
 
     /// The oldest `limit` entries: the outbox tree's, then those of the commits not applied yet
     /// (newer: an application writes every entry still waiting).
-    fn outbox_read<T>(
+    /// The oldest `limit` outbox entries as stored: the tree's, then those of the commits not
+    /// applied yet (newer: an application writes every entry still waiting). Read under
+    /// `pending`'s lock, parsed after it ([`parse_stored`]): the committer waits for that lock.
+    fn outbox_stored(
         &self,
         pending: &Pending,
         limit: usize,
-        parse: impl Fn(&[u8]) -> Result<T, serde_json::Error>,
-    ) -> Result<OutboxRead<T>, StoreError> {
-        let parse = |value: &[u8]| packed::unpack(value).and_then(|json| parse(&json).map_err(store_error));
-        let mut entries: OutboxRead<T> = self
+    ) -> Result<Vec<(sled::IVec, sled::IVec)>, StoreError> {
+        let mut stored: Vec<(sled::IVec, sled::IVec)> = self
             .outbox
             .iter()
             .take(limit)
-            .map(|entry| {
-                let (seq, value) = entry.map_err(store_error)?;
-                let parsed = parse(&value);
-                Ok((seq, parsed))
-            })
-            .collect::<Result<_, StoreError>>()?;
-        let logged = pending.outbox.iter().take(limit - entries.len());
-        entries.extend(logged.map(|(seq, value)| (sled::IVec::from(&seq.to_be_bytes()), parse(value))));
-        Ok(entries)
+            .collect::<Result<_, _>>()
+            .map_err(store_error)?;
+        let logged = pending.outbox.iter().take(limit - stored.len());
+        stored.extend(
+            logged.map(|(seq, value)| (sled::IVec::from(&seq.to_be_bytes()), value.as_slice().into())),
+        );
+        Ok(stored)
     }
 
     /// Moves outbox entry `seq`, which can never be published, to the `outbox_poison` tree with
@@ -1646,6 +1647,22 @@ fn migrate_window(
     Ok(())
 }
 
+/// Outbox entries as stored ([`SledStore::outbox_stored`]), each parsed by `parse` or with why it
+/// does not parse.
+fn parse_stored<T>(
+    stored: Vec<(sled::IVec, sled::IVec)>,
+    parse: impl Fn(&[u8]) -> Result<T, serde_json::Error>,
+) -> OutboxRead<T> {
+    let parse = |value: &[u8]| packed::unpack(value).and_then(|json| parse(&json).map_err(store_error));
+    stored
+        .into_iter()
+        .map(|(seq, value)| {
+            let parsed = parse(&value);
+            (seq, parsed)
+        })
+        .collect()
+}
+
 /// Trees a commit writes besides the window's ([`SledStore::trees`]).
 const TREES: usize = 8;
 
@@ -1963,14 +1980,15 @@ impl SledStore {
     pub fn withdraw_unpublished(&self) -> Result<usize, StoreError> {
         let applied = self.settled()?;
         // An entry that does not parse is left to the publisher, which sets it aside.
-        let withdrawn: Vec<(sled::IVec, ChangeRecord)> = self
-            .outbox_read(&applied, usize::MAX, |json| serde_json::from_slice(json))?
-            .into_iter()
-            .filter_map(|(seq, entry)| match entry {
-                Ok(OutboxEntry::Change(record)) => Some((seq, *record)),
-                Ok(OutboxEntry::Output(_)) | Err(_) => None,
-            })
-            .collect();
+        let stored = self.outbox_stored(&applied, usize::MAX)?;
+        let withdrawn: Vec<(sled::IVec, ChangeRecord)> =
+            parse_stored(stored, |json| serde_json::from_slice(json))
+                .into_iter()
+                .filter_map(|(seq, entry)| match entry {
+                    Ok(OutboxEntry::Change(record)) => Some((seq, *record)),
+                    Ok(OutboxEntry::Output(_)) | Err(_) => None,
+                })
+                .collect();
         if withdrawn.is_empty() {
             return Ok(0);
         }
@@ -2961,6 +2979,33 @@ mod tests {
         )
         .await
         .expect("nothing left in the outbox: nothing to wait for");
+    }
+
+    /// The published mark counts the entries of commits not applied yet, and holds them through
+    /// the application that moves them to the tree.
+    #[tokio::test]
+    async fn the_published_mark_holds_logged_entries_before_and_after_their_application() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 10, Arc::new(TestClock(AtomicI64::new(0))))
+            .unwrap()
+            .with_changelog("here".into());
+        let hash = hex::encode([9u8; 32]);
+        let c1 = key("c1");
+        store.commit(commit(&c1, "k1", &hash, 0)).unwrap();
+        let through = store.outbox_high_water();
+        let published = |store: &SledStore| *store.outbox_low.borrow() > through;
+        assert!(!published(&store), "logged, not published");
+        store.settle().unwrap();
+        store.outbox_published();
+        assert!(!published(&store), "applied, not published");
+        let entries = store.outbox_entries(100).unwrap();
+        assert_eq!(entries.len(), 1);
+        store.outbox_remove(&[entries[0].0.clone()]).unwrap();
+        store.outbox_published();
+        assert!(published(&store));
+        tokio::time::timeout(std::time::Duration::from_secs(5), store.wait_published(through))
+            .await
+            .expect("the entry is published");
     }
 
     #[test]
