@@ -62,6 +62,8 @@ pub const IDEMPOTENCY_INDEX_BYTES: &str = "aerostream_idempotency_index_bytes";
 pub const STORE_DISK_BYTES: &str = "aerostream_store_disk_bytes";
 pub const STORE_TRANSACTIONS: &str = "aerostream_store_transactions_total";
 pub const STORE_COMMITTED_EVENTS: &str = "aerostream_store_committed_events_total";
+pub const STORE_LOG_APPLICATIONS: &str = "aerostream_store_log_applications_total";
+pub const STORE_LOG_APPLIED_COMMITS: &str = "aerostream_store_log_applied_commits_total";
 pub const OUTBOX_BACKLOG: &str = "aerostream_outbox_backlog_events";
 pub const OUTBOX_PUBLISHED: &str = "aerostream_outbox_published_total";
 pub const OUTBOX_POISONED: &str = "aerostream_outbox_poisoned_total";
@@ -143,6 +145,8 @@ pub const METRICS: &[Described] = &[
     described(IDEMPOTENCY_INDEX_BYTES, Gauge, BYTES, "Memory the idempotency window's indexes take (which pack holds each key: about 30 to 60 bytes per key), measured at each eviction."),
     described(STORE_TRANSACTIONS, Counter, COUNT, "Transactions the committer wrote, each holding every commit handed over while the one before was written."),
     described(STORE_COMMITTED_EVENTS, Counter, COUNT, "Events in the committer's transactions: divided by aerostream_store_transactions_total, the events a transaction carries."),
+    described(STORE_LOG_APPLICATIONS, Counter, COUNT, "Applications of the commit log to the store's trees (src/store/log.rs)."),
+    described(STORE_LOG_APPLIED_COMMITS, Counter, COUNT, "Commits those applications wrote: divided by aerostream_store_log_applications_total, the commits applied together."),
     described(STORE_DISK_BYTES, Gauge, BYTES, "Disk space the data directory takes (blocks allocated), measured at each eviction."),
     described(OUTBOX_BACKLOG, Gauge, COUNT, "Committed output events and changelog records not yet published."),
     described(OUTBOX_PUBLISHED, Counter, COUNT, "Output events and changelog records published, by event type (changelog for records)."),

@@ -34,7 +34,7 @@ mod packed;
 mod window;
 
 use crate::changelog::ChangeRecord;
-use crate::telemetry::STORE_WRITABLE;
+use crate::telemetry::{STORE_LOG_APPLICATIONS, STORE_LOG_APPLIED_COMMITS, STORE_WRITABLE};
 use aerostream_actors::events::{AggregateKey, DeliveryId};
 use aerostream_actors::gateway::Charge;
 use aerostream_actors::output::{OutputBody, OutputEvent};
@@ -1544,6 +1544,8 @@ impl SledStore {
             })
             .map_err(unaborted_error)?;
         self.wrote();
+        metrics::counter!(STORE_LOG_APPLICATIONS).increment(1);
+        metrics::counter!(STORE_LOG_APPLIED_COMMITS).increment(pending.commits.len() as u64);
         pending.clear();
         Ok(())
     }
