@@ -1,6 +1,11 @@
 //! The sled store: aggregate states, the idempotency window and the outbox, written atomically.
 //!
+//! A commit is written to the commit log with its idempotency keys, then applied to the other
+//! trees with the commits logged near it (`log.rs`).
+//!
 //! Trees:
+//! - `log`: transaction id (8 bytes BE) → its commits' writes (`log::Planned`, LZ4-compressed),
+//!   removed once applied
 //! - `state`:   `<kind>/<id>` → aggregate state (JSON)
 //! - `window_staged`: the idempotency window's keys of the last second ([`window`]): pack number
 //!   (8 bytes BE) → bucket (8 bytes BE) ‖ up to 12 keys, each the first 16 bytes of the key's
@@ -15,8 +20,9 @@
 //! - `outbox_poison`: same keys → an entry that can never be published, with its reason (JSON)
 //! - `ledgers`: affiliate id → commission ledger (JSON), moved by the output events of each commit
 //! - `charges`: payment id → payment to charge through the gateway (JSON), deleted once reported
-//! - `journal`: `<kind>/<id>/<version, 20 digits>` → the run of events a commit applied from that
-//!   version (JSON each, the run LZ4-compressed: `packed`), for kinds with snapshots
+//! - `journal`: `<kind>/<id>/<version, 20 digits>` → the run of events applied from that version
+//!   (one commit's, or the consecutive commits of one application up to a snapshot; JSON each,
+//!   the run LZ4-compressed: `packed`), for kinds with snapshots
 //! - `snapshots`: same keys → full-state snapshot with checksum (JSON), the last few kept
 //! - `report`:  read-model group (`summary`, `affiliate/<id>`, `campaign/<id>`) → its counters
 //!   (JSON), moved by each commit (see `aerostream_actors::readmodel`)
@@ -1159,13 +1165,13 @@ impl SledStore {
     /// that wait together divides that cost by their number (docs/BENCHMARKS.md).
     ///
     /// Each commit keeps the guarantees of a commit alone. It is refused (`AlreadySeen`, `Stale`)
-    /// by checks inside the transaction that see the writes of the commits before it — two
-    /// commits of one aggregate or one idempotency key in a batch are decided in order — and a
-    /// refused commit writes nothing and refuses no other (a sled abort would undo the whole
-    /// batch, so refusals skip instead). Outbox sequence numbers increase in commit order, each
-    /// commit's outputs then its changelog record. If the transaction fails (a stored value that
-    /// does not parse, say), nothing was written and each commit is retried alone, so a failure
-    /// only fails the commit it belongs to.
+    /// by checks that see the commits before it, logged or applied — two commits of one
+    /// aggregate or one idempotency key in a batch are decided in order — and a refused commit
+    /// writes nothing and refuses no other. The accepted ones go to the commit log as one value
+    /// (`log.rs`), applied to the trees later. Outbox sequence numbers increase in commit order,
+    /// each commit's outputs then its changelog record. If the batch fails (a stored read-model
+    /// group or ledger it moves does not parse, say), nothing was written and each commit is
+    /// retried alone, so a failure only fails the commit it belongs to.
     pub fn commit_batch(&self, commits: &[Commit<'_>]) -> Vec<Result<CommitResult, StoreError>> {
         let encoded: Vec<_> = commits.iter().map(|commit| self.encode(commit)).collect();
         self.commit_encoded(commits, &encoded)
