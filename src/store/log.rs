@@ -213,14 +213,16 @@ pub(super) struct Pending {
     pub log_keys: Vec<u64>,
     /// State key → (the newest version logged, the commit of `commits` that wrote it).
     pub versions: HashMap<Vec<u8>, (u64, usize)>,
-    /// Outbox entries logged and neither published nor applied, by sequence number.
-    pub outbox: BTreeMap<u64, Vec<u8>>,
+    /// Outbox entries logged and neither published nor applied: sequence number → where the
+    /// entry is (its commit in `commits`, its place in the commit's `outbox`).
+    pub outbox: BTreeMap<u64, (usize, usize)>,
     /// When the oldest waiting commit was logged.
     pub since: Option<std::time::Instant>,
     /// Read-model groups and ledgers whose stored values are known to parse (checked once, at
     /// the first commit that moves them; every value written since is the store's own), so that
     /// an application does not fail on a stored value: a commit that would is refused instead.
-    pub parsed: HashSet<Vec<u8>>,
+    pub parsed_groups: HashSet<String>,
+    pub parsed_ledgers: HashSet<String>,
 }
 
 impl Pending {
@@ -232,8 +234,13 @@ impl Pending {
             let at = self.commits.len();
             self.versions
                 .insert(commit.state_key.clone(), (commit.version, at));
-            self.outbox
-                .extend(commit.outbox.iter().map(|(seq, entry)| (*seq, entry.clone())));
+            self.outbox.extend(
+                commit
+                    .outbox
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (seq, _))| (*seq, (at, i))),
+            );
             self.commits.push(commit);
         }
     }
@@ -244,6 +251,20 @@ impl Pending {
         Some(&self.commits[*at].state)
     }
 
+    /// The waiting outbox entries, oldest first, as stored.
+    pub fn outbox_entries(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.outbox
+            .iter()
+            .map(|(seq, (commit, at))| (*seq, self.commits[*commit].outbox[*at].1.as_slice()))
+    }
+
+    /// Forgets waiting outbox entry `seq` (the application will not write it); its bytes, if it
+    /// was waiting.
+    pub fn remove_outbox(&mut self, seq: u64) -> Option<&[u8]> {
+        let (commit, at) = self.outbox.remove(&seq)?;
+        Some(&self.commits[commit].outbox[at].1)
+    }
+
     pub fn version(&self, state_key: &[u8]) -> Option<u64> {
         self.versions.get(state_key).map(|(version, _)| *version)
     }
@@ -251,7 +272,8 @@ impl Pending {
     /// Forgets the commits applied (the outbox entries left were written to the outbox tree).
     pub fn clear(&mut self) {
         *self = Pending {
-            parsed: std::mem::take(&mut self.parsed),
+            parsed_groups: std::mem::take(&mut self.parsed_groups),
+            parsed_ledgers: std::mem::take(&mut self.parsed_ledgers),
             ..Pending::default()
         };
     }

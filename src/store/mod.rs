@@ -790,10 +790,8 @@ impl SledStore {
             .take(limit)
             .collect::<Result<_, _>>()
             .map_err(store_error)?;
-        let logged = pending.outbox.iter().take(limit - stored.len());
-        stored.extend(
-            logged.map(|(seq, value)| (sled::IVec::from(&seq.to_be_bytes()), value.as_slice().into())),
-        );
+        let logged = pending.outbox_entries().take(limit - stored.len());
+        stored.extend(logged.map(|(seq, value)| (sled::IVec::from(&seq.to_be_bytes()), value.into())));
         Ok(stored)
     }
 
@@ -817,12 +815,12 @@ impl SledStore {
             let mut pending = self.pending();
             let logged = <[u8; 8]>::try_from(seq)
                 .ok()
-                .and_then(|number| pending.outbox.remove(&u64::from_be_bytes(number)));
+                .and_then(|number| pending.remove_outbox(u64::from_be_bytes(number)));
             let moved = match logged {
                 // Not applied yet: the application will not write it.
                 Some(entry) => {
                     self.outbox_poison
-                        .insert(seq, poisoned(&entry))
+                        .insert(seq, poisoned(entry))
                         .map_err(store_error)?;
                     true
                 }
@@ -863,7 +861,7 @@ impl SledStore {
             let mut batch = sled::Batch::default();
             for seq in seqs {
                 if let Ok(number) = <[u8; 8]>::try_from(seq.as_ref()) {
-                    pending.outbox.remove(&u64::from_be_bytes(number));
+                    pending.remove_outbox(u64::from_be_bytes(number));
                 }
                 batch.remove(seq.clone());
             }
@@ -1417,27 +1415,14 @@ impl SledStore {
     /// Fails when a stored value `planned` would move does not parse (a read-model group, a
     /// ledger): its application would fail, after the commit, so the commit fails now.
     fn check_applicable(&self, pending: &mut Pending, planned: &Planned) -> Result<(), StoreError> {
-        type Parse = fn(&[u8]) -> serde_json::Result<()>;
-        let counters: Parse = |bytes| serde_json::from_slice::<Counters>(bytes).map(drop);
-        let ledger: Parse = |bytes| serde_json::from_slice::<CommissionLedger>(bytes).map(drop);
-        let groups = planned
-            .read_model
-            .iter()
-            .map(|change| (&self.report, change.group.as_str(), "read model", counters));
-        let ledgers = planned
-            .outputs
-            .iter()
-            .filter_map(|output| CommissionLedger::affiliate_of(&output.body))
-            .map(|affiliate| (&self.ledgers, affiliate, "ledger", ledger));
-        for (tree, key, what, parse) in groups.chain(ledgers) {
-            let tagged = [what.as_bytes(), b"/", key.as_bytes()].concat();
-            if pending.parsed.contains(&tagged) {
-                continue;
+        for change in &planned.read_model {
+            let group = change.group.as_str();
+            parses::<Counters>(&self.report, &mut pending.parsed_groups, group, "read model")?;
+        }
+        for output in &planned.outputs {
+            if let Some(affiliate) = CommissionLedger::affiliate_of(&output.body) {
+                parses::<CommissionLedger>(&self.ledgers, &mut pending.parsed_ledgers, affiliate, "ledger")?;
             }
-            if let Some(bytes) = tree.get(key).map_err(store_error)? {
-                parse(&bytes).map_err(|e| store_error(corrupt(what, e)))?;
-            }
-            pending.parsed.insert(tagged);
         }
         Ok(())
     }
@@ -1555,6 +1540,24 @@ impl SledStore {
         pending.clear();
         Ok(())
     }
+}
+
+/// Fails when `tree`'s value under `key`, unless `parsed` holds it, does not parse as a `T`;
+/// remembers it in `parsed` when it does (or is absent).
+fn parses<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    parsed: &mut std::collections::HashSet<String>,
+    key: &str,
+    what: &str,
+) -> Result<(), StoreError> {
+    if parsed.contains(key) {
+        return Ok(());
+    }
+    if let Some(bytes) = tree.get(key).map_err(store_error)? {
+        serde_json::from_slice::<T>(&bytes).map_err(|e| store_error(corrupt(what, e)))?;
+    }
+    parsed.insert(key.to_owned());
+    Ok(())
 }
 
 /// What an application does to the journal: runs written (packed), stored runs removed.
