@@ -84,6 +84,15 @@ pub struct Runs {
 }
 
 impl Runs {
+    /// Whether the entry at `ledger`, `entry` of `partition` is behind its run: finished, and
+    /// acked by the cumulative ack that stands for the run (sent, or sent at the end of the
+    /// release that finished it).
+    pub fn covers(&self, partition: &str, ledger: u64, entry: u64) -> bool {
+        self.partitions
+            .get(partition)
+            .is_some_and(|run| !run.ended && run.next.is_some_and(|next| (ledger, entry) < next))
+    }
+
     /// Decides for a message of `partition` at `at`, finished in receive order, given what it
     /// means for its entry (`entry`, from [`Entries::finished`]).
     pub fn finished(&mut self, partition: &str, at: Position, entry: EntryAck) -> Ack {
@@ -236,6 +245,27 @@ mod tests {
         assert_eq!(runs.finished("p0", at(6), EntryAck::Ack), Ack::Cover);
         assert_eq!(runs.finished("p0", at(5), EntryAck::Ack), Ack::Alone);
         assert_eq!(runs.finished("p0", at(7), EntryAck::Ack), Ack::Cover);
+    }
+
+    #[test]
+    fn a_run_covers_the_entries_behind_it_while_it_stands() {
+        let mut runs = Runs::default();
+        assert!(!runs.covers("p0", 7, 5), "nothing finished yet");
+        assert_eq!(runs.finished("p0", at(5), EntryAck::Ack), Ack::Cover);
+        assert_eq!(runs.finished("p0", batched(6, 0), EntryAck::Wait), Ack::Hold);
+        assert!(runs.covers("p0", 7, 5));
+        assert!(runs.covers("p0", 6, 900), "an earlier ledger");
+        assert!(
+            !runs.covers("p0", 7, 6),
+            "its entry's last message is still to come"
+        );
+        assert!(!runs.covers("p1", 7, 5), "another partition");
+        assert_eq!(runs.finished("p0", batched(6, 1), EntryAck::Ack), Ack::Cover);
+        assert!(runs.covers("p0", 7, 6));
+        assert!(!runs.covers("p0", 7, 7));
+        // A gap ends the run: what it covered is no longer told from what it did not.
+        assert_eq!(runs.finished("p0", at(9), EntryAck::Ack), Ack::Apart);
+        assert!(!runs.covers("p0", 7, 5));
     }
 
     #[test]

@@ -402,10 +402,12 @@ async fn consume(
                             arrived += 1;
                             arrived > after
                         }) => {}
-                        // The guard records every other message as held.
-                        Some(Ok(message)) if !holding.insert(position(&message)) => {
-                            // A copy of a message held: its ack, after the original's commit,
-                            // acks this delivery too (one message id).
+                        // A copy of an entry finished already, or of a message held (the
+                        // guard records every other message as held): the run's cumulative ack,
+                        // or the original's ack after its commit, acks this delivery too (one
+                        // message id). Dropped before it is decoded: a pulsar-lite that sends
+                        // copies sends more of them the busier the machine is (docs/BENCHMARKS.md).
+                        Some(Ok(message)) if acker.covers(&message) || !holding.insert(position(&message)) => {
                             quiet_since = Instant::now();
                             status.received(name);
                             let event_type = property(&message, "ce_type")
@@ -706,6 +708,14 @@ impl Acker {
             }
         }
         finish(name, consumer, message, ack).await;
+    }
+
+    /// Whether `message` is a copy of an entry finished and acked already, on a Failover input.
+    fn covers(&self, message: &Message<Vec<u8>>) -> bool {
+        let id = message.message_id();
+        self.runs
+            .as_ref()
+            .is_some_and(|runs| runs.covers(&message.topic, id.ledger_id, id.entry_id))
     }
 
     /// Sends the pending cumulative acks (at the end of each release).

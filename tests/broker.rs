@@ -1050,6 +1050,7 @@ async fn probe_latency_floor() {
     let shared = std::env::var_os("PROBE_SHARED_CLIENT").is_some();
     let queue: u32 = env("PROBE_QUEUE", "1000").parse().expect("a count");
     let ack = env("PROBE_ACK", "message");
+    let hold = Duration::from_millis(env("PROBE_HOLD_MS", "0").parse().expect("milliseconds"));
     for rate in env("PROBE_RATES", "1000,5000,11000").split(',') {
         let rate: f64 = rate.parse().expect("a rate");
         let count = (rate * seconds) as usize;
@@ -1104,6 +1105,7 @@ async fn probe_latency_floor() {
         let until = Instant::now() + DEADLINE * 4;
         let mut received = vec![None::<Instant>; count];
         let (mut distinct, mut again, mut acks) = (0, 0, 0usize);
+        let mut held: std::collections::VecDeque<(Instant, Message<String>)> = Default::default();
         while distinct < count {
             // What has arrived, as one burst.
             let mut burst = vec![next(&mut consumer, until).await];
@@ -1139,8 +1141,10 @@ async fn probe_latency_floor() {
                     _ => {}
                 }
             }
-            for message in last_of_entry.values() {
-                consumer.cumulative_ack(message).await.expect("ack");
+            held.extend(last_of_entry.into_values().map(|message| (at, message)));
+            while held.front().is_some_and(|(at, _)| at.elapsed() >= hold) {
+                let (_, message) = held.pop_front().expect("held");
+                consumer.cumulative_ack(&message).await.expect("ack");
                 acks += 1;
             }
         }
@@ -1157,7 +1161,7 @@ async fn probe_latency_floor() {
             format!("{:.1} / {:.1} / {:.1}", q(0.5), q(0.99), q(1.0))
         };
         eprintln!(
-            "{rate} msg/s, {count} messages, {partitions} partitions, {lanes} lanes, queue {queue}, shared client {shared}, acks by {ack}: \
+            "{rate} msg/s, {count} messages, {partitions} partitions, {lanes} lanes, queue {queue}, shared client {shared}, acks by {ack} held {hold:?}: \
              sent→persisted {} ms; persisted→received {} ms; sent→received {} ms (p50 / p99 / max); {again} copies; {acks} acks",
             spans(&sent, &persisted),
             spans(&persisted, &received),
