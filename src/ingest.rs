@@ -626,7 +626,8 @@ fn delivery(message: &Message<Vec<u8>>) -> DeliveryId {
 
 /// Acks what `done` completes, in receive order. A message stops being held before its ack is
 /// sent: a copy the broker sends after that ack is taken as a new delivery (the idempotency
-/// window drops it), never dropped unacked.
+/// window drops it) and acked on its own (an individual ack of the original may be refused as
+/// stale once a copy was sent), unless its entry is one a Failover run's cumulative ack covers.
 async fn release(
     name: &str,
     status: &InputStatus,
