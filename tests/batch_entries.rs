@@ -32,7 +32,18 @@ fn failpoint(daemon: &Daemon, name: &str, actions: &str) {
 fn publish_in_one_entry(harness: &Harness, events: &[Planned]) {
     let (codec, client) = (Codec::shipped(), harness.client());
     let entries: BTreeSet<(u64, u64)> = harness.runtime().block_on(async {
-        let mut producer = broker::batching_producer_on(client, CAMPAIGNS.to_owned())
+        // The entry goes out once it holds every event, never for time: with the outbox's 1 ms
+        // wait it was split on a loaded machine.
+        let mut producer = client
+            .producer()
+            .with_topic(CAMPAIGNS)
+            .with_options(pulsar::ProducerOptions {
+                block_queue_if_full: true,
+                batch_size: Some(events.len() as u32),
+                batch_timeout: Some(Duration::from_secs(600)),
+                ..Default::default()
+            })
+            .build()
             .await
             .expect("producer registers");
         let mut receipts = Vec::new();

@@ -66,6 +66,26 @@ async fn batching_producer(
     topic: &str,
     batch: Option<u32>,
 ) -> pulsar::Producer<TokioExecutor> {
+    producer_with(pulsar, topic, batch, Duration::from_millis(1)).await
+}
+
+/// A producer whose broker entries hold `size` messages each: an entry goes out when full, never
+/// for time (with a 1 ms wait, a test's entry was split in two on a loaded machine).
+async fn whole_entries_producer(
+    pulsar: &Pulsar<TokioExecutor>,
+    topic: &str,
+    size: u32,
+) -> pulsar::Producer<TokioExecutor> {
+    producer_with(pulsar, topic, Some(size), Duration::from_secs(600)).await
+}
+
+/// A producer batching up to `batch` messages per entry, an entry going out after `wait`.
+async fn producer_with(
+    pulsar: &Pulsar<TokioExecutor>,
+    topic: &str,
+    batch: Option<u32>,
+    wait: Duration,
+) -> pulsar::Producer<TokioExecutor> {
     pulsar
         .producer()
         .with_topic(topic)
@@ -73,7 +93,7 @@ async fn batching_producer(
             // Otherwise a burst beyond the 100-frame outbound queue fails with SlowDown.
             block_queue_if_full: true,
             batch_size: batch,
-            batch_timeout: batch.map(|_| Duration::from_millis(1)),
+            batch_timeout: batch.map(|_| wait),
             ..Default::default()
         })
         .build()
@@ -602,7 +622,7 @@ async fn an_ack_of_one_message_of_a_batch_entry_acks_the_whole_entry() {
     let broker = LocalBroker::start().expect("broker starts");
     let pulsar = client(&broker).await;
     let topic = "persistent://public/default/batch-entry-ack";
-    let mut batching = batching_producer(&pulsar, topic, Some(IN_ENTRY as u32)).await;
+    let mut batching = whole_entries_producer(&pulsar, topic, IN_ENTRY as u32).await;
     let entries = send_batched(&mut batching, (0..IN_ENTRY).map(|i| format!("in-entry-{i}"))).await;
     assert_eq!(
         entries.len(),
@@ -650,7 +670,7 @@ async fn a_cumulative_ack_at_the_last_message_of_a_batch_entry_acks_up_to_that_e
     let broker = LocalBroker::start().expect("broker starts");
     let pulsar = client(&broker).await;
     let topic = "persistent://public/default/batch-entry-cumulative";
-    let mut batching = batching_producer(&pulsar, topic, Some(IN_ENTRY as u32)).await;
+    let mut batching = whole_entries_producer(&pulsar, topic, IN_ENTRY as u32).await;
     let mut entries = BTreeSet::new();
     for entry in ["a", "b"] {
         entries.extend(send_batched(&mut batching, (0..IN_ENTRY).map(|i| format!("{entry}-{i}"))).await);
