@@ -31,7 +31,8 @@ pub(super) struct Planned {
     pub state_key: Vec<u8>,
     pub state: Vec<u8>,
     pub version: u64,
-    /// Outbox entries as stored, under their sequence numbers.
+    /// Outbox entries (their JSON, packed only when applied to the tree), under their sequence
+    /// numbers.
     pub outbox: Vec<(u64, Vec<u8>)>,
     /// The output events of the commit's events, for the commission ledgers (not logged: read
     /// back from the outbox entries).

@@ -1228,9 +1228,10 @@ impl SledStore {
                     )
                 })
                 .collect(),
+            // Packed when written to the outbox's tree, if still unpublished then (most are not).
             outbox: entries
                 .iter()
-                .map(|entry| Ok(packed::pack(&serde_json::to_vec(entry).map_err(store_error)?)))
+                .map(|entry| serde_json::to_vec(entry).map_err(store_error))
                 .collect::<Result<_, StoreError>>()?,
             charges: commit
                 .events()
@@ -1484,6 +1485,13 @@ impl SledStore {
         for change in pending.commits.iter().flat_map(|commit| &commit.read_model) {
             read_model.entry(change.group.as_str()).or_default().push(change);
         }
+        let unpublished: Vec<(u64, Vec<u8>)> = pending
+            .commits
+            .iter()
+            .flat_map(|commit| &commit.outbox)
+            .filter(|(seq, _)| pending.outbox.contains_key(seq))
+            .map(|(seq, entry)| (*seq, packed::pack(entry)))
+            .collect();
         let pending_ref = &*pending;
         let mut trees = self.trees().to_vec();
         trees.push(&self.log);
@@ -1511,11 +1519,6 @@ impl SledStore {
                         state.insert(key, commit.state.as_slice())?;
                         versions.insert(key, &commit.version.to_be_bytes())?;
                     }
-                    for (seq, entry) in &commit.outbox {
-                        if pending_ref.outbox.contains_key(seq) {
-                            out.insert(&seq.to_be_bytes(), entry.as_slice())?;
-                        }
-                    }
                     move_ledgers(ledgers, &commit.outputs)?;
                     for (payment_id, charge) in &commit.charges {
                         pending_charges.insert(payment_id.as_slice(), charge.as_slice())?;
@@ -1526,6 +1529,9 @@ impl SledStore {
                     for key in &commit.dropped {
                         snapshots.remove(key.as_slice())?;
                     }
+                }
+                for (seq, entry) in &unpublished {
+                    out.insert(&seq.to_be_bytes(), entry.as_slice())?;
                 }
                 move_read_model::<()>(report, &read_model)?;
                 for key in &pending_ref.log_keys {
