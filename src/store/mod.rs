@@ -774,8 +774,6 @@ impl SledStore {
         Ok(parse_stored(stored, Publishable::parse))
     }
 
-    /// The oldest `limit` entries: the outbox tree's, then those of the commits not applied yet
-    /// (newer: an application writes every entry still waiting).
     /// The oldest `limit` outbox entries as stored: the tree's, then those of the commits not
     /// applied yet (newer: an application writes every entry still waiting). Read under
     /// `pending`'s lock, parsed after it ([`parse_stored`]): the committer waits for that lock.
@@ -1486,11 +1484,8 @@ impl SledStore {
             read_model.entry(change.group.as_str()).or_default().push(change);
         }
         let unpublished: Vec<(u64, Vec<u8>)> = pending
-            .commits
-            .iter()
-            .flat_map(|commit| &commit.outbox)
-            .filter(|(seq, _)| pending.outbox.contains_key(seq))
-            .map(|(seq, entry)| (*seq, packed::pack(entry)))
+            .outbox_entries()
+            .map(|(seq, entry)| (seq, packed::pack(entry)))
             .collect();
         let pending_ref = &*pending;
         let mut trees = self.trees().to_vec();
