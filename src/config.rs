@@ -152,6 +152,8 @@ pub struct DaemonConfig {
     pub cache_mib: u64,
     /// No store write starts while the data directory's file system has less available (MiB).
     pub min_free_mib: u64,
+    /// A commit transaction (and its flush) starts at most once per this many milliseconds.
+    pub min_commit_interval_ms: u64,
     /// Grace period on SIGTERM/SIGINT.
     pub shutdown_timeout_seconds: u64,
     /// An input that holds messages and finishes none for this long makes /health answer 503.

@@ -59,7 +59,9 @@ pub async fn run(
         }
     }
     let store = Arc::new(store);
-    store.start_committer().context("starting the committer thread")?;
+    store
+        .start_committer(Duration::from_millis(config.daemon.min_commit_interval_ms))
+        .context("starting the committer thread")?;
     tracing::info!(%instance, changelog = config.changelog.enabled, "Starting.");
     for (name, input) in &config.inputs {
         if config.changelog.enabled && input.subscription_type == crate::config::SubscriptionKind::Shared {

@@ -24,10 +24,13 @@ fn produced_counts(stdout: &str) -> (f64, f64) {
 /// Payments on Key_Shared, the subscription that spreads them over daemons by key on Apache
 /// Pulsar, end to end with no consumer churn (pulsar-lite's Key_Shared dispatcher stalls only when
 /// a consumer leaves mid-backlog: README, "Known limitation of the local broker"); every other
-/// test runs the shipped subscriptions (payments on Failover).
+/// test runs the shipped subscriptions (payments on Failover). With group commit on
+/// (`daemon.min_commit_interval_ms`, off by default), so that commits of different aggregates and
+/// inputs wait for and share transactions.
 #[test]
 fn generated_stream_with_duplicates_and_reordering_gives_the_exact_expected_state() {
     let harness = Harness::new()
+        .daemon_key("min_commit_interval_ms = 5")
         .extra("[inputs.payments]\nsubscription_type = \"key_shared\"\n")
         .build();
     assert_eq!(
@@ -35,6 +38,7 @@ fn generated_stream_with_duplicates_and_reordering_gives_the_exact_expected_stat
         aerostream::config::SubscriptionKind::KeyShared,
         "payments on Key_Shared"
     );
+    assert_eq!(harness.config().daemon.min_commit_interval_ms, 5, "group commit on");
     let config = harness.config_path();
     let daemon = harness.start();
 

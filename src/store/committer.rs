@@ -8,9 +8,15 @@
 //! outbox entries sequence numbers, writes them with `SledStore::commit_encoded`, makes them
 //! durable (`Flusher::flush_here`: the flush the acks of these commits wait for, made here instead
 //! of on the flusher thread, which a waiter would have to wake and be woken by) and answers each
-//! actor with its own result. Batches form by themselves, with no timer: the commits that arrive
-//! while one batch is written and flushed are the next batch, so a lone commit is written at once
-//! and a busy daemon writes large batches.
+//! actor with its own result. Batches form by themselves: the commits that arrive while one batch
+//! is written and flushed are the next batch, so a lone commit is written at once and a busy
+//! daemon writes large batches. With `daemon.min_commit_interval_ms` set, a transaction starts at
+//! most once per that interval (group commit, as Kafka's `linger.ms` or PostgreSQL's
+//! `commit_delay`): at a steady pace, where each commit would otherwise find the committer idle and
+//! go alone, the commits of an interval share one transaction and one flush, each of which wakes
+//! sled's I/O pool (seven threads per log buffer sealed) and the threads answered. A commit after a
+//! pause longer than the interval still goes at once. It trades latency for CPU
+//! (docs/BENCHMARKS.md); off by default.
 //!
 //! A transaction writes the commits to the commit log (`log.rs`); between transactions, and every
 //! [`APPLY_CHECK`] when idle, the thread applies the logged commits to the trees once they are due
@@ -24,8 +30,10 @@ use super::{Encoded, SledStore};
 use crate::telemetry::{STORE_COMMITTED_EVENTS, STORE_TRANSACTIONS};
 use aerostream_actors::ports::{CommitFuture, CommitResult, OwnedCommit, StoreError};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// Events written in one transaction at most (a commit may hold several): bounds the time the
@@ -34,7 +42,7 @@ use tokio::sync::oneshot;
 const MAX_BATCH: usize = 512;
 
 /// How often an idle committer looks whether logged commits are due to be applied.
-const APPLY_CHECK: std::time::Duration = std::time::Duration::from_millis(25);
+const APPLY_CHECK: Duration = Duration::from_millis(25);
 
 type Answer = oneshot::Sender<Vec<Result<CommitResult, StoreError>>>;
 
@@ -49,9 +57,18 @@ struct Job {
 /// The handle the store keeps: where commits are handed over.
 pub struct Committer {
     jobs: mpsc::Sender<Job>,
+    /// Transactions written so far (read by tests; the metric counts them for everyone else).
+    #[cfg_attr(not(test), allow(dead_code))]
+    transactions: Arc<AtomicU64>,
 }
 
 impl Committer {
+    /// Transactions written so far.
+    #[cfg(test)]
+    pub fn transactions(&self) -> u64 {
+        self.transactions.load(Ordering::Relaxed)
+    }
+
     /// Queues `commits` (with their values, `encoded`) for the next batch; the future resolves
     /// with their results once written.
     pub fn submit(
@@ -78,23 +95,35 @@ impl Committer {
     }
 }
 
-/// Starts the committer thread of `store`: from now on its `commit_batched` goes through it. The
-/// thread ends once the store is dropped. Calling it again does nothing.
-pub(super) fn start(store: &Arc<SledStore>) -> std::io::Result<()> {
+/// Starts the committer thread of `store`: from now on its `commit_batched` goes through it,
+/// one transaction at most every `min_interval`. The thread ends once the store is dropped.
+/// Calling it again does nothing.
+pub(super) fn start(store: &Arc<SledStore>, min_interval: Duration) -> std::io::Result<()> {
     let (jobs, queue) = mpsc::channel();
-    if store.committer.set(Committer { jobs }).is_err() {
+    let transactions = Arc::new(AtomicU64::new(0));
+    let committer = Committer {
+        jobs,
+        transactions: transactions.clone(),
+    };
+    if store.committer.set(committer).is_err() {
         return Ok(());
     }
     let store = Arc::downgrade(store);
     std::thread::Builder::new()
         .name("committer".into())
-        .spawn(move || run(store, queue))?;
+        .spawn(move || run(store, queue, min_interval, &transactions))?;
     Ok(())
 }
 
-fn run(store: Weak<SledStore>, queue: mpsc::Receiver<Job>) {
+fn run(
+    store: Weak<SledStore>,
+    queue: mpsc::Receiver<Job>,
+    min_interval: Duration,
+    transactions: &AtomicU64,
+) {
     // The store holds the sending side, so `recv` fails once the store is gone.
     let events = |commits: &[OwnedCommit]| commits.iter().map(|c| c.earlier.len() + 1).sum::<usize>();
+    let mut last_start: Option<Instant> = None;
     loop {
         let first = match queue.recv_timeout(APPLY_CHECK) {
             Ok(job) => job,
@@ -107,6 +136,12 @@ fn run(store: Weak<SledStore>, queue: mpsc::Receiver<Job>) {
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         };
+        // The commits that arrive until the interval since the last transaction has passed join
+        // this one.
+        if let Some(wait) = last_start.and_then(|at| min_interval.checked_sub(at.elapsed())) {
+            std::thread::sleep(wait);
+        }
+        last_start = Some(Instant::now());
         let mut size = events(&first.commits);
         let mut batch = vec![first];
         while size < MAX_BATCH {
@@ -133,6 +168,7 @@ fn run(store: Weak<SledStore>, queue: mpsc::Receiver<Job>) {
                 // Durable before the answers leave: the waiters' own flush finds it done, with no
                 // wake-up of the flusher thread and back on an event's way to its ack.
                 store.flusher.flush_here();
+                transactions.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(STORE_TRANSACTIONS).increment(1);
                 metrics::counter!(STORE_COMMITTED_EVENTS).increment(size as u64);
                 let mut results = results.into_iter();

@@ -634,10 +634,13 @@ impl SledStore {
         flushed
     }
 
-    /// Starts the committer thread: from now on `commit_batched` goes through it (see
-    /// [`committer`]). Calling it again does nothing.
-    pub fn start_committer(self: &std::sync::Arc<Self>) -> std::io::Result<()> {
-        committer::start(self)
+    /// Starts the committer thread: from now on `commit_batched` goes through it, one transaction
+    /// at most every `min_interval` (see [`committer`]). Calling it again does nothing.
+    pub fn start_committer(
+        self: &std::sync::Arc<Self>,
+        min_interval: std::time::Duration,
+    ) -> std::io::Result<()> {
+        committer::start(self, min_interval)
     }
 
     /// Why the store cannot write, when it cannot (for /health); `None` while it writes.
@@ -2161,6 +2164,7 @@ mod tests {
     use aerostream_actors::ports::Clock;
     use std::sync::atomic::{AtomicI64, Ordering};
     use std::sync::Arc;
+    use std::time::Duration;
 
     struct TestClock(AtomicI64);
     impl Clock for TestClock {
@@ -3277,7 +3281,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store =
             Arc::new(SledStore::open(dir.path(), 10, Arc::new(TestClock(AtomicI64::new(0)))).unwrap());
-        store.start_committer().unwrap();
+        store.start_committer(Duration::ZERO).unwrap();
         let hash = hex::encode([6u8; 32]);
         let owned = |id: &str, idem: &str| OwnedCommit {
             aggregate: key(id),
@@ -3317,6 +3321,50 @@ mod tests {
         );
         assert!(matches!(answers[25], Ok(CommitResult::AlreadySeen(_))));
         assert_eq!(store.window_len(), 49);
+    }
+
+    #[tokio::test]
+    async fn commits_handed_over_within_the_minimum_interval_share_a_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(SledStore::open(dir.path(), 10, Arc::new(TestClock(AtomicI64::new(0)))).unwrap());
+        // Long enough that the commits below are all handed over before the interval passes, on
+        // any machine; the test waits that long once.
+        store.start_committer(Duration::from_secs(2)).unwrap();
+        let transactions = || store.committer.get().unwrap().transactions();
+        let hash = hex::encode([7u8; 32]);
+        let owned = |id: &str| OwnedCommit {
+            aggregate: key(id),
+            state: b"{}".to_vec(),
+            version: 1,
+            idempotency_key: format!("k-{id}"),
+            content_hash: hash.clone(),
+            seen_at_ms: 0,
+            delivery: None,
+            outbox: Vec::new(),
+            charges: Vec::new(),
+            journal: None,
+            snapshot: None,
+            drop_snapshots: Vec::new(),
+            truncate_journal: None,
+            read_model: Vec::new(),
+            earlier: Vec::new(),
+        };
+        // The first commit finds no transaction before it: written at once.
+        let first = store.commit_batched(vec![owned("c0")]).await;
+        assert_eq!(first, vec![Ok(CommitResult::Committed)]);
+        assert_eq!(transactions(), 1);
+        // Handed over one by one, 10 ms apart (as a paced stream's actors do), while the interval
+        // since the first runs: without it, each would find the committer idle and go alone.
+        let mut answers = Vec::new();
+        for i in 1..=10 {
+            answers.push(store.commit_batched(vec![owned(&format!("c{i}"))]));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let answers = futures::future::join_all(answers).await;
+        assert!(answers.iter().all(|a| a == &vec![Ok(CommitResult::Committed)]));
+        assert_eq!(transactions(), 2, "the ten commits share the second transaction");
+        assert_eq!(store.window_len(), 11);
     }
 
     #[tokio::test]
