@@ -38,7 +38,11 @@ fn generated_stream_with_duplicates_and_reordering_gives_the_exact_expected_stat
         aerostream::config::SubscriptionKind::KeyShared,
         "payments on Key_Shared"
     );
-    assert_eq!(harness.config().daemon.min_commit_interval_ms, 5, "group commit on");
+    assert_eq!(
+        harness.config().daemon.min_commit_interval_ms,
+        5,
+        "group commit on"
+    );
     let config = harness.config_path();
     let daemon = harness.start();
 

@@ -25,7 +25,11 @@ pub fn daemon_store(dir: &Path, config: &Config, clock: Arc<dyn Clock>) -> Arc<S
         store = store.with_changelog("bench".into());
     }
     let store = Arc::new(store);
-    store.start_committer().expect("committer starts");
+    store
+        .start_committer(std::time::Duration::from_millis(
+            config.daemon.min_commit_interval_ms,
+        ))
+        .expect("committer starts");
     store
 }
 

@@ -115,12 +115,7 @@ pub(super) fn start(store: &Arc<SledStore>, min_interval: Duration) -> std::io::
     Ok(())
 }
 
-fn run(
-    store: Weak<SledStore>,
-    queue: mpsc::Receiver<Job>,
-    min_interval: Duration,
-    transactions: &AtomicU64,
-) {
+fn run(store: Weak<SledStore>, queue: mpsc::Receiver<Job>, min_interval: Duration, transactions: &AtomicU64) {
     // The store holds the sending side, so `recv` fails once the store is gone.
     let events = |commits: &[OwnedCommit]| commits.iter().map(|c| c.earlier.len() + 1).sum::<usize>();
     let mut last_start: Option<Instant> = None;
