@@ -90,8 +90,15 @@ impl LocalBroker {
                 (temp.path().to_path_buf(), Some(temp))
             }
         };
+        // AEROSTREAM_BROKER_METRICS=127.0.0.1:PORT, for an investigation: the broker's own
+        // Prometheus metrics at http://PORT/metrics (messages out per subscription, copies
+        // included; redeliveries; unacked messages).
+        let metrics = match std::env::var("AEROSTREAM_BROKER_METRICS") {
+            Ok(addr) => format!("[metrics]\nenabled = true\naddr = {addr:?}\n"),
+            Err(_) => PULSAR_LITE_CONFIG.to_string(),
+        };
         let config = format!(
-            "default_partitions = {}\n{PULSAR_LITE_CONFIG}",
+            "default_partitions = {}\n{metrics}",
             options.default_partitions
         );
         std::fs::write(data_dir.join("pulsar-lite.toml"), config)?;
