@@ -97,10 +97,7 @@ impl LocalBroker {
             Ok(addr) => format!("[metrics]\nenabled = true\naddr = {addr:?}\n"),
             Err(_) => PULSAR_LITE_CONFIG.to_string(),
         };
-        let config = format!(
-            "default_partitions = {}\n{metrics}",
-            options.default_partitions
-        );
+        let config = format!("default_partitions = {}\n{metrics}", options.default_partitions);
         std::fs::write(data_dir.join("pulsar-lite.toml"), config)?;
 
         let relay_listener = TcpListener::bind(("127.0.0.1", options.relay_port))
