@@ -2173,6 +2173,27 @@ mod tests {
         }
     }
 
+    /// A first commit (version 1, state `{}`) of campaign `id`, as an actor hands it over.
+    fn owned_commit(id: &str, idempotency_key: &str, content_hash: &str) -> OwnedCommit {
+        OwnedCommit {
+            aggregate: key(id),
+            state: b"{}".to_vec(),
+            version: 1,
+            idempotency_key: idempotency_key.into(),
+            content_hash: content_hash.into(),
+            seen_at_ms: 0,
+            delivery: None,
+            outbox: Vec::new(),
+            charges: Vec::new(),
+            journal: None,
+            snapshot: None,
+            drop_snapshots: Vec::new(),
+            truncate_journal: None,
+            read_model: Vec::new(),
+            earlier: Vec::new(),
+        }
+    }
+
     fn key(id: &str) -> AggregateKey {
         AggregateKey {
             kind: AggregateKind::Campaign,
@@ -3283,23 +3304,7 @@ mod tests {
             Arc::new(SledStore::open(dir.path(), 10, Arc::new(TestClock(AtomicI64::new(0)))).unwrap());
         store.start_committer(Duration::ZERO).unwrap();
         let hash = hex::encode([6u8; 32]);
-        let owned = |id: &str, idem: &str| OwnedCommit {
-            aggregate: key(id),
-            state: b"{}".to_vec(),
-            version: 1,
-            idempotency_key: idem.into(),
-            content_hash: hash.clone(),
-            seen_at_ms: 0,
-            delivery: None,
-            outbox: Vec::new(),
-            charges: Vec::new(),
-            journal: None,
-            snapshot: None,
-            drop_snapshots: Vec::new(),
-            truncate_journal: None,
-            read_model: Vec::new(),
-            earlier: Vec::new(),
-        };
+        let owned = |id: &str, idem: &str| owned_commit(id, idem, &hash);
         let answers: Vec<_> = futures::future::join_all((0..50).map(|i| {
             let idem = if i == 25 {
                 "k0".to_string()
@@ -3333,23 +3338,7 @@ mod tests {
         store.start_committer(Duration::from_secs(2)).unwrap();
         let transactions = || store.committer.get().unwrap().transactions();
         let hash = hex::encode([7u8; 32]);
-        let owned = |id: &str| OwnedCommit {
-            aggregate: key(id),
-            state: b"{}".to_vec(),
-            version: 1,
-            idempotency_key: format!("k-{id}"),
-            content_hash: hash.clone(),
-            seen_at_ms: 0,
-            delivery: None,
-            outbox: Vec::new(),
-            charges: Vec::new(),
-            journal: None,
-            snapshot: None,
-            drop_snapshots: Vec::new(),
-            truncate_journal: None,
-            read_model: Vec::new(),
-            earlier: Vec::new(),
-        };
+        let owned = |id: &str| owned_commit(id, &format!("k-{id}"), &hash);
         // The first commit finds no transaction before it: written at once.
         let first = store.commit_batched(vec![owned("c0")]).await;
         assert_eq!(first, vec![Ok(CommitResult::Committed)]);
