@@ -6,7 +6,7 @@
 //! cargo bench --bench commit_path [-- --campaigns 50 --events 40000 --repeat 3 --no-changelog]
 //! ```
 //!
-//! Campaign actors on the arbiters `actors.arbiters` ships (one) apply click and impression events
+//! Campaign actors on two arbiters (as `actors.arbiters` ships) apply click and impression events
 //! to the daemon's store as the daemon opens it (the shipped cache, the changelog on unless
 //! `--no-changelog`, the committer thread); every round hands each campaign one batch of `k`
 //! events at once, waits for them to be applied and durable, and reads and deletes the outbox's
