@@ -129,9 +129,9 @@ pub const FAILPOINT_STARVE: &str = "ingest::starve";
 
 /// Messages each partition's consumer asks the broker for ahead of time, at most. The `pulsar`
 /// client asks for more when half of its queue is taken, and pulsar-lite dispatches what those
-/// permits allow: with 4 096 instead of 1 024 a 100 000-event drain ran 31 000–37 000 events/s
-/// instead of 23 000–27 000 at 34–40 ms of daemon CPU per 1 000 events instead of 43–50, peak RSS
-/// 156 MiB instead of 111 (docs/BENCHMARKS.md, 2026-12-03 night).
+/// permits allow: with 4 096 instead of 1 024 a 100 000-event drain ran 28 000–37 000 events/s
+/// instead of 23 000–27 000 at 34–42 ms of daemon CPU per 1 000 events instead of 43–50, peak RSS
+/// 143–157 MiB instead of 106–111 (docs/BENCHMARKS.md, 2026-12-03 night).
 const RECEIVE_QUEUE: usize = 4_096;
 
 /// The receive queue (and batch size) of each partition's consumer of `input`: what it asks the
