@@ -499,6 +499,11 @@ impl Config {
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.daemon.shutdown_timeout_seconds)
     }
+
+    /// The committer's group-commit interval (`daemon.min_commit_interval_ms`).
+    pub fn min_commit_interval(&self) -> Duration {
+        Duration::from_millis(self.daemon.min_commit_interval_ms)
+    }
 }
 
 /// Refuses a broker URL the client cannot connect to: another scheme, or no host

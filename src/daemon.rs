@@ -60,7 +60,7 @@ pub async fn run(
     }
     let store = Arc::new(store);
     store
-        .start_committer(Duration::from_millis(config.daemon.min_commit_interval_ms))
+        .start_committer(config.min_commit_interval())
         .context("starting the committer thread")?;
     tracing::info!(%instance, changelog = config.changelog.enabled, "Starting.");
     for (name, input) in &config.inputs {

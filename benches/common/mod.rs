@@ -26,9 +26,7 @@ pub fn daemon_store(dir: &Path, config: &Config, clock: Arc<dyn Clock>) -> Arc<S
     }
     let store = Arc::new(store);
     store
-        .start_committer(std::time::Duration::from_millis(
-            config.daemon.min_commit_interval_ms,
-        ))
+        .start_committer(config.min_commit_interval())
         .expect("committer starts");
     store
 }
