@@ -6,7 +6,9 @@
 //!   the input message is acked only once the outbox has published everything committed up to
 //!   its commit (`SledStore::wait_published`): the changelog covers every acked message.
 //! - Every daemon follows the changelog ([`run`]) and imports the records of newer versions than it
-//!   holds (`SledStore::import`), so any daemon can take over an aggregate.
+//!   holds (`SledStore::import`), so any daemon can take over an aggregate. It remembers how far it
+//!   has read each partition in its store (`SledStore::remember_changelog_position`) and a restart
+//!   resumes there, not at the changelog's first record.
 //! - Before handling an aggregate it has not handled lately, a daemon waits for a [`Follower`]
 //!   barrier: a marker written to every changelog partition and read back. Whatever another daemon
 //!   did with that aggregate is then in the local store; its redelivered messages are duplicates.
@@ -15,12 +17,13 @@ use crate::backoff::Backoff;
 use crate::broker::{self, Client};
 use crate::config::{BrokerConfig, ChangelogConfig};
 use crate::partitions::Partitions;
-use crate::store::SledStore;
-use crate::telemetry::{CHANGELOG_BARRIERS, CHANGELOG_IMPORTED, CHANGELOG_RESUBSCRIPTIONS};
+use crate::store::{Position, SledStore};
+use crate::telemetry::{CHANGELOG_BARRIERS, CHANGELOG_IMPORTED, CHANGELOG_READ, CHANGELOG_RESUBSCRIPTIONS};
 use aerostream_actors::gateway::Charge;
 use aerostream_actors::ports::{AppliedEvent, Commit, EventRef};
 use aerostream_actors::{AggregateKey, DeliveryId, OutputEvent, Registry};
 use pulsar::consumer::InitialPosition;
+use pulsar::proto::MessageIdData;
 use pulsar::{ConsumerOptions, SubType};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -33,10 +36,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// client fault could make it, for the stall watchdog to replace.
 pub const FAILPOINT_DEAF_SUBSCRIPTION: &str = "changelog::deaf_subscription";
 
-/// The follower acks cumulatively, once per this many records of a partition.
+/// The follower acks cumulatively, and remembers its position, once per this many records of a
+/// partition (and whenever a marker of its own comes back).
 const ACK_EVERY: u32 = 64;
 /// Between re-subscriptions after the follower failed (a record it could not import, a marker it
-/// could not write): each reads the changelog from its start again.
+/// could not write): each reads the changelog again from the positions the store keeps.
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
 /// One commit as another daemon needs it.
@@ -245,27 +249,41 @@ pub async fn run(
     })
     .await;
     let Ok(mut markers) = markers else { return };
+    // A daemon that ever read another daemon's record keeps waiting for barriers, across restarts
+    // too: the records that told it so may lie before where it now resumes.
+    if store.changelog_others().unwrap_or(true) {
+        requests.seen.others.store(true, Ordering::Release);
+    }
     // Failures in a row; a follower that ran for a while before failing starts the count again.
     let mut failures = 0;
     loop {
-        // A fresh subscription from the earliest record: importing a record twice changes
-        // nothing, and every marker written from now on is read. One consumer per partition,
-        // each with a fresh id (see `crate::partitions`).
+        // A fresh subscription from where the store says each partition was read to (its earliest
+        // record when it says nothing): importing a record twice changes nothing, and every
+        // marker written from now on is read. One consumer per partition, each with a fresh id
+        // (see `crate::partitions`).
+        let resume = resume_from(&store);
         let subscription = format!(
             "aerostream-changelog-{}-{}",
             instance.replace(|c: char| !c.is_ascii_alphanumeric(), "-"),
             broker::unique_consumer_id()
         );
         let subscribed = broker::with_backoff("changelog follower", &mut shutdown, || {
-            Partitions::subscribe(&client, &topic, |builder, _| {
+            Partitions::subscribe(&client, &topic, |builder, _, partition| {
+                let mut options = ConsumerOptions::default()
+                    .with_initial_position(InitialPosition::Earliest)
+                    .durable(false);
+                if let Some(position) = resume.get(partition) {
+                    // The broker starts at this record, itself included.
+                    options = options.starting_on_message(MessageIdData {
+                        ledger_id: position.ledger,
+                        entry_id: position.entry,
+                        ..Default::default()
+                    });
+                }
                 builder
                     .with_subscription(subscription.clone())
                     .with_subscription_type(SubType::Exclusive)
-                    .with_options(
-                        ConsumerOptions::default()
-                            .with_initial_position(InitialPosition::Earliest)
-                            .durable(false),
-                    )
+                    .with_options(options)
             })
         })
         .await;
@@ -274,7 +292,7 @@ pub async fn run(
             fail::fail_point!(FAILPOINT_DEAF_SUBSCRIPTION, |_| true);
             false
         })();
-        tracing::info!(%topic, "Following the changelog.");
+        tracing::info!(%topic, resumed = resume.len(), "Following the changelog.");
         let following = std::time::Instant::now();
         let stopped = follow(
             &mut consumer,
@@ -314,6 +332,32 @@ pub async fn run(
             Err(_) => return,
         }
     }
+}
+
+/// Where each changelog partition (its topic) is read from: where the store says it was read to,
+/// or nowhere (its earliest record) while aggregates withdrawn at start wait for the changelog to
+/// restore them: the records that do may lie before that position.
+fn resume_from(store: &SledStore) -> HashMap<String, Position> {
+    if store.any_unconfirmed() {
+        return HashMap::new();
+    }
+    store.changelog_positions().map_or_else(
+        |error| {
+            tracing::warn!(error = %error, "Cannot read where the changelog was read to; reading it from its start.");
+            HashMap::new()
+        },
+        |positions| positions.into_iter().collect(),
+    )
+}
+
+/// Remembers how far each partition was read; false if the store refused.
+fn remember_positions(store: &SledStore, read: &HashMap<String, Position>) -> bool {
+    read.iter().all(|(partition, position)| {
+        store
+            .remember_changelog_position(partition, *position)
+            .inspect_err(|error| tracing::error!(error = %error, "Cannot remember how far the changelog was read; reading again."))
+            .is_ok()
+    })
 }
 
 /// A barrier's marker: which daemon wrote it and its number.
@@ -434,6 +478,8 @@ async fn follow(
     // Barriers waiting for their marker to come back.
     let mut waiting: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
     let mut unacked: HashMap<String, u32> = HashMap::new();
+    // Per partition, the last message read and handled: everything up to it is in the store.
+    let mut read: HashMap<String, Position> = HashMap::new();
     // Aggregates withdrawn at start are settled once the changelog is read to its end: at the
     // return of a marker written now, and before any barrier resolves.
     let mut settle_at = None;
@@ -500,6 +546,7 @@ async fn follow(
                 Some(Ok(_)) if deaf => {}
                 Some(Ok(message)) => {
                     last_read = Instant::now();
+                    metrics::counter!(CHANGELOG_READ).increment(1);
                     let partition = message.topic.clone();
                     let own = message
                         .payload
@@ -519,8 +566,12 @@ async fn follow(
                         match serde_json::from_slice::<ChangeRecord>(&message.payload.data) {
                             Ok(record) if own && !store.is_unconfirmed(&record.aggregate).unwrap_or(true) => {}
                             Ok(record) => {
-                                if !own {
-                                    seen.others.store(true, Ordering::Release);
+                                if !own && !seen.others.swap(true, Ordering::AcqRel) {
+                                    if let Err(error) = store.remember_changelog_others() {
+                                        seen.others.store(false, Ordering::Release);
+                                        tracing::error!(error = %error, "Cannot remember a record of another daemon; reading again.");
+                                        return false;
+                                    }
                                 }
                                 match store.import(&record) {
                                     Ok(true) => {
@@ -537,15 +588,21 @@ async fn follow(
                             Err(error) => tracing::error!(error = %error, "Unreadable changelog record skipped."),
                         }
                         // No flush here: an import becomes durable with the next commit's flush,
-                        // and after a crash the follower reads the changelog from its start again.
+                        // and a position written after it is lost with it (`store/checkpoint.rs`).
                     }
-                    // The subscription is this run's alone and read from the start at each
-                    // (re)subscription, so acks only keep the broker's unacked count down: one
-                    // cumulative ack per partition every ACK_EVERY records.
+                    let id = message.message_id();
+                    read.insert(partition.clone(), Position { ledger: id.ledger_id, entry: id.entry_id });
+                    // The subscription is this run's alone and read from the store's position at
+                    // each (re)subscription, so acks only keep the broker's unacked count down:
+                    // one cumulative ack per partition every ACK_EVERY records, when the position
+                    // is remembered too.
                     let unacked = unacked.entry(partition).or_insert(0);
                     *unacked += 1;
                     if *unacked >= ACK_EVERY {
                         *unacked = 0;
+                        if !remember_positions(store, &read) {
+                            return false;
+                        }
                         let _ = consumer.cumulative_ack(&message).await;
                     }
                     if settle_at.is_some_and(|number| markers.reached(number)) {
@@ -566,6 +623,10 @@ async fn follow(
                     let (done, pending): (Vec<_>, Vec<_>) =
                         waiting.drain(..).partition(|(number, _)| markers.reached(*number));
                     waiting = pending;
+                    // Read to the changelog's end as of the marker: a restart may resume here.
+                    if !done.is_empty() && !remember_positions(store, &read) {
+                        return false;
+                    }
                     for (_, barrier) in done {
                         let _ = barrier.send(());
                     }

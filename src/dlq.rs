@@ -339,7 +339,7 @@ pub async fn read(
     mut visit: impl FnMut(DeadLetterMessage) -> ControlFlow<()>,
 ) -> Result<ReadStats, DlqError> {
     let subscription = format!("aerostream-dlq-{}", broker::unique_consumer_id());
-    let mut partitions = Partitions::subscribe(client, topic, |builder, _| {
+    let mut partitions = Partitions::subscribe(client, topic, |builder, _, _| {
         builder
             .with_subscription(subscription.clone())
             .with_subscription_type(SubType::Exclusive)

@@ -281,7 +281,7 @@ async fn subscribe(
     name: &str,
 ) -> Result<Partitions, pulsar::Error> {
     let sub_type = input.subscription_type.sub_type();
-    Partitions::subscribe(client, &broker.topic(&input.topic), |builder, consumer_id| {
+    Partitions::subscribe(client, &broker.topic(&input.topic), |builder, consumer_id, _| {
         builder
             .with_subscription(input.subscription.clone())
             .with_subscription_type(sub_type)

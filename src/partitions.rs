@@ -43,12 +43,12 @@ pub struct Partitions {
 
 impl Partitions {
     /// Subscribes to every partition of `topic` (or to `topic` when it is not partitioned), each
-    /// consumer built by `build` from a builder with the partition's topic and a fresh id, on a
-    /// client of their own.
+    /// consumer built by `build` from a builder with the partition's topic, a fresh id and that
+    /// topic, on a client of their own.
     pub async fn subscribe(
         client: &Client,
         topic: &str,
-        build: impl Fn(ConsumerBuilder<TokioExecutor>, u64) -> ConsumerBuilder<TokioExecutor>,
+        build: impl Fn(ConsumerBuilder<TokioExecutor>, u64, &str) -> ConsumerBuilder<TokioExecutor>,
     ) -> Result<Partitions, pulsar::Error> {
         let partitions = client.partitions(topic).await?;
         let own = client.fresh().await?;
@@ -60,7 +60,7 @@ impl Partitions {
         for partition in &topics {
             let id = broker::unique_consumer_id();
             let builder = own.consumer().with_topic(partition).with_consumer_id(id);
-            consumers.push(build(builder, id).build::<Vec<u8>>().await?);
+            consumers.push(build(builder, id, partition).build::<Vec<u8>>().await?);
         }
         // As the client names them on the messages it delivers.
         let topics = consumers.iter().flat_map(|c| c.topics()).collect();

@@ -77,6 +77,7 @@ pub const REPORT_VERSION: &str = "aerostream_report_version";
 pub const REPORT_SWITCHES: &str = "aerostream_report_switches_total";
 pub const COLLECTOR_EVENTS: &str = "aerostream_collector_events_total";
 pub const CHANGELOG_IMPORTED: &str = "aerostream_changelog_imported_total";
+pub const CHANGELOG_READ: &str = "aerostream_changelog_read_total";
 pub const CHANGELOG_BARRIERS: &str = "aerostream_changelog_barriers_total";
 pub const CHANGELOG_RESUBSCRIPTIONS: &str = "aerostream_changelog_resubscriptions_total";
 pub const CHANGELOG_BARRIER_WAIT: &str = "aerostream_changelog_barrier_wait_seconds";
@@ -161,6 +162,7 @@ pub const METRICS: &[Described] = &[
     described(REPORT_SWITCHES, Counter, COUNT, "Report version switches applied (HTTP or control topic)."),
     described(COLLECTOR_EVENTS, Counter, COUNT, "Events posted to the event collector, by outcome (invalid counts refused requests)."),
     described(CHANGELOG_IMPORTED, Counter, COUNT, "Changelog records of other daemons imported (newer than the local state)."),
+    described(CHANGELOG_READ, Counter, COUNT, "Changelog messages the follower read, every daemon's records and markers, since the process started: a restart reads from its checkpoint."),
     described(CHANGELOG_BARRIERS, Counter, COUNT, "Changelog barriers written (markers shared by the events waiting for them)."),
     described(CHANGELOG_RESUBSCRIPTIONS, Counter, COUNT, "Times the changelog follower subscribed again because no record came while a marker was pending (changelog.stall_timeout_ms)."),
     described(CHANGELOG_BARRIER_WAIT, Histogram, SECONDS, "Time an event waited for the changelog before its aggregate was handled."),
@@ -280,6 +282,7 @@ pub fn zero_counters<'a>(inputs: impl IntoIterator<Item = &'a str>) {
     }
     counter!(REPORT_SWITCHES).increment(0);
     counter!(CHANGELOG_IMPORTED).increment(0);
+    counter!(CHANGELOG_READ).increment(0);
     counter!(CHANGELOG_BARRIERS).increment(0);
     counter!(CHANGELOG_RESUBSCRIPTIONS).increment(0);
     counter!(BROKER_CLIENT_RENEWALS).increment(0);

@@ -1197,3 +1197,49 @@ async fn probe_latency_floor() {
         );
     }
 }
+
+/// A non-durable subscription given a start message id (what the changelog follower resumes from
+/// after a restart) begins at that message on pulsar-lite, the message included, and misses
+/// nothing after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_durable_subscription_starts_after_its_start_message_id() {
+    let broker = LocalBroker::start().expect("broker starts");
+    let pulsar = client(&broker).await;
+    let topic = "persistent://public/default/resume-from";
+    produce(&pulsar, topic, numbered("m", 100)).await;
+
+    let read = |start: Option<pulsar::proto::MessageIdData>, count: usize| {
+        let pulsar = pulsar.clone();
+        async move {
+            let mut options = ConsumerOptions::default()
+                .with_initial_position(InitialPosition::Earliest)
+                .durable(false);
+            if let Some(start) = start {
+                options = options.starting_on_message(start);
+            }
+            let mut consumer: StringConsumer = pulsar
+                .consumer()
+                .with_topic(topic)
+                .with_subscription(format!("resume-{}", unique_consumer_id()))
+                .with_subscription_type(SubType::Exclusive)
+                .with_consumer_id(unique_consumer_id())
+                .with_options(options)
+                .build()
+                .await
+                .expect("consumer subscribes");
+            let until = Instant::now() + DEADLINE;
+            let mut messages = Vec::new();
+            while messages.len() < count {
+                messages.push(next(&mut consumer, until).await);
+            }
+            consumer.close().await.expect("consumer closes");
+            messages
+        }
+    };
+    let all = read(None, 100).await;
+    assert_eq!(text(&all[0]), "m-0");
+    let resumed = read(Some(all[39].message_id().clone()), 61).await;
+    let texts: Vec<String> = resumed.iter().map(text).collect();
+    let expected: Vec<String> = (39..100).map(|i| format!("m-{i}")).collect();
+    assert_eq!(texts, expected, "resumes at the start message, in order");
+}

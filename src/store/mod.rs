@@ -33,11 +33,14 @@
 //!   redelivered copy is acked without a second dead letter: `m` ‖ message id → dead-lettered ms
 //!   (8 bytes BE), and `t` ‖ ms (8 bytes BE) ‖ message id → (), the index that eviction walks
 
+mod checkpoint;
 mod committer;
 mod flusher;
 mod log;
 mod packed;
 mod window;
+
+pub use checkpoint::Position;
 
 use crate::changelog::ChangeRecord;
 use crate::telemetry::{STORE_LOG_APPLICATIONS, STORE_LOG_APPLIED_COMMITS, STORE_WRITABLE};
@@ -77,6 +80,8 @@ pub struct SledStore {
     log: sled::Tree,
     /// The logged commits not yet applied; held by every write to the trees a commit writes.
     pending: std::sync::Mutex<Pending>,
+    /// Where the changelog follower resumes after a restart (`checkpoint.rs`).
+    checkpoint: sled::Tree,
     /// Whether `unconfirmed` has entries (checked for every record the follower reads).
     any_unconfirmed: AtomicBool,
     dead_lettered: sled::Tree,
@@ -516,6 +521,7 @@ impl SledStore {
             versions: tree("versions")?,
             any_unconfirmed: AtomicBool::new(!unconfirmed.is_empty()),
             unconfirmed,
+            checkpoint: tree("changelog_checkpoint")?,
             log: tree("log")?,
             pending: std::sync::Mutex::new(Pending::default()),
             db,
