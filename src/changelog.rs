@@ -292,20 +292,43 @@ pub async fn run(
             fail::fail_point!(FAILPOINT_DEAF_SUBSCRIPTION, |_| true);
             false
         })();
-        tracing::info!(%topic, resumed = resume.len(), "Following the changelog.");
         let following = std::time::Instant::now();
-        let stopped = follow(
-            &mut consumer,
-            &instance,
-            &store,
-            &registry,
-            &mut markers,
-            &mut requests,
-            Duration::from_millis(config.stall_timeout_ms),
-            deaf,
-            &mut shutdown,
-        )
-        .await;
+        let stale = past_the_end(&mut consumer, &resume).await;
+        let stopped = if stale.is_empty() {
+            tracing::info!(%topic, resumed = resume.len(), "Following the changelog.");
+            follow(
+                &mut consumer,
+                &instance,
+                &store,
+                &registry,
+                &mut markers,
+                &mut requests,
+                Duration::from_millis(config.stall_timeout_ms),
+                deaf,
+                &mut shutdown,
+            )
+            .await
+        } else {
+            tracing::warn!(
+                partitions = ?stale,
+                "The changelog ends before where this store had read it to (a broker that lost its data, or a topic made again): reading those partitions from their start."
+            );
+            let forgotten = stale.iter().all(|partition| {
+                store
+                    .forget_changelog_position(partition)
+                    .inspect_err(
+                        |error| tracing::error!(error = %error, "Cannot forget a changelog position."),
+                    )
+                    .is_ok()
+            });
+            if forgotten {
+                let _ = consumer
+                    .close(Duration::from_millis(100), Duration::from_secs(2))
+                    .await;
+                continue;
+            }
+            false
+        };
         // A non-durable subscription ends with its consumers.
         let _ = consumer
             .close(Duration::from_millis(100), Duration::from_secs(2))
@@ -348,6 +371,28 @@ fn resume_from(store: &SledStore) -> HashMap<String, Position> {
         },
         |positions| positions.into_iter().collect(),
     )
+}
+
+/// The partitions whose kept position lies past their last message, or whose last message the
+/// broker does not tell (an empty partition answers with an error): a changelog other than the one
+/// that was read — a broker that lost its data, a topic deleted and made again — whose message ids
+/// start again, so that a subscription at the position would skip everything written below it.
+async fn past_the_end(consumer: &mut Partitions, resume: &HashMap<String, Position>) -> Vec<String> {
+    if resume.is_empty() {
+        return Vec::new();
+    }
+    consumer
+        .last_message_ids(Duration::from_secs(10))
+        .await
+        .into_iter()
+        .filter(|(partition, last)| {
+            resume.get(partition).is_some_and(|position| match last {
+                Ok(last) => (last.ledger_id, last.entry_id) < (position.ledger, position.entry),
+                Err(_) => true,
+            })
+        })
+        .map(|(partition, _)| partition)
+        .collect()
 }
 
 /// Remembers how far each partition was read; false if the store refused.

@@ -1200,7 +1200,8 @@ async fn probe_latency_floor() {
 
 /// A non-durable subscription given a start message id (what the changelog follower resumes from
 /// after a restart) begins at that message on pulsar-lite, the message included, and misses
-/// nothing after it.
+/// nothing after it. The broker tells a topic's last message id (the follower's check that a kept
+/// position is not past the topic's end), and answers an error for an empty topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_durable_subscription_starts_after_its_start_message_id() {
     let broker = LocalBroker::start().expect("broker starts");
@@ -1232,14 +1233,32 @@ async fn a_non_durable_subscription_starts_after_its_start_message_id() {
             while messages.len() < count {
                 messages.push(next(&mut consumer, until).await);
             }
+            let last = consumer.get_last_message_id().await.expect("last message id");
             consumer.close().await.expect("consumer closes");
-            messages
+            (messages, last)
         }
     };
-    let all = read(None, 100).await;
+    let (all, last) = read(None, 100).await;
     assert_eq!(text(&all[0]), "m-0");
-    let resumed = read(Some(all[39].message_id().clone()), 61).await;
+    let id = |id: &pulsar::proto::MessageIdData| (id.ledger_id, id.entry_id);
+    assert_eq!(
+        last.iter().map(id).collect::<Vec<_>>(),
+        [id(all[99].message_id())],
+        "the last message's id"
+    );
+    let (resumed, _) = read(Some(all[39].message_id().clone()), 61).await;
     let texts: Vec<String> = resumed.iter().map(text).collect();
     let expected: Vec<String> = (39..100).map(|i| format!("m-{i}")).collect();
     assert_eq!(texts, expected, "resumes at the start message, in order");
+
+    // An empty topic has no last message id: the broker answers with an error.
+    let mut empty = consumer(
+        &pulsar,
+        "persistent://public/default/resume-empty",
+        "e",
+        SubType::Exclusive,
+        10,
+    )
+    .await;
+    assert!(empty.get_last_message_id().await.is_err());
 }

@@ -437,3 +437,62 @@ fn a_restart_resumes_the_changelog_where_it_was_read_to() {
     wait_for_state(&daemon, &plan.expected, Duration::from_secs(60));
     println!("first run wrote {written} changelog records; the restart read {read}");
 }
+
+/// A broker that lost its data (or a changelog topic deleted and made again) numbers its messages
+/// from the start again, below the positions a restarted daemon kept. The daemon must read that
+/// changelog from its start: at its kept positions it would never read its first barrier's marker
+/// back, and that barrier, and every event behind it, would wait for ever.
+#[test]
+fn a_changelog_that_ends_before_the_kept_positions_is_read_from_its_start() {
+    let harness = Harness::new().partitions(2).build();
+    let (broker, config, runtime) = (&harness.broker, harness.config(), harness.runtime());
+    let plan = plan(config, 7, 10, 100, 1_000);
+    let mut daemon = harness.start();
+    runtime
+        .block_on(publish(runtime, config, &plan))
+        .unwrap()
+        .unwrap();
+    wait_for_state(&daemon, &plan.expected, Duration::from_secs(120));
+    assert!(daemon.terminate(Duration::from_secs(30)).unwrap().success());
+
+    broker.stop_broker().unwrap();
+    // Its database (`--db-path <dir>/pulsar-lite`): the log and the topics' metadata.
+    std::fs::remove_dir_all(broker.data_dir().join("pulsar-lite.rocksdb")).unwrap();
+    std::fs::remove_file(broker.data_dir().join("pulsar-lite.metadata.json")).unwrap();
+    broker.start_broker().unwrap();
+
+    let daemon = harness.start();
+    daemon.wait_subscribed(Duration::from_secs(60)).unwrap();
+    let more = generator::plan(&Options {
+        seed: 99,
+        campaigns: 3,
+        payments: 5,
+        events: 20,
+        ..Options::for_daemon(config)
+    });
+    runtime
+        .block_on(publish(runtime, config, &more))
+        .unwrap()
+        .unwrap();
+    let handled = || {
+        ["applied", "deduplicated", "rejected", "dead_lettered"]
+            .iter()
+            .map(|outcome| {
+                daemon
+                    .metric(&format!("aerostream_events_{outcome}_total"), &[])
+                    .unwrap_or(0.0)
+            })
+            .sum::<f64>()
+    };
+    wait_for("the new events handled", Duration::from_secs(60), || {
+        (handled() >= more.stream.len() as f64).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
+    assert!(
+        daemon
+            .log_text()
+            .contains("reading those partitions from their start"),
+        "{}",
+        daemon.log_tail()
+    );
+}

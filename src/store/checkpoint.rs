@@ -77,6 +77,14 @@ impl SledStore {
         })
     }
 
+    /// Forgets where the follower read `partition` to: it is read from its start next time.
+    pub fn forget_changelog_position(&self, partition: &str) -> Result<(), StoreError> {
+        self.writing(|| {
+            let key = [POSITION, partition.as_bytes()].concat();
+            self.checkpoint.remove(key).map(drop).map_err(store_error)
+        })
+    }
+
     /// Whether the follower has ever read a record of another daemon in this data directory.
     pub fn changelog_others(&self) -> Result<bool, StoreError> {
         self.checkpoint.contains_key(OTHERS).map_err(store_error)
@@ -95,7 +103,7 @@ mod tests {
     use std::sync::Arc;
 
     #[test]
-    fn positions_and_others_outlive_the_store() {
+    fn positions_and_others_outlive_the_store_and_forgotten_ones_do_not() {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = SledStore::open(dir.path(), 10, Arc::new(SystemClock)).unwrap();
@@ -112,6 +120,10 @@ mod tests {
             store
                 .remember_changelog_position("log-partition-1", first)
                 .unwrap();
+            store
+                .remember_changelog_position("log-partition-2", first)
+                .unwrap();
+            store.forget_changelog_position("log-partition-2").unwrap();
             store.remember_changelog_others().unwrap();
             store.flusher.flush_here();
         }
