@@ -32,21 +32,14 @@ impl Position {
     }
 
     fn decode(bytes: &[u8]) -> Result<Position, StoreError> {
-        let number = |at: usize| -> Result<u64, StoreError> {
-            bytes
-                .get(at..at + 8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| StoreError::Corrupt(format!("malformed changelog position {bytes:?}")))
-        };
-        if bytes.len() != 16 {
-            return Err(StoreError::Corrupt(format!(
-                "malformed changelog position {bytes:?}"
-            )));
-        }
+        let bytes: [u8; 16] = bytes
+            .try_into()
+            .map_err(|_| StoreError::Corrupt(format!("malformed changelog position {bytes:?}")))?;
+        let (ledger, entry) = bytes.split_at(8);
+        let number = |half: &[u8]| u64::from_be_bytes(half.try_into().expect("8 bytes"));
         Ok(Position {
-            ledger: number(0)?,
-            entry: number(8)?,
+            ledger: number(ledger),
+            entry: number(entry),
         })
     }
 }
