@@ -24,6 +24,25 @@ fn applied(daemon: &Daemon) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Messages that ended in an outcome other than `redelivered` (the broker's copies): each of a
+/// stream's events once it is handled, whether applied, a duplicate, rejected or dead-lettered.
+fn handled(daemon: &Daemon) -> f64 {
+    ["applied", "deduplicated", "rejected", "dead_lettered"]
+        .iter()
+        .map(|outcome| {
+            daemon
+                .metric(&format!("aerostream_events_{outcome}_total"), &[])
+                .unwrap_or(0.0)
+        })
+        .sum()
+}
+
+/// Waits until `daemon` has handled `count` messages (see [`handled`]).
+fn wait_handled(daemon: &Daemon, what: &str, count: usize, timeout: Duration) {
+    wait_for(what, timeout, || (handled(daemon) >= count as f64).then_some(()))
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
+}
+
 /// A stream with 10 % duplicates and reordering within 4 events.
 fn plan(config: &Config, seed: u64, campaigns: usize, payments: usize, events: usize) -> Plan {
     generator::plan(&Options {
@@ -400,22 +419,12 @@ fn a_restart_resumes_the_changelog_where_it_was_read_to() {
         .block_on(publish(runtime, config, &plan))
         .unwrap()
         .unwrap();
-    let outcomes = || {
-        ["applied", "deduplicated", "rejected", "dead_lettered"]
-            .iter()
-            .map(|outcome| {
-                daemon
-                    .metric(&format!("aerostream_events_{outcome}_total"), &[])
-                    .unwrap_or(0.0)
-            })
-            .sum::<f64>()
-    };
-    wait_for(
+    wait_handled(
+        &daemon,
         "every republished event handled",
+        plan.stream.len(),
         Duration::from_secs(120),
-        || (outcomes() >= plan.stream.len() as f64).then_some(()),
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
+    );
     let read = daemon.metric("aerostream_changelog_read_total", &[]).unwrap();
     // Per partition: the records since the last kept position (under 64, and the one at it), the
     // markers written since.
@@ -446,13 +455,13 @@ fn a_restart_resumes_the_changelog_where_it_was_read_to() {
 fn a_changelog_that_ends_before_the_kept_positions_is_read_from_its_start() {
     let harness = Harness::new().partitions(2).build();
     let (broker, config, runtime) = (&harness.broker, harness.config(), harness.runtime());
-    let plan = plan(config, 7, 10, 100, 1_000);
+    let first = plan(config, 7, 10, 100, 1_000);
     let mut daemon = harness.start();
     runtime
-        .block_on(publish(runtime, config, &plan))
+        .block_on(publish(runtime, config, &first))
         .unwrap()
         .unwrap();
-    wait_for_state(&daemon, &plan.expected, Duration::from_secs(120));
+    wait_for_state(&daemon, &first.expected, Duration::from_secs(120));
     assert!(daemon.terminate(Duration::from_secs(30)).unwrap().success());
 
     broker.stop_broker().unwrap();
@@ -463,31 +472,17 @@ fn a_changelog_that_ends_before_the_kept_positions_is_read_from_its_start() {
 
     let daemon = harness.start();
     daemon.wait_subscribed(Duration::from_secs(60)).unwrap();
-    let more = generator::plan(&Options {
-        seed: 99,
-        campaigns: 3,
-        payments: 5,
-        events: 20,
-        ..Options::for_daemon(config)
-    });
+    let more = plan(config, 99, 3, 5, 20);
     runtime
         .block_on(publish(runtime, config, &more))
         .unwrap()
         .unwrap();
-    let handled = || {
-        ["applied", "deduplicated", "rejected", "dead_lettered"]
-            .iter()
-            .map(|outcome| {
-                daemon
-                    .metric(&format!("aerostream_events_{outcome}_total"), &[])
-                    .unwrap_or(0.0)
-            })
-            .sum::<f64>()
-    };
-    wait_for("the new events handled", Duration::from_secs(60), || {
-        (handled() >= more.stream.len() as f64).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
+    wait_handled(
+        &daemon,
+        "the new events handled",
+        more.stream.len(),
+        Duration::from_secs(60),
+    );
     assert!(
         daemon
             .log_text()
