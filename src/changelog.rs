@@ -5,18 +5,22 @@
 //!   and its output events. The outbox publishes it to the changelog topic keyed by aggregate, and
 //!   the input message is acked only once the outbox has published everything committed up to
 //!   its commit (`SledStore::wait_published`): the changelog covers every acked message.
-//! - Every daemon follows the changelog ([`run`]) and imports the records of newer versions than it
-//!   holds (`SledStore::import`), so any daemon can take over an aggregate. It remembers how far it
-//!   has read each partition in its store (`SledStore::remember_changelog_position`) and a restart
-//!   resumes there, not at the changelog's first record.
-//! - Before handling an aggregate it has not handled lately, a daemon waits for a [`Follower`]
-//!   barrier: a marker written to every changelog partition and read back. Whatever another daemon
-//!   did with that aggregate is then in the local store; its redelivered messages are duplicates.
+//! - A record goes to the changelog partition of its events' input partition ([`record_topic`]).
+//!   A daemon owns the partitions it receives messages of, follows ([`run`]) those and
+//!   `standby_partitions` more ([`Ownership`]), and imports the records of newer versions than it
+//!   holds (`SledStore::import`), so it can take over an aggregate. It remembers how far it has
+//!   read each partition in its store (`SledStore::remember_changelog_position`): a restart, or a
+//!   partition taken over again, resumes there, not at the partition's first record.
+//! - Before handling a message of a partition it does not hold, or an aggregate it has not handled
+//!   lately, a daemon waits for a [`Follower`] barrier: a marker written to the partitions it
+//!   follows and read back. Whatever another daemon did with that aggregate is then in the local
+//!   store; its redelivered messages are duplicates. A partition another daemon writes while this
+//!   one no longer receives it is handed back: no longer followed.
 
 use crate::backoff::Backoff;
 use crate::broker::{self, Client};
-use crate::config::{BrokerConfig, ChangelogConfig};
-use crate::partitions::Partitions;
+use crate::config::{BrokerConfig, ChangelogConfig, Standbys};
+use crate::partitions::{partition_of, partition_topic, Partitions};
 use crate::store::{Position, SledStore};
 use crate::telemetry::{CHANGELOG_BARRIERS, CHANGELOG_IMPORTED, CHANGELOG_READ, CHANGELOG_RESUBSCRIPTIONS};
 use aerostream_actors::gateway::Charge;
@@ -26,9 +30,9 @@ use pulsar::consumer::InitialPosition;
 use pulsar::proto::MessageIdData;
 use pulsar::{ConsumerOptions, SubType};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -59,6 +63,10 @@ pub struct ChangeRecord {
     /// redelivery to another daemon counts as a redelivery. Absent in records of older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery: Option<DeliveryId>,
+    /// The input partition of the commit's events, whose changelog partition the record is
+    /// published to; `None` (events made by the daemon, shared inputs, older records): by its key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
     pub charges: Vec<Charge>,
     /// Already published (before this record); carried for the ledgers they move.
     pub outputs: Vec<OutputEvent>,
@@ -80,6 +88,7 @@ impl ChangeRecord {
             content_hash: commit.content_hash.to_owned(),
             seen_at_ms: commit.seen_at_ms,
             delivery: commit.delivery,
+            partition: commit.partition,
             charges: commit.charges.to_vec(),
             outputs: commit.outbox.to_vec(),
             earlier: commit
@@ -126,10 +135,130 @@ pub fn record_key(aggregate: &AggregateKey) -> String {
     format!("{}/{}", aggregate.kind.as_str(), aggregate.id)
 }
 
+/// The topic a record of input partition `partition` is published to, on a changelog `topic` of
+/// `partitions` partitions (0: not partitioned): the changelog partition of the same number (modulo
+/// the count), or the topic itself (routed by the record's key) for a record without one.
+pub fn record_topic(topic: &str, partitions: u32, partition: Option<u32>) -> String {
+    match partition {
+        Some(partition) if partitions > 0 => partition_topic(topic, partition % partitions),
+        _ => topic.to_owned(),
+    }
+}
+
+/// Which changelog partitions a barrier reads to their end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The changelog partition of input partition `n` (`n` modulo the changelog's partitions):
+    /// the state of the input partition's aggregates. This daemon owns and follows it from then on.
+    Partition(u32),
+    /// Every partition: an input whose partitions daemons share (Shared, Key_Shared) may bring any
+    /// aggregate. This daemon follows every partition from then on.
+    Every,
+    /// The partitions followed now (the report service: one per daemon, of no input partition).
+    Followed,
+}
+
+/// Which changelog partitions this daemon owns, follows and holds.
+#[derive(Debug, Default)]
+struct Ownership {
+    /// The changelog's partition count (1 for a topic that is not partitioned); 0 until known.
+    partitions: u32,
+    /// Partitions whose input partitions this daemon receives (and has not handed back), as
+    /// claimed: reduced modulo `partitions` when it is known.
+    owned: BTreeSet<u32>,
+    /// When a batch of each owned partition last asked (`Follower::holds`): a partition still
+    /// receiving is not handed back.
+    touched: HashMap<u32, Instant>,
+    /// A barrier asked for every partition.
+    every: bool,
+    /// What the current subscription reads.
+    followed: BTreeSet<u32>,
+    /// Followed partitions read to a marker written after they were first followed (and followed
+    /// on since): everything written to them before that marker is in the store.
+    held: BTreeSet<u32>,
+}
+
+impl Ownership {
+    /// The changelog partition of input partition `partition` (itself while the count is unknown).
+    fn index(&self, partition: u32) -> u32 {
+        match self.partitions {
+            0 => partition,
+            count => partition % count,
+        }
+    }
+
+    fn holds(&self, scope: Scope) -> bool {
+        self.partitions > 0
+            && match scope {
+                Scope::Partition(partition) => self.held.contains(&self.index(partition)),
+                Scope::Every => self.held.len() as u32 == self.partitions,
+                Scope::Followed => self.held == self.followed,
+            }
+    }
+
+    fn covers(&self, scope: Scope) -> bool {
+        self.partitions > 0
+            && match scope {
+                Scope::Partition(partition) => self.followed.contains(&self.index(partition)),
+                Scope::Every => self.followed.len() as u32 == self.partitions,
+                Scope::Followed => true,
+            }
+    }
+
+    fn claim(&mut self, scope: Scope) {
+        match scope {
+            Scope::Partition(partition) => {
+                let partition = self.index(partition);
+                self.owned.insert(partition);
+                self.touched.insert(partition, Instant::now());
+            }
+            Scope::Every => self.every = true,
+            Scope::Followed => {}
+        }
+    }
+
+    /// The partitions to follow: every one (`everything`, a barrier for every one, or standbys
+    /// `all`), else the owned ones and `standbys` more, the next ones after them in order.
+    fn wanted(&mut self, standbys: Standbys, everything: bool) -> BTreeSet<u32> {
+        let partitions = self.partitions.max(1);
+        self.owned = self.owned.iter().map(|p| p % partitions).collect();
+        let count = match standbys {
+            _ if everything || self.every => return (0..partitions).collect(),
+            Standbys::All => return (0..partitions).collect(),
+            Standbys::Count(count) => count as usize,
+        };
+        let start = self.owned.last().map_or(0, |last| last + 1);
+        let warm = (0..partitions)
+            .map(|offset| (start + offset) % partitions)
+            .filter(|partition| !self.owned.contains(partition))
+            .take(count);
+        self.owned.iter().copied().chain(warm).collect()
+    }
+
+    /// A record of another daemon read on `partition` after this daemon held it: that daemon is
+    /// active for it now, unless this one still receives it (two inputs whose partitions of that
+    /// number went to different daemons). True when it is handed back.
+    fn hand_back(&mut self, partition: u32, quiet: Duration) -> bool {
+        let quiet = self
+            .touched
+            .get(&partition)
+            .map_or(true, |touched| touched.elapsed() >= quiet);
+        if !self.every && self.held.contains(&partition) && quiet && self.owned.remove(&partition) {
+            self.held.remove(&partition);
+            self.touched.remove(&partition);
+            return true;
+        }
+        false
+    }
+}
+
+/// A barrier request: its scope, and where to answer.
+type Request = (Scope, oneshot::Sender<()>);
+
 /// Asks the follower for barriers. Cheap to clone.
 #[derive(Clone)]
 pub struct Follower {
-    requests: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    requests: mpsc::UnboundedSender<Request>,
     seen: Arc<Seen>,
 }
 
@@ -144,6 +273,7 @@ pub struct Seen {
     marker_pending_since_ms: AtomicU64,
     /// How often the follower subscribed again because its markers stopped coming back.
     resubscriptions: AtomicU64,
+    ownership: Mutex<Ownership>,
 }
 
 impl Seen {
@@ -158,6 +288,26 @@ impl Seen {
     /// Times the follower re-subscribed because no record came while a marker was pending.
     pub fn resubscriptions(&self) -> u64 {
         self.resubscriptions.load(Ordering::Relaxed)
+    }
+
+    /// The changelog partitions this daemon owns and the ones it follows, for /health.
+    pub fn partitions(&self) -> (Vec<u32>, Vec<u32>) {
+        let ownership = self.ownership();
+        let owned = ownership
+            .owned
+            .iter()
+            .map(|p| ownership.index(*p))
+            .collect::<BTreeSet<_>>();
+        (
+            owned.into_iter().collect(),
+            ownership.followed.iter().copied().collect(),
+        )
+    }
+
+    fn ownership(&self) -> std::sync::MutexGuard<'_, Ownership> {
+        self.ownership
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn marker_pending(&self, pending: bool) {
@@ -179,7 +329,7 @@ fn now_ms() -> u64 {
 
 /// The follower's end of the barrier requests, for [`run`].
 pub struct Requests {
-    receiver: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    receiver: mpsc::UnboundedReceiver<Request>,
     seen: Arc<Seen>,
 }
 
@@ -189,18 +339,32 @@ impl Follower {
         self.seen.clone()
     }
 
-    /// Resolves once the changelog has been read, and imported, up to the end it has now.
-    /// Never resolves while the broker is unreachable (the caller holds its message unacked).
+    /// Whether the partitions of `scope` are followed and were read to a marker since their
+    /// subscription started (notes that a batch of its partition came).
+    pub fn holds(&self, scope: Scope) -> bool {
+        let mut ownership = self.seen.ownership();
+        if let Scope::Partition(partition) = scope {
+            let partition = ownership.index(partition);
+            ownership.touched.insert(partition, Instant::now());
+        }
+        ownership.holds(scope)
+    }
+
+    /// Resolves once the changelog partitions of `scope` have been read, and imported, up to the
+    /// end they have now; a partition not followed yet is followed from then on (from where this
+    /// store read it to). Never resolves while the broker is unreachable (the caller holds its
+    /// message unacked).
     ///
-    /// A daemon that has caught up once and has never read a record of another daemon writes
-    /// the changelog alone: nothing can be missing from its store, and it does not wait.
-    pub async fn barrier(&self) {
-        if self.seen.caught_up.load(Ordering::Acquire) && !self.seen.others.load(Ordering::Acquire) {
+    /// A daemon that holds the partitions and has never read a record of another daemon writes
+    /// them alone: nothing can be missing from its store, and it does not wait.
+    pub async fn barrier(&self, scope: Scope) {
+        if self.seen.ownership().holds(scope) && !self.seen.others.load(Ordering::Acquire) {
             return;
         }
         loop {
             let (done, wait) = oneshot::channel();
-            if self.requests.send(done).is_err() {
+            self.seen.ownership().claim(scope);
+            if self.requests.send((scope, done)).is_err() {
                 // The follower is gone (shutting down): never proceed unchecked; the message stays
                 // unacked and is redelivered.
                 std::future::pending::<()>().await;
@@ -229,9 +393,12 @@ pub fn follower() -> (Follower, Requests) {
 
 /// Follows the changelog until shutdown: imports other daemons' records and answers barriers.
 ///
-/// A barrier writes a marker with a fresh number to every partition of the changelog and resolves
-/// once the follower has read that marker back on every partition: by then it has read, and
-/// imported, everything written to the changelog before the barrier was asked for.
+/// It reads the partitions this daemon owns and `standby_partitions` more (every one while
+/// aggregates withdrawn at start wait to be settled); a barrier for a partition it does not follow
+/// subscribes again with that partition added, read from where the store had read it to. A
+/// barrier writes a marker with a fresh number to every partition followed and resolves once the
+/// follower has read that marker back on each: by then it has read, and imported, everything
+/// written to them before the barrier was asked for.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: Client,
@@ -256,7 +423,22 @@ pub async fn run(
     }
     // Failures in a row; a follower that ran for a while before failing starts the count again.
     let mut failures = 0;
+    let mut deaf = false;
     loop {
+        let followed = {
+            let mut ownership = requests.seen.ownership();
+            ownership.partitions = markers.keys.len() as u32;
+            let followed = ownership.wanted(config.standby_partitions, store.any_unconfirmed());
+            // A partition followed before and still is stays held: the new subscription reads it
+            // on from where the last one had read it to.
+            ownership.held.retain(|partition| followed.contains(partition));
+            ownership.followed = followed.clone();
+            followed
+        };
+        let topics: Vec<String> = followed
+            .iter()
+            .map(|partition| markers.topic_of(*partition))
+            .collect();
         // A fresh subscription from where the store says each partition was read to (its earliest
         // record when it says nothing): importing a record twice changes nothing, and every
         // marker written from now on is read. One consumer per partition, each with a fresh id
@@ -268,7 +450,7 @@ pub async fn run(
             broker::unique_consumer_id()
         );
         let subscribed = broker::with_backoff("changelog follower", &mut shutdown, || {
-            Partitions::subscribe(&client, &topic, |builder, _, partition| {
+            Partitions::subscribe_to(&client, topics.clone(), |builder, _, partition| {
                 let mut options = ConsumerOptions::default()
                     .with_initial_position(InitialPosition::Earliest)
                     .durable(false);
@@ -288,14 +470,22 @@ pub async fn run(
         })
         .await;
         let Ok(mut consumer) = subscribed else { return };
-        let deaf = (|| {
-            fail::fail_point!(FAILPOINT_DEAF_SUBSCRIPTION, |_| true);
-            false
-        })();
+        // A deaf subscription stays so when it is replaced for a change of partitions: only its
+        // failure replaces the fault.
+        deaf = deaf
+            || (!topics.is_empty()
+                && (|| {
+                    fail::fail_point!(FAILPOINT_DEAF_SUBSCRIPTION, |_| true);
+                    false
+                })());
         let following = std::time::Instant::now();
         let stale = past_the_end(&mut consumer, &resume).await;
-        let stopped = if stale.is_empty() {
-            tracing::info!(%topic, resumed = resume.len(), "Following the changelog.");
+        let ended = if stale.is_empty() {
+            let resumed = topics
+                .iter()
+                .filter(|partition| resume.contains_key(*partition))
+                .count();
+            tracing::info!(%topic, partitions = ?followed, resumed, "Following the changelog.");
             follow(
                 &mut consumer,
                 &instance,
@@ -303,7 +493,7 @@ pub async fn run(
                 &registry,
                 &mut markers,
                 &mut requests,
-                Duration::from_millis(config.stall_timeout_ms),
+                &config,
                 deaf,
                 &mut shutdown,
             )
@@ -322,19 +512,20 @@ pub async fn run(
                     .is_ok()
             });
             if forgotten {
-                let _ = consumer
-                    .close(Duration::from_millis(100), Duration::from_secs(2))
-                    .await;
-                continue;
+                requests.seen.ownership().held.clear();
+                Ended::Resubscribe
+            } else {
+                Ended::Failed
             }
-            false
         };
         // A non-durable subscription ends with its consumers.
         let _ = consumer
             .close(Duration::from_millis(100), Duration::from_secs(2))
             .await;
-        if stopped {
-            return;
+        match ended {
+            Ended::Shutdown => return,
+            Ended::Resubscribe => continue,
+            Ended::Failed => deaf = false,
         }
         if following.elapsed() > BACKOFF.max {
             failures = 0;
@@ -355,6 +546,17 @@ pub async fn run(
             Err(_) => return,
         }
     }
+}
+
+/// Why [`follow`] returned.
+enum Ended {
+    Shutdown,
+    /// The partitions to follow changed (a barrier for one not followed, one handed back, the
+    /// withdrawn commits settled): subscribe again from the kept positions, at once.
+    Resubscribe,
+    /// A receive, import or marker failed, or the subscription stalled: subscribe again after
+    /// the backoff.
+    Failed,
 }
 
 /// Where each changelog partition (its topic) is read from: where the store says it was read to,
@@ -412,24 +614,30 @@ struct Marker {
     number: u64,
 }
 
-/// Writes markers to every partition and tracks which of this daemon's markers were read back.
+/// Writes markers to the partitions followed and tracks which of this daemon's markers were read
+/// back.
 struct Markers {
     /// Names this run's markers: the instance id and a fresh uuid. A restarted daemon keeps its
     /// instance id and numbers its markers from 1 again, so its earlier runs' markers, still in
     /// the changelog, must not count as read back.
     writer: String,
     producer: broker::Producer,
-    /// A key the producer routes to each partition.
+    /// The changelog topic, and whether it is partitioned.
+    topic: String,
+    partitioned: bool,
+    /// A key the producer routes to each partition, by partition number (one for a topic that is
+    /// not partitioned).
     keys: Vec<String>,
     written: u64,
-    /// Per partition (its topic), the highest number of this run's markers read back.
-    read: HashMap<String, u64>,
+    /// Per partition, the highest number of this run's markers read back.
+    read: HashMap<u32, u64>,
 }
 
 impl Markers {
     async fn new(client: &Client, topic: &str, instance: &str) -> Result<Markers, pulsar::Error> {
         let writer = format!("{instance}/{}", uuid::Uuid::new_v4());
-        let partitions = client.partitions(topic).await?.max(1) as usize;
+        let count = client.partitions(topic).await?;
+        let (partitioned, partitions) = (count > 0, count.max(1) as usize);
         let keys = (0..partitions)
             .map(|partition| {
                 (0u64..)
@@ -446,27 +654,38 @@ impl Markers {
         Ok(Markers {
             writer,
             producer: broker::producer(client, topic.to_owned()).await?,
+            topic: topic.to_owned(),
+            partitioned,
             keys,
             written: 0,
             read: HashMap::new(),
         })
     }
 
-    /// Writes the next marker to every partition; returns its number.
-    async fn write(&mut self) -> Result<u64, pulsar::Error> {
+    /// The topic of `partition`, as a consumer of it names it.
+    fn topic_of(&self, partition: u32) -> String {
+        if self.partitioned {
+            partition_topic(&self.topic, partition)
+        } else {
+            self.topic.clone()
+        }
+    }
+
+    /// Writes the next marker to each of `partitions`; returns its number.
+    async fn write(&mut self, partitions: &BTreeSet<u32>) -> Result<u64, pulsar::Error> {
         self.written += 1;
         let payload = serde_json::to_vec(&Marker {
             marker: self.writer.clone(),
             number: self.written,
         })
         .expect("markers serialize");
-        let mut receipts = Vec::with_capacity(self.keys.len());
-        for key in &self.keys {
+        let mut receipts = Vec::with_capacity(partitions.len());
+        for partition in partitions {
             let message = self
                 .producer
                 .create_message()
                 .with_content(payload.clone())
-                .with_key(key.clone());
+                .with_key(self.keys[*partition as usize].clone());
             receipts.push(message.send_non_blocking().await?);
         }
         for receipt in receipts {
@@ -475,12 +694,12 @@ impl Markers {
         Ok(self.written)
     }
 
-    /// Notes a marker read on `partition` (its topic), if it is one of this run's.
-    fn read(&mut self, partition: &str, payload: &[u8]) -> bool {
+    /// Notes a marker read on `partition`, if it is one of this run's.
+    fn read(&mut self, partition: u32, payload: &[u8]) -> bool {
         match serde_json::from_slice::<Marker>(payload) {
             Ok(marker) => {
                 if marker.marker == self.writer {
-                    let at = self.read.entry(partition.to_owned()).or_default();
+                    let at = self.read.entry(partition).or_default();
                     *at = (*at).max(marker.number);
                 }
                 true
@@ -489,9 +708,16 @@ impl Markers {
         }
     }
 
-    /// Whether marker `number` was read back on every partition.
-    fn reached(&self, number: u64) -> bool {
-        self.read.values().filter(|read| **read >= number).count() >= self.keys.len()
+    /// Whether marker `number` was read back on `partition`.
+    fn reached_on(&self, partition: u32, number: u64) -> bool {
+        self.read.get(&partition).is_some_and(|read| *read >= number)
+    }
+
+    /// Whether marker `number` was read back on each of `partitions`.
+    fn reached(&self, partitions: &BTreeSet<u32>, number: u64) -> bool {
+        partitions
+            .iter()
+            .all(|partition| self.reached_on(*partition, number))
     }
 
     /// For a warning: the newest marker written and, per partition, the newest read back.
@@ -500,10 +726,10 @@ impl Markers {
     }
 }
 
-/// Returns true on shutdown, false when the consumer must be re-created: after a receive or
-/// marker error, or when no record at all arrived for `stall_timeout` while a marker was pending
-/// (the marker is on the broker, so a live subscription must bring it back; one that does not is
-/// replaced rather than waited on for ever).
+/// Reads the subscription until shutdown, or until it must be made again ([`Ended`]): after a
+/// receive or marker error, or when no record at all arrived for `stall_timeout_ms` while a marker
+/// was pending (the marker is on the broker, so a live subscription must bring it back; one that
+/// does not is replaced rather than waited on for ever), or when the partitions to follow change.
 #[allow(clippy::too_many_arguments)]
 async fn follow(
     consumer: &mut Partitions,
@@ -512,40 +738,55 @@ async fn follow(
     registry: &Registry,
     markers: &mut Markers,
     requests: &mut Requests,
-    stall_timeout: Duration,
+    config: &ChangelogConfig,
     deaf: bool,
     shutdown: &mut watch::Receiver<bool>,
-) -> bool {
+) -> Ended {
     let Requests {
         receiver: barriers,
         seen,
     } = requests;
+    let stall_timeout = Duration::from_millis(config.stall_timeout_ms);
+    let followed = seen.ownership().followed.clone();
+    // A partition is held once a marker written from now on is read back on it.
+    let fresh = markers.written + 1;
     // Barriers waiting for their marker to come back.
     let mut waiting: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
-    let mut unacked: HashMap<String, u32> = HashMap::new();
-    // Per partition, the last message read and handled: everything up to it is in the store.
+    let mut unacked: HashMap<u32, u32> = HashMap::new();
+    // Per partition (its topic), the last message read and handled: everything up to it is in
+    // the store.
     let mut read: HashMap<String, Position> = HashMap::new();
+    // Per partition, the id (ledger, entry, batch index) of the last message read.
+    let mut last_ids: HashMap<u32, (u64, u64, i32)> = HashMap::new();
     // Aggregates withdrawn at start are settled once the changelog is read to its end: at the
     // return of a marker written now, and before any barrier resolves.
     let mut settle_at = None;
     if store.any_unconfirmed() {
-        match tokio::time::timeout(Duration::from_secs(10), markers.write()).await {
+        match tokio::time::timeout(Duration::from_secs(10), markers.write(&followed)).await {
             Ok(Ok(number)) => {
                 settle_at = Some(number);
                 seen.marker_pending(true);
             }
             _ => {
                 tracing::warn!("Cannot write a changelog marker; subscribing again.");
-                return false;
+                return Ended::Failed;
             }
         }
     }
+    // Whether the partitions to follow changed.
+    let changed = |seen: &Seen| {
+        let mut ownership = seen.ownership();
+        ownership.wanted(config.standby_partitions, store.any_unconfirmed()) != followed
+    };
+    // A partition was handed back, or the withdrawn commits settled: the partitions to follow may
+    // have changed, to be seen to once no marker is pending.
+    let mut recheck = false;
     let mut last_read = Instant::now();
     loop {
         let pending = settle_at.is_some() || !waiting.is_empty();
         let stalled_at = tokio::time::Instant::from_std(last_read + stall_timeout);
         tokio::select! {
-            _ = shutdown.changed() => return true,
+            _ = shutdown.changed() => return Ended::Shutdown,
             _ = tokio::time::sleep_until(stalled_at), if pending => {
                 seen.resubscriptions.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(CHANGELOG_RESUBSCRIPTIONS).increment(1);
@@ -558,7 +799,7 @@ async fn follow(
                 );
                 // Dropped barriers are asked again by their callers; the settle marker is
                 // written again by the next subscription.
-                return false;
+                return Ended::Failed;
             }
             Some(first) = barriers.recv() => {
                 // Every request waiting now shares one marker: it is written after each.
@@ -566,24 +807,38 @@ async fn follow(
                 while let Ok(more) = barriers.try_recv() {
                     asked.push(more);
                 }
+                // A partition not followed yet: follow it (its callers ask again meanwhile).
+                if !asked.iter().all(|(scope, _)| seen.ownership().covers(*scope)) {
+                    if !remember_positions(store, &read) {
+                        return Ended::Failed;
+                    }
+                    return Ended::Resubscribe;
+                }
+                if followed.is_empty() {
+                    // Nothing to read: the report service of a daemon that owns no partition.
+                    for (_, done) in asked {
+                        let _ = done.send(());
+                    }
+                    continue;
+                }
                 metrics::counter!(CHANGELOG_BARRIERS).increment(1);
-                match tokio::time::timeout(Duration::from_secs(10), markers.write()).await {
+                match tokio::time::timeout(Duration::from_secs(10), markers.write(&followed)).await {
                     Ok(Ok(number)) => {
                         if waiting.is_empty() && settle_at.is_none() {
                             // Nothing was pending: the stall clock starts with this marker.
                             last_read = Instant::now();
                         }
-                        waiting.extend(asked.into_iter().map(|done| (number, done)));
+                        waiting.extend(asked.into_iter().map(|(_, done)| (number, done)));
                         seen.marker_pending(true);
                     }
                     // Dropping the requests makes their callers ask again.
                     Ok(Err(error)) => {
                         tracing::warn!(error = %error, "Cannot write a changelog marker; subscribing again.");
-                        return false;
+                        return Ended::Failed;
                     }
                     Err(_) => {
                         tracing::warn!("Writing a changelog marker timed out; subscribing again.");
-                        return false;
+                        return Ended::Failed;
                     }
                 }
             }
@@ -591,22 +846,34 @@ async fn follow(
                 Some(Ok(_)) if deaf => {}
                 Some(Ok(message)) => {
                     last_read = Instant::now();
-                    metrics::counter!(CHANGELOG_READ).increment(1);
-                    let partition = message.topic.clone();
+                    let partition = partition_of(&message.topic);
+                    // A message at or before the last one read on its partition is a copy the
+                    // broker sent again (pulsar-lite does, to a consumer that holds acks,
+                    // docs/BENCHMARKS.md): read already, nothing to do.
+                    let id = message.message_id();
+                    let at = (id.ledger_id, id.entry_id, id.batch_index.unwrap_or(-1));
+                    if last_ids.get(&partition).is_some_and(|last| at <= *last) {
+                        metrics::counter!(CHANGELOG_READ, "kind" => "copy").increment(1);
+                        continue;
+                    }
+                    last_ids.insert(partition, at);
+                    // Records carry the daemon that wrote them; markers do not.
                     let own = message
                         .payload
                         .metadata
                         .properties
                         .iter()
                         .any(|kv| kv.key == "instance" && kv.value == instance);
+                    let marker = !own && markers.read(partition, &message.payload.data);
+                    // Held once read to a fresh marker, and never before withdrawn commits settle.
+                    if marker && settle_at.is_none() && markers.reached_on(partition, fresh) {
+                        seen.ownership().held.insert(partition);
+                    }
+                    metrics::counter!(CHANGELOG_READ, "kind" => if marker { "marker" } else { "record" }).increment(1);
                     // This daemon's records are in its store already, unless it withdrew their
                     // aggregate at start (a record published just before a crash is in the
                     // changelog and was withdrawn too).
-                    let record = if own {
-                        store.any_unconfirmed()
-                    } else {
-                        !markers.read(&partition, &message.payload.data)
-                    };
+                    let record = if own { store.any_unconfirmed() } else { !marker };
                     if record {
                         match serde_json::from_slice::<ChangeRecord>(&message.payload.data) {
                             Ok(record) if own && !store.is_unconfirmed(&record.aggregate).unwrap_or(true) => {}
@@ -615,7 +882,7 @@ async fn follow(
                                     if let Err(error) = store.remember_changelog_others() {
                                         seen.others.store(false, Ordering::Release);
                                         tracing::error!(error = %error, "Cannot remember a record of another daemon; reading again.");
-                                        return false;
+                                        return Ended::Failed;
                                     }
                                 }
                                 match store.import(&record) {
@@ -626,8 +893,13 @@ async fn follow(
                                     Ok(false) => {}
                                     Err(error) => {
                                         tracing::error!(error = %error, "Cannot import a changelog record; reading again.");
-                                        return false;
+                                        return Ended::Failed;
                                     }
+                                }
+                                let gap = Duration::from_millis(config.takeover_gap_ms);
+                                if !own && seen.ownership().hand_back(partition, gap) {
+                                    tracing::info!(partition, "Another daemon writes this changelog partition now: handed back.");
+                                    recheck = true;
                                 }
                             }
                             Err(error) => tracing::error!(error = %error, "Unreadable changelog record skipped."),
@@ -635,8 +907,7 @@ async fn follow(
                         // No flush here: an import becomes durable with the next commit's flush,
                         // and a position written after it is lost with it (`store/checkpoint.rs`).
                     }
-                    let id = message.message_id();
-                    read.insert(partition.clone(), Position { ledger: id.ledger_id, entry: id.entry_id });
+                    read.insert(message.topic.clone(), Position { ledger: id.ledger_id, entry: id.entry_id });
                     // The subscription is this run's alone and read from the store's position at
                     // each (re)subscription, so acks only keep the broker's unacked count down:
                     // one cumulative ack per partition every ACK_EVERY records, when the position
@@ -646,45 +917,155 @@ async fn follow(
                     if *unacked >= ACK_EVERY {
                         *unacked = 0;
                         if !remember_positions(store, &read) {
-                            return false;
+                            return Ended::Failed;
                         }
                         let _ = consumer.cumulative_ack(&message).await;
                     }
-                    if settle_at.is_some_and(|number| markers.reached(number)) {
+                    if settle_at.is_some_and(|number| markers.reached(&followed, number)) {
                         match store.settle_unconfirmed() {
                             Ok(removed) => {
                                 for aggregate in removed {
                                     registry.forget(aggregate.kind, &aggregate.id);
                                 }
                                 settle_at = None;
+                                recheck = true;
+                                // Read to the settle marker everywhere: every partition is held.
+                                seen.ownership().held.extend(followed.iter().copied());
                                 tracing::info!("Withdrawn commits settled against the changelog.");
                             }
                             Err(error) => {
                                 tracing::error!(error = %error, "Cannot settle withdrawn commits; reading again.");
-                                return false;
+                                return Ended::Failed;
                             }
                         }
                     }
                     let (done, pending): (Vec<_>, Vec<_>) =
-                        waiting.drain(..).partition(|(number, _)| markers.reached(*number));
+                        waiting.drain(..).partition(|(number, _)| markers.reached(&followed, *number));
                     waiting = pending;
                     // Read to the changelog's end as of the marker: a restart may resume here.
                     if !done.is_empty() && !remember_positions(store, &read) {
-                        return false;
+                        return Ended::Failed;
                     }
                     for (_, barrier) in done {
                         let _ = barrier.send(());
                     }
                     if settle_at.is_none() && waiting.is_empty() {
                         seen.marker_pending(false);
+                        // Settled, or a partition handed back: follow only what is wanted now.
+                        if std::mem::take(&mut recheck) && changed(seen) {
+                            if !remember_positions(store, &read) {
+                                return Ended::Failed;
+                            }
+                            return Ended::Resubscribe;
+                        }
                     }
                 }
                 Some(Err(error)) => {
                     tracing::warn!(error = %error, "Changelog receive failed.");
-                    return false;
+                    return Ended::Failed;
                 }
-                None => return false,
+                None => return Ended::Failed,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ownership(partitions: u32, owned: &[u32]) -> Ownership {
+        Ownership {
+            partitions,
+            owned: owned.iter().copied().collect(),
+            ..Ownership::default()
+        }
+    }
+
+    fn set(partitions: &[u32]) -> BTreeSet<u32> {
+        partitions.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_record_goes_to_the_changelog_partition_of_its_input_partition() {
+        assert_eq!(record_topic("t", 4, Some(2)), "t-partition-2");
+        assert_eq!(record_topic("t", 2, Some(3)), "t-partition-1");
+        assert_eq!(record_topic("t", 4, None), "t");
+        assert_eq!(record_topic("t", 0, Some(3)), "t");
+        assert_eq!(partition_of("persistent://p/d/t-partition-12"), 12);
+        assert_eq!(partition_of("persistent://p/d/t"), 0);
+    }
+
+    #[test]
+    fn a_daemon_follows_what_it_owns_and_its_standbys_after_them() {
+        assert_eq!(ownership(4, &[]).wanted(Standbys::Count(0), false), set(&[]));
+        assert_eq!(ownership(4, &[]).wanted(Standbys::Count(1), false), set(&[0]));
+        assert_eq!(ownership(4, &[1]).wanted(Standbys::Count(0), false), set(&[1]));
+        assert_eq!(
+            ownership(4, &[1]).wanted(Standbys::Count(2), false),
+            set(&[1, 2, 3])
+        );
+        assert_eq!(
+            ownership(4, &[2, 3]).wanted(Standbys::Count(1), false),
+            set(&[0, 2, 3])
+        );
+        assert_eq!(
+            ownership(4, &[2, 3]).wanted(Standbys::Count(9), false),
+            set(&[0, 1, 2, 3])
+        );
+        assert_eq!(
+            ownership(4, &[1]).wanted(Standbys::All, false),
+            set(&[0, 1, 2, 3])
+        );
+        // Withdrawn commits to settle: every partition.
+        assert_eq!(
+            ownership(4, &[1]).wanted(Standbys::Count(0), true),
+            set(&[0, 1, 2, 3])
+        );
+        // Input partitions beyond the changelog's count share its partitions.
+        assert_eq!(ownership(2, &[3]).wanted(Standbys::Count(0), false), set(&[1]));
+        let mut every = ownership(4, &[1]);
+        every.claim(Scope::Every);
+        assert_eq!(every.wanted(Standbys::Count(0), false), set(&[0, 1, 2, 3]));
+    }
+
+    #[test]
+    fn a_partition_is_held_once_read_to_a_marker_and_covered_once_followed() {
+        let mut ownership = ownership(4, &[]);
+        ownership.claim(Scope::Partition(6));
+        assert_eq!(ownership.owned, set(&[2]));
+        ownership.followed = ownership.wanted(Standbys::Count(0), false);
+        assert!(ownership.covers(Scope::Partition(2)) && !ownership.covers(Scope::Partition(1)));
+        assert!(!ownership.covers(Scope::Every) && ownership.covers(Scope::Followed));
+        assert!(!ownership.holds(Scope::Partition(2)) && !ownership.holds(Scope::Followed));
+        ownership.held.insert(2);
+        assert!(ownership.holds(Scope::Partition(6)) && ownership.holds(Scope::Followed));
+        assert!(!ownership.holds(Scope::Every));
+        // Claimed before the count is known: reduced once it is.
+        let mut early = Ownership::default();
+        early.claim(Scope::Partition(5));
+        early.partitions = 4;
+        assert_eq!(early.wanted(Standbys::Count(0), false), set(&[1]));
+    }
+
+    #[test]
+    fn a_partition_is_handed_back_when_another_daemon_writes_it_and_this_one_no_longer_receives_it() {
+        let quiet = Duration::from_millis(50);
+        let mut ownership = ownership(4, &[]);
+        ownership.claim(Scope::Partition(1));
+        // Read before this daemon held it: a predecessor's record, restored.
+        assert!(!ownership.hand_back(1, Duration::ZERO));
+        ownership.held.insert(1);
+        // Still receiving it (another input's partition of that number is the other daemon's).
+        assert!(!ownership.hand_back(1, quiet));
+        std::thread::sleep(quiet);
+        assert!(ownership.hand_back(1, quiet));
+        assert!(ownership.owned.is_empty() && ownership.held.is_empty());
+        assert!(!ownership.hand_back(1, quiet), "handed back once");
+        // Following every partition: nothing is handed back.
+        let mut every = self::ownership(4, &[1]);
+        every.every = true;
+        every.held.insert(1);
+        assert!(!every.hand_back(1, Duration::ZERO));
     }
 }

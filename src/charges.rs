@@ -93,6 +93,7 @@ impl Worker {
             envelope,
             event,
             delivery: None,
+            partition: charge.partition,
         };
         let applied = match self.registry.apply(Arc::new(incoming)).await {
             Ok(Outcome::Applied { .. } | Outcome::Duplicate | Outcome::Redelivered) => true,

@@ -126,6 +126,53 @@ pub struct ChangelogConfig {
     /// While a marker is pending, a follower that reads no record at all for this long
     /// subscribes again.
     pub stall_timeout_ms: u64,
+    /// Changelog partitions followed beyond the ones this daemon owns, kept warm for a takeover.
+    pub standby_partitions: Standbys,
+}
+
+/// `changelog.standby_partitions`: a number of partitions, or `"all"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standbys {
+    Count(u32),
+    All,
+}
+
+impl Serialize for Standbys {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Standbys::Count(count) => serializer.serialize_u32(*count),
+            Standbys::All => serializer.serialize_str("all"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Standbys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Standbys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number of partitions or \"all\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, count: u64) -> Result<Standbys, E> {
+                u32::try_from(count)
+                    .map(Standbys::Count)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(count), &self))
+            }
+            fn visit_i64<E: serde::de::Error>(self, count: i64) -> Result<Standbys, E> {
+                u64::try_from(count)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(count), &self))
+                    .and_then(|count| self.visit_u64(count))
+            }
+            fn visit_str<E: serde::de::Error>(self, word: &str) -> Result<Standbys, E> {
+                match word {
+                    "all" => Ok(Standbys::All),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(word), &self)),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// `POST /event-collector/events`: which input's topic each kind of event is published to, and
@@ -158,6 +205,8 @@ pub struct DaemonConfig {
     pub shutdown_timeout_seconds: u64,
     /// An input that holds messages and finishes none for this long makes /health answer 503.
     pub stall_timeout_seconds: u64,
+    /// Input partitions this daemon asks to be active for on Failover subscriptions.
+    pub preferred_partitions: Vec<u32>,
     pub log_format: LogFormat,
     /// tracing filter directive.
     pub log_level: String,
@@ -889,6 +938,36 @@ mod tests {
             .any(|k| matches!(k, SubscriptionKind::Shared | SubscriptionKind::KeyShared)));
         assert_eq!(config.idempotency.window_seconds, 3600);
         assert_eq!(config.broker.topic("x.v1"), "persistent://public/default/x.v1");
+    }
+
+    #[test]
+    fn standby_partitions_take_a_count_or_all_from_the_file_and_the_environment() {
+        let standbys = |toml: &str, env: &[(&str, &str)]| {
+            load(toml, env)
+                .1
+                .map(|loaded| loaded.config.changelog.standby_partitions)
+        };
+        assert_eq!(standbys("", &[]).unwrap(), Standbys::Count(0));
+        assert_eq!(
+            standbys("[changelog]\nstandby_partitions = 2\n", &[]).unwrap(),
+            Standbys::Count(2)
+        );
+        assert_eq!(
+            standbys("[changelog]\nstandby_partitions = \"all\"\n", &[]).unwrap(),
+            Standbys::All
+        );
+        assert_eq!(
+            standbys("", &[("AEROSTREAM__CHANGELOG__STANDBY_PARTITIONS", "all")]).unwrap(),
+            Standbys::All
+        );
+        assert_eq!(
+            standbys("", &[("AEROSTREAM__CHANGELOG__STANDBY_PARTITIONS", "3")]).unwrap(),
+            Standbys::Count(3)
+        );
+        for bad in ["\"some\"", "-1"] {
+            let names = problem_names(&format!("[changelog]\nstandby_partitions = {bad}\n"), &[]);
+            assert_eq!(names, ["`changelog.standby_partitions`"], "{bad}");
+        }
     }
 
     #[test]

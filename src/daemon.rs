@@ -203,6 +203,7 @@ pub async fn run(
             store: store.clone(),
             follower,
             takeover_gap: Duration::from_millis(config.changelog.takeover_gap_ms),
+            preferred_partitions: config.daemon.preferred_partitions.clone(),
         });
         let mut consumers = Vec::new();
         for (name, input) in &config.inputs {

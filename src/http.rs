@@ -123,10 +123,13 @@ async fn health(state: web::Data<HttpState>) -> HttpResponse {
                 changelog.seen.resubscriptions()
             ));
         }
+        let (owned, followed) = changelog.seen.partitions();
         json!({
             "settled": !settling,
             "marker_wait_seconds": marker_wait.map(|wait| wait.as_secs_f64()),
             "resubscriptions": changelog.seen.resubscriptions(),
+            "owned_partitions": owned,
+            "followed_partitions": followed,
         })
     });
     let ok = reasons.is_empty();
@@ -582,6 +585,7 @@ async fn set_report_version(
         content_hash: content_hash(&event),
         event,
         delivery: None,
+        partition: None,
     };
     state
         .registry

@@ -18,19 +18,20 @@
 use crate::acking::{self, Runs};
 use crate::backoff::Backoff;
 use crate::broker::{self, BrokerError, Client, DeadLetter, Producer};
+use crate::changelog::Scope;
 use crate::codec::{Codec, MessageMeta};
-use crate::config::{BrokerConfig, InputConfig};
+use crate::config::{BrokerConfig, InputConfig, SubscriptionKind};
 use crate::dispatch::{InOrder, KeyedQueue};
 use crate::partitions::Partitions;
 use crate::starvation;
 use crate::store::SledStore;
 use crate::telemetry::*;
-use aerostream_actors::{AggregateKey, ApplyError, DeliveryId, Incoming, Outcome, Registry};
+use aerostream_actors::{AggregateKey, AggregateKind, ApplyError, DeliveryId, Incoming, Outcome, Registry};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt as _, StreamExt};
 use metrics::{counter, histogram};
 use pulsar::consumer::Message;
-use pulsar::ConsumerOptions;
+use pulsar::{ConsumerBuilder, ConsumerOptions, TokioExecutor};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -60,6 +61,8 @@ pub struct Pipeline {
     pub follower: Option<crate::changelog::Follower>,
     /// An aggregate not handled for this long is caught up from the changelog first.
     pub takeover_gap: Duration,
+    /// Input partitions this daemon asks to be active for (`daemon.preferred_partitions`).
+    pub preferred_partitions: Vec<u32>,
 }
 
 /// What /health reads of one input: whether it is subscribed, and whether the messages it holds
@@ -245,7 +248,7 @@ pub async fn run_input(
     let mut first_subscription = true;
     loop {
         let mut consumer = broker::with_backoff("subscribe", &mut shutdown, || {
-            subscribe(&client, &broker, &input, &name)
+            subscribe(&client, &broker, &input, &name, &pipeline.preferred_partitions)
         })
         .await?;
         status.subscribed.store(true, Ordering::Relaxed);
@@ -274,31 +277,58 @@ pub async fn run_input(
     }
 }
 
+/// Failover ranks consumers by name (after priority). A consumer of a partition this daemon
+/// prefers (`daemon.preferred_partitions`) ranks before every consumer of a daemon that does not
+/// prefer it; then, named by process start, the longest-running daemon comes first, so that the
+/// ranking is stable: a topic whose one consumer is active keeps its active daemon when another
+/// (re)joins. Apache Pulsar spreads the partitions of a partitioned topic over the ranked
+/// consumers; pulsar-lite makes the first one active on each partition.
+fn consumer_name(input: &str, partition: &str, preferred: &[u32], consumer_id: u64) -> String {
+    let rank = if preferred.contains(&crate::partitions::partition_of(partition)) {
+        0
+    } else {
+        1
+    };
+    format!(
+        "aerostream-{input}-{rank}-{:016}-{consumer_id}",
+        broker::process_started_ms()
+    )
+}
+
 async fn subscribe(
     client: &Client,
     broker: &BrokerConfig,
     input: &InputConfig,
     name: &str,
+    preferred: &[u32],
 ) -> Result<Partitions, pulsar::Error> {
-    let sub_type = input.subscription_type.sub_type();
-    Partitions::subscribe(client, &broker.topic(&input.topic), |builder, consumer_id, _| {
-        builder
-            .with_subscription(input.subscription.clone())
-            .with_subscription_type(sub_type)
-            // Failover ranks consumers by name: named by process start, the ranking is stable and
-            // the longest-running daemon comes first. A topic whose one consumer is active keeps
-            // its active daemon when another (re)joins; Apache Pulsar spreads the partitions of a
-            // partitioned topic over the ranked consumers.
-            .with_consumer_name(format!(
-                "aerostream-{name}-{:016}-{consumer_id}",
-                broker::process_started_ms()
-            ))
-            .with_batch_size(receive_queue(input))
-            .with_options(ConsumerOptions::default().with_receiver_queue_size(receive_queue(input)))
-        // No dead-letter policy and no ack timeout here: the daemon retries and dead-letters
-        // (see the module comment).
-    })
+    Partitions::subscribe(
+        client,
+        &broker.topic(&input.topic),
+        |builder, consumer_id, partition| {
+            input_consumer(builder, input, name, preferred, consumer_id, partition)
+        },
+    )
     .await
+}
+
+/// The consumer of one partition of `input`.
+fn input_consumer(
+    builder: ConsumerBuilder<TokioExecutor>,
+    input: &InputConfig,
+    name: &str,
+    preferred: &[u32],
+    consumer_id: u64,
+    partition: &str,
+) -> ConsumerBuilder<TokioExecutor> {
+    builder
+        .with_subscription(input.subscription.clone())
+        .with_subscription_type(input.subscription_type.sub_type())
+        .with_consumer_name(consumer_name(name, partition, preferred, consumer_id))
+        .with_batch_size(receive_queue(input))
+        .with_options(ConsumerOptions::default().with_receiver_queue_size(receive_queue(input)))
+    // No dead-letter policy and no ack timeout here: the daemon retries and dead-letters (see
+    // the module comment).
 }
 
 /// The receive loop. Returns true on shutdown (all in-flight work finished), false when the
@@ -336,7 +366,7 @@ async fn consume(
     let mut starve_check = tokio::time::interval(starvation::TICK);
     starve_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut watchdog = starvation::Watchdog::default();
-    let starve_after: Option<usize> = (|| {
+    let mut starve_after: Option<usize> = (|| {
         fail::fail_point!(FAILPOINT_STARVE, |arg: Option<String>| {
             let arg = arg.unwrap_or_default();
             let (input, after) = arg.split_once(':').unwrap_or((&arg, "100"));
@@ -390,9 +420,30 @@ async fn consume(
                             input = %name,
                             partitions = ?starved,
                             quiet_ms = quiet_since.elapsed().as_millis() as u64,
-                            "The broker holds messages beyond the last one received and sends none; subscribing again."
+                            "The broker holds messages beyond the last one received and sends none; subscribing to those partitions again."
                         );
-                        return false;
+                        // Those partitions alone, holding nothing: the others keep their consumers
+                        // (on a Failover subscription, where this daemon is active it stays so;
+                        // a partition another daemon took over looks the same as a starved one,
+                        // and must not cost the partitions this daemon still has).
+                        for partition in &starved {
+                            receiver.last_received.remove(partition);
+                            let renewed = tokio::time::timeout(
+                                CLOSE_TIMEOUT,
+                                consumer.renew(partition, |builder, consumer_id, partition| {
+                                    input_consumer(builder, input, name, &pipeline.preferred_partitions, consumer_id, partition)
+                                }),
+                            )
+                            .await
+                            .unwrap_or_else(|_| Err(pulsar::Error::Custom("no answer in time".into())));
+                            if let Err(error) = renewed {
+                                tracing::warn!(input = %name, error = %error, "Cannot subscribe to a partition again; subscribing to the whole input again.");
+                                return false;
+                            }
+                        }
+                        quiet_since = Instant::now();
+                        // The fault the fail point makes belongs to the consumer replaced.
+                        starve_after = None;
                     }
                 }
             }
@@ -483,6 +534,11 @@ impl Receiver<'_> {
         match self.pipeline.codec.decode_message(meta, &message.payload.data) {
             Ok(mut incoming) => {
                 incoming.delivery = Some(delivery(&message));
+                // One daemon at a time owns a Failover partition, and the state of its aggregates
+                // goes to the changelog partition of the same number (docs/TAKEOVER.md).
+                if self.input.subscription_type == SubscriptionKind::Failover {
+                    incoming.partition = Some(crate::partitions::partition_of(&message.topic));
+                }
                 let aggregate = incoming.aggregate();
                 let catch_up = self.recent.touch(&aggregate, received);
                 let ready = Ready {
@@ -747,6 +803,18 @@ async fn finish(name: &str, consumer: &mut Partitions, message: Received, ack: b
     }
 }
 
+/// The changelog partitions a batch of `aggregate` waits for: its input partition's, on an input
+/// whose partitions one daemon owns at a time; every one, where daemons share an input's
+/// partitions (Shared, Key_Shared); for the report service (one per daemon, of no partition), the
+/// ones followed already.
+fn barrier_scope(aggregate: &AggregateKey, batch: &VecDeque<Ready>) -> Scope {
+    match batch.back().and_then(|ready| ready.incoming.partition) {
+        Some(partition) => Scope::Partition(partition),
+        None if aggregate.kind == AggregateKind::Report => Scope::Followed,
+        None => Scope::Every,
+    }
+}
+
 /// Attempts at an event whose actor crashed while handling it, in one attempt at its message.
 const CRASH_ATTEMPTS: u32 = 5;
 /// Between those attempts, while the supervisor restarts the actor.
@@ -782,10 +850,15 @@ fn apply_batch(
                 pending.push_back(ready);
             }
         }
-        if let (true, false, Some(follower)) = (catch_up, pending.is_empty(), &pipeline.follower) {
-            let waiting = Instant::now();
-            follower.barrier().await;
-            histogram!(CHANGELOG_BARRIER_WAIT).record(waiting.elapsed().as_secs_f64());
+        // An aggregate not handled lately may have been another daemon's meanwhile, and a
+        // partition this daemon does not follow up to date was (or is) another's.
+        if let (false, Some(follower)) = (pending.is_empty(), &pipeline.follower) {
+            let scope = barrier_scope(&key, &pending);
+            if catch_up || !follower.holds(scope) {
+                let waiting = Instant::now();
+                follower.barrier(scope).await;
+                histogram!(CHANGELOG_BARRIER_WAIT).record(waiting.elapsed().as_secs_f64());
+            }
         }
         let started = Instant::now();
         let mut shutdown = dead_letters.shutdown.clone();

@@ -77,7 +77,14 @@ struct Outgoing {
     event_type: &'static str,
 }
 
-fn outgoing(destinations: &Destinations, codec: &Codec, entry: Publishable) -> Result<Outgoing, Poison> {
+/// `entry` as it goes on the wire; `changelog_partitions` is the changelog topic's partition count
+/// (0: not partitioned).
+fn outgoing(
+    destinations: &Destinations,
+    changelog_partitions: u32,
+    codec: &Codec,
+    entry: Publishable,
+) -> Result<Outgoing, Poison> {
     let poison = |kind| move |reason: String| Poison { kind, reason };
     match entry {
         Publishable::Output(event) => {
@@ -107,9 +114,14 @@ fn outgoing(destinations: &Destinations, codec: &Codec, entry: Publishable) -> R
         Publishable::Change {
             key,
             instance,
+            partition,
             payload,
         } => Ok(Outgoing {
-            topic: destinations.broker.topic(&destinations.changelog.topic),
+            topic: crate::changelog::record_topic(
+                &destinations.broker.topic(&destinations.changelog.topic),
+                changelog_partitions,
+                partition,
+            ),
             key,
             payload,
             properties: vec![("instance", instance)],
@@ -126,6 +138,20 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut producers: HashMap<String, Producer> = HashMap::new();
+    // Records go to the changelog partition of their input partition (docs/TAKEOVER.md).
+    let changelog_partitions = if destinations.changelog.enabled {
+        let topic = destinations.broker.topic(&destinations.changelog.topic);
+        match broker::with_backoff("changelog partitions", &mut shutdown, || {
+            client.partitions(&topic)
+        })
+        .await
+        {
+            Ok(partitions) => partitions,
+            Err(_) => return,
+        }
+    } else {
+        0
+    };
     // Failed attempts in a row, for the backoff.
     let mut failures = 0;
     loop {
@@ -166,7 +192,7 @@ pub async fn run(
                     kind: "unreadable",
                     reason: error.to_string(),
                 })
-                .and_then(|entry| outgoing(&destinations, &codec, entry));
+                .and_then(|entry| outgoing(&destinations, changelog_partitions, &codec, entry));
             let message = match message {
                 Ok(message) => message,
                 Err(poison) => match store.outbox_set_aside(&seq, &poison.reason) {

@@ -29,11 +29,25 @@ use std::time::{Duration, Instant};
 
 type PartitionConsumer = Consumer<Vec<u8>, TokioExecutor>;
 
+/// The topic of partition `partition` of the partitioned `topic`.
+pub fn partition_topic(topic: &str, partition: u32) -> String {
+    format!("{topic}-partition-{partition}")
+}
+
+/// The partition number of a partition's topic (`<topic>-partition-<n>`); 0 for a topic that is
+/// not a partition.
+pub fn partition_of(topic: &str) -> u32 {
+    topic
+        .rsplit_once("-partition-")
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or(0)
+}
+
 pub struct Partitions {
     consumers: Vec<PartitionConsumer>,
     /// The client the consumers were built on, theirs alone (see the module's doc); declared
     /// after them, so dropped after them.
-    _client: Pulsar<TokioExecutor>,
+    client: Pulsar<TokioExecutor>,
     /// The topic of each consumer's partition, in the order of `consumers`.
     topics: Vec<String>,
     /// The consumer [`Partitions::next`] polls first: each in turn, so that no partition waits
@@ -50,12 +64,21 @@ impl Partitions {
         topic: &str,
         build: impl Fn(ConsumerBuilder<TokioExecutor>, u64, &str) -> ConsumerBuilder<TokioExecutor>,
     ) -> Result<Partitions, pulsar::Error> {
-        let partitions = client.partitions(topic).await?;
-        let own = client.fresh().await?;
-        let topics: Vec<String> = match partitions {
+        let topics = match client.partitions(topic).await? {
             0 => vec![topic.to_owned()],
-            n => (0..n).map(|i| format!("{topic}-partition-{i}")).collect(),
+            n => (0..n).map(|i| partition_topic(topic, i)).collect(),
         };
+        Partitions::subscribe_to(client, topics, build).await
+    }
+
+    /// Subscribes to each of `topics` (partitions of one topic, or the topic itself), each
+    /// consumer built as for [`Partitions::subscribe`]. With no topics, nothing ever arrives.
+    pub async fn subscribe_to(
+        client: &Client,
+        topics: Vec<String>,
+        build: impl Fn(ConsumerBuilder<TokioExecutor>, u64, &str) -> ConsumerBuilder<TokioExecutor>,
+    ) -> Result<Partitions, pulsar::Error> {
+        let own = client.fresh().await?;
         let mut consumers = Vec::with_capacity(topics.len());
         for partition in &topics {
             let id = broker::unique_consumer_id();
@@ -66,10 +89,29 @@ impl Partitions {
         let topics = consumers.iter().flat_map(|c| c.topics()).collect();
         Ok(Partitions {
             consumers,
-            _client: own,
+            client: own,
             topics,
             next_first: 0,
         })
+    }
+
+    /// Replaces the consumer of partition `topic` (as the client names it) with a new one, built
+    /// by `build` as at [`Partitions::subscribe`] with a fresh id, on the same client: the old one
+    /// is closed first, so what it held goes back to the subscription.
+    pub async fn renew(
+        &mut self,
+        topic: &str,
+        build: impl Fn(ConsumerBuilder<TokioExecutor>, u64, &str) -> ConsumerBuilder<TokioExecutor>,
+    ) -> Result<(), pulsar::Error> {
+        let Some(at) = self.topics.iter().position(|t| t == topic) else {
+            return Ok(());
+        };
+        while let Some(Some(_released)) = self.consumers[at].next().now_or_never() {}
+        self.consumers[at].close().await?;
+        let id = broker::unique_consumer_id();
+        let builder = self.client.consumer().with_topic(topic).with_consumer_id(id);
+        self.consumers[at] = build(builder, id, topic).build::<Vec<u8>>().await?;
+        Ok(())
     }
 
     /// The next message of any partition; `None` once a partition's stream ended.

@@ -8,6 +8,7 @@
 use crate::aggregate::Aggregate;
 use crate::events::Envelope;
 use crate::events::{AggregateKey, Incoming};
+use crate::gateway::Charge;
 use crate::outcome::{Outcome, RejectReason, Rejection};
 use crate::ports::{
     ActorObserver, AppliedEvent, Clock, CommitResult, OwnedCommit, SeenEntry, StateStore, StoreError,
@@ -106,6 +107,8 @@ struct OpenChunk<A> {
     before: Option<A>,
     events: Vec<AppliedEvent>,
     members: Vec<(usize, usize)>,
+    /// The input partition of its last event: where its commit's record goes.
+    partition: Option<u32>,
 }
 
 /// A journal entry as written, borrowing the event being applied.
@@ -261,7 +264,9 @@ impl<A: Aggregate> AggregateActor<A> {
                 before: current.clone(),
                 events: Vec::new(),
                 members: Vec::new(),
+                partition: None,
             });
+            chunk.partition = incoming.partition;
             chunk.members.push((index, decision.outputs.len()));
             let seen_at_ms = self.env.clock.now_ms();
             applied.insert(
@@ -279,7 +284,14 @@ impl<A: Aggregate> AggregateActor<A> {
                 seen_at_ms,
                 delivery: incoming.delivery,
                 outputs: decision.outputs,
-                charges: decision.charges,
+                charges: decision
+                    .charges
+                    .into_iter()
+                    .map(|charge| Charge {
+                        partition: incoming.partition,
+                        ..charge
+                    })
+                    .collect(),
                 journal,
             });
             current = Some(decision.state);
@@ -288,7 +300,7 @@ impl<A: Aggregate> AggregateActor<A> {
                 retained = plan.retained;
                 let chunk = open.take().expect("opened above");
                 let state = current.clone().expect("decided above");
-                let mut commit = self.close(chunk.before.as_ref(), &state, chunk.events)?;
+                let mut commit = self.close(chunk.before.as_ref(), &state, chunk.events, chunk.partition)?;
                 commit.snapshot = Some((version, snapshot));
                 commit.drop_snapshots = plan.drop_snapshots;
                 commit.truncate_journal = plan.truncate_journal;
@@ -303,7 +315,7 @@ impl<A: Aggregate> AggregateActor<A> {
         }
         if let Some(chunk) = open.take() {
             let state = current.expect("a chunk holds a decided event");
-            commits.push(self.close(chunk.before.as_ref(), &state, chunk.events)?);
+            commits.push(self.close(chunk.before.as_ref(), &state, chunk.events, chunk.partition)?);
             chunks.push(Chunk {
                 members: chunk.members,
                 state,
@@ -324,6 +336,7 @@ impl<A: Aggregate> AggregateActor<A> {
         before: Option<&A>,
         after: &A,
         mut events: Vec<AppliedEvent>,
+        partition: Option<u32>,
     ) -> Result<OwnedCommit, ApplyError> {
         let last = events.pop().expect("a chunk holds an event");
         Ok(OwnedCommit {
@@ -334,6 +347,7 @@ impl<A: Aggregate> AggregateActor<A> {
             content_hash: last.content_hash,
             seen_at_ms: last.seen_at_ms,
             delivery: last.delivery,
+            partition,
             outbox: last.outputs,
             charges: last.charges,
             journal: last.journal.map(|entry| (last.version, entry)),

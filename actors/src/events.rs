@@ -33,6 +33,10 @@ pub struct Incoming {
     /// applied: a later duplicate from the same message is a broker redelivery, from another
     /// message a partner's duplicate ([`crate::Outcome`]). `None` for events made by the daemon.
     pub delivery: Option<DeliveryId>,
+    /// The input partition the event came from, on an input whose partitions are owned by one
+    /// daemon at a time (Failover): its commit's changelog record goes to the changelog partition
+    /// of that number. `None` for events made by the daemon and for inputs that share partitions.
+    pub partition: Option<u32>,
 }
 
 impl Incoming {

@@ -24,6 +24,10 @@ pub struct Charge {
     pub request_id: String,
     pub request_time_ms: i64,
     pub correlation_id: Option<String>,
+    /// The input partition of the request ([`crate::Incoming::partition`]): the gateway's result
+    /// is committed to the same changelog partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
 }
 
 /// Source of the `PagoProcesado` events the gateway worker reports.
@@ -38,6 +42,7 @@ impl Charge {
             request_id: request.id.clone(),
             request_time_ms: request.time_ms,
             correlation_id: request.correlation_id.clone(),
+            partition: None,
         }
     }
 

@@ -126,6 +126,9 @@ pub struct Commit<'a> {
     pub seen_at_ms: i64,
     /// The message the event came in, recorded with the key ([`Incoming::delivery`](crate::Incoming::delivery)).
     pub delivery: Option<DeliveryId>,
+    /// The changelog partition of the commit's record: its events' input partition
+    /// ([`Incoming::partition`](crate::Incoming::partition)); `None` routes it by its key.
+    pub partition: Option<u32>,
     pub outbox: &'a [OutputEvent],
     /// Payments to charge through the gateway.
     pub charges: &'a [Charge],
@@ -162,6 +165,7 @@ impl<'a> Commit<'a> {
             content_hash,
             seen_at_ms,
             delivery: None,
+            partition: None,
             outbox: &[],
             charges: &[],
             journal: None,
@@ -207,6 +211,7 @@ pub struct OwnedCommit {
     pub content_hash: String,
     pub seen_at_ms: i64,
     pub delivery: Option<DeliveryId>,
+    pub partition: Option<u32>,
     pub outbox: Vec<OutputEvent>,
     pub charges: Vec<Charge>,
     pub journal: Option<(u64, Vec<u8>)>,
@@ -227,6 +232,7 @@ impl OwnedCommit {
             content_hash: &self.content_hash,
             seen_at_ms: self.seen_at_ms,
             delivery: self.delivery,
+            partition: self.partition,
             outbox: &self.outbox,
             charges: &self.charges,
             journal: self

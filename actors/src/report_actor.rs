@@ -235,6 +235,7 @@ mod tests {
             idempotency_key: id.into(),
             content_hash: format!("{version}"),
             delivery: None,
+            partition: None,
             event,
         })
     }
@@ -291,6 +292,7 @@ mod tests {
             idempotency_key: "r1".into(),
             content_hash: "h".into(),
             delivery: None,
+            partition: None,
             event: Event::Report(ReportEvent::Requested {
                 request_id: "req-1".into(),
                 version: Some(ReportVersion::V2),

@@ -63,5 +63,6 @@ pub fn incoming(id: String, time_ms: i64, event: CampaignEvent) -> Arc<Incoming>
         idempotency_key: id,
         content_hash: hex::encode([7u8; 32]),
         delivery: None,
+        partition: None,
     })
 }

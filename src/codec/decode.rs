@@ -128,6 +128,7 @@ impl Codec {
             envelope,
             event,
             delivery: None,
+            partition: None,
         })
     }
 

@@ -135,6 +135,8 @@ pub enum Publishable {
     Change {
         key: String,
         instance: String,
+        /// The changelog partition it goes to (`ChangeRecord::partition`), else routed by `key`.
+        partition: Option<u32>,
         payload: Vec<u8>,
     },
 }
@@ -152,6 +154,8 @@ impl Publishable {
         struct Head {
             instance: String,
             aggregate: AggregateKey,
+            #[serde(default)]
+            partition: Option<u32>,
         }
         Ok(match serde_json::from_slice(stored)? {
             Stored::Output(event) => Publishable::Output(event),
@@ -160,6 +164,7 @@ impl Publishable {
                 Publishable::Change {
                     key: crate::changelog::record_key(&head.aggregate),
                     instance: head.instance,
+                    partition: head.partition,
                     payload: Box::<str>::from(record).into_boxed_bytes().into_vec(),
                 }
             }
@@ -2189,6 +2194,7 @@ mod tests {
             content_hash: content_hash.into(),
             seen_at_ms: 0,
             delivery: None,
+            partition: None,
             outbox: Vec::new(),
             charges: Vec::new(),
             journal: None,
@@ -2291,6 +2297,7 @@ mod tests {
                 content_hash: hash,
                 seen_at_ms: 1_006_000,
                 delivery: None,
+                partition: None,
                 charges: Vec::new(),
                 outputs: Vec::new(),
                 earlier: Vec::new(),
@@ -2585,6 +2592,7 @@ mod tests {
             key,
             instance,
             payload,
+            ..
         }) = &publishable[3].1
         else {
             panic!("the record comes last")
@@ -2710,6 +2718,7 @@ mod tests {
             request_id: format!("r-{id}"),
             request_time_ms: 5,
             correlation_id: None,
+            partition: None,
         }
     }
 

@@ -28,6 +28,7 @@ pub fn incoming(id: &str, event: Event) -> Incoming {
         content_hash: content_hash(&event),
         idempotency_key: id.into(),
         delivery: None,
+        partition: None,
         event,
     }
 }
