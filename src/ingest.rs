@@ -1167,3 +1167,18 @@ fn dead_letter(
         .instrument(span),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::consumer_name;
+
+    #[test]
+    fn a_consumer_of_a_preferred_partition_ranks_before_any_daemons_consumer_that_does_not_prefer_it() {
+        let topic = "persistent://public/default/t-partition-2";
+        let preferred = consumer_name("campaigns", topic, &[2, 3], u64::MAX);
+        let other = consumer_name("campaigns", topic, &[0, 1], 0);
+        assert!(preferred < other, "{preferred} / {other}");
+        // Preferring other partitions is preferring none of this one.
+        assert_eq!(consumer_name("campaigns", topic, &[], 0), other);
+    }
+}
