@@ -896,8 +896,10 @@ async fn follow(
                                         return Ended::Failed;
                                     }
                                 }
+                                // A record of an input message shows its writer receives the
+                                // partition; one of the gateway worker's (of no message) does not.
                                 let gap = Duration::from_millis(config.takeover_gap_ms);
-                                if !own && seen.ownership().hand_back(partition, gap) {
+                                if !own && record.delivery.is_some() && seen.ownership().hand_back(partition, gap) {
                                     tracing::info!(partition, "Another daemon writes this changelog partition now: handed back.");
                                     recheck = true;
                                 }

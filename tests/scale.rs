@@ -323,7 +323,12 @@ fn a_partition_handed_back_is_restored_from_where_it_was_read_to() {
         (partitions(&first) == (vec![0, 1], vec![0, 1])).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}\n{}", first.log_tail(), second.log_tail()));
-    assert_eq!(partitions(&second), (vec![2, 3], vec![2, 3]));
+    wait_for(
+        "the second daemon owning partitions 2 and 3",
+        Duration::from_secs(30),
+        || (partitions(&second) == (vec![2, 3], vec![2, 3])).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", second.log_tail()));
     assert!(second.metric("aerostream_events_applied_total", &[]).unwrap() > 0.0);
 
     // The second daemon dies: the first takes 2 and 3 back from where it had read them.
