@@ -19,7 +19,7 @@
 
 use crate::backoff::Backoff;
 use crate::broker::{self, Client};
-use crate::config::{BrokerConfig, ChangelogConfig, Standbys};
+use crate::config::{BrokerConfig, ChangelogConfig, InputConfig, Standbys, SubscriptionKind};
 use crate::partitions::{partition_of, partition_topic, Partitions};
 use crate::store::{Position, SledStore};
 use crate::telemetry::{CHANGELOG_BARRIERS, CHANGELOG_IMPORTED, CHANGELOG_READ, CHANGELOG_RESUBSCRIPTIONS};
@@ -30,7 +30,7 @@ use pulsar::consumer::InitialPosition;
 use pulsar::proto::MessageIdData;
 use pulsar::{ConsumerOptions, SubType};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -544,6 +544,35 @@ pub async fn run(
         {
             Ok(producer) => markers.producer = producer,
             Err(_) => return,
+        }
+    }
+}
+
+/// Warns about each Failover input whose partition count differs from the changelog's: its
+/// partitions then share changelog partitions (their owners import each other's records) or
+/// leave some empty, and the work does not divide by partition as docs/TAKEOVER.md says.
+pub async fn check_partition_counts(
+    client: &Client,
+    broker_config: &BrokerConfig,
+    config: &ChangelogConfig,
+    inputs: &BTreeMap<String, InputConfig>,
+) {
+    let count = |topic: String| async move { client.partitions(&topic).await.map(|n| n.max(1)) };
+    let Ok(changelog) = count(broker_config.topic(&config.topic)).await else {
+        return;
+    };
+    for (name, input) in inputs {
+        if input.subscription_type != SubscriptionKind::Failover {
+            continue;
+        }
+        match count(broker_config.topic(&input.topic)).await {
+            Ok(partitions) if partitions != changelog => tracing::warn!(
+                input = %name,
+                input_partitions = partitions,
+                changelog_partitions = changelog,
+                "The changelog does not have this input's partition count: its partitions cannot be owned one by one (docs/TAKEOVER.md); give the changelog topic the inputs' count."
+            ),
+            _ => {}
         }
     }
 }

@@ -183,6 +183,15 @@ pub async fn run(
         ];
         let follower = match barriers.take() {
             Some((follower, requests)) => {
+                let (checker, broker, changelog, inputs) = (
+                    client.clone(),
+                    config.broker.clone(),
+                    config.changelog.clone(),
+                    config.inputs.clone(),
+                );
+                tokio::spawn(async move {
+                    crate::changelog::check_partition_counts(&checker, &broker, &changelog, &inputs).await
+                });
                 tasks.push(tokio::spawn(crate::changelog::run(
                     client.clone(),
                     config.broker.clone(),

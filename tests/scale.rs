@@ -64,9 +64,8 @@ fn partitions(daemon: &Daemon) -> (Vec<u32>, Vec<u32>) {
 }
 
 /// Publishes the plan's stream at full speed and waits until the daemons have finished every
-/// message (each one applied, deduplicated, rejected or dead-lettered: a broker's copy of a
-/// message is counted apart, as redelivered), holding none and with nothing left to publish;
-/// returns their CPU seconds then.
+/// message ([`handled`]), holding none and with nothing left to publish; returns their CPU
+/// seconds then.
 fn publish_and_finish(harness: &Harness, daemons: &[&Daemon], plan: &Plan) -> Vec<f64> {
     let before: Vec<f64> = daemons.iter().map(|daemon| cpu_seconds(daemon)).collect();
     let config = harness.config().clone();
@@ -76,17 +75,7 @@ fn publish_and_finish(harness: &Harness, daemons: &[&Daemon], plan: &Plan) -> Ve
         .block_on(async move { produce::publish(&config, &Codec::shipped(), &events, 0).await })
         .unwrap();
     let total = plan.stream.len() as f64;
-    let outcomes = [
-        "aerostream_events_applied_total",
-        "aerostream_events_deduplicated_total",
-        "aerostream_events_rejected_total",
-        "aerostream_events_dead_lettered_total",
-    ];
     wait_for("every message finished", Duration::from_secs(120), || {
-        let finished: f64 = daemons
-            .iter()
-            .flat_map(|d| outcomes.iter().map(|name| d.metric(name, &[]).unwrap_or(0.0)))
-            .sum();
         let idle = daemons.iter().all(|daemon| {
             let health: serde_json::Value = daemon.get("/health").unwrap_or_default();
             health["outbox_backlog"] == 0
@@ -94,7 +83,7 @@ fn publish_and_finish(harness: &Harness, daemons: &[&Daemon], plan: &Plan) -> Ve
                     .as_object()
                     .is_some_and(|inputs| inputs.values().all(|input| input["held"] == 0))
         });
-        (finished >= total && idle).then_some(())
+        (handled(daemons) >= total && idle).then_some(())
     })
     .unwrap();
     daemons
@@ -358,23 +347,25 @@ fn a_partition_handed_back_is_restored_from_where_it_was_read_to() {
     );
 }
 
-/// Waits until the daemons together have finished `count` messages (applied, deduplicated,
-/// rejected or dead-lettered).
-fn wait_handled(daemons: &[&Daemon], count: usize) {
+/// The messages the daemons together have finished: applied, deduplicated, rejected or
+/// dead-lettered (a broker's copy of a message is counted apart, as redelivered).
+fn handled(daemons: &[&Daemon]) -> f64 {
     let outcomes = ["applied", "deduplicated", "rejected", "dead_lettered"];
-    let handled = || -> f64 {
-        daemons
-            .iter()
-            .flat_map(|d| {
-                outcomes.iter().map(|outcome| {
-                    d.metric(&format!("aerostream_events_{outcome}_total"), &[])
-                        .unwrap_or(0.0)
-                })
+    daemons
+        .iter()
+        .flat_map(|d| {
+            outcomes.iter().map(|outcome| {
+                d.metric(&format!("aerostream_events_{outcome}_total"), &[])
+                    .unwrap_or(0.0)
             })
-            .sum()
-    };
+        })
+        .sum()
+}
+
+/// Waits until the daemons together have finished `count` messages.
+fn wait_handled(daemons: &[&Daemon], count: usize) {
     wait_for("the messages handled", Duration::from_secs(60), || {
-        (handled() >= count as f64).then_some(())
+        (handled(daemons) >= count as f64).then_some(())
     })
     .unwrap_or_else(|e| {
         let logs: String = daemons
@@ -388,6 +379,37 @@ fn wait_handled(daemons: &[&Daemon], count: usize) {
                 )
             })
             .collect();
-        panic!("{e}: {} of {count}\n{logs}", handled())
+        panic!("{e}: {} of {count}\n{logs}", handled(daemons))
     });
+}
+
+/// A changelog whose partition count is not the inputs' cannot be owned partition by partition:
+/// the daemon says so at start, naming each Failover input, and works on (its records share the
+/// changelog's partitions). Here the changelog is one partition of a partitioned topic, a topic
+/// of no partitions of its own, and the inputs have 4.
+#[test]
+fn a_changelog_without_the_inputs_partition_count_is_named_at_start() {
+    let harness = Harness::new()
+        .partitions(PARTITIONS)
+        .extra("[changelog]\ntopic = \"aerostream-changelog-partition-0\"\n")
+        .build();
+    let plan = plan(harness.config());
+    let daemon = harness.start();
+    daemon.wait_subscribed(Duration::from_secs(30)).unwrap();
+    wait_for("the warning", Duration::from_secs(30), || {
+        let log = daemon.log_text();
+        let warned = |input: &str| {
+            log.lines().any(|line| {
+                line.contains("WARN")
+                    && line.contains("does not have this input's partition count")
+                    && line.contains(&format!("input={input}"))
+                    && line.contains("input_partitions=4 changelog_partitions=1")
+            })
+        };
+        (warned("campaigns") && warned("payments")).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
+    publish_and_finish(&harness, &[&daemon], &plan);
+    let all: Vec<u32> = (0..PARTITIONS).collect();
+    wait_exact(&[(&daemon, all)], &plan.expected, true);
 }
