@@ -960,7 +960,7 @@ async fn follow(
                                 }
                                 settle_at = None;
                                 recheck = true;
-                                // Read to the settle marker everywhere: every partition is held.
+                                // Read to the settle marker on every partition followed: all are held.
                                 seen.ownership().held.extend(followed.iter().copied());
                                 tracing::info!("Withdrawn commits settled against the changelog.");
                             }
