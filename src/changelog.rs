@@ -267,8 +267,6 @@ pub struct Follower {
 pub struct Seen {
     /// A record of another daemon was read: several daemons share the work.
     others: AtomicBool,
-    /// A barrier has completed: the changelog as it was at start is imported.
-    caught_up: AtomicBool,
     /// When the oldest marker not yet read back was written (ms since the epoch), 0 for none.
     marker_pending_since_ms: AtomicU64,
     /// How often the follower subscribed again because its markers stopped coming back.
@@ -370,7 +368,6 @@ impl Follower {
                 std::future::pending::<()>().await;
             }
             if wait.await.is_ok() {
-                self.seen.caught_up.store(true, Ordering::Release);
                 return;
             }
             // The follower re-subscribed before answering: ask again.
@@ -626,11 +623,15 @@ async fn past_the_end(consumer: &mut Partitions, resume: &HashMap<String, Positi
         .collect()
 }
 
-/// Remembers how far each partition was read; false if the store refused.
-fn remember_positions(store: &SledStore, read: &HashMap<String, Position>) -> bool {
-    read.iter().all(|(partition, position)| {
+/// Remembers how far each partition was read (by message id); false if the store refused.
+fn remember_positions(store: &SledStore, markers: &Markers, read: &HashMap<u32, (u64, u64, i32)>) -> bool {
+    read.iter().all(|(partition, (ledger, entry, _))| {
+        let position = Position {
+            ledger: *ledger,
+            entry: *entry,
+        };
         store
-            .remember_changelog_position(partition, *position)
+            .remember_changelog_position(&markers.topic_of(*partition), position)
             .inspect_err(|error| tracing::error!(error = %error, "Cannot remember how far the changelog was read; reading again."))
             .is_ok()
     })
@@ -782,11 +783,10 @@ async fn follow(
     // Barriers waiting for their marker to come back.
     let mut waiting: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
     let mut unacked: HashMap<u32, u32> = HashMap::new();
-    // Per partition (its topic), the last message read and handled: everything up to it is in
-    // the store.
-    let mut read: HashMap<String, Position> = HashMap::new();
-    // Per partition, the id (ledger, entry, batch index) of the last message read.
-    let mut last_ids: HashMap<u32, (u64, u64, i32)> = HashMap::new();
+    // Per partition, the id (ledger, entry, batch index) of the last message read: the position
+    // to remember once it is handled (everything up to it is in the store then), and where a copy
+    // the broker sends again is told apart.
+    let mut read: HashMap<u32, (u64, u64, i32)> = HashMap::new();
     // Aggregates withdrawn at start are settled once the changelog is read to its end: at the
     // return of a marker written now, and before any barrier resolves.
     let mut settle_at = None;
@@ -838,7 +838,7 @@ async fn follow(
                 }
                 // A partition not followed yet: follow it (its callers ask again meanwhile).
                 if !asked.iter().all(|(scope, _)| seen.ownership().covers(*scope)) {
-                    if !remember_positions(store, &read) {
+                    if !remember_positions(store, markers, &read) {
                         return Ended::Failed;
                     }
                     return Ended::Resubscribe;
@@ -881,11 +881,12 @@ async fn follow(
                     // docs/BENCHMARKS.md): read already, nothing to do.
                     let id = message.message_id();
                     let at = (id.ledger_id, id.entry_id, id.batch_index.unwrap_or(-1));
-                    if last_ids.get(&partition).is_some_and(|last| at <= *last) {
+                    if read.get(&partition).is_some_and(|last| at <= *last) {
                         metrics::counter!(CHANGELOG_READ, "kind" => "copy").increment(1);
                         continue;
                     }
-                    last_ids.insert(partition, at);
+                    // Remembered only after it is handled: every return before that fails.
+                    read.insert(partition, at);
                     // Records carry the daemon that wrote them; markers do not.
                     let own = message
                         .payload
@@ -938,7 +939,6 @@ async fn follow(
                         // No flush here: an import becomes durable with the next commit's flush,
                         // and a position written after it is lost with it (`store/checkpoint.rs`).
                     }
-                    read.insert(message.topic.clone(), Position { ledger: id.ledger_id, entry: id.entry_id });
                     // The subscription is this run's alone and read from the store's position at
                     // each (re)subscription, so acks only keep the broker's unacked count down:
                     // one cumulative ack per partition every ACK_EVERY records, when the position
@@ -947,7 +947,7 @@ async fn follow(
                     *unacked += 1;
                     if *unacked >= ACK_EVERY {
                         *unacked = 0;
-                        if !remember_positions(store, &read) {
+                        if !remember_positions(store, markers, &read) {
                             return Ended::Failed;
                         }
                         let _ = consumer.cumulative_ack(&message).await;
@@ -974,7 +974,7 @@ async fn follow(
                         waiting.drain(..).partition(|(number, _)| markers.reached(&followed, *number));
                     waiting = pending;
                     // Read to the changelog's end as of the marker: a restart may resume here.
-                    if !done.is_empty() && !remember_positions(store, &read) {
+                    if !done.is_empty() && !remember_positions(store, markers, &read) {
                         return Ended::Failed;
                     }
                     for (_, barrier) in done {
@@ -984,7 +984,7 @@ async fn follow(
                         seen.marker_pending(false);
                         // Settled, or a partition handed back: follow only what is wanted now.
                         if std::mem::take(&mut recheck) && changed(seen) {
-                            if !remember_positions(store, &read) {
+                            if !remember_positions(store, markers, &read) {
                                 return Ended::Failed;
                             }
                             return Ended::Resubscribe;
